@@ -1,0 +1,37 @@
+# Set-up, tests and the demo. `make demo` and `make test` work on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup test test-all demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	@# Install the CPU torch build from disk when no torch is present (a plain `torch` pulls CUDA wheels).
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip install -q -e ".[dev,ray,serve]"
+	@# bubblewrap gives the code sandbox network/PID isolation; best effort (needs apt and root).
+	@command -v bwrap >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1)) || true)
+	@touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu and not slow" -q
+
+test-all: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+bench: setup
+	$(BIN)/python benchmarks/kernels.py && $(BIN)/python benchmarks/rollout.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

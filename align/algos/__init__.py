@@ -1,0 +1,41 @@
+"""Pure RL math over tensors (imports only torch). Shapes are in each function's docstring.
+
+Batches are prompt-major (the G samples of one prompt are contiguous); `mask` marks response tokens (1)
+and padding (0). See DESIGN.md "Public contracts".
+"""
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    dr_grpo_advantages,
+    gae,
+    group_advantages,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_token_advantages,
+    rloo_advantages,
+)
+from .kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
+from .losses import AGG_MODES, aggregate, policy_loss, value_loss
+from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGG_MODES",
+    "KL_KINDS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "aggregate",
+    "dr_grpo_advantages",
+    "gae",
+    "group_advantages",
+    "grpo_advantages",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_token_advantages",
+    "rloo_advantages",
+    "value_loss",
+]

@@ -1,0 +1,38 @@
+"""Everything in one process: the rollout engine shares the trainer's model, so sync is free."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rewards.base import RewardFunction, RewardOutput
+from rollouts.batch import RolloutBatch
+from rollouts.engine import RolloutEngine
+from rollouts.params import SamplingParams
+
+
+def score_batch(reward: RewardFunction, batch: RolloutBatch) -> RewardOutput:
+    completion_ids = [row[m.bool()].tolist() for row, m in zip(batch.response_ids, batch.mask)]
+    return reward.score(batch.prompts, batch.completions, completion_ids=completion_ids, **batch.columns)
+
+
+class LocalBackend:
+    def __init__(self, engine: RolloutEngine, reward: RewardFunction):
+        self.engine = engine
+        self.reward = reward
+        self.version = 0
+
+    def generate(self, prompts: list[str], columns: dict[str, list[Any]], sample_ids: torch.Tensor,
+                 params: SamplingParams) -> RolloutBatch:
+        batch = self.engine.generate(prompts, params, sample_ids=sample_ids, columns=columns)
+        batch.weights_version = self.version
+        return batch
+
+    def score(self, batch: RolloutBatch) -> RewardOutput:
+        return score_batch(self.reward, batch)
+
+    def sync(self, version: int) -> None:
+        self.version = version  # same model object: nothing to copy
+
+    def close(self) -> None:
+        self.reward.close()

@@ -1,0 +1,556 @@
+"""Typed, validated configuration for PPO and GRPO runs.
+
+Every section is a dataclass validated on construction: the field types are checked (ints widen to
+floats, nested dicts become sections), then each section's `validate()` checks values. A bad value
+raises `ConfigError` with one line that names the dotted key, what is allowed and how to fix it;
+an unknown key suggests the closest valid one. `load_config(path, overrides)` reads YAML or JSON and
+applies dotted `key=value` overrides (`train.lr=1e-5`, `reward.functions=[math_verify]`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+import yaml
+
+from align.errors import ConfigError
+from tools.registry import suggest
+
+# ----------------------------------------------------------------------------------------------------
+# Generic machinery: type checking / conversion of dataclass fields, with dotted key paths in errors.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        close = suggest(str(value), [str(a) for a in allowed])
+        raise ConfigError(f"{key} = {value!r} is not allowed{close} (allowed: {', '.join(repr(a) for a in allowed)})")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key} = {value!r} must be {_type_name(tp)}")
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} must be a {_type_name(tp)} (write it as [a, b, ...])")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} must be a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a section (a mapping of {tp.__name__} fields), got {value!r}")
+        return build(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} = {value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} = {value!r} must be a string")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key} = {value!r} must be {_type_name(tp)}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Construct dataclass `cls` from a mapping, rejecting unknown keys with a close-match suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__} must be a mapping, got {data!r}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            close = suggest(str(key), names)
+            if close and prefix:
+                close = close.replace("'", f"'{prefix}.", 1)
+            raise ConfigError(f"unknown config key {where!r}{close} (valid keys here: {', '.join(names)})")
+    try:
+        obj = cls(**data)
+    except ConfigError as err:
+        if prefix and not str(err).startswith(prefix):
+            raise ConfigError(f"{prefix}.{err}") from None
+        raise
+    return obj
+
+
+class Section:
+    """Base for config sections: converts and checks field types, then runs `validate()`."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _convert(value, hints[f.name], f.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Value checks; raise ConfigError via `self.check`."""
+
+    def check(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} = {getattr(self, key)!r}: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if callable(obj) and not isinstance(obj, (str, int, float, bool)):
+        return f"<callable {getattr(obj, '__qualname__', type(obj).__name__)}>"
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+
+    def validate(self) -> None:
+        self.check(self.r >= 1, "r", "LoRA rank must be >= 1")
+        self.check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class UMMConfig(Section):
+    """Image generation by a unified multimodal model (model.kind = umm); the rest comes from the checkpoint."""
+
+    instruction: str = "Describe the image in detail."
+    scorer: Literal["policy", "teacher"] = "policy"
+
+
+@dataclass
+class ModelConfig(Section):
+    path: str = ""  # a Hugging Face model name or a local directory
+    kind: Literal["causal_lm", "umm"] = "causal_lm"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    tokenizer_path: str = ""  # default: the model path
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    critic: Literal["value_head", "separate"] = "value_head"  # PPO only
+    critic_path: str = ""  # separate critic's initial weights (default: the policy path)
+    umm: UMMConfig = field(default_factory=UMMConfig)
+
+    def validate(self) -> None:
+        self.check(bool(self.path), "path", "set model.path to a Hugging Face model name or a local checkpoint directory")
+
+
+@dataclass
+class DataConfig(Section):
+    path: str = ""  # a .jsonl/.json file, a saved `datasets` directory, or a hub dataset name
+    split: str = "train"
+    prompt_key: str = "prompt"
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    max_prompt_length: int = 256
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        self.check(bool(self.path), "path", "set data.path to a JSONL file or a dataset")
+        self.check(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
+
+
+@dataclass
+class RolloutConfig(Section):
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    sampler_backend: Literal["auto", "triton", "torch"] = "auto"
+    micro_batch_size: int = 64  # sequences generated together
+    # Use the rollout's own log-probs as old_logprobs (skips one forward pass). Valid when the rollout runs
+    # the trainer's weights in the trainer's dtype; see docs/guide.md "log-prob agreement".
+    use_rollout_logprobs: bool = False
+
+    def validate(self) -> None:
+        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self.check(self.temperature >= 0.0, "temperature", "must be >= 0 (0 = greedy)")
+        self.check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables top-k)")
+        self.check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1] (1 disables top-p)")
+        self.check(0.0 <= self.min_p < 1.0, "min_p", "must be in [0, 1) (0 disables min-p)")
+        self.check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+
+
+@dataclass
+class CuriosityConfig(Section):
+    """CD-RLHF intrinsic reward (PAPERS.md §2). eta = 0 reproduces plain PPO exactly."""
+
+    eta: float = 0.0
+    top_k: int = 1
+    lr: float = 1e-5
+    score_clip: float = 2.5
+
+    def validate(self) -> None:
+        self.check(self.eta >= 0.0, "eta", "must be >= 0")
+        self.check(self.top_k >= 1, "top_k", "must be >= 1")
+        self.check(self.lr > 0.0, "lr", "must be > 0")
+
+
+@dataclass
+class RewardConfig(Section):
+    # Each entry: a registered name ("math_verify"), {"name": ..., "weight": ..., "kwargs": {...}},
+    # an import path "package.module:attr", or (from Python) a callable / RewardFunction.
+    functions: list[Any] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # optional, one per function (default 1.0)
+    remote_url: str = ""  # score through a running `align serve-rewards`
+    remote_token: str = ""
+    clip: Union[float, None] = None  # clip scores to [-clip, clip] after mixing
+    normalize: Literal["none", "running"] = "none"
+    curiosity: Union[CuriosityConfig, None] = None
+
+    def validate(self) -> None:
+        self.check(bool(self.functions) or bool(self.remote_url), "functions",
+                   "set reward.functions (e.g. [math_verify]) or reward.remote_url")
+        for i, item in enumerate(self.functions):
+            ok = isinstance(item, (str, dict)) or callable(item)
+            if not ok:
+                raise ConfigError(f"functions[{i}] = {item!r}: must be a reward name, a mapping {{name, weight, kwargs}} or a callable")
+            if isinstance(item, dict):
+                unknown = set(item) - {"name", "weight", "kwargs"}
+                if unknown or "name" not in item:
+                    raise ConfigError(f"functions[{i}] = {item!r}: a mapping needs 'name' and may have 'weight', 'kwargs'")
+        if self.weights:
+            self.check(len(self.weights) == len(self.functions), "weights", "give one weight per reward function")
+        if self.clip is not None:
+            self.check(self.clip > 0, "clip", "must be > 0 (or null to disable)")
+
+
+@dataclass
+class PPOAlgoConfig(Section):
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Union[float, None] = None
+    value_clip: Union[float, None] = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    kl_target: Union[float, None] = None  # set to use the adaptive KL controller
+    kl_horizon: int = 10000
+    kl_in: Literal["reward", "loss"] = "reward"
+    kl_estimator: Literal["k1", "k2", "k3", "abs", "low_var_kl"] = "k1"
+    whiten_advantages: bool = True
+    epochs: int = 1
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    score_clip: Union[float, None] = None
+
+    def validate(self) -> None:
+        self.check(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
+        self.check(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
+        self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
+        self.check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
+        if self.dual_clip is not None:
+            self.check(self.dual_clip > 1.0, "dual_clip", "must be > 1 (or null)")
+        self.check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
+        self.check(self.epochs >= 1, "epochs", "must be >= 1")
+        self.check(self.vf_coef >= 0.0, "vf_coef", "must be >= 0")
+
+
+@dataclass
+class GRPOAlgoConfig(Section):
+    group_size: int = 4
+    advantage: Literal["grpo", "rloo", "reinforce_pp", "dr_grpo"] = "grpo"
+    scale: Literal["group", "batch", "none"] = "group"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Union[float, None] = None
+    kl_coef: float = 0.0  # beta; 0 = no reference model pass
+    kl_estimator: Literal["k1", "k2", "k3", "abs", "low_var_kl"] = "k3"
+    entropy_coef: float = 0.0
+    epochs: int = 1
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    filter_zero_variance: bool = False  # drop groups whose scores are all equal (they carry no signal)
+
+    def validate(self) -> None:
+        self.check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per prompt (set algo.group_size >= 2)")
+        self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
+        self.check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
+        if self.dual_clip is not None:
+            self.check(self.dual_clip > 1.0, "dual_clip", "must be > 1 (or null)")
+        self.check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
+        self.check(self.epochs >= 1, "epochs", "must be >= 1")
+
+
+@dataclass
+class TrainConfig(Section):
+    steps: int = 10
+    prompts_per_step: int = 8
+    mini_batch_size: int = 0  # samples per optimizer step; 0 = the whole step's batch
+    micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation)
+    lr: float = 1e-5
+    critic_lr: float = 0.0  # 0 = same as lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        self.check(self.steps >= 1, "steps", "must be >= 1")
+        self.check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        self.check(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 = whole batch)")
+        self.check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        self.check(self.lr > 0.0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        self.check(self.max_grad_norm > 0.0, "max_grad_norm", "must be > 0")
+        self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclass
+class ClusterConfig(Section):
+    backend: Literal["local", "ray"] = "local"
+    address: str = ""  # "" starts a local Ray instance; "auto" or "ray://HOST:10001" joins a cluster
+    num_rollout_workers: int = 1
+    num_reward_workers: int = 1
+    rollout_num_gpus: float = 0.0
+    rollout_num_cpus: float = 1.0
+    reward_num_cpus: float = 1.0
+    max_restarts: int = 2
+    max_task_retries: int = 2
+    pipeline: bool = True  # score shard k while generating shard k+1
+
+    def validate(self) -> None:
+        self.check(self.num_rollout_workers >= 1, "num_rollout_workers", "must be >= 1")
+        self.check(self.num_reward_workers >= 1, "num_reward_workers", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig(Section):
+    run_dir: str = "runs/{name}"
+    name: str = "run"
+    progress: bool = True
+    tensorboard: bool = False
+    print_every: int = 1
+
+    def validate(self) -> None:
+        self.check(self.print_every >= 0, "print_every", "must be >= 0 (0 = quiet)")
+
+
+@dataclass
+class CheckpointConfig(Section):
+    every: int = 0  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2
+    save_final: bool = True
+    resume_from: str = ""  # a run directory or a checkpoint directory
+
+    def validate(self) -> None:
+        self.check(self.every >= 0, "every", "must be >= 0")
+        self.check(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+
+@dataclass
+class _RunConfig(Section):
+    algorithm: ClassVar[str]
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="<unset>"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="<unset>"))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(functions=["<unset>"]))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        for key, bad in (("model.path", self.model.path), ("data.path", self.data.path)):
+            if bad == "<unset>":
+                raise ConfigError(f"{key} is required")
+        if self.reward.functions == ["<unset>"]:
+            raise ConfigError("reward.functions is required (e.g. [math_verify]) unless reward.remote_url is set")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir.format(name=self.logging.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, **_to_plain(self)}
+
+
+@dataclass
+class PPOConfig(_RunConfig):
+    algorithm: ClassVar[str] = "ppo"
+    algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model.kind == "umm":
+            raise ConfigError("model.kind = 'umm' is trained with GRPO; use algorithm: grpo")
+
+
+@dataclass
+class GRPOConfig(_RunConfig):
+    algorithm: ClassVar[str] = "grpo"
+    algo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward.curiosity is not None:
+            raise ConfigError("reward.curiosity (CD-RLHF) needs per-token values: use algorithm: ppo")
+
+
+CONFIG_CLASSES: dict[str, type[_RunConfig]] = {"ppo": PPOConfig, "grpo": GRPOConfig}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for text in overrides or []:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> _RunConfig:
+    data = dict(data)
+    algorithm = data.pop("algorithm", None)
+    if algorithm not in CONFIG_CLASSES:
+        raise ConfigError(f"algorithm = {algorithm!r}: set the top-level key algorithm to one of: ppo, grpo")
+    return build(CONFIG_CLASSES[algorithm], data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> _RunConfig:
+    """Read a YAML/JSON config, apply dotted `key=value` overrides, validate, return PPOConfig | GRPOConfig."""
+    data = apply_overrides(read_config_file(path), overrides)
+    # Relative data/model paths in a config file are relative to the file when that file exists.
+    return config_from_dict(data)
+
+
+def as_config(config: Any, overrides: list[str] | None = None) -> _RunConfig:
+    """Accept a config object, a dict or a path."""
+    if isinstance(config, _RunConfig):
+        if overrides:
+            return config_from_dict(apply_overrides(config.to_dict() | _callables(config), overrides))
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(apply_overrides(_copy_sections(config), overrides))
+    if isinstance(config, (str, Path)):
+        return load_config(config, overrides)
+    raise ConfigError(f"config must be a PPOConfig, GRPOConfig, dict or path to .yaml/.json; got {type(config).__name__}")
+
+
+def _copy_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """Copy nested mappings (not the leaves, which may be reward objects) so overrides never touch the caller's dict."""
+    return {k: _copy_sections(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def _callables(config: _RunConfig) -> dict[str, Any]:
+    """Python-only reward objects survive a round trip through to_dict()."""
+    return {"reward": {**config.reward.to_dict(), "functions": list(config.reward.functions)}}

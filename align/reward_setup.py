@@ -1,0 +1,38 @@
+"""Build the run's reward from `config.reward`: registered names, import paths, callables, a remote service."""
+from __future__ import annotations
+
+from typing import Any
+
+from align.config import RewardConfig
+from align.errors import UserError
+from rewards.base import RewardFunction
+
+
+def build_reward(cfg: RewardConfig) -> RewardFunction:
+    """A RewardMixture of the configured functions (weights from `weights` or each entry's `weight`)."""
+    from rewards.mixture import RewardMixture
+    from rewards.registry import get_reward
+
+    components: list[tuple[RewardFunction, float]] = []
+    for i, item in enumerate(cfg.functions):
+        weight = cfg.weights[i] if cfg.weights else 1.0
+        spec: Any = item
+        if isinstance(item, dict):
+            weight = float(item.get("weight", weight))
+            spec = {"name": item["name"], "kwargs": item.get("kwargs") or {}}
+        try:
+            components.append((get_reward(spec), weight))
+        except (TypeError, ValueError, ImportError) as err:
+            raise UserError(f"reward.functions[{i}]: {err}") from None
+    if cfg.remote_url:
+        from rewards.client import RemoteReward
+
+        components.append((RemoteReward(cfg.remote_url, token=cfg.remote_token or None), 1.0))
+    return RewardMixture(components, normalize=cfg.normalize, clip=cfg.clip)
+
+
+def bind_policy(reward: RewardFunction, policy, tokenizer, disable_adapters=None) -> None:
+    """Give rewards that score with the policy itself (GvU's understanding reward) the live model."""
+    for component in getattr(reward, "rewards", [reward]):
+        if hasattr(component, "bind_policy"):
+            component.bind_policy(policy, tokenizer, disable_adapters=disable_adapters)

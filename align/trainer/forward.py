@@ -1,0 +1,67 @@
+"""Teacher-forced forward passes: response-token log-probs (and entropy, values, hidden states).
+
+Log-probs go through `kernels.fused_linear_logprobs` (hidden states and lm_head weight in, log-probs out),
+so the trainer never holds [N, T, V] logits. Position ids are computed from the attention mask exactly as
+the rollout engine does, so recomputed log-probs match the sampled ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+from align.models import decoder_and_head, needs_full_logits
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, L] -> [N, L]: 0, 1, 2, ... over real tokens (left padding gets 0), as Hugging Face generate does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class ForwardOutput:
+    logprobs: torch.Tensor  # [N, T] log p(response token t | prefix), fp32
+    entropy: torch.Tensor | None = None  # [N, T] entropy of the next-token distribution at t
+    values: torch.Tensor | None = None  # [N, T] value of the state before response token t
+    hidden: torch.Tensor | None = None  # [N, T + 1, H] last-layer states before token t (t = 0..T)
+
+
+def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
+                     value_head: nn.Module | None = None, with_entropy: bool = False,
+                     return_hidden: bool = False) -> ForwardOutput:
+    """One forward of `model` over prompt + response; outputs for the last `response_len` tokens.
+
+    input_ids, attention_mask: [N, P + T] (prompt left-padded, response right-padded); response_len = T.
+    The hidden state at position P + t - 1 predicts response token t.
+    """
+    n, length = input_ids.shape
+    start = length - response_len
+    positions = position_ids_from_mask(attention_mask)
+    tokens = input_ids[:, start:]
+    decoder, head = decoder_and_head(model)
+    if needs_full_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        hidden = None
+        out = kernels.token_logprobs(logits[:, start - 1:length - 1].float(), tokens, with_entropy=with_entropy)
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        h = hidden[:, start - 1:length - 1]
+        out = kernels.fused_linear_logprobs(h.reshape(n * response_len, -1), head.weight, tokens.reshape(-1),
+                                            bias=head.bias, with_entropy=with_entropy)
+    logp, ent = out if with_entropy else (out, None)
+    logp = logp.reshape(n, response_len)
+    ent = ent.reshape(n, response_len) if ent is not None else None
+    values = None
+    if value_head is not None:
+        if hidden is None:
+            raise ValueError("a value head needs hidden states; this model only exposes full logits")
+        values = value_head(hidden[:, start - 1:length - 1])
+    states = hidden[:, start - 1:] if (return_hidden and hidden is not None) else None
+    return ForwardOutput(logprobs=logp, entropy=ent, values=values, hidden=states)
+
+
+def chunked(n: int, size: int):
+    for lo in range(0, n, size):
+        yield slice(lo, min(n, lo + size))

@@ -1,0 +1,77 @@
+"""GRPO's pieces: group-relative advantages (GRPO / Dr. GRPO / RLOO / REINFORCE++), zero-variance group
+filtering, and the clipped loss with an optional KL term in the loss (Shao et al. 2024, arXiv 2402.03300)."""
+from __future__ import annotations
+
+import torch
+
+from align import algos
+from align.config import GRPOAlgoConfig
+from align.trainer.forward import ForwardOutput
+from align.trainer.state import StepData
+
+
+class GRPOAlgorithm:
+    name = "grpo"
+    uses_critic = False
+
+    def __init__(self, cfg: GRPOAlgoConfig):
+        self.cfg = cfg
+        self.group_size = cfg.group_size
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_coef > 0
+
+    @property
+    def entropy_coef(self) -> float:
+        return self.cfg.entropy_coef
+
+    def compute_advantages(self, step: StepData) -> dict[str, float]:
+        cfg, g = self.cfg, self.group_size
+        scores, valid = step.scores, step.valid
+        if cfg.advantage == "grpo":
+            adv = algos.group_advantages(scores, g, scale=cfg.scale, valid=valid)
+        else:
+            adv = algos.ADVANTAGE_ESTIMATORS[cfg.advantage](scores, g, valid=valid)
+        keep = valid.clone()
+        metrics: dict[str, float] = {}
+        groups = valid.view(-1, g)
+        s = torch.where(valid, scores, torch.zeros_like(scores)).view(-1, g)
+        n_valid = groups.sum(-1)
+        # A group whose valid scores are all equal (or with < 2 valid samples) has zero advantages: no signal.
+        s_max = torch.where(groups, s, torch.full_like(s, -torch.inf)).max(-1).values
+        s_min = torch.where(groups, s, torch.full_like(s, torch.inf)).min(-1).values
+        flat = (n_valid < 2) | (s_max == s_min)
+        metrics["grpo/zero_variance_groups"] = float(flat.float().mean())
+        if cfg.filter_zero_variance:
+            keep &= ~flat.repeat_interleave(g)
+        step.advantages = adv.float()
+        step.train_rows = keep.nonzero().squeeze(-1)
+        metrics["advantages/abs_mean"] = float(adv[keep].abs().mean()) if keep.any() else 0.0
+        return metrics
+
+    def after_step(self, kl_per_seq: float, n_samples: int) -> None:
+        """GRPO's beta is fixed."""
+
+    def loss(self, fwd: ForwardOutput, step: StepData, rows: torch.Tensor, old_logprobs: torch.Tensor,
+             denom: float, vf_denom: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        mask = step.mask[rows]
+        total, metrics = algos.policy_loss(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
+                                           cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom)
+        metrics = {f"policy/{k}": v for k, v in metrics.items()}
+        metrics["loss/policy"] = total.detach()
+        if cfg.kl_coef > 0:
+            kl = algos.kl_penalty(fwd.logprobs, step.ref_logprobs[rows], cfg.kl_estimator)
+            kl_loss = algos.aggregate(kl, mask, cfg.loss_agg, global_denom=denom)
+            total = total + cfg.kl_coef * kl_loss
+            metrics["loss/kl"] = kl_loss.detach()
+        if cfg.entropy_coef and fwd.entropy is not None:
+            total = total - cfg.entropy_coef * algos.aggregate(fwd.entropy, mask, cfg.loss_agg, global_denom=denom)
+        return total, metrics
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

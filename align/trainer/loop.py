@@ -1,0 +1,447 @@
+"""The training loop: one step in six named phases (DESIGN.md "Data flow of one training step").
+
+generate -> score -> logprobs -> advantages -> update -> sync. PPO and GRPO share the loop; what differs
+(advantages, loss) lives in `PPOAlgorithm` / `GRPOAlgorithm`. The RL math itself is in `align.algos`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from align import checkpoint as ckpt_io
+from align.config import PPOConfig, as_config
+from align.data import PromptDataset, PromptSampler, columns_of
+from align.errors import UserError
+from align.metrics import MetricsLogger
+from align.models import hidden_size_of, load_models, resolve_device
+from align.reward_setup import bind_policy, build_reward
+from align.trainer.forward import chunked, response_forward
+from align.trainer.grpo import GRPOAlgorithm
+from align.trainer.ppo import PPOAlgorithm
+from align.trainer.state import StepData
+from rollouts.engine import RolloutEngine
+from rollouts.params import SamplingParams
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]  # the last step's metrics
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per step run in this call
+    checkpoint: Path | None = None  # the final checkpoint, when saved
+    run_dir: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None):
+        self.cfg = cfg = as_config(config, overrides)
+        seed_everything(cfg.train.seed)
+        self.device = resolve_device(cfg.train.device)
+        self.algo = PPOAlgorithm(cfg.algo) if isinstance(cfg, PPOConfig) else GRPOAlgorithm(cfg.algo)
+        curiosity_cfg = cfg.reward.curiosity if isinstance(cfg, PPOConfig) else None
+        self.curiosity_cfg = curiosity_cfg if curiosity_cfg is not None and curiosity_cfg.eta > 0 else None
+        critic = cfg.model.critic if self.algo.uses_critic else None
+        self.models = load_models(cfg.model, self.device, critic=critic,
+                                  need_reference=self.algo.needs_reference or self.curiosity_cfg is not None)
+        self.tokenizer = self.models.tokenizer
+        self.reward = build_reward(cfg.reward)
+        bind_policy(self.reward, self.models.policy, self.tokenizer,
+                    disable_adapters=self.models.policy.disable_adapter if self.models.lora else None)
+        self.dataset = PromptDataset(cfg.data, self.tokenizer)
+        self.sampler = PromptSampler(self.dataset, cfg.train.seed, cfg.data.shuffle)
+        self.params = self._sampling_params()
+        self.engine = RolloutEngine(self.models.policy, self.tokenizer, sampler_backend=cfg.rollout.sampler_backend,
+                                    micro_batch_size=cfg.rollout.micro_batch_size, max_prompt_length=cfg.data.max_prompt_length,
+                                    gate_top_k=self.curiosity_cfg.top_k if self.curiosity_cfg else 1)
+        self.backend = self._make_backend()
+        self.curiosity = self._make_curiosity()
+        self.optimizer, self.scheduler = self._make_optimizer()
+        self.update_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # minibatch order
+        self.step = 0
+        self.samples_seen = 0
+        self.run_dir = cfg.run_dir
+        resume = resume_from or cfg.checkpoint.resume_from
+        self.logger = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resume=bool(resume))
+        if resume:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _sampling_params(self) -> SamplingParams:
+        r = self.cfg.rollout
+        stop_ids = [i for s in r.stop for i in [self._single_token(s)] if i is not None]
+        extra: dict[str, Any] = {}
+        if self.cfg.model.kind == "umm":
+            from rollouts.umm import umm_generation_spec
+
+            spec = umm_generation_spec(self.cfg.model.path, self.tokenizer)
+            extra = dict(allowed_token_ids=spec["allowed_token_ids"], min_new_tokens=spec["num_image_tokens"],
+                         ignore_eos=True)
+            r_max = spec["num_image_tokens"]
+        else:
+            r_max = r.max_new_tokens
+        return SamplingParams(max_new_tokens=r_max, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                              min_p=r.min_p, stop_token_ids=stop_ids,
+                              stop=[s for s in r.stop if self._single_token(s) is None],
+                              seed=self.cfg.train.seed, **extra)
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return ids[0] if len(ids) == 1 else None
+
+    def _make_backend(self):
+        if self.cfg.cluster.backend == "ray":
+            from align.backends.ray import RayBackend
+
+            return RayBackend(self.cfg, self.models, self.reward, self.engine)
+        from align.backends.local import LocalBackend
+
+        return LocalBackend(self.engine, self.reward)
+
+    def _make_curiosity(self):
+        if self.curiosity_cfg is None:
+            return None
+        from rewards.curiosity import CuriosityModule
+
+        policy = self.models.policy
+        h = hidden_size_of(policy)
+        inter = getattr(policy.config, "intermediate_size", None) or 4 * h
+        action = policy.get_input_embeddings().embedding_dim
+        return CuriosityModule(h, action, inter, lr=self.curiosity_cfg.lr, top_k=self.curiosity_cfg.top_k,
+                               eta=self.curiosity_cfg.eta, seed=self.cfg.train.seed, device=self.device)
+
+    def _make_optimizer(self):
+        t = self.cfg.train
+        groups = [{"params": self.models.trainable_parameters(), "lr": t.lr}]
+        if self.models.critic is not None:
+            groups.append({"params": self.models.critic_parameters(), "lr": t.critic_lr or t.lr})
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        total = t.steps * max(1, self._updates_per_step())
+
+        def factor(i: int) -> float:
+            if i < t.warmup_steps:
+                return (i + 1) / (t.warmup_steps + 1)
+            progress = (i - t.warmup_steps) / max(1, total - t.warmup_steps)
+            if t.lr_scheduler == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            if t.lr_scheduler == "linear":
+                return max(0.0, 1.0 - progress)
+            return 1.0
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.train.prompts_per_step * self.algo.group_size
+
+    def _mini_batch_size(self) -> int:
+        return self.cfg.train.mini_batch_size or self.samples_per_step
+
+    def _updates_per_step(self) -> int:
+        return self.cfg.algo.epochs * math.ceil(self.samples_per_step / self._mini_batch_size())
+
+    # ------------------------------------------------------------------------------------------ the step
+    def train_step(self) -> dict[str, float]:
+        timings: dict[str, float] = {}
+
+        def timed(name, fn, *args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            timings[f"time/{name}"] = time.perf_counter() - t0
+            return out
+
+        step, metrics = timed("generate", self.phase_generate)
+        metrics |= timed("score", self.phase_score, step)
+        metrics |= timed("logprobs", self.phase_logprobs, step)
+        metrics |= timed("advantages", self.phase_advantages, step)
+        metrics |= timed("update", self.phase_update, step)
+        metrics |= timed("sync", self.phase_sync)
+        metrics |= timings
+        metrics["time/step"] = sum(timings.values())
+        metrics["rollout/tokens_per_s"] = metrics["rollout/tokens"] / max(timings["time/generate"], 1e-9)
+        return metrics
+
+    def phase_generate(self) -> tuple[StepData, dict[str, float]]:
+        """Draw prompts, expand each G times (prompt-major), sample one response per row."""
+        g = self.algo.group_size
+        records = self.sampler.next(self.cfg.train.prompts_per_step)
+        prompts = [self.dataset.prompt_text(r) for r in records for _ in range(g)]
+        columns = {k: [v for v in vals for _ in range(g)] for k, vals in columns_of(records, self.cfg.data.prompt_key).items()}
+        # Per-sample random streams keyed by a global sample index: sharding never changes what is drawn.
+        sample_ids = torch.arange(self.samples_seen, self.samples_seen + len(prompts))
+        self.samples_seen += len(prompts)
+        batch = self.backend.generate(prompts, columns, sample_ids, self.params).to(self.device)
+        lengths = batch.mask.sum(-1).float()
+        return StepData(batch=batch), {"rollout/response_length": float(lengths.mean()),
+                                       "rollout/tokens": float(lengths.sum())}
+
+    def phase_score(self, step: StepData) -> dict[str, float]:
+        """Reward every sample; errored or non-applicable samples are excluded, never scored 0."""
+        out = self.backend.score(step.batch)
+        n = len(step.batch)
+        if len(out.scores) != n:
+            raise RuntimeError(f"the reward returned {len(out.scores)} scores for {n} samples")
+        valid = torch.tensor([s is not None for s in out.scores], device=self.device)
+        if not bool(valid.any()):
+            first = next((e for e in out.errors if e), "every reward returned None (not applicable)")
+            raise RuntimeError(f"no sample of this step could be scored ({n} samples); first error: {first}")
+        step.scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
+        step.valid = valid
+        step.train_rows = valid.nonzero().squeeze(-1)
+        step.reward_info = out.info
+        good = step.scores[valid]
+        return {"reward/mean": float(good.mean()), "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
+                "reward/max": float(good.max()), "reward/min": float(good.min()),
+                "reward/errors": float(sum(e is not None for e in out.errors)),
+                "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors)))}
+
+    @torch.no_grad()
+    def phase_logprobs(self, step: StepData) -> dict[str, float]:
+        """Old-policy log-probs (unless the rollout's are used or one update makes them free), reference
+        log-probs when a KL term needs them, critic values (PPO), reference states (curiosity)."""
+        b, mb = step.batch, self.cfg.train.micro_batch_size
+        n, t = b.response_ids.shape
+        want_old = self._needs_old_logprobs() and not self.cfg.rollout.use_rollout_logprobs
+        old, ref, values, hidden = [], [], [], []
+        self.models.policy.eval()
+        for rows in chunked(n, mb):
+            ids, att = b.input_ids[rows], b.attention_mask[rows]
+            if want_old or self.algo.uses_critic:
+                fwd = response_forward(self.models.policy, ids, att, t, value_head=self.models.value_head)
+                old.append(fwd.logprobs)
+                values.append(fwd.values)
+            if self.models.critic is not None:
+                values[-1] = self.models.critic(ids, att, _positions(att))[:, -t - 1:-1]
+            if self.algo.needs_reference or self.curiosity is not None:
+                with self.models.reference_mode() as ref_model:
+                    fwd = response_forward(ref_model, ids, att, t, return_hidden=self.curiosity is not None)
+                ref.append(fwd.logprobs)
+                hidden.append(fwd.hidden)
+        self.models.policy.train()
+        step.old_logprobs = torch.cat(old) if want_old else (b.logprobs if self.cfg.rollout.use_rollout_logprobs else None)
+        step.ref_logprobs = torch.cat(ref) if ref else None
+        step.values = torch.cat(values) if self.algo.uses_critic else None
+        step.ref_hidden = torch.cat(hidden) if self.curiosity is not None else None
+        metrics: dict[str, float] = {}
+        if step.ref_logprobs is not None:
+            base = step.old_logprobs if step.old_logprobs is not None else b.logprobs
+            kl = torch.where(b.mask.bool(), base - step.ref_logprobs, torch.zeros_like(base))
+            metrics["kl/mean"] = float(kl.sum() / b.mask.sum().clamp(min=1))
+        if step.old_logprobs is not None and self.cfg.rollout.use_rollout_logprobs is False and want_old:
+            diff = (step.old_logprobs - b.logprobs).abs()[b.mask.bool()]
+            metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+        return metrics
+
+    def _needs_old_logprobs(self) -> bool:
+        # With a single optimizer step per batch the policy is unchanged when the loss runs, so the old
+        # log-probs equal the current ones (detached): TRL skips the extra forward the same way.
+        return self._updates_per_step() > 1 or self.algo.uses_critic
+
+    def phase_advantages(self, step: StepData) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if isinstance(self.algo, PPOAlgorithm):
+            intrinsic = None
+            if self.curiosity is not None:
+                actions = self.models.policy.get_input_embeddings()(step.batch.response_ids).detach()
+                out = self.curiosity.compute(step.ref_hidden, actions, step.mask, step.batch.topk_hit)
+                intrinsic = out.intrinsic
+                metrics |= out.metrics
+                metrics |= self.curiosity.update(step.ref_hidden, actions, step.mask)
+            if step.old_logprobs is None:
+                step.old_logprobs = step.batch.logprobs  # only reached when KL is off; used for nothing else
+            step.token_rewards, m = self.algo.shaped_rewards(
+                step, intrinsic, self.curiosity_cfg.eta if self.curiosity_cfg else 0.0,
+                self.curiosity_cfg.score_clip if self.curiosity_cfg else None)
+            metrics |= m
+            metrics["kl/coef"] = self.algo.kl_ctl.value
+        metrics |= self.algo.compute_advantages(step)
+        metrics["train/samples"] = float(step.train_rows.numel())
+        return metrics
+
+    def phase_update(self, step: StepData) -> dict[str, float]:
+        """Epochs of shuffled minibatches; micro-batches accumulate gradients with the minibatch's
+        denominators, so the result equals one pass over the whole minibatch."""
+        cfg, rows_all = self.cfg, step.train_rows
+        sums: dict[str, float] = {}
+        count = 0
+        if rows_all.numel() == 0:
+            return {"train/skipped": 1.0}
+        for _ in range(cfg.algo.epochs):
+            order = rows_all[torch.randperm(rows_all.numel(), generator=self.update_generator).to(rows_all.device)]
+            for mini in order.split(self._mini_batch_size()):
+                metrics = self._optimizer_step(step, mini)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        self.algo.after_step(self._kl_per_seq(step), len(step.batch))
+        out = {k: v / count for k, v in sums.items()}
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _optimizer_step(self, step: StepData, mini: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        mask = step.mask[mini]
+        t = mask.shape[1]
+        denom = self._denominator(mask)
+        vf_denom = float(mask.sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in mini.split(cfg.train.micro_batch_size):
+            b = step.batch
+            fwd = response_forward(self.models.policy, b.input_ids[micro], b.attention_mask[micro], t,
+                                   value_head=self.models.value_head, with_entropy=True)
+            if self.models.critic is not None:
+                att = b.attention_mask[micro]
+                fwd.values = self.models.critic(b.input_ids[micro], att, _positions(att))[:, -t - 1:-1]
+            old = step.old_logprobs[micro] if step.old_logprobs is not None else fwd.logprobs.detach()
+            loss, metrics = self.algo.loss(fwd, step, micro, old, denom, vf_denom)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {self.step}: the loss is {float(loss)}; no optimizer step was taken")
+            loss.backward()
+            share = micro.numel() / mini.numel()
+            metrics["policy/entropy"] = (fwd.entropy * step.mask[micro]).sum() / step.mask[micro].sum().clamp(min=1)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) * share
+        params = self.models.trainable_parameters() + self.models.critic_parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"step {self.step}: non-finite gradient norm; no optimizer step was taken")
+        self.optimizer.step()
+        self.scheduler.step()
+        sums["train/grad_norm"] = float(grad_norm)
+        return sums
+
+    def _denominator(self, mask: torch.Tensor) -> float:
+        agg = self.cfg.algo.loss_agg
+        if agg == "token-mean":
+            return float(mask.sum())
+        if agg == "seq-mean-token-mean":
+            return float((mask.sum(-1) > 0).sum())
+        return float(mask.shape[0])
+
+    def _kl_per_seq(self, step: StepData) -> float:
+        if step.ref_logprobs is None or step.old_logprobs is None:
+            return 0.0
+        kl = torch.where(step.mask.bool(), step.old_logprobs - step.ref_logprobs, torch.zeros_like(step.ref_logprobs))
+        return float(kl.sum(-1).mean())
+
+    def phase_sync(self) -> dict[str, float]:
+        self.step += 1
+        self.backend.sync(self.step)
+        return {}
+
+    # ------------------------------------------------------------------------------------------ running
+    def train(self, max_steps: int | None = None) -> TrainResult:
+        """Run until `train.steps` (or `max_steps` more steps in this call, for time-boxed jobs); checkpoints
+        as configured, and at the end when `checkpoint.save_final`."""
+        cfg = self.cfg
+        stop_at = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
+        history: list[dict[str, float]] = []
+        progress = _progress(cfg.train.steps, self.step, cfg.logging.progress)
+        final_ckpt = None
+        try:
+            while self.step < stop_at:
+                metrics = self.train_step()
+                self.logger.log(self.step, metrics)
+                history.append({"step": self.step, **metrics})
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", refresh=False)
+                if cfg.logging.print_every and self.step % cfg.logging.print_every == 0 and progress is None:
+                    print(f"step {self.step:4d}  reward {metrics['reward/mean']:+.4f}  "
+                          f"len {metrics['rollout/response_length']:.1f}  {metrics['time/step']:.2f}s", flush=True)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    final_ckpt = self.save_checkpoint()
+            if cfg.checkpoint.save_final and (final_ckpt is None or not final_ckpt.name.endswith(f"{self.step:06d}")):
+                final_ckpt = self.save_checkpoint()
+        finally:
+            if progress is not None:
+                progress.close()
+            self.logger.close()
+        last = history[-1] if history else {}
+        return TrainResult(metrics={k: v for k, v in last.items() if k != "step"}, history=history,
+                           checkpoint=final_ckpt, run_dir=self.run_dir)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict(), "samples_seen": self.samples_seen,
+                 "update_generator": self.update_generator.get_state(), "algo": self.algo.state_dict(),
+                 "algorithm": self.algo.name}
+        if self.models.value_head is not None:
+            state["value_head"] = self.models.value_head.state_dict()
+        if self.models.critic is not None:
+            state["critic"] = self.models.critic.state_dict()
+        if self.curiosity is not None:
+            state["curiosity"] = self.curiosity.state_dict()
+        if hasattr(self.reward, "state_dict"):
+            state["reward"] = self.reward.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        return ckpt_io.save_checkpoint(self.run_dir, self.step, self.models.policy, self.tokenizer,
+                                       self.trainer_state(), self.cfg.to_dict(), self.cfg.checkpoint.keep_last)
+
+    def _resume(self, where: str | Path) -> None:
+        ckpt = ckpt_io.find_checkpoint(where)
+        state = ckpt_io.load_trainer_state(ckpt)
+        if state.get("algorithm") != self.algo.name:
+            raise UserError(f"checkpoint {ckpt} was written by a {state.get('algorithm')} run, this config is {self.algo.name}")
+        ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.samples_seen = state["samples_seen"]
+        self.update_generator.set_state(state["update_generator"])
+        self.algo.load_state_dict(state["algo"])
+        if "value_head" in state:
+            self.models.value_head.load_state_dict(state["value_head"])
+        if "critic" in state:
+            self.models.critic.load_state_dict(state["critic"])
+        if self.curiosity is not None:
+            self.curiosity.load_state_dict(state["curiosity"])
+        if "reward" in state and hasattr(self.reward, "load_state_dict"):
+            self.reward.load_state_dict(state["reward"])
+        ckpt_io.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.logger.truncate_after(self.step)
+        self.backend.sync(self.step)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    from align.trainer.forward import position_ids_from_mask
+
+    return position_ids_from_mask(attention_mask)
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None) -> TrainResult:
+    """Run PPO or GRPO as configured; returns the final metrics, the history and the checkpoint path."""
+    trainer = Trainer(config, overrides, resume_from)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+

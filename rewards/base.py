@@ -1,0 +1,90 @@
+"""The reward protocol: what every reward function returns, and how plain callables are adapted.
+
+A reward is either a TRL-style callable `fn(prompts, completions, **columns) -> list[float | None]`
+(None = not applicable to this sample) or a `RewardFunction` subclass that can also return per-token
+rewards, an `info` dict and an explicit error per sample. The trainer only ever sees `RewardOutput`.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+
+@dataclass
+class RewardOutput:
+    """Scores for one batch of N samples.
+
+    scores:        [N] float, or None where the reward does not apply or the sample errored
+    errors:        [N] None, or a one-line message saying why this sample has no score
+    info:          [N] dicts of per-sample details (tool traces, per-token log-probs, ...)
+    token_rewards: optional [N] lists of per-response-token rewards (added to the KL-shaped rewards)
+    """
+
+    scores: list[float | None]
+    errors: list[str | None] = field(default_factory=list)
+    info: list[dict[str, Any]] = field(default_factory=list)
+    token_rewards: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        if not self.errors:
+            self.errors = [None] * n
+        if not self.info:
+            self.info = [{} for _ in range(n)]
+        if len(self.errors) != n or len(self.info) != n:
+            raise ValueError(f"RewardOutput: scores ({n}), errors ({len(self.errors)}) and info ({len(self.info)}) differ in length")
+        if self.token_rewards is not None and len(self.token_rewards) != n:
+            raise ValueError(f"RewardOutput: token_rewards has {len(self.token_rewards)} rows for {n} samples")
+        # Non-finite scores are errors for that sample: NaN must never reach advantages.
+        for i, s in enumerate(self.scores):
+            if s is not None and not math.isfinite(float(s)):
+                self.errors[i] = self.errors[i] or f"non-finite score {s!r}"
+                self.scores[i] = None
+            elif s is not None:
+                self.scores[i] = float(s)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class RewardFunction(ABC):
+    """Base class for batched rewards. Subclasses implement `score`; `__call__` is TRL-compatible."""
+
+    name: str = "reward"
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardOutput:
+        """Score N (prompt, completion) pairs; dataset columns arrive as lists of length N."""
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
+        return self.score(prompts, completions, **columns).scores
+
+    def close(self) -> None:
+        """Release resources (pools, servers, models)."""
+
+
+class CallableReward(RewardFunction):
+    """Adapts a TRL-style callable `fn(prompts, completions, **kwargs) -> list[float | None]`.
+
+    An exception inside `fn` is an infrastructure failure: it is raised, never turned into zeros.
+    """
+
+    def __init__(self, fn: Callable[..., Sequence[float | None]], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, prompts, completions, **columns) -> RewardOutput:
+        values = list(self.fn(prompts=list(prompts), completions=list(completions), **columns))
+        if len(values) != len(completions):
+            raise ValueError(f"reward {self.name!r} returned {len(values)} scores for {len(completions)} completions")
+        return RewardOutput(scores=[None if v is None else float(v) for v in values])
+
+
+def as_reward_function(obj: Any, name: str | None = None) -> RewardFunction:
+    if isinstance(obj, RewardFunction):
+        return obj
+    if callable(obj):
+        return CallableReward(obj, name=name)
+    raise TypeError(f"a reward must be a RewardFunction or a callable fn(prompts, completions, **kwargs); got {type(obj).__name__}")

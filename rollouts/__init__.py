@@ -1,0 +1,7 @@
+"""Generation: the in-process engine (KV cache, bucketing, batched decode), sampling parameters, the batch type,
+and the Ray rollout actor."""
+from rollouts.batch import RolloutBatch
+from rollouts.engine import RolloutEngine
+from rollouts.params import SamplingParams
+
+__all__ = ["RolloutBatch", "RolloutEngine", "SamplingParams"]

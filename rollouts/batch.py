@@ -1,0 +1,100 @@
+"""The one batch type that carries a training step through its phases."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """N = B prompts x G samples, prompt-major ([p0s0, p0s1, ..., p1s0, ...]).
+
+    prompt_ids:       [N, P] left-padded prompt token ids
+    prompt_mask:      [N, P] 1 on real prompt tokens
+    response_ids:     [N, T] right-padded response token ids (pad after the stop token)
+    mask:             [N, T] 1 on response tokens (the stop/EOS token included), 0 on padding
+    logprobs:         [N, T] sampled tokens' log-probs under the raw (temperature-1, untruncated) policy
+    sampling_logprobs:[N, T] the same tokens' log-probs under the truncated sampling distribution
+    topk_hit:         [N, T] bool, the sampled token was among the top-k (k = `gate_top_k`) of the sampling dist
+    prompts / completions: decoded text, N each
+    columns:          dataset columns for the reward functions, each a list of N
+    weights_version:  the policy version that generated the batch
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    sampling_logprobs: torch.Tensor | None = None
+    topk_hit: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    weights_version: int = 0
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """[N, P + T] prompt and response, for the teacher-forced forward pass."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.mask], dim=1)
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def select(self, index: torch.Tensor | list[int]) -> "RolloutBatch":
+        """Rows `index` of every tensor, list and column."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        rows = idx.tolist()
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v[idx]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in rows] if v else v
+            elif isinstance(v, dict):
+                out[f.name] = {k: [c[i] for i in rows] for k, c in v.items()}
+            else:
+                out[f.name] = v
+        return RolloutBatch(**out)
+
+    @staticmethod
+    def concat(batches: list["RolloutBatch"], pad_token_id: int = 0) -> "RolloutBatch":
+        """Join batches in order; prompts are re-left-padded and responses re-right-padded to a common width."""
+        if len(batches) == 1:
+            return batches[0]
+        P = max(b.prompt_ids.shape[1] for b in batches)
+        T = max(b.response_ids.shape[1] for b in batches)
+
+        def left(t, width, value):
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+        def right(t, width, value):
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        out: dict[str, Any] = {
+            "prompt_ids": torch.cat([left(b.prompt_ids, P, pad_token_id) for b in batches]),
+            "prompt_mask": torch.cat([left(b.prompt_mask, P, 0) for b in batches]),
+            "response_ids": torch.cat([right(b.response_ids, T, pad_token_id) for b in batches]),
+            "mask": torch.cat([right(b.mask, T, 0) for b in batches]),
+            "logprobs": torch.cat([right(b.logprobs, T, 0.0) for b in batches]),
+        }
+        for name in ("sampling_logprobs", "topk_hit"):
+            if all(getattr(b, name) is not None for b in batches):
+                out[name] = torch.cat([right(getattr(b, name), T, 0) for b in batches])
+        out["prompts"] = [p for b in batches for p in b.prompts]
+        out["completions"] = [c for b in batches for c in b.completions]
+        keys = batches[0].columns.keys()
+        out["columns"] = {k: [v for b in batches for v in b.columns[k]] for k in keys}
+        out["weights_version"] = min(b.weights_version for b in batches)
+        return RolloutBatch(**out)

@@ -1,0 +1,160 @@
+"""The training loop end to end on a tiny model: learning, resume equivalence, grad accumulation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import align
+from align.errors import CheckpointError
+
+
+class CharFraction:
+    """Reward = fraction of response characters equal to `char` (a dense signal a tiny model can learn)."""
+
+    def __init__(self, char="7"):
+        self.char = char
+        self.__name__ = f"frac_{char}"
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [sum(c == self.char for c in s) / max(len(s), 1) for s in completions]
+
+
+def config(algorithm, model, data, run_dir, **over):
+    cfg = {
+        "algorithm": algorithm,
+        "model": {"path": str(model)},
+        "data": {"path": str(data)},
+        "reward": {"functions": [CharFraction()]},
+        "rollout": {"max_new_tokens": 6, "temperature": 1.0},
+        "train": {"steps": 4, "prompts_per_step": 4, "micro_batch_size": 8, "lr": 3e-3, "seed": 0},
+        "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
+        "checkpoint": {"save_final": False},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        cfg.setdefault(section, {})[name] = value
+    return cfg
+
+
+def mean_reward(history, steps):
+    return sum(h["reward/mean"] for h in history[steps]) / len(history[steps])
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    ("grpo", {"algo__group_size": 8, "train__lr": 1e-2}),
+    ("ppo", {"train__prompts_per_step": 16, "train__lr": 1e-2, "algo__kl_coef": 0.01, "algo__epochs": 2,
+             "train__mini_batch_size": 8}),
+])
+def test_reward_rises(algorithm, extra, tiny_model_path, arithmetic_data, tmp_path):
+    cfg = config(algorithm, tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", train__steps=14, **extra)
+    result = align.train(cfg)
+    h = result.history
+    first, last = mean_reward(h, slice(0, 3)), mean_reward(h, slice(-3, None))
+    assert first < 0.1, first  # a random 100-token model rarely emits the char
+    assert last > first + 0.15, (first, last)
+    for record in h:
+        assert all(v == v for v in record.values() if isinstance(v, float))  # no NaN metric
+
+
+def test_metrics_jsonl_and_plot(tiny_model_path, arithmetic_data, tmp_path):
+    run = tmp_path / "run"
+    align.train(config("grpo", tiny_model_path, arithmetic_data["prompts"], run, train__steps=2))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert {"reward/mean", "loss/policy", "rollout/response_length", "time/generate"} <= set(lines[0])
+    from align.metrics import plot_run
+
+    png = plot_run(run)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    ("ppo", {"algo__kl_coef": 0.05, "algo__kl_target": 0.02, "algo__epochs": 2, "train__mini_batch_size": 2}),
+    ("grpo", {"algo__kl_coef": 0.04, "algo__group_size": 2, "train__lr_scheduler": "cosine"}),
+])
+def test_resume_equals_uninterrupted(algorithm, extra, tiny_model_path, arithmetic_data, tmp_path):
+    """2 steps + resume + 2 steps give the same metrics as 4 uninterrupted steps."""
+    full = align.train(config(algorithm, tiny_model_path, arithmetic_data["prompts"], tmp_path / "full", **extra))
+    part = config(algorithm, tiny_model_path, arithmetic_data["prompts"], tmp_path / "part",
+                  checkpoint__save_final=True, **extra)
+    interrupted = align.Trainer(part)
+    first = interrupted.train(max_steps=2)  # stops after 2 of 4 steps, as if the job were killed
+    assert first.checkpoint is not None and first.checkpoint.name == "step-000002"
+    del interrupted
+    second = align.train(part, resume_from=tmp_path / "part")
+    assert [h["step"] for h in second.history] == [3, 4]
+    resumed = first.history + second.history
+    for a, b in zip(full.history, resumed):
+        for key in a:
+            if key.startswith("time/") or key == "rollout/tokens_per_s":
+                continue
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_missing_or_corrupt(tiny_model_path, arithmetic_data, tmp_path):
+    cfg = config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", train__steps=1,
+                 checkpoint__save_final=True)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        align.train(cfg, resume_from=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoints/latest"):
+        align.train(cfg, resume_from=tmp_path / "empty")
+    result = align.train(cfg)
+    (result.checkpoint / "trainer.pt").write_bytes(b"garbage")
+    cfg["train"]["steps"] = 2
+    with pytest.raises(CheckpointError, match="corrupt"):
+        align.train(cfg, resume_from=tmp_path / "run")
+
+
+def test_grad_accumulation_equals_full_batch(tiny_model_path, arithmetic_data, tmp_path):
+    """micro_batch_size 2 and 8 give the same weights after a step (same seed, same samples)."""
+    weights = []
+    for micro in (8, 2):
+        trainer = align.Trainer(config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / f"r{micro}",
+                                       train__micro_batch_size=micro, train__steps=1, algo__loss_agg="seq-mean-token-mean"))
+        trainer.train()
+        weights.append({k: v.detach().clone() for k, v in trainer.models.policy.named_parameters()})
+    for name, w in weights[0].items():
+        torch.testing.assert_close(w, weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_reference_is_adapter_disabled_policy(tiny_model_path, arithmetic_data, tmp_path):
+    cfg = config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", train__steps=2,
+                 model__lora={"enabled": True, "r": 4, "alpha": 8}, algo__kl_coef=0.1, checkpoint__save_final=True)
+    trainer = align.Trainer(cfg)
+    assert trainer.models.reference is None  # no second copy
+    result = trainer.train()
+    assert (result.checkpoint / "policy" / "adapter_model.safetensors").is_file()
+    assert result.metrics["kl/mean"] != 0.0  # adapters moved the policy away from the reference
+
+
+def test_zero_variance_filter_and_rloo(tiny_model_path, arithmetic_data, tmp_path):
+    cfg = config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", train__steps=1,
+                 algo__filter_zero_variance=True, algo__advantage="rloo")
+    cfg["reward"]["functions"] = [lambda prompts, completions, **k: [1.0] * len(completions)]
+    result = align.train(cfg)
+    assert result.metrics["grpo/zero_variance_groups"] == 1.0
+    assert result.metrics["train/skipped"] == 1.0
+
+
+def test_reward_errors_are_excluded_not_zeroed(tiny_model_path, arithmetic_data, tmp_path):
+    """A NaN score is an error for that sample: excluded from the update, counted, never a 0 reward."""
+    calls = []
+
+    def flaky(prompts, completions, **k):
+        calls.append(len(completions))
+        return [float("nan") if i % 4 == 0 else 1.0 + (i % 2) for i in range(len(completions))]
+
+    cfg = config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", train__steps=1)
+    cfg["reward"]["functions"] = [flaky]
+    m = align.train(cfg).metrics
+    assert m["reward/errors"] == 4.0 and m["train/samples"] == 12.0
+    assert m["reward/min"] == 1.0  # the errored samples did not become 0
+
+    cfg["reward"]["functions"] = [lambda prompts, completions, **k: [float("nan")] * len(completions)]
+    with pytest.raises(RuntimeError, match="no sample of this step could be scored"):
+        align.train(cfg)
