@@ -18,8 +18,8 @@ _LAZY = {
     "train": ("align.trainer.loop", "train"),
     "Trainer": ("align.trainer.loop", "Trainer"),
     "TrainResult": ("align.trainer.loop", "TrainResult"),
-    "sft": ("align.sft", "sft"),
-    "SFTConfig": ("align.sft", "SFTConfig"),
+    "sft": ("align.supervised", "sft"),
+    "SFTConfig": ("align.supervised", "SFTConfig"),
     "metrics": ("align.metrics", None),
 }
 

@@ -282,6 +282,7 @@ class RewardConfig(Section):
     remote_token: str = ""
     clip: Union[float, None] = None  # clip scores to [-clip, clip] after mixing
     normalize: Literal["none", "running"] = "none"
+    normalize_by: Union[str, None] = None  # with normalize=running: separate statistics per value of this column
     curiosity: Union[CuriosityConfig, None] = None
 
     def validate(self) -> None:
@@ -336,7 +337,7 @@ class PPOAlgoConfig(Section):
 @dataclass
 class GRPOAlgoConfig(Section):
     group_size: int = 4
-    advantage: Literal["grpo", "rloo", "reinforce_pp", "dr_grpo"] = "grpo"
+    advantage: str = "grpo"  # a registered estimator: grpo, dr_grpo, rloo, reinforce_pp, or a plug-in
     scale: Literal["group", "batch", "none"] = "group"
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -350,6 +351,12 @@ class GRPOAlgoConfig(Section):
 
     def validate(self) -> None:
         self.check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per prompt (set algo.group_size >= 2)")
+        from align.registry import ADVANTAGES, UnknownNameError
+
+        try:
+            ADVANTAGES.resolve(self.advantage)
+        except UnknownNameError as err:
+            raise ConfigError(f"advantage = {self.advantage!r}: {err}") from None
         self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
         self.check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
         if self.dual_clip is not None:

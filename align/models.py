@@ -20,6 +20,13 @@ from torch import nn
 from align.config import ModelConfig
 from align.errors import UserError
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars (they drown the CLI's own output and error lines)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,6 +47,7 @@ def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     path = cfg.tokenizer_path or cfg.path
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)

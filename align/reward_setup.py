@@ -28,7 +28,7 @@ def build_reward(cfg: RewardConfig) -> RewardFunction:
         from rewards.client import RemoteReward
 
         components.append((RemoteReward(cfg.remote_url, token=cfg.remote_token or None), 1.0))
-    return RewardMixture(components, normalize=cfg.normalize, clip=cfg.clip)
+    return RewardMixture(components, normalize=cfg.normalize, clip=cfg.clip, normalize_by=cfg.normalize_by)
 
 
 def bind_policy(reward: RewardFunction, policy, tokenizer, disable_adapters=None) -> None:

@@ -66,7 +66,9 @@ def make_tiny_model(path: str | Path, arch: str = "llama", hidden_size: int = 64
     or give the path to `align.train` as `model.path`.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = make_char_tokenizer(alphabet, extra_tokens)

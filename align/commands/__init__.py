@@ -5,16 +5,17 @@ from pathlib import Path
 
 
 def validate_any_config(path: str | Path):
-    """Load and validate any config file the CLI accepts: a run (PPO/GRPO, `algorithm:` key), an SFT config
-    (`output_dir:` key, no `algorithm:`), or a reward-model config (`kind:` under `model:` plus `train_rm`)."""
+    """Load and validate any config file the CLI accepts: a run (PPO/GRPO, `algorithm:` key), an SFT config,
+    or a reward-model config (`model.kind: classifier | themis`)."""
     from align.config import load_config, read_config_file
     from align.errors import ConfigError
 
     data = read_config_file(path)
     if "algorithm" in data:
         return load_config(path)
-    if "output_dir" in data and "rm" not in data:
-        from align.sft import load_sft_config
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    if model.get("kind") not in ("classifier", "themis"):
+        from align.supervised import load_sft_config
 
         return load_sft_config(path)
     try:

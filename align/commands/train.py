@@ -36,7 +36,7 @@ def run_train(args) -> int:
 
 
 def run_sft(args) -> int:
-    from align.sft import sft
+    from align.supervised import sft
 
     print(json.dumps(sft(args.config, args.overrides), indent=2))
     return 0

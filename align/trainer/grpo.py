@@ -6,6 +6,7 @@ import torch
 
 from align import algos
 from align.config import GRPOAlgoConfig
+from align.registry import ADVANTAGES
 from align.trainer.forward import ForwardOutput
 from align.trainer.state import StepData
 
@@ -32,7 +33,7 @@ class GRPOAlgorithm:
         if cfg.advantage == "grpo":
             adv = algos.group_advantages(scores, g, scale=cfg.scale, valid=valid)
         else:
-            adv = algos.ADVANTAGE_ESTIMATORS[cfg.advantage](scores, g, valid=valid)
+            adv = ADVANTAGES.get(cfg.advantage)(scores, g, valid=valid)
         keep = valid.clone()
         metrics: dict[str, float] = {}
         groups = valid.view(-1, g)

@@ -44,7 +44,7 @@ def test_defaults_and_types():
     ({"train": {"steps": 0}}, ["train.steps", ">= 1"]),
     ({"train": {"steps": "many"}}, ["train.steps", "integer"]),
     ({"train": {"lr": "fast"}}, ["train.lr", "number"]),
-    ({"algo": {"advantage": "grpoo"}}, ["algo.advantage", "did you mean 'grpo'", "'rloo'"]),
+    ({"algo": {"advantage": "grpoo"}}, ["algo.advantage", "did you mean 'grpo'", "rloo"]),
     ({"algo": {"loss_agg": "mean"}}, ["algo.loss_agg", "token-mean"]),
     ({"trian": {"steps": 1}}, ["'trian'", "did you mean 'train'"]),
     ({"train": {"setps": 1}}, ["'train.setps'", "did you mean 'train.steps'"]),

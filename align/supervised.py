@@ -149,7 +149,7 @@ def sft(config: Any, overrides: list[str] | None = None) -> dict[str, Any]:
         optim.step()
         sched.step()
         step += 1
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         logger.log(step, {"sft/loss": loss_value, "train/lr": sched.get_last_lr()[0]})
         if cfg.logging.print_every and step % max(cfg.logging.print_every, 1) == 0:
             print(f"sft step {step:5d}/{total}  loss {loss_value:.4f}", flush=True)

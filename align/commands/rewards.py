@@ -1,0 +1,190 @@
+"""Reward commands: `align serve-rewards` (HTTP scoring service); `train-rm` / `eval-rm` register here too.
+
+Each command has its own `register_<name>(subparsers)` and handler; `register` calls them all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from align.errors import UserError
+
+# ------------------------------------------------------------------------------------------------ serve-rewards
+
+SERVE_KEYS = {"host", "port", "token", "max_batch_size", "max_wait_ms", "max_body_bytes", "max_concurrency",
+              "max_samples_per_request", "request_timeout_s"}
+
+
+def _load_serve_config(path: str) -> dict[str, Any]:
+    """CONFIG for serve-rewards (YAML / JSON): `reward: NAME | {name, kwargs}` or a training config's
+    `reward: {functions: [...], weights, normalize, clip}` section, plus an optional `serve:` section
+    (host, port, token, max_batch_size, ...). Other sections (model, data, ...) are ignored."""
+    from align.config import RewardConfig, build, read_config_file
+
+    data = read_config_file(path)
+    reward = data.get("reward")
+    if isinstance(reward, dict) and "functions" in reward:
+        from align.reward_setup import build_reward
+
+        section = build(RewardConfig, reward, "reward")
+        if section.remote_url:
+            raise UserError(f"{path}: reward.remote_url is set; a reward service cannot score through itself")
+        reward = build_reward(section)
+    elif isinstance(reward, dict) and set(reward) - {"name", "kwargs"}:
+        raise UserError(f"{path}: the 'reward' section needs 'name' (and optional 'kwargs') or 'functions'")
+    serve = data.get("serve") or {}
+    if not isinstance(serve, dict):
+        raise UserError(f"{path}: 'serve' must be a mapping of {sorted(SERVE_KEYS)}")
+    unknown = set(serve) - SERVE_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown serve keys {sorted(unknown)}; known: {sorted(SERVE_KEYS)}")
+    return {"reward": reward, "serve": serve}
+
+
+def _serve_rewards(args: argparse.Namespace) -> int:
+    from rewards.registry import get_reward
+    from rewards.service import check_bind, serve
+
+    cfg = _load_serve_config(args.config) if args.config else {"reward": None, "serve": {}}
+    settings = {**{k: v for k, v in cfg["serve"].items()},
+                **{k: getattr(args, k) for k in SERVE_KEYS if getattr(args, k, None) is not None}}
+    if args.token_file:
+        try:
+            settings["token"] = Path(args.token_file).read_text().strip()
+        except OSError as err:
+            raise UserError(f"cannot read --token-file {args.token_file}: {err.strerror}") from None
+    settings.setdefault("token", os.environ.get("ALIGN_REWARD_TOKEN") or None)
+    settings.setdefault("host", "127.0.0.1")
+    settings.setdefault("port", 8000)
+    try:
+        kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise UserError(f"--reward-kwargs is not valid JSON ({err.msg}); e.g. --reward-kwargs '{{\"timeout_s\": 2}}'") from None
+    if not isinstance(kwargs, dict):
+        raise UserError("--reward-kwargs must be a JSON object, e.g. '{\"timeout_s\": 2}'")
+    spec = args.reward or cfg["reward"]
+    if spec is None:
+        raise UserError("no reward to serve; pass --reward NAME (e.g. math_verify) or a CONFIG with a 'reward' key")
+    try:
+        check_bind(settings["host"], settings.get("token"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    try:
+        reward = get_reward(spec, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"cannot build reward {spec!r}: {err}") from None
+    host, port, token = settings.pop("host"), int(settings.pop("port")), settings.pop("token")
+    try:
+        serve(reward, host=host, port=port, token=token, log_level=args.log_level, **settings)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return 0
+
+
+def register_serve_rewards(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve-rewards", help="serve a reward function over HTTP (POST /score, /get_reward)",
+        description="Serve a reward over HTTP: POST /score, POST /get_reward (OpenRLHF), GET /health, GET /metrics. "
+                    "Binds 127.0.0.1 by default; any other host needs a bearer token.")
+    p.add_argument("config", nargs="?", help="YAML/JSON with 'reward: NAME | {name, kwargs}' (or a training config's "
+                                             "'reward: {functions: [...]}') and an optional 'serve:' section")
+    p.add_argument("--reward", help="registered reward name (math_verify, code_tests, format, themis, classifier_rm) "
+                                    "or module:attr")
+    p.add_argument("--reward-kwargs", help="JSON object of arguments for the reward, e.g. '{\"timeout_s\": 2}'")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--token", help="bearer token clients must send (default: $ALIGN_REWARD_TOKEN); required off loopback")
+    p.add_argument("--token-file", help="read the bearer token from this file (keeps it out of the process list)")
+    p.add_argument("--max-batch-size", type=int, help="samples merged into one scoring batch (default 64)")
+    p.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body; bigger gets 413 (default 8 MiB)")
+    p.add_argument("--max-concurrency", type=int, help="requests in flight before 429 (default 256)")
+    p.add_argument("--max-samples-per-request", type=int, help="samples per request before 413 (default 4096)")
+    p.add_argument("--request-timeout-s", type=float, help="scoring time before 504 (default 300)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_serve_rewards)
+
+
+# ------------------------------------------------------------------------------------------------ train-rm / eval-rm
+
+
+def _train_rm(args: argparse.Namespace) -> int:
+    from rewards.training import format_accuracy_table, load_rm_config, train_reward_model
+
+    try:
+        cfg = load_rm_config(args.config, args.overrides or [])
+    except ValueError as err:
+        raise UserError(f"{args.config}: {err}") from None
+    try:
+        res = train_reward_model(cfg)
+    except ValueError as err:  # data errors a user can fix (missing columns, empty sources, unknown TARA group)
+        raise UserError(str(err)) from None
+    print(f"trained {cfg.model.kind} reward model: {res.steps} steps in {res.train_seconds:.0f} s -> {res.output_dir}")
+    ev = {k[len("eval/"):]: v for k, v in res.metrics.items() if k.startswith("eval/")}
+    if ev:
+        print(format_accuracy_table(ev))
+    return 0
+
+
+def _eval_rm(args: argparse.Namespace) -> int:
+    from rewards.training import evaluate_reward_model, format_accuracy_table, load_rm_config
+
+    target = Path(args.target)
+    cfg = None
+    if target.is_file():
+        try:
+            cfg = load_rm_config(target)
+        except ValueError as err:
+            raise UserError(f"{target}: {err}") from None
+        checkpoint = Path(cfg.output_dir)
+    elif target.is_dir():
+        checkpoint = target
+    else:
+        raise UserError(f"{target} is neither an RM config file nor a checkpoint directory")
+    sources = args.data or (cfg.data.eval if cfg else [])
+    if not sources:
+        raise UserError("no evaluation data: pass --data tara:calendar,weather (or a JSONL file / hf:NAME)")
+    try:
+        result = evaluate_reward_model(checkpoint, sources, cfg=cfg, limit=args.limit)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(format_accuracy_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def register_train_rm(subparsers) -> None:
+    p = subparsers.add_parser("train-rm", help="train a reward model (classifier RM or Themis) on preference pairs",
+                              description="Train a reward model: pairwise Bradley-Terry for classifier RMs, "
+                                          "lm + 0.5 * BT for Themis (model.kind: themis). Prints pairwise accuracy.")
+    p.add_argument("config", help="RM config YAML (see examples/configs/rm_*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
+    p.set_defaults(func=_train_rm)
+
+
+def register_eval_rm(subparsers) -> None:
+    p = subparsers.add_parser("eval-rm", help="pairwise accuracy of a reward model, per tool group",
+                              description="Evaluate a trained reward model (classifier or Themis, detected from the "
+                                          "checkpoint) on preference pairs; Themis runs its tool-calling trace loop.")
+    p.add_argument("target", help="an RM config (its output_dir is evaluated) or a checkpoint directory")
+    p.add_argument("--data", action="append", metavar="SOURCE",
+                   help="tara:GROUP[,GROUP] (test split), a JSONL file or hf:NAME[:SPLIT]; repeatable "
+                        "(default: the config's data.eval)")
+    p.add_argument("--limit", type=int, help="at most this many pairs per source")
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.set_defaults(func=_eval_rm)
+
+
+# ------------------------------------------------------------------------------------------------ all commands
+
+REGISTER_FUNCTIONS = [register_serve_rewards, register_train_rm, register_eval_rm]
+
+
+def register(subparsers) -> None:
+    for register_command in REGISTER_FUNCTIONS:
+        register_command(subparsers)

@@ -1,0 +1,38 @@
+"""Tools for tool-augmented rewards (Themis): calculator, code_run (sandboxed), calendar, weather, translate,
+web and wiki search, the Themis trace format, and a concurrent executor.
+
+    import tools
+    obs = tools.get_tool("Calendar.week_day")("2015-03-24")          # ToolResult(ok=True, output="Tuesday")
+    res = tools.run_code("def f(): return 1", ["assert f() == 1"])   # ExecResult(status="ok", passed=1, ...)
+    calls = tools.parse_trace(text).calls                             # [ToolCall(action, action_input, ...)]
+
+`tools` imports nothing from the rest of the project.
+"""
+from .base import FunctionTool, Tool, ToolError, ToolResult
+from .calc_eval import CalcError, CalcLimits
+from .calculator import Calculator, calculate
+from .calendar_tools import DayDifference, TargetDay, WeekDay, day_difference, target_day, week_day
+from .catalog import TOOLS, call_tool, get_tool, register_tool
+from .code_run import CodeRun, format_pass_rate
+from .executor import Call, ResultCache, ToolExecutor
+from .http_client import HTTPConfig
+from .registry import Registry, UnknownNameError
+from .sandbox import (ExecResult, Sandbox, SandboxConfig, SandboxUnavailableError, TestOutcome, detect_isolation,
+                      get_sandbox, run_code)
+from .search import GoogleSerper, LocalSearch, WikiSearch
+from .trace import (ParsedTrace, ToolCall, calls_from_tara, is_finished, parse_action, parse_trace, render_call,
+                    render_observation, render_trace)
+from .translate import Translate
+from .weather import HistoryWeather
+
+__all__ = [
+    "Tool", "ToolError", "ToolResult", "FunctionTool", "TOOLS", "get_tool", "register_tool", "call_tool",
+    "Registry", "UnknownNameError", "ToolExecutor", "Call", "ResultCache",
+    "Calculator", "calculate", "CalcError", "CalcLimits",
+    "CodeRun", "format_pass_rate", "run_code", "ExecResult", "TestOutcome", "Sandbox", "SandboxConfig",
+    "SandboxUnavailableError", "detect_isolation", "get_sandbox",
+    "WeekDay", "DayDifference", "TargetDay", "week_day", "day_difference", "target_day",
+    "HistoryWeather", "Translate", "GoogleSerper", "WikiSearch", "LocalSearch", "HTTPConfig",
+    "ToolCall", "ParsedTrace", "render_trace", "render_call", "render_observation", "parse_trace", "parse_action",
+    "is_finished", "calls_from_tara",
+]
