@@ -25,11 +25,12 @@ from arithmetic import write_arithmetic_data  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=40, help="GRPO steps")
-    ap.add_argument("--sft-steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=80, help="GRPO steps")
+    ap.add_argument("--sft-steps", type=int, default=60, help="a short warm start: it learns the format, not the sums")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3, help="GRPO learning rate")
     ap.add_argument("--prompts-per-step", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=10, help="GRPO learning-rate warm-up steps")
     args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
         "rollout": {"max_new_tokens": 3, "temperature": 1.0},
         "reward": {"functions": [{"name": "math_verify", "kwargs": {"last_number": True}}]},
         "algo": {"group_size": 8, "clip_high": 0.28, "kl_coef": 0.0},
-        "train": {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "micro_batch_size": 128, "lr": args.lr, "seed": args.seed},
+        "train": {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "micro_batch_size": 128, "lr": args.lr,
+                  "warmup_steps": args.warmup, "seed": args.seed},
         "logging": {"run_dir": str(out / "grpo"), "progress": False, "print_every": 5},
         "checkpoint": {"every": 0},
     })

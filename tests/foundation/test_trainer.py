@@ -158,3 +158,16 @@ def test_reward_errors_are_excluded_not_zeroed(tiny_model_path, arithmetic_data,
     cfg["reward"]["functions"] = [lambda prompts, completions, **k: [float("nan")] * len(completions)]
     with pytest.raises(RuntimeError, match="no sample of this step could be scored"):
         align.train(cfg)
+
+
+def test_ppo_separate_critic_and_kl_in_loss(tiny_model_path, arithmetic_data, tmp_path):
+    """A separate critic model trains (its weights move) and KL can sit in the loss instead of the reward."""
+    cfg = config("ppo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", train__steps=2,
+                 model__critic="separate", algo__kl_in="loss", algo__kl_coef=0.1, train__critic_lr=1e-2)
+    trainer = align.Trainer(cfg)
+    assert trainer.models.value_head is None and trainer.models.critic is not None
+    before = {k: v.clone() for k, v in trainer.models.critic.state_dict().items()}
+    result = trainer.train()
+    after = trainer.models.critic.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert "loss/kl" in result.metrics and "loss/value" in result.metrics
