@@ -5,8 +5,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (trl and peft do)
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))  # examples/*.py helpers (arithmetic task) are importable in tests

@@ -44,7 +44,7 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     if needs_full_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
         hidden = None
-        out = kernels.token_logprobs(logits[:, start - 1:length - 1].float(), tokens, with_entropy=with_entropy)
+        out = kernels.token_logprobs(logits[:, start - 1:length - 1], tokens, with_entropy=with_entropy)
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
         h = hidden[:, start - 1:length - 1]

@@ -1,0 +1,22 @@
+"""Triton kernels with their PyTorch references: fused sampling, token log-probs / entropy, fused linear log-probs.
+
+`kernels` imports only torch and triton. backend="auto" runs Triton on CUDA tensors and the PyTorch reference
+elsewhere; "triton" forces Triton (CPU tensors only under TRITON_INTERPRET=1); "torch" is the reference.
+Each module's docstring states its algorithm and cost.
+"""
+
+from .fused_linear import fused_linear_logprobs
+from .logprobs import token_logprobs
+from .logprobs_reference import token_logprobs_reference
+from .sampling import sample, sample_triton
+from .sampling_reference import SampleOutput, sample_reference
+
+__all__ = [
+    "SampleOutput",
+    "fused_linear_logprobs",
+    "sample",
+    "sample_reference",
+    "sample_triton",
+    "token_logprobs",
+    "token_logprobs_reference",
+]

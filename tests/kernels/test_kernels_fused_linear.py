@@ -1,0 +1,102 @@
+"""kernels.fused_linear_logprobs: values and gradients against float64 full-logits math; never holds [N, V]."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _f64(hidden, weight, bias, tokens, temperature, with_entropy):
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    z = logits / temperature
+    logp_all = z - torch.logsumexp(z, -1, keepdim=True)
+    lp = logp_all.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return lp, None
+    p = logp_all.exp()
+    return lp, -(p * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_bias,with_entropy", [(True, True), (False, False)])
+def test_values_and_gradients_against_float64(backend, with_bias, with_entropy):
+    torch.manual_seed(0)
+    b, t, h, v, temperature = 2, 4, 16, 300, 0.9
+    hidden = torch.randn(b, t, h)
+    weight = torch.randn(v, h) * 0.5
+    bias = torch.randn(v) if with_bias else None
+    tokens = torch.randint(0, v, (b, t))
+    g_lp, g_ent = torch.randn(b, t), torch.randn(b, t)
+
+    leaves = [x.clone().to(DEV).requires_grad_() for x in (hidden, weight)]
+    bias_d = bias.clone().to(DEV).requires_grad_() if with_bias else None
+    out = kernels.fused_linear_logprobs(leaves[0], leaves[1], tokens.to(DEV), bias=bias_d, temperature=temperature,
+                                        with_entropy=with_entropy, chunk_size=3, backend=backend)
+    lp = out[0] if with_entropy else out
+    loss = (lp * g_lp.to(DEV)).sum() + ((out[1] * g_ent.to(DEV)).sum() if with_entropy else 0)
+    loss.backward()
+
+    ref = [x.double().requires_grad_() for x in (hidden, weight)]
+    bias64 = bias.double().requires_grad_() if with_bias else None
+    lp64, ent64 = _f64(ref[0].reshape(-1, h), ref[1], bias64, tokens.reshape(-1), temperature, with_entropy)
+    loss64 = (lp64 * g_lp.double().reshape(-1)).sum()
+    if with_entropy:
+        loss64 = loss64 + (ent64 * g_ent.double().reshape(-1)).sum()
+        torch.testing.assert_close(out[1].cpu().double().reshape(-1), ent64.detach(), rtol=0, atol=2e-5)
+    loss64.backward()
+    assert lp.shape == (b, t)
+    torch.testing.assert_close(lp.cpu().double().reshape(-1), lp64.detach(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(leaves[0].grad.cpu().double(), ref[0].grad, rtol=0, atol=1e-4)
+    torch.testing.assert_close(leaves[1].grad.cpu().double(), ref[1].grad, rtol=0, atol=1e-4)
+    if with_bias:
+        torch.testing.assert_close(bias_d.grad.cpu().double(), bias64.grad, rtol=0, atol=1e-4)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_never_materialises_full_logits():
+    torch.manual_seed(1)
+    n, h, v, chunk = 64, 8, 512, 8
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    tokens = torch.randint(0, v, (n,))
+    with _LargestTensor() as mode:
+        lp, ent = kernels.fused_linear_logprobs(hidden, weight, tokens, with_entropy=True, chunk_size=chunk,
+                                                backend="torch")
+        (lp.sum() + ent.sum()).backward()
+    # weight-sized tensors (V * H) and per-chunk logits (chunk * V) are fine; [N, V] is not
+    assert mode.largest <= max(chunk * v, v * h) < n * v
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_frozen_weight_and_errors():
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(30, 4)  # frozen lm_head (e.g. LoRA training)
+    tokens = torch.randint(0, 30, (5,))
+    kernels.fused_linear_logprobs(hidden, weight, tokens, chunk_size=2).sum().backward()
+    assert hidden.grad is not None and weight.grad is None
+    with pytest.raises(ValueError, match="weight"):
+        kernels.fused_linear_logprobs(hidden, weight.T, tokens)
+    with pytest.raises(ValueError, match="tokens"):
+        kernels.fused_linear_logprobs(hidden, weight, tokens[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        kernels.fused_linear_logprobs(hidden, weight, tokens, temperature=0.0)
