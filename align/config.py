@@ -245,7 +245,7 @@ class RolloutConfig(Section):
     sampler_backend: Literal["auto", "triton", "torch"] = "auto"
     micro_batch_size: int = 64  # sequences generated together
     # Use the rollout's own log-probs as old_logprobs (skips one forward pass). Valid when the rollout runs
-    # the trainer's weights in the trainer's dtype; see docs/guide.md "log-prob agreement".
+    # the trainer's weights in the trainer's dtype; see docs/engine.md "Log-prob agreement".
     use_rollout_logprobs: bool = False
 
     def validate(self) -> None:
