@@ -265,6 +265,8 @@ class CuriosityConfig(Section):
     top_k: int = 1
     lr: float = 1e-5
     score_clip: float = 2.5
+    squared: bool = False  # the paper's squared L2 loss; the released code uses the plain norm
+    whiten_include_padding: bool = False  # the released code lets padding zeros into the whitening statistics
 
     def validate(self) -> None:
         self.check(self.eta >= 0.0, "eta", "must be >= 0")

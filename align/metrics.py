@@ -11,7 +11,7 @@ from align.errors import UserError
 
 
 def __getattr__(name: str) -> Any:
-    # diversity pulls sacrebleu / sentence-transformers: load it only when asked for
+    # diversity pulls nltk / sentence-transformers: load it only when asked for
     if name == "diversity":
         from align.diversity import diversity
 

@@ -1,12 +1,13 @@
 """CD-RLHF on a CPU: the same PPO run with eta = 0 (plain PPO) and eta > 0 (curiosity), several seeds.
 
-The task leaves room for diversity: the prompt asks for three words, and a rule reward pays +1 for each
-"positive" word (15 of them), -1 for a "negative" word (15) and -1 for anything else, averaged over the
-three slots (a completion without exactly three words scores -1). 15^3 completions reach the maximum, so
-a policy can be perfect and still diverse. A tiny character-level Llama (random init) is first fine-tuned
-on uniformly random three-word lists (SFT warm start), then trained with PPO; afterwards N completions
-per evaluation prompt are sampled at temperature 1.0 and scored with the CD-RLHF diversity metrics and the
-reward (PAPERS.md §2 protocol, at toy scale).
+The task leaves room for diversity: the prompt asks for five words, and a rule reward pays +1 for each
+"positive" word (15 of them) and -1 for a "negative" word (15) or anything else, averaged over the five
+slots (a completion without exactly five words scores -1). 15^5 completions reach the maximum, so a policy
+can be perfect and still diverse. The policy is a tiny Llama (random init, 2 layers, hidden 64) over a
+word-level vocabulary (one token per word, so the run is cheap on a CPU), first fine-tuned on uniformly
+random five-word lists (SFT warm start), then trained with PPO. Afterwards N completions per evaluation
+prompt are sampled at temperature 1.0 and scored with the CD-RLHF diversity metrics and the reward
+(PAPERS.md §2 protocol, at toy scale).
 
     python examples/cd_rlhf.py --out runs/cd_rlhf --seeds 0 1 2 --eta 0.1 --steps 40
 
@@ -21,7 +22,6 @@ import math
 import random
 import shutil
 import statistics
-import string
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,14 +30,16 @@ POSITIVE = ("good", "nice", "kind", "warm", "calm", "glad", "fair", "bold", "fun
             "safe", "cool", "neat", "true", "wise")
 NEGATIVE = ("bad", "sad", "cold", "dull", "grim", "weak", "sour", "dark", "poor", "rude",
             "lazy", "slow", "ugly", "mean", "vile")
-PROMPTS = ("three words: ", "say three words: ", "words please: ", "give me words: ",
-           "list three: ", "your words: ", "three more: ", "some words: ")
-ALPHABET = string.ascii_lowercase + " :"
+PROMPTS = ("five words :", "say five words :", "words please :", "give me words :",
+           "list five :", "your words :", "five more :", "some words :")
+N_WORDS = 5
+MAX_NEW_TOKENS = N_WORDS + 3  # one token per word, EOS, and room for a run-on
+SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
 class WordSentimentReward:
-    """TRL-style rule reward: mean over the three word slots of +1 (positive), -1 (negative or unknown);
-    -1 when the completion does not hold exactly three words."""
+    """TRL-style rule reward: mean over the five word slots of +1 (positive), -1 (negative or unknown);
+    -1 when the completion does not hold exactly five words."""
 
     __name__ = "word_sentiment"
 
@@ -45,18 +47,18 @@ class WordSentimentReward:
         out = []
         for text in completions:
             words = text.split()
-            if len(words) != 3:
+            if len(words) != N_WORDS:
                 out.append(-1.0)
                 continue
-            out.append(sum(1.0 if w in POSITIVE else -1.0 for w in words) / 3.0)
+            out.append(sum(1.0 if w in POSITIVE else -1.0 for w in words) / N_WORDS)
         return out
 
 
-def write_data(out_dir: Path, n_sft: int = 3000, n_rl: int = 256, seed: int = 0) -> dict[str, Path]:
+def write_data(out_dir: Path, n_sft: int = 1500, n_rl: int = 256, seed: int = 0) -> dict[str, Path]:
     rng = random.Random(seed)
     vocab = POSITIVE + NEGATIVE
     out_dir.mkdir(parents=True, exist_ok=True)
-    sft = [{"prompt": rng.choice(PROMPTS), "completion": " ".join(rng.choice(vocab) for _ in range(3))}
+    sft = [{"prompt": rng.choice(PROMPTS), "completion": " ".join(rng.choice(vocab) for _ in range(N_WORDS))}
            for _ in range(n_sft)]
     rl = [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(n_rl)]
     paths = {"sft": out_dir / "sft.jsonl", "prompts": out_dir / "prompts.jsonl"}
@@ -65,35 +67,64 @@ def write_data(out_dir: Path, n_sft: int = 3000, n_rl: int = 256, seed: int = 0)
     return paths
 
 
-def warm_start(out: Path, data: dict[str, Path], sft_epochs: int = 3) -> Path:
-    """A tiny random character-level Llama fine-tuned on random three-word lists; returns its directory."""
-    from align.sft import sft
-    from align.testing import make_tiny_model
+def word_tokenizer():
+    """A word-level `PreTrainedTokenizerFast` (one token per whitespace word) over the task's words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(SPECIALS.values()) + list(POSITIVE + NEGATIVE)
+    words += sorted({w for p in PROMPTS for w in p.split()} - set(words))
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=SPECIALS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **SPECIALS)
+
+
+def make_base_model(path: Path, seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) over the word vocabulary, saved like a real checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from align.testing import tiny_config
+
+    tokenizer = word_tokenizer()
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), 64, 2, 4, 64, **ids))
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def warm_start(out: Path, data: dict[str, Path], sft_epochs: int = 2) -> Path:
+    """The tiny word-level Llama fine-tuned on random five-word lists (align.supervised.sft); returns its directory."""
+    from align.supervised import sft
 
     sft_dir = out / "sft-model"
     if (sft_dir / "config.json").is_file():
         return sft_dir
-    base = make_tiny_model(out / "base-model", hidden_size=64, num_layers=2, num_heads=4, seed=0, alphabet=ALPHABET)
+    base = make_base_model(out / "base-model")
     sft({"model": {"path": str(base)}, "data": {"path": str(data["sft"])},
-         "train": {"epochs": sft_epochs, "batch_size": 32, "lr": 3e-3, "seed": 0, "device": "cpu"},
+         "train": {"epochs": sft_epochs, "batch_size": 64, "lr": 3e-3, "seed": 0, "device": "cpu"},
          "output_dir": str(sft_dir), "logging": {"name": "sft", "run_dir": str(out / "sft-log"), "progress": False}})
     return sft_dir
 
 
 def ppo_config(model: Path, prompts: Path, run_dir: Path, seed: int, eta: float, steps: int,
-               prompts_per_step: int, top_k: int = 1) -> dict[str, Any]:
+               prompts_per_step: int, top_k: int = 1, lr: float = 7e-4) -> dict[str, Any]:
     """PPO with a value head and the KL penalty in the reward; curiosity on when eta > 0."""
     curiosity = {"eta": eta, "top_k": top_k, "lr": 1e-4} if eta > 0 else None
     return {
         "algorithm": "ppo",
         "model": {"path": str(model), "critic": "value_head"},
         "data": {"path": str(prompts)},
-        "rollout": {"max_new_tokens": 24, "temperature": 1.0},
+        "rollout": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
         "reward": {"functions": [WordSentimentReward()], "curiosity": curiosity},
-        "algo": {"gamma": 1.0, "lam": 0.95, "kl_coef": 0.05, "kl_in": "reward", "value_clip": 0.2,
-                 "vf_coef": 0.5, "whiten_advantages": True, "epochs": 2},
+        "algo": {"gamma": 1.0, "lam": 0.95, "kl_coef": 0.1, "kl_in": "reward", "value_clip": 0.2,
+                 "vf_coef": 0.5, "whiten_advantages": True, "epochs": 1},
         "train": {"steps": steps, "prompts_per_step": prompts_per_step, "mini_batch_size": prompts_per_step // 2,
-                  "micro_batch_size": prompts_per_step // 2, "lr": 5e-4, "seed": seed, "device": "cpu"},
+                  "micro_batch_size": prompts_per_step // 2, "lr": lr, "seed": seed, "device": "cpu"},
         "logging": {"name": run_dir.name, "run_dir": str(run_dir), "progress": False, "print_every": 0},
         "checkpoint": {"every": 0, "save_final": True},
     }
@@ -106,7 +137,7 @@ def evaluate(policy_dir: Path, n: int, seed: int, sentbert_model: Any = None) ->
 
     model, tokenizer = load_model(policy_dir, "cpu")
     groups = sample_completions(model, tokenizer, list(PROMPTS), n, temperature=1.0, top_p=1.0,
-                                max_new_tokens=24, seed=10_000 + seed)
+                                max_new_tokens=MAX_NEW_TOKENS, seed=10_000 + seed)
     metrics = diversity(groups, sentbert=sentbert_model is not None, sentbert_model=sentbert_model)
     flat = [c for g in groups for c in g]
     scores = WordSentimentReward()([""] * len(flat), flat)
@@ -120,12 +151,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_experiment(out: Path, seeds: Sequence[int], eta: float, steps: int, prompts_per_step: int = 32,
-                   n_samples: int = 10, sentbert: bool = True, sft_epochs: int = 3) -> dict[str, Any]:
+def run_experiment(out: Path, seeds: Sequence[int], eta: float, steps: int, prompts_per_step: int = 16,
+                   n_samples: int = 10, sentbert: bool = True, sft_epochs: int = 2, n_sft: int = 1500) -> dict[str, Any]:
     import align
 
     out = Path(out)
-    data = write_data(out / "data")
+    data = write_data(out / "data", n_sft=n_sft)
     t0 = time.perf_counter()
     model = warm_start(out, data, sft_epochs)
     sft_s = time.perf_counter() - t0
@@ -222,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eta", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--prompts-per-step", type=int, default=32)
+    parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--n", type=int, default=10, help="samples per evaluation prompt")
-    parser.add_argument("--sft-epochs", type=int, default=3)
+    parser.add_argument("--sft-epochs", type=int, default=2)
     parser.add_argument("--no-sentbert", action="store_true")
     parser.add_argument("--docs", default=None, help="copy the plot cd_rlhf.png into this directory")
     args = parser.parse_args(argv)

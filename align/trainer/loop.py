@@ -18,9 +18,9 @@ import torch
 from align import checkpoint as ckpt_io
 from align.config import PPOConfig, as_config
 from align.data import PromptDataset, PromptSampler, columns_of
-from align.errors import UserError
+from align.errors import CheckpointError, UserError
 from align.metrics import MetricsLogger
-from align.models import hidden_size_of, load_models, resolve_device
+from align.models import hidden_size_of, load_models, needs_full_logits, resolve_device
 from align.reward_setup import bind_policy, build_reward
 from align.trainer.forward import chunked, response_forward
 from align.trainer.grpo import GRPOAlgorithm
@@ -118,8 +118,12 @@ class Trainer:
         h = hidden_size_of(policy)
         inter = getattr(policy.config, "intermediate_size", None) or 4 * h
         action = policy.get_input_embeddings().embedding_dim
-        return CuriosityModule(h, action, inter, lr=self.curiosity_cfg.lr, top_k=self.curiosity_cfg.top_k,
-                               eta=self.curiosity_cfg.eta, seed=self.cfg.train.seed, device=self.device)
+        if needs_full_logits(policy):
+            raise UserError("reward.curiosity needs the reference model's hidden states, which this model "
+                            "(logit soft-capping / scaling) does not expose; set reward.curiosity.eta = 0")
+        c = self.curiosity_cfg
+        return CuriosityModule(h, action, inter, lr=c.lr, top_k=c.top_k, eta=c.eta, seed=self.cfg.train.seed,
+                               squared=c.squared, whiten_include_padding=c.whiten_include_padding, device=self.device)
 
     def _make_optimizer(self):
         t = self.cfg.train
@@ -414,6 +418,9 @@ class Trainer:
         if "critic" in state:
             self.models.critic.load_state_dict(state["critic"])
         if self.curiosity is not None:
+            if "curiosity" not in state:
+                raise CheckpointError(f"checkpoint {ckpt} has no curiosity state (it was trained with "
+                                      "reward.curiosity.eta = 0); resume with eta = 0 or start a new run")
             self.curiosity.load_state_dict(state["curiosity"])
         if "reward" in state and hasattr(self.reward, "load_state_dict"):
             self.reward.load_state_dict(state["reward"])

@@ -1,0 +1,185 @@
+"""`align eval-diversity`: sample N completions per prompt from a checkpoint and report the CD-RLHF
+diversity metrics (align/diversity.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from align.diversity import DEFAULT_EAD_VOCAB_SIZE
+from align.errors import UserError
+
+METRIC_NOTES = {
+    "diversity": "higher = more diverse",
+    "ead": "higher = more diverse",
+    "self_bleu": "lower = more diverse",
+    "sentbert": "lower = more diverse",
+    "distinct_1": "higher = more diverse",
+    "distinct_2": "higher = more diverse",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval-diversity",
+        help="sample N completions per prompt from a checkpoint and print diversity metrics",
+        description="Sample N completions per prompt from a model or training checkpoint and print them with "
+                    "the CD-RLHF diversity metrics (Diversity, EAD, SelfBLEU-4, SentBERT, distinct-n).",
+    )
+    p.add_argument("checkpoint", help="a Hugging Face model directory, a checkpoint (RUN/checkpoints/step-N) or a run directory")
+    p.add_argument("--prompts", required=True, help="JSONL file, one object per line with the prompt under --prompt-key")
+    p.add_argument("--prompt-key", default="prompt", help="field holding the prompt: a string or a list of chat messages")
+    p.add_argument("--n", type=int, default=10, help="samples per prompt (>= 2)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-sentbert", action="store_true", help="skip the SentBERT metric (no encoder is loaded)")
+    p.add_argument("--ead-vocab-size", type=int, default=DEFAULT_EAD_VOCAB_SIZE,
+                   help="V in EAD (default: 256000, as the CD-RLHF evaluation)")
+    p.add_argument("--output", default=None, help="write samples and metrics to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="print only the metrics, not the samples")
+    p.set_defaults(func=run)
+
+
+def read_prompts(path: str | Path, key: str, limit: int | None = None) -> list[Any]:
+    """Prompts from a JSONL file; a one-line UserError names the line and the fix when one is malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompts {path}: no such file; give a JSONL file with a {key!r} field per line")
+    prompts: list[Any] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); write one JSON object per line") from None
+        if not isinstance(record, dict) or key not in record:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f"{path}:{lineno}: no {key!r} field (found {found}); set --prompt-key to the prompt's field")
+        value = record[key]
+        if not isinstance(value, (str, list)):
+            raise UserError(f"{path}:{lineno}: {key!r} must be a string or a list of chat messages")
+        prompts.append(value)
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts found")
+    return prompts
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The folder holding the weights: the path itself, its `policy/`, or the latest checkpoint's `policy/`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint or model directory")
+
+    def is_model(p: Path) -> bool:
+        full = (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+        return full or (p / "adapter_config.json").is_file()
+
+    if is_model(path) and not (path / "trainer.pt").is_file():
+        return path
+    if is_model(path / "policy"):
+        return path / "policy"
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        candidate = path / "checkpoints" / latest.read_text().strip() / "policy"
+        if is_model(candidate):
+            return candidate
+    raise UserError(f"{path}: not a model directory (config.json + weights), a checkpoint with policy/, "
+                    "or a run directory with checkpoints/latest")
+
+
+def load_model(model_dir: Path, device: str):
+    """(model, tokenizer) from a full model or a LoRA adapter folder (adapters merged for sampling)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def _prompt_text(prompt: Any, tokenizer) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("a prompt is a list of chat messages but the tokenizer has no chat template; give plain strings")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def sample_completions(model, tokenizer, prompts: list[Any], n: int, temperature: float, top_p: float,
+                       max_new_tokens: int, batch_size: int = 64, seed: int = 0) -> list[list[str]]:
+    """N sampled completions per prompt with the project's rollout engine (the sampler training uses),
+    decoded without special tokens. Sample k of prompt i has sample id i * n + k, so a seed fixes the text."""
+    import torch
+
+    from rollouts import RolloutEngine, SamplingParams
+
+    texts = [_prompt_text(p, tokenizer) for p in prompts]
+    engine = RolloutEngine(model, tokenizer, micro_batch_size=batch_size)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    repeated = [t for t in texts for _ in range(n)]  # prompt-major, as the trainer's batches
+    batch = engine.generate(repeated, params, sample_ids=torch.arange(len(repeated)), generator=generator)
+    return [batch.completions[i * n:(i + 1) * n] for i in range(len(texts))]
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric'.ljust(width)}  {'value':>8}  note", f"{'-' * width}  {'-' * 8}  {'-' * 20}"]
+    lines += [f"{k.ljust(width)}  {v:8.4f}  {METRIC_NOTES.get(k, '')}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from align.diversity import diversity
+
+    if args.n < 2:
+        raise UserError(f"--n {args.n}: diversity needs at least 2 samples per prompt")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature {args.temperature}: must be > 0 (diversity of greedy decoding is trivial)")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be >= 1")
+    prompts = read_prompts(args.prompts, args.prompt_key, args.limit)
+    model_dir = resolve_model_dir(args.checkpoint)
+    model, tokenizer = load_model(model_dir, args.device)
+    t0 = time.perf_counter()
+    samples = sample_completions(model, tokenizer, prompts, args.n, args.temperature, args.top_p,
+                                 args.max_new_tokens, args.batch_size, args.seed)
+    gen_s = time.perf_counter() - t0
+    if not args.quiet:
+        for prompt, group in zip(prompts, samples):
+            print(f"=== prompt: {prompt if isinstance(prompt, str) else json.dumps(prompt)}")
+            for j, text in enumerate(group):
+                print(f"  [{j}] {text}")
+    metrics = diversity(samples, sentbert=not args.no_sentbert, ead_vocab_size=args.ead_vocab_size)
+    print(f"\n{model_dir}: {len(prompts)} prompts x {args.n} samples, temperature {args.temperature}, "
+          f"top_p {args.top_p}, max_new_tokens {args.max_new_tokens} ({gen_s:.1f} s sampling)")
+    print(format_metrics(metrics))
+    if args.output:
+        record = {"checkpoint": str(model_dir), "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                  "max_new_tokens": args.max_new_tokens, "seed": args.seed, "metrics": metrics,
+                  "samples": [{"prompt": p, "completions": g} for p, g in zip(prompts, samples)]}
+        Path(args.output).write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
