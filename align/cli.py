@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from align.errors import UserError
+from rewards.base import RewardInputError
 from tools.registry import UnknownNameError
 
 COMMAND_MODULES = (
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, UnknownNameError, FileNotFoundError) as err:
+    except (UserError, UnknownNameError, FileNotFoundError, RewardInputError) as err:
         print(f"align {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -196,16 +196,10 @@ class LoraConfig(Section):
 
 
 @dataclass
-class UMMConfig(Section):
-    """Image generation by a unified multimodal model (model.kind = umm); the rest comes from the checkpoint."""
-
-    instruction: str = "Describe the image in detail."
-    scorer: Literal["policy", "teacher"] = "policy"
-
-
-@dataclass
 class ModelConfig(Section):
     path: str = ""  # a Hugging Face model name or a local directory
+    # umm: a unified multimodal model whose checkpoint config.json carries an `umm` section (image token ids,
+    # image length, instruction); GRPO then samples image tokens (see docs/experiments/gvu.md)
     kind: Literal["causal_lm", "umm"] = "causal_lm"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     tokenizer_path: str = ""  # default: the model path
@@ -214,7 +208,6 @@ class ModelConfig(Section):
     lora: LoraConfig = field(default_factory=LoraConfig)
     critic: Literal["value_head", "separate"] = "value_head"  # PPO only
     critic_path: str = ""  # separate critic's initial weights (default: the policy path)
-    umm: UMMConfig = field(default_factory=UMMConfig)
 
     def validate(self) -> None:
         self.check(bool(self.path), "path", "set model.path to a Hugging Face model name or a local checkpoint directory")
@@ -242,6 +235,8 @@ class RolloutConfig(Section):
     top_p: float = 1.0
     min_p: float = 0.0
     stop: list[str] = field(default_factory=list)
+    min_new_tokens: int = 0  # stop tokens (EOS) are suppressed before this many tokens
+    ignore_eos: bool = False
     sampler_backend: Literal["auto", "triton", "torch"] = "auto"
     micro_batch_size: int = 64  # sequences generated together
     # Use the rollout's own log-probs as old_logprobs (skips one forward pass). Valid when the rollout runs
@@ -255,6 +250,7 @@ class RolloutConfig(Section):
         self.check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1] (1 disables top-p)")
         self.check(0.0 <= self.min_p < 1.0, "min_p", "must be in [0, 1) (0 disables min-p)")
         self.check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        self.check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]")
 
 
 @dataclass

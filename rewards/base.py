@@ -6,6 +6,7 @@ rewards, an `info` dict and an explicit error per sample. The trainer only ever 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ class RewardOutput:
         return len(self.scores)
 
 
+class RewardInputError(ValueError):
+    """The reward asks for something the data does not have (e.g. a missing dataset column): a user's fix."""
+
+
 class RewardFunction(ABC):
     """Base class for batched rewards. Subclasses implement `score`; `__call__` is TRL-compatible."""
 
@@ -76,10 +81,25 @@ class CallableReward(RewardFunction):
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
 
     def score(self, prompts, completions, **columns) -> RewardOutput:
+        self._check_arguments(columns)
         values = list(self.fn(prompts=list(prompts), completions=list(completions), **columns))
         if len(values) != len(completions):
             raise ValueError(f"reward {self.name!r} returned {len(values)} scores for {len(completions)} completions")
         return RewardOutput(scores=[None if v is None else float(v) for v in values])
+
+
+    def _check_arguments(self, columns: dict[str, Any]) -> None:
+        """A missing dataset column is the user's to fix: say which one, before calling."""
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):  # builtins / C callables: nothing to check
+            return
+        try:
+            signature.bind(prompts=None, completions=None, **{k: None for k in columns})
+        except TypeError as err:
+            raise RewardInputError(f"reward {self.name!r} cannot be called with the data's columns "
+                                   f"({', '.join(sorted(columns)) or 'none'}): {err}; add the column to the dataset "
+                                   "or give the function a default / **kwargs") from None
 
 
 def as_reward_function(obj: Any, name: str | None = None) -> RewardFunction:

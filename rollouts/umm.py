@@ -58,9 +58,10 @@ def umm_layout(model_or_config_or_path: Any) -> dict:
     return dict(layout)
 
 
-def umm_generation_spec(model_or_config_or_path: Any) -> dict:
+def umm_generation_spec(model_or_config_or_path: Any, tokenizer: Any = None) -> dict:
     """What a text rollout engine needs to sample exactly one image per prompt:
-    allowed_token_ids, num_image_tokens, min_new_tokens = max_new_tokens = K, stop_token_ids = [], prompt_suffix."""
+    allowed_token_ids, num_image_tokens, min_new_tokens = max_new_tokens = K, stop_token_ids = [], prompt_suffix.
+    (`tokenizer` is accepted for symmetry with other spec readers; the ids come from the checkpoint's config.)"""
     layout = umm_layout(model_or_config_or_path)
     k = int(layout["num_image_tokens"])
     return {

@@ -15,6 +15,10 @@ import kernels
 from align.models import decoder_and_head, needs_full_logits
 
 
+# Below this many logits (4M, 16 MB in fp32) the full [N, V] matrix is cheaper than chunking.
+SMALL_LOGITS = 1 << 22
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[N, L] -> [N, L]: 0, 1, 2, ... over real tokens (left padding gets 0), as Hugging Face generate does."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -47,9 +51,14 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         out = kernels.token_logprobs(logits[:, start - 1:length - 1], tokens, with_entropy=with_entropy)
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-        h = hidden[:, start - 1:length - 1]
-        out = kernels.fused_linear_logprobs(h.reshape(n * response_len, -1), head.weight, tokens.reshape(-1),
-                                            bias=head.bias, with_entropy=with_entropy)
+        h = hidden[:, start - 1:length - 1].reshape(n * response_len, -1)
+        if n * response_len * head.weight.shape[0] <= SMALL_LOGITS:
+            # small vocab x tokens: one matmul beats the chunked path's recompute, and memory is no issue
+            logits = torch.nn.functional.linear(h, head.weight, head.bias)
+            out = kernels.token_logprobs(logits, tokens.reshape(-1), with_entropy=with_entropy)
+        else:
+            out = kernels.fused_linear_logprobs(h, head.weight, tokens.reshape(-1), bias=head.bias,
+                                                with_entropy=with_entropy)
     logp, ent = out if with_entropy else (out, None)
     logp = logp.reshape(n, response_len)
     ent = ent.reshape(n, response_len) if ent is not None else None

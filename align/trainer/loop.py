@@ -81,13 +81,13 @@ class Trainer:
     def _sampling_params(self) -> SamplingParams:
         r = self.cfg.rollout
         stop_ids = [i for s in r.stop for i in [self._single_token(s)] if i is not None]
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"min_new_tokens": r.min_new_tokens, "ignore_eos": r.ignore_eos}
         if self.cfg.model.kind == "umm":
             from rollouts.umm import umm_generation_spec
 
             spec = umm_generation_spec(self.cfg.model.path, self.tokenizer)
-            extra = dict(allowed_token_ids=spec["allowed_token_ids"], min_new_tokens=spec["num_image_tokens"],
-                         ignore_eos=True)
+            extra |= dict(allowed_token_ids=spec["allowed_token_ids"], min_new_tokens=spec["num_image_tokens"],
+                          ignore_eos=True)
             r_max = spec["num_image_tokens"]
         else:
             r_max = r.max_new_tokens
