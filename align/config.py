@@ -300,54 +300,62 @@ class RewardConfig(Section):
             self.check(self.clip > 0, "clip", "must be > 0 (or null to disable)")
 
 
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3", "abs", "low_var_kl"]
+
+
 @dataclass
-class PPOAlgoConfig(Section):
-    gamma: float = 1.0
-    lam: float = 0.95
+class _PolicyOptimConfig(Section):
+    """What PPO and GRPO share: the clipped surrogate, its aggregation, KL and entropy terms, epochs."""
+
     clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_high: float = 0.2  # > clip_low = DAPO's clip-higher
     dual_clip: Union[float, None] = None
-    value_clip: Union[float, None] = 0.2
-    vf_coef: float = 0.1
     entropy_coef: float = 0.0
-    kl_coef: float = 0.05
-    kl_target: Union[float, None] = None  # set to use the adaptive KL controller
-    kl_horizon: int = 10000
-    kl_in: Literal["reward", "loss"] = "reward"
-    kl_estimator: Literal["k1", "k2", "k3", "abs", "low_var_kl"] = "k1"
-    whiten_advantages: bool = True
     epochs: int = 1
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
-    score_clip: Union[float, None] = None
+    loss_agg: LossAgg = "token-mean"
 
     def validate(self) -> None:
-        self.check(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
-        self.check(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
         self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
         self.check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
         if self.dual_clip is not None:
             self.check(self.dual_clip > 1.0, "dual_clip", "must be > 1 (or null)")
         self.check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
         self.check(self.epochs >= 1, "epochs", "must be >= 1")
+
+
+@dataclass
+class PPOAlgoConfig(_PolicyOptimConfig):
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: Union[float, None] = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_target: Union[float, None] = None  # set to use the adaptive KL controller
+    kl_horizon: int = 10000
+    kl_in: Literal["reward", "loss"] = "reward"
+    kl_estimator: KLEstimator = "k1"
+    whiten_advantages: bool = True
+    score_clip: Union[float, None] = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.check(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
+        self.check(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
         self.check(self.vf_coef >= 0.0, "vf_coef", "must be >= 0")
 
 
 @dataclass
-class GRPOAlgoConfig(Section):
+class GRPOAlgoConfig(_PolicyOptimConfig):
     group_size: int = 4
     advantage: str = "grpo"  # a registered estimator: grpo, dr_grpo, rloo, reinforce_pp, or a plug-in
     scale: Literal["group", "batch", "none"] = "group"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Union[float, None] = None
     kl_coef: float = 0.0  # beta; 0 = no reference model pass
-    kl_estimator: Literal["k1", "k2", "k3", "abs", "low_var_kl"] = "k3"
-    entropy_coef: float = 0.0
-    epochs: int = 1
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    kl_estimator: KLEstimator = "k3"
     filter_zero_variance: bool = False  # drop groups whose scores are all equal (they carry no signal)
 
     def validate(self) -> None:
+        super().validate()
         self.check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per prompt (set algo.group_size >= 2)")
         from align.registry import ADVANTAGES, UnknownNameError
 
@@ -355,12 +363,6 @@ class GRPOAlgoConfig(Section):
             ADVANTAGES.resolve(self.advantage)
         except UnknownNameError as err:
             raise ConfigError(f"advantage = {self.advantage!r}: {err}") from None
-        self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
-        self.check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
-        if self.dual_clip is not None:
-            self.check(self.dual_clip > 1.0, "dual_clip", "must be > 1 (or null)")
-        self.check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
-        self.check(self.epochs >= 1, "epochs", "must be >= 1")
 
 
 @dataclass
