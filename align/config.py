@@ -402,10 +402,12 @@ class ClusterConfig(Section):
     max_restarts: int = 2
     max_task_retries: int = 2
     pipeline: bool = True  # score shard k while generating shard k+1
+    score_timeout_s: float = 600.0  # a reward worker taking longer is replaced; its samples get explicit errors
 
     def validate(self) -> None:
         self.check(self.num_rollout_workers >= 1, "num_rollout_workers", "must be >= 1")
         self.check(self.num_reward_workers >= 1, "num_reward_workers", "must be >= 1")
+        self.check(self.score_timeout_s > 0, "score_timeout_s", "must be > 0")
 
 
 @dataclass

@@ -3,5 +3,6 @@ and the Ray rollout actor."""
 from rollouts.batch import RolloutBatch
 from rollouts.engine import RolloutEngine
 from rollouts.params import SamplingParams
+from rollouts.worker import RolloutWorker
 
-__all__ = ["RolloutBatch", "RolloutEngine", "SamplingParams"]
+__all__ = ["RolloutBatch", "RolloutEngine", "RolloutWorker", "SamplingParams"]

@@ -172,6 +172,7 @@ class Trainer:
         metrics |= timed("update", self.phase_update, step)
         metrics |= timed("sync", self.phase_sync)
         metrics |= timings
+        metrics |= {f"backend/{k}": float(v) for k, v in getattr(self.backend, "stats", {}).items()}
         metrics["time/step"] = sum(timings.values())
         metrics["rollout/tokens_per_s"] = metrics["rollout/tokens"] / max(timings["time/generate"], 1e-9)
         return metrics
