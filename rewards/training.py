@@ -1,0 +1,570 @@
+"""Reward-model training and evaluation: pairwise Bradley-Terry for classifier RMs, the released Themis loss
+(lm_coef * LM + rm_coef * BT) for tool-augmented RMs; pairwise accuracy per tool group.
+
+`train_reward_model(RMTrainConfig)` and `evaluate_reward_model(config_or_checkpoint, sources)` back the
+`align train-rm` / `align eval-rm` commands. Data sources (lists of strings):
+  "tara:calendar,weather[:test]"  TARA groups (train split for training, test split for evaluation)
+  "path/to/pairs.jsonl"           JSON Lines: prompt / chosen / rejected [/ group]  or TARA-format lines
+  "hf:NAME[:SPLIT]"               a Hugging Face dataset with prompt / chosen / rejected columns
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rewards.tara import (TOOL_FAILED_OBSERVATION, TaraItem, load_tara, load_tara_file, parse_item, render_item,
+                          render_plain)
+
+MODEL_KINDS = ("classifier", "themis")
+OBSERVATION_MODES = ("none", "tools", "gold")
+
+
+# ----- configs ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RMModelConfig:
+    kind: str = "classifier"          # classifier | themis
+    path: str = ""                    # HF checkpoint (local dir or hub name); themis: a causal LM or a Themis dir
+    head: str = "auto"                # classifier: auto | sequence_classification | value_head
+    template: str = "{prompt}\n{completion}"  # classifier text for prompt/chosen/rejected pairs
+    max_length: int = 512
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind={self.kind!r}: choose 'classifier' or 'themis'")
+        if not self.path:
+            raise ValueError("model.path is required: a Hugging Face model name or a local checkpoint directory")
+        if self.head not in ("auto", "sequence_classification", "value_head"):
+            raise ValueError(f"model.head={self.head!r}: choose auto, sequence_classification or value_head")
+        if self.max_length < 16:
+            raise ValueError(f"model.max_length={self.max_length} is too small; use >= 16")
+
+
+@dataclass
+class RMDataConfig:
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    observations: str = "none"        # classifier on TARA: none (question + answer) | tools (run the tools) | gold
+    limit: int | None = None          # at most this many pairs per source (quick runs)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.eval, str):
+            self.eval = [self.eval]
+        if self.observations not in OBSERVATION_MODES:
+            raise ValueError(f"data.observations={self.observations!r}: choose none, tools or gold")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("data.limit must be >= 1 (or null for all)")
+
+
+@dataclass
+class RMOptimConfig:
+    epochs: float = 1.0
+    batch_size: int = 8               # pairs per step
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_steps: int | None = None
+    eval_batch_size: int = 32
+    log_every: int = 10
+    threads: int | None = None        # torch.set_num_threads
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("train.epochs and train.lr must be > 0 and train.batch_size >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: use a value in [0, 1)")
+        if self.grad_clip <= 0:
+            raise ValueError("train.grad_clip must be > 0")
+
+
+@dataclass
+class ThemisTrainConfig:
+    """Released defaults: loss = 1.0 * LM + 0.5 * BT, beta = omega = 1, positives supervise the answer."""
+
+    lm_coef: float = 1.0
+    rm_coef: float = 0.5
+    beta: float = 1.0                 # 0: mask observation text (keep <start_observation>)
+    omega: float = 1.0                # 0: drop the rationale from the sequence
+    positive_answer_lm: bool = True
+    observation_dropout: float = 0.0  # the paper uses 0.01
+    max_rounds: int = 3
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if self.lm_coef < 0 or self.rm_coef < 0 or self.beta < 0 or self.omega < 0:
+            raise ValueError("themis.lm_coef, rm_coef, beta and omega must be >= 0")
+        if not 0 <= self.observation_dropout < 1:
+            raise ValueError("themis.observation_dropout must be in [0, 1)")
+
+
+@dataclass
+class RMTrainConfig:
+    model: RMModelConfig
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    train: RMOptimConfig = field(default_factory=RMOptimConfig)
+    themis: ThemisTrainConfig = field(default_factory=ThemisTrainConfig)
+    output_dir: str = "runs/rm"
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", RMModelConfig), ("data", RMDataConfig), ("train", RMOptimConfig), ("themis", ThemisTrainConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build(cls, value, name))
+        if self.model.kind == "classifier" and not self.data.train and not self.data.eval:
+            raise ValueError("data.train (or data.eval) is empty: list JSONL files, 'tara:GROUP,...' or 'hf:NAME'")
+        if self.model.kind == "themis" and self.data.observations != "none":
+            raise ValueError("data.observations applies to classifier RMs; Themis calls its tools itself")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RMTrainConfig":
+        if "model" not in d:
+            raise ValueError("RM config: the 'model' section (kind, path) is required")
+        return _build(cls, d, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in names:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown key {(where + '.' if where else '') + key!r}{hint} (known: {', '.join(sorted(names))})")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    return cls(**{k: _coerce(v, types[k], f"{where}.{k}" if where else k) for k, v in d.items()})
+
+
+def _coerce(value: Any, type_name: str, key: str) -> Any:
+    """YAML reads '3e-4' as a string and users write numbers in quotes: convert numeric / bool fields."""
+    base = type_name.split("|")[0].strip()
+    if value is None or isinstance(value, bool) or base not in ("float", "int", "bool"):
+        return value
+    try:
+        if base == "float" and isinstance(value, (int, str)):
+            return float(value)
+        if base == "int" and isinstance(value, str):
+            return int(value)
+        if base == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not a valid {base}") from None
+    return value
+
+
+def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """['train.lr=1e-5', 'data.train=[a.jsonl]'] -> d updated in place (values parsed as YAML)."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return d
+
+
+def load_rm_config(path: str | Path, overrides: Sequence[str] = ()) -> RMTrainConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"RM config {path} not found")
+    d = yaml.safe_load(path.read_text()) or {}
+    return RMTrainConfig.from_dict(apply_overrides(d, overrides))
+
+
+# ----- data ------------------------------------------------------------------------------------------------
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    group: str = "all"
+    context: str | None = None
+    item: TaraItem | None = None      # TARA pairs keep their item (traces, rationales, test_list)
+
+
+def _pair_from_record(rec: dict[str, Any], default_group: str) -> PreferencePair:
+    if "pos_answer" in rec:
+        item = parse_item(rec, rec.get("group", default_group))
+        return PreferencePair(item.question, item.pos.answer, item.neg.answer, item.group, item.context, item)
+    prompt = rec.get("prompt", rec.get("question"))
+    if prompt is None or "chosen" not in rec or "rejected" not in rec:
+        raise ValueError(f"a preference record needs prompt (or question), chosen and rejected; got keys {sorted(rec)}")
+    return PreferencePair(str(prompt), str(rec["chosen"]), str(rec["rejected"]), str(rec.get("group", rec.get("tool", default_group))),
+                          rec.get("context"))
+
+
+def load_pairs(source: str, split: str, limit: int | None = None) -> list[PreferencePair]:
+    """One data source (see the module docstring) -> preference pairs."""
+    if source.startswith("tara:"):
+        spec = source[len("tara:"):]
+        groups, _, sp = spec.partition(":")
+        items = load_tara([g.strip() for g in groups.split(",") if g.strip()], sp or split, limit)
+        return [PreferencePair(it.question, it.pos.answer, it.neg.answer, it.group, it.context, it) for it in items]
+    if source.startswith("hf:"):
+        import datasets
+
+        name, _, sp = source[len("hf:"):].partition(":")
+        ds = datasets.load_dataset(name, split=sp or "train")
+        rows = ds.select(range(min(limit, len(ds)))) if limit else ds
+        return [_pair_from_record(dict(r), name) for r in rows]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data source {source!r} not found; give a JSONL file, 'tara:GROUP' or 'hf:NAME'")
+    first = path.open().readline()
+    if first.strip() and "pos_answer" in first:
+        items = load_tara_file(path, limit=limit)
+        return [PreferencePair(it.question, it.pos.answer, it.neg.answer, it.group, it.context, it) for it in items]
+    pairs = []
+    with path.open() as fh:
+        for line in fh:
+            if line.strip():
+                pairs.append(_pair_from_record(json.loads(line), path.stem))
+                if limit is not None and len(pairs) >= limit:
+                    break
+    return pairs
+
+
+def load_sources(sources: Sequence[str], split: str, limit: int | None = None) -> list[PreferencePair]:
+    pairs: list[PreferencePair] = []
+    for s in sources:
+        pairs.extend(load_pairs(s, split, limit))
+    return pairs
+
+
+class ToolObserver:
+    """Runs a TARA step's tool through the `tools` package (cached by action and input).
+
+    A tool that reports failure gives the paper's failure observation; a tool that raises is a crash and
+    propagates (never a silent observation).
+    """
+
+    def __init__(self, getter: Callable[[str], Callable] | None = None):
+        self._getter = getter
+        self.cache: dict[tuple[str, str], str] = {}
+        self.failures = 0
+
+    def _get(self, name: str):
+        if self._getter is not None:
+            return self._getter(name)
+        import tools
+
+        return tools.get_tool(name)
+
+    def __call__(self, action: str, tool_input: str, context: dict[str, Any]) -> str:
+        key = (action, tool_input)
+        if key not in self.cache or action == "code_run":  # code_run depends on the answer in the context
+            result = self._get(action)(tool_input, context=context)
+            if not result.ok:
+                self.failures += 1
+            self.cache[key] = str(result.output) if result.ok else TOOL_FAILED_OBSERVATION
+        return self.cache[key]
+
+
+def classifier_text(pair: PreferencePair, side: str, template: str, observations: str, observer: ToolObserver | None) -> str:
+    """The text a classifier RM reads for one side of a pair.
+
+    TARA pairs: "[Context: c\\n]Question: q\\nAnswer: a" (the released plain RM input), followed, when
+    observations != none, by the tool steps "Action: ..\\nAction Input: ..\\nObservation: .." with
+    observations from the tools (or the gold ones). Other pairs: template.format(prompt, completion).
+    """
+    completion = pair.chosen if side == "pos" else pair.rejected
+    if pair.item is None:
+        return template.format(prompt=pair.prompt, completion=completion)
+    text = render_plain(pair.prompt, completion, pair.context)
+    if observations == "none":
+        return text
+    ans = pair.item.pos if side == "pos" else pair.item.neg
+    ctx = pair.item.as_context(side)
+    for step in ans.steps:
+        obs = step.observation if observations == "gold" else observer(step.action, step.action_input, ctx)
+        text += f"\nAction: {step.action}\nAction Input: {step.action_input}\nObservation: {obs}"
+    return text
+
+
+# ----- training --------------------------------------------------------------------------------------------
+
+@dataclass
+class RMTrainResult:
+    output_dir: str
+    steps: int
+    train_seconds: float
+    metrics: dict[str, Any]
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """mean(-log sigmoid(r_w - r_l)) over [B] pairs (Bradley-Terry / InstructGPT RM loss)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pairwise_accuracy(r_chosen: Sequence[float], r_rejected: Sequence[float]) -> float:
+    """Fraction of pairs with r(pos) > r(neg) (ties count as wrong)."""
+    if not len(r_chosen):
+        return float("nan")
+    return sum(float(a) > float(b) for a, b in zip(r_chosen, r_rejected)) / len(r_chosen)
+
+
+def _schedule(optimizer, total_steps: int, warmup_ratio: float):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, max(0, round(warmup_ratio * total_steps)), max(1, total_steps))
+
+
+def _optimizer(params, cfg: RMOptimConfig):
+    decay, no_decay = [], []
+    for name, p in params:
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite RM loss at step {step}; lower train.lr or check the data (NaN never reaches the optimizer)")
+
+
+def train_reward_model(cfg: RMTrainConfig, log: Callable[[str], None] = print) -> RMTrainResult:
+    """Train the RM the config describes, save it to cfg.output_dir, evaluate on data.eval; returns metrics."""
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: nothing to train on")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rm_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    pairs = load_sources(cfg.data.train, "train", cfg.data.limit)
+    if not pairs:
+        raise ValueError(f"data.train {cfg.data.train} holds no pairs")
+    t0 = time.perf_counter()
+    if cfg.model.kind == "classifier":
+        steps, history = _train_classifier(cfg, pairs, out, log)
+    else:
+        steps, history = _train_themis(cfg, pairs, out, log)
+    seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"train/steps": steps, "train/seconds": seconds, "train/pairs": len(pairs)}
+    if history:
+        metrics.update({f"train/final_{k}": v for k, v in history[-1].items() if k != "step"})
+    if cfg.data.eval:
+        ev = evaluate_reward_model(str(out), cfg.data.eval, cfg=cfg)
+        metrics.update({f"eval/{k}": v for k, v in ev.items()})
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return RMTrainResult(str(out), steps, seconds, metrics)
+
+
+def _batches(n: int, batch_size: int, epochs: float, seed: int, max_steps: int | None) -> list[list[int]]:
+    rng = random.Random(seed)
+    total = max(1, math.ceil(epochs * math.ceil(n / batch_size)))
+    if max_steps is not None:
+        total = min(total, max_steps)
+    batches: list[list[int]] = []
+    while len(batches) < total:
+        order = list(range(n))
+        rng.shuffle(order)
+        batches.extend(order[i:i + batch_size] for i in range(0, n, batch_size))
+    return batches[:total]
+
+
+def _write_metrics(fh, record: dict[str, Any]) -> None:
+    fh.write(json.dumps(record) + "\n")
+    fh.flush()
+
+
+def _train_classifier(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
+    from rewards.classifier import ClassifierRewardModel
+
+    rm = ClassifierRewardModel(cfg.model.path, head=cfg.model.head, template=cfg.model.template,
+                               max_length=cfg.model.max_length, batch_size=cfg.train.eval_batch_size, dtype=cfg.model.dtype)
+    observer = ToolObserver() if cfg.data.observations == "tools" else None
+    texts = [(classifier_text(p, "pos", cfg.model.template, cfg.data.observations, observer),
+              classifier_text(p, "neg", cfg.model.template, cfg.data.observations, observer)) for p in pairs]
+    model = rm.model
+    model.train()
+    batches = _batches(len(texts), cfg.train.batch_size, cfg.train.epochs, cfg.train.seed, cfg.train.max_steps)
+    opt = _optimizer(model.named_parameters(), cfg.train)
+    sched = _schedule(opt, len(batches), cfg.train.warmup_ratio)
+    history: list[dict] = []
+    with (out / "metrics.jsonl").open("w") as fh:
+        for step, idx in enumerate(_progress(batches, "train-rm"), start=1):
+            enc = rm.encode([texts[i][0] for i in idx] + [texts[i][1] for i in idx])
+            r = rm.forward_scores(**enc).float()
+            b = len(idx)
+            loss = bradley_terry_loss(r[:b], r[b:])
+            _check_finite(loss, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            rec = {"step": step, "loss": float(loss.detach()), "pair_acc": float((r[:b] > r[b:]).float().mean()),
+                   "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0]}
+            history.append(rec)
+            _write_metrics(fh, rec)
+            if step % cfg.train.log_every == 0:
+                log(f"step {step}/{len(batches)} loss {rec['loss']:.4f} acc {rec['pair_acc']:.3f}")
+    model.eval()
+    rm.save_pretrained(out)
+    return len(batches), history
+
+
+def _train_themis(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
+    from rewards.themis import ThemisLossOptions, create_themis, encode_themis, load_themis, pad_left, save_themis, themis_loss
+
+    if any(p.item is None for p in pairs):
+        raise ValueError("Themis training needs TARA-format data (pos_answer / neg_answer with actions and score_agent)")
+    src = Path(cfg.model.path)
+    model, tok = load_themis(src) if (src / "v_head.safetensors").is_file() else create_themis(cfg.model.path, cfg.model.dtype)
+    t = cfg.themis
+    opts = ThemisLossOptions(t.positive_answer_lm, t.beta, t.omega, t.observation_dropout)
+    rng = random.Random(cfg.train.seed)
+    include_rationale = t.omega > 0
+    segs = [(render_item(p.item, "pos", include_rationale), render_item(p.item, "neg", include_rationale)) for p in pairs]
+    batches = _batches(len(segs), cfg.train.batch_size, cfg.train.epochs, cfg.train.seed, cfg.train.max_steps)
+    opt = _optimizer(model.named_parameters(), cfg.train)
+    sched = _schedule(opt, len(batches), cfg.train.warmup_ratio)
+    model.train()
+    history: list[dict] = []
+    with (out / "metrics.jsonl").open("w") as fh:
+        for step, idx in enumerate(_progress(batches, "train-rm (themis)"), start=1):
+            rows = [encode_themis(tok, segs[i][0], True, opts, rng, cfg.model.max_length) for i in idx]
+            rows += [encode_themis(tok, segs[i][1], False, opts, rng, cfg.model.max_length) for i in idx]
+            ids = pad_left([r[0] for r in rows], tok.pad_token_id)
+            weights = pad_left([r[1] for r in rows], 0.0, dtype=torch.float32)
+            mask = pad_left([[1] * len(r[0]) for r in rows], 0)
+            logits, rewards = model(ids, mask)
+            loss, parts = themis_loss(logits, ids, weights, rewards, t.lm_coef, t.rm_coef)
+            _check_finite(loss, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            rec = {"step": step, "loss": float(loss.detach()), **parts, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0]}
+            history.append(rec)
+            _write_metrics(fh, rec)
+            if step % cfg.train.log_every == 0:
+                log(f"step {step}/{len(batches)} loss {rec['loss']:.4f} lm {parts['lm_loss']:.3f} rm {parts['rm_loss']:.3f}")
+    model.eval()
+    save_themis(model, tok, out, max_rounds=t.max_rounds, max_new_tokens=t.max_new_tokens, max_length=cfg.model.max_length)
+    return len(batches), history
+
+
+def _progress(items, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, leave=False, mininterval=5.0)
+    except ImportError:  # pragma: no cover
+        return items
+
+
+# ----- evaluation ------------------------------------------------------------------------------------------
+
+def _checkpoint_kind(path: Path) -> str:
+    if (path / "themis.json").is_file() or (path / "v_head.safetensors").is_file():
+        return "themis"
+    return "classifier"
+
+
+def evaluate_reward_model(model: str | Path | RMTrainConfig, sources: Sequence[str], cfg: RMTrainConfig | None = None,
+                          limit: int | None = None, tools: Any = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Pairwise accuracy (r(pos) > r(neg)) overall and per group on the test split of `sources`.
+
+    model: a checkpoint directory (classifier or Themis, detected), or an RMTrainConfig (its output_dir).
+    Classifier RMs on TARA read the same input form they were trained on (data.observations from cfg or the
+    checkpoint's rm_config.json); Themis runs its full trace loop with real tool calls.
+    """
+    if isinstance(model, RMTrainConfig):
+        cfg, model = model, model.output_dir
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"reward model checkpoint {path} not found; train one with `align train-rm CONFIG`")
+    if cfg is None and (path / "rm_config.json").is_file():
+        cfg = RMTrainConfig.from_dict(json.loads((path / "rm_config.json").read_text()))
+    pairs = load_sources(sources, "test", limit)
+    if not pairs:
+        raise ValueError(f"evaluation sources {list(sources)} hold no pairs")
+    t0 = time.perf_counter()
+    if _checkpoint_kind(path) == "themis":
+        from rewards.themis import ThemisRewardModel
+
+        meta = json.loads((path / "themis.json").read_text()) if (path / "themis.json").is_file() else {}
+        bs = cfg.train.eval_batch_size if cfg else 8
+        rm = ThemisRewardModel(str(path), tools=tools, max_rounds=meta.get("max_rounds", 3),
+                               max_new_tokens=meta.get("max_new_tokens", 128), max_length=meta.get("max_length", 1024), batch_size=bs)
+        prompts = [p.prompt for p in pairs] * 2
+        completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        columns: dict[str, list] = {"context": [p.context for p in pairs] * 2}
+        if any(p.item is not None and p.item.test_list for p in pairs):
+            columns["test_list"] = [list(p.item.test_list or []) if p.item else [] for p in pairs] * 2
+        columns["id"] = [p.item.id if p.item else str(i) for i, p in enumerate(pairs)] * 2
+        res = rm.score(prompts, completions, **columns)
+        if any(s is None for s in res.scores):
+            bad = next(e for e in res.errors if e)
+            raise RuntimeError(f"Themis produced no score for some samples: {bad}")
+        n = len(pairs)
+        pos, neg = res.scores[:n], res.scores[n:]
+    else:
+        from rewards.classifier import ClassifierRewardModel
+
+        rm = ClassifierRewardModel.from_pretrained(path, batch_size=cfg.train.eval_batch_size if cfg else 32)
+        observations = cfg.data.observations if cfg else "none"
+        observer = ToolObserver(tools) if observations == "tools" else None
+        pos = rm.score_texts([classifier_text(p, "pos", rm.template, observations, observer) for p in pairs])
+        neg = rm.score_texts([classifier_text(p, "neg", rm.template, observations, observer) for p in pairs])
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.group, []).append(i)
+    result: dict[str, Any] = {"pairwise_accuracy": pairwise_accuracy(pos, neg), "n": len(pairs),
+                              "seconds": time.perf_counter() - t0}
+    for g, idx in sorted(groups.items()):
+        result[f"accuracy/{g}"] = pairwise_accuracy([pos[i] for i in idx], [neg[i] for i in idx])
+        result[f"n/{g}"] = len(idx)
+    if log:
+        log(format_accuracy_table(result))
+    return result
+
+
+def format_accuracy_table(result: dict[str, Any]) -> str:
+    lines = [f"{'group':<14} {'pairs':>6} {'accuracy':>9}"]
+    for key, value in result.items():
+        if key.startswith("accuracy/"):
+            g = key.split("/", 1)[1]
+            lines.append(f"{g:<14} {result[f'n/{g}']:>6} {100 * value:>8.2f}%")
+    lines.append(f"{'all':<14} {result['n']:>6} {100 * result['pairwise_accuracy']:>8.2f}%")
+    return "\n".join(lines)
+
+
+__all__ = ["RMTrainConfig", "RMModelConfig", "RMDataConfig", "RMOptimConfig", "ThemisTrainConfig", "RMTrainResult",
+           "PreferencePair", "ToolObserver", "train_reward_model", "evaluate_reward_model", "load_rm_config",
+           "apply_overrides", "load_pairs", "load_sources", "classifier_text", "bradley_terry_loss",
+           "pairwise_accuracy", "format_accuracy_table"]

@@ -1,0 +1,173 @@
+"""Reward-model training / evaluation: Bradley-Terry, configs, a classifier and a Themis run on tiny models."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewards.tara import tara_dir
+from rewards.training import (RMTrainConfig, apply_overrides, bradley_terry_loss, evaluate_reward_model,
+                              load_rm_config, pairwise_accuracy, train_reward_model)
+
+from _tiny import cached
+
+REPO = Path(__file__).resolve().parents[2]
+needs_tara = pytest.mark.skipif(not (tara_dir() / "agent_calendar_test.json").is_file(),
+                                reason=f"TARA data not found at {tara_dir()} (set ALIGN_TARA_DIR)")
+
+
+def test_bradley_terry_loss_matches_float64_formula():
+    a = torch.tensor([0.3, -1.2, 2.0, 0.0])
+    b = torch.tensor([0.1, 0.5, -3.0, 0.0])
+    ref = sum(math.log1p(math.exp(-(x - y))) for x, y in zip(a.tolist(), b.tolist())) / 4
+    assert float(bradley_terry_loss(a, b)) == pytest.approx(ref, rel=1e-6)
+
+
+def test_pairwise_accuracy_counts_ties_as_wrong():
+    assert pairwise_accuracy([1.0, 2.0, 3.0, 0.5], [0.0, 2.0, 4.0, 0.4]) == 0.5
+    assert math.isnan(pairwise_accuracy([], []))
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="model.kind='ppo'"):
+        RMTrainConfig.from_dict({"model": {"kind": "ppo", "path": "x"}, "data": {"train": ["a.jsonl"]}})
+    with pytest.raises(ValueError, match="unknown key 'train.epoch'.*did you mean 'epochs'"):
+        RMTrainConfig.from_dict({"model": {"path": "x"}, "data": {"train": ["a.jsonl"]}, "train": {"epoch": 1}})
+    with pytest.raises(ValueError, match="model.path is required"):
+        RMTrainConfig.from_dict({"model": {"kind": "classifier"}, "data": {"train": ["a"]}})
+    with pytest.raises(ValueError, match="data.observations"):
+        RMTrainConfig.from_dict({"model": {"kind": "themis", "path": "x"}, "data": {"train": ["a"], "observations": "tools"}})
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        RMTrainConfig.from_dict({"model": {"path": "x"}, "data": {"train": ["a"]}, "train": {"warmup_ratio": 1.5}})
+    d = apply_overrides({"model": {"path": "x"}}, ["train.lr=3e-4", "data.train=[a.jsonl, b.jsonl]", "themis.beta=0"])
+    cfg = RMTrainConfig.from_dict(d)
+    assert cfg.train.lr == 3e-4 and cfg.data.train == ["a.jsonl", "b.jsonl"] and cfg.themis.beta == 0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "configs").glob("rm_*.yaml")), ids=lambda p: p.name)
+def test_example_rm_configs_load(path):
+    cfg = load_rm_config(path)
+    assert cfg.model.kind in ("classifier", "themis")
+
+
+def _write_pairs(path: Path, n: int, groups=("alpha", "beta")) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"item {i} is", "chosen": " good", "rejected": " bad", "group": groups[i % len(groups)]}) + "\n")
+    return path
+
+
+def test_classifier_training_learns_a_separable_preference(tmp_path):
+    data = _write_pairs(tmp_path / "pairs.jsonl", 16)
+    cfg = RMTrainConfig.from_dict({
+        "model": {"kind": "classifier", "path": str(cached("llama", 1)), "template": "{prompt}{completion}", "max_length": 32},
+        "data": {"train": [str(data)], "eval": [str(data)]},
+        "train": {"epochs": 4, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "seed": 0},
+        "output_dir": str(tmp_path / "run"),
+    })
+    res = train_reward_model(cfg, log=lambda s: None)
+    assert res.steps == 8
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and lines[-1]["loss"] < lines[0]["loss"]
+    assert res.metrics["eval/pairwise_accuracy"] == 1.0
+    assert res.metrics["eval/n/alpha"] == 8 and res.metrics["eval/accuracy/beta"] == 1.0
+    # evaluation on the saved checkpoint agrees with scoring the pairs by hand
+    from rewards.classifier import ClassifierRewardModel
+
+    rm = ClassifierRewardModel.from_pretrained(tmp_path / "run", device="cpu")
+    pos, neg = rm([f"item {i} is" for i in range(16)], [" good"] * 16), rm([f"item {i} is" for i in range(16)], [" bad"] * 16)
+    manual = sum(p > q for p, q in zip(pos, neg)) / 16
+    ev = evaluate_reward_model(tmp_path / "run", [str(data)])
+    assert ev["pairwise_accuracy"] == manual
+
+
+def test_nan_never_reaches_the_optimizer(tmp_path, monkeypatch):
+    from rewards.classifier import ClassifierRewardModel
+
+    data = _write_pairs(tmp_path / "pairs.jsonl", 4)
+    monkeypatch.setattr(ClassifierRewardModel, "forward_scores", lambda self, **kw: torch.full((kw["input_ids"].shape[0],), float("nan"), requires_grad=True))
+    cfg = RMTrainConfig.from_dict({"model": {"path": str(cached("bert", 2))}, "data": {"train": [str(data)]},
+                                   "output_dir": str(tmp_path / "run")})
+    with pytest.raises(FloatingPointError, match="non-finite RM loss at step 1"):
+        train_reward_model(cfg, log=lambda s: None)
+
+
+def _tara_record(i: int) -> dict:
+    day, wrong = ("Monday", "Friday") if i % 2 else ("Tuesday", "Sunday")
+    date = f"2015-03-{10 + i:02d}"
+
+    def answer(a, score, expl):
+        return {"answer": f"{date} is {a}", "score": score,
+                "actions": {"Thought": f"I need the weekday of {date}.", "Action": "Calendar.week_day", "Action Input": date, "Observation": day},
+                "score_agent": {"explanation": expl, "score": str(score)}}
+    return {"id": f"cal_{i}", "question": f"Which day of the week is {date}?",
+            "pos_answer": answer(day, 1.0, "The tool agrees."), "neg_answer": answer(wrong, -1.0, "The tool disagrees.")}
+
+
+def test_themis_training_and_tool_augmented_evaluation(tmp_path):
+    data = tmp_path / "tara_like.jsonl"
+    data.write_text("".join(json.dumps(_tara_record(i)) + "\n" for i in range(4)))
+    cfg = RMTrainConfig.from_dict({
+        "model": {"kind": "themis", "path": str(cached("llama", 1)), "max_length": 256},
+        "data": {"train": [str(data)]},
+        "train": {"epochs": 3, "batch_size": 2, "lr": 3e-3, "seed": 0},
+        "themis": {"max_new_tokens": 4, "observation_dropout": 0.01},
+        "output_dir": str(tmp_path / "themis"),
+    })
+    res = train_reward_model(cfg, log=lambda s: None)
+    lines = [json.loads(x) for x in (tmp_path / "themis" / "metrics.jsonl").read_text().splitlines()]
+    assert res.steps == 6 and all(math.isfinite(r["lm_loss"]) and math.isfinite(r["rm_loss"]) for r in lines)
+    assert lines[-1]["lm_loss"] < lines[0]["lm_loss"]
+    assert json.loads((tmp_path / "themis" / "themis.json").read_text())["max_new_tokens"] == 4
+
+    from tools import ToolResult
+
+    calls = []
+
+    def week_day(tool_input, context=None):
+        calls.append(tool_input)
+        return ToolResult(True, "Monday", None, 0.0)
+
+    # the random tiny model rarely names a real tool; route every name to the stand-in to exercise dispatch
+    ev = evaluate_reward_model(tmp_path / "themis", [str(data)], tools=lambda name: week_day)
+    assert ev["n"] == 4 and 0.0 <= ev["pairwise_accuracy"] <= 1.0 and "accuracy/tara_like" in ev
+
+
+@needs_tara
+@pytest.mark.parametrize("method", ["frozen", "finetune"])
+def test_replication_script_runs_on_a_tiny_backbone(tmp_path, capsys, method):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("themis_tara", REPO / "examples" / "themis_tara.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--out", str(tmp_path), "--backbone", str(cached("bert", 2)), "--seeds", "0", "--groups", "calendar",
+                   "--train-per-tool", "8", "--epochs", "1", "--batch-size", "4", "--max-length", "96", "--method", method])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["runs"]) == {"plain", "themis"}
+    assert res["runs"]["themis"][0]["eval/n/calendar"] == 106
+    assert "Pairwise accuracy" in capsys.readouterr().out
+
+
+def test_cli_train_rm_and_eval_rm(tmp_path, capsys):
+    from align.cli import main
+
+    data = _write_pairs(tmp_path / "pairs.jsonl", 8)
+    cfg = tmp_path / "rm.yaml"
+    cfg.write_text(f"model:\n  kind: classifier\n  path: {cached('bert', 2)}\n  max_length: 32\n"
+                   f"data:\n  train: [{data}]\n  eval: [{data}]\ntrain:\n  epochs: 1\n  batch_size: 4\n"
+                   f"output_dir: {tmp_path / 'out'}\n")
+    assert main(["train-rm", str(cfg), "--set", "train.lr=1e-3", "--set", "train.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 steps" in out and "alpha" in out and "beta" in out
+    assert json.loads((tmp_path / "out" / "rm_config.json").read_text())["train"]["lr"] == 1e-3
+    assert main(["eval-rm", str(tmp_path / "out"), "--data", str(data), "--json", str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["n"] == 8 and ev["n/alpha"] == 4
+    assert main(["eval-rm", str(cfg)]) == 0  # a config: its output_dir and data.eval
+    assert main(["train-rm", str(cfg), "--set", "train.epoch=1"]) == 2
+    assert "did you mean 'epochs'" in capsys.readouterr().err
