@@ -162,6 +162,8 @@ def _command(tier: str) -> tuple[list[str], dict[str, str]]:
             argv += ["--setenv", k, v]
         for d in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/etc/alternatives", "/etc/ld.so.cache"):
             argv += ["--ro-bind-try", d, d]
+        # /tmp first: a Python install (a venv) that lives under /tmp must be bound on top of the tmpfs
+        argv += ["--tmpfs", "/tmp"]
         made: set[str] = set()
         for root in _python_roots():
             for parent in reversed(Path(root).parents):  # bwrap makes missing parents 0700: open them up
@@ -170,7 +172,7 @@ def _command(tier: str) -> tuple[list[str], dict[str, str]]:
                     argv += ["--perms", "0755", "--dir", str(parent)]
             argv += ["--ro-bind", root, root]
         argv += ["--ro-bind", str(_ZYGOTE), "/sandbox/zygote.py", "--proc", "/proc", "--dev", "/dev",
-                 "--tmpfs", "/tmp", "--chdir", "/tmp", "--cap-drop", "ALL"]
+                 "--chdir", "/tmp", "--cap-drop", "ALL"]
         if _is_root():  # the zygote keeps what it needs to drop the program to its own uid and clean up after it
             for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
                 argv += ["--cap-add", cap]
