@@ -55,10 +55,13 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: 
     tokenizer.save_pretrained(tmp / "policy")
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_FILE)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
+    stale = root / f".old-step-{step:06d}"
+    if final.exists():  # re-saving a step: keep the old copy until the new one is in place and named
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
     os.replace(tmp, final)
     _atomic_write_text(root / "latest", final.name)
+    shutil.rmtree(stale, ignore_errors=True)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

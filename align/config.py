@@ -251,6 +251,9 @@ class RolloutConfig(Section):
         self.check(0.0 <= self.min_p < 1.0, "min_p", "must be in [0, 1) (0 disables min-p)")
         self.check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         self.check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]")
+        if self.use_rollout_logprobs:
+            self.check(self.temperature == 1.0, "temperature", "use_rollout_logprobs needs temperature 1 (the rollout "
+                       "records temperature-1 log-probs; the trainer's are at the sampling temperature)")
 
 
 @dataclass
@@ -343,6 +346,9 @@ class PPOAlgoConfig(_PolicyOptimConfig):
         self.check(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
         self.check(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
         self.check(self.vf_coef >= 0.0, "vf_coef", "must be >= 0")
+        if self.kl_target is not None:
+            self.check(self.kl_target > 0, "kl_target", "must be > 0 (or null for a fixed KL coefficient)")
+            self.check(self.kl_coef > 0, "kl_coef", "the adaptive controller (kl_target) needs an initial kl_coef > 0")
 
 
 @dataclass
@@ -357,6 +363,8 @@ class GRPOAlgoConfig(_PolicyOptimConfig):
     def validate(self) -> None:
         super().validate()
         self.check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per prompt (set algo.group_size >= 2)")
+        self.check(self.scale == "group" or self.advantage == "grpo", "scale",
+                   f"scale applies to advantage 'grpo' only ({self.advantage!r} has its own normalisation); drop it")
         from align.registry import ADVANTAGES, UnknownNameError
 
         try:
@@ -372,7 +380,7 @@ class TrainConfig(Section):
     mini_batch_size: int = 0  # samples per optimizer step; 0 = the whole step's batch
     micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation)
     lr: float = 1e-5
-    critic_lr: float = 0.0  # 0 = same as lr
+    critic_lr: float = 0.0  # a separate critic's lr (0 = lr); a value head trains with the policy at lr
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"

@@ -40,7 +40,14 @@ def resolve_device(name: str) -> torch.device:
 
 def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bf16 weights only where AdamW does not update them directly: with LoRA the frozen base is bf16 and the
+        # adapters train in fp32; full fine-tuning keeps fp32 weights (bf16 would round small updates away)
+        return torch.bfloat16 if device.type == "cuda" and cfg.lora.enabled else torch.float32
+    if cfg.dtype in ("bfloat16", "float16") and not cfg.lora.enabled:
+        import warnings
+
+        warnings.warn(f"model.dtype = {cfg.dtype} without LoRA updates {cfg.dtype} weights in place (no fp32 master "
+                      "copy): small updates round away; prefer float32 or LoRA", stacklevel=2)
     return DTYPES[cfg.dtype]
 
 

@@ -25,7 +25,7 @@ from arithmetic import write_arithmetic_data  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=80, help="GRPO steps")
+    ap.add_argument("--steps", type=int, default=250, help="GRPO steps")
     ap.add_argument("--sft-steps", type=int, default=60, help="a short warm start: it learns the format, not the sums")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3, help="GRPO learning rate")
@@ -56,12 +56,12 @@ def main(argv=None) -> int:
         "reward": {"functions": [{"name": "math_verify", "kwargs": {"last_number": True}}]},
         "algo": {"group_size": 8, "clip_high": 0.28, "kl_coef": 0.0},
         "train": {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "micro_batch_size": 128, "lr": args.lr,
-                  "warmup_steps": args.warmup, "seed": args.seed},
+                  "warmup_steps": args.warmup, "lr_scheduler": "cosine", "seed": args.seed},
         "logging": {"run_dir": str(out / "grpo"), "progress": False, "print_every": 5},
         "checkpoint": {"every": 0},
     })
     rewards = [h["reward/mean"] for h in result.history]
-    k = max(1, min(5, len(rewards) // 4))
+    k = max(1, min(10, len(rewards) // 4))
     start, end = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     png = plot_run(result.run_dir)
     print(f"[3/3] GRPO: {len(rewards)} steps in {time.perf_counter() - t0:.0f}s total; curves: {png}")

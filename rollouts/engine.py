@@ -263,7 +263,11 @@ class RolloutEngine:
     def encode(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
         out = []
         for p in prompts:
-            ids = list(p) if isinstance(p, (list, tuple)) else self.tokenizer(p).input_ids
+            if isinstance(p, (list, tuple)):
+                ids = list(p)
+            else:  # text from a chat template already carries BOS: do not add a second one
+                bos = getattr(self.tokenizer, "bos_token", None)
+                ids = self.tokenizer(p, add_special_tokens=not (bos and p.startswith(bos))).input_ids
             if self.max_prompt_length and len(ids) > self.max_prompt_length:
                 ids = ids[-self.max_prompt_length:]  # keep the end: it is what the response continues
             if not ids:

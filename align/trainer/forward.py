@@ -34,8 +34,11 @@ class ForwardOutput:
 
 def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
                      value_head: nn.Module | None = None, with_entropy: bool = False,
-                     return_hidden: bool = False) -> ForwardOutput:
+                     return_hidden: bool = False, temperature: float = 1.0) -> ForwardOutput:
     """One forward of `model` over prompt + response; outputs for the last `response_len` tokens.
+
+    Log-probs and entropy are of softmax(logits / temperature): the trainer passes the rollout temperature,
+    so the policy it optimises is the one that sampled (as TRL and verl do).
 
     input_ids, attention_mask: [N, P + T] (prompt left-padded, response right-padded); response_len = T.
     The hidden state at position P + t - 1 predicts response token t.
@@ -48,17 +51,18 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     if needs_full_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
         hidden = None
-        out = kernels.token_logprobs(logits[:, start - 1:length - 1], tokens, with_entropy=with_entropy)
+        out = kernels.token_logprobs(logits[:, start - 1:length - 1], tokens, temperature=temperature,
+                                     with_entropy=with_entropy)
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
         h = hidden[:, start - 1:length - 1].reshape(n * response_len, -1)
         if n * response_len * head.weight.shape[0] <= SMALL_LOGITS:
             # small vocab x tokens: one matmul beats the chunked path's recompute, and memory is no issue
             logits = torch.nn.functional.linear(h, head.weight, head.bias)
-            out = kernels.token_logprobs(logits, tokens.reshape(-1), with_entropy=with_entropy)
+            out = kernels.token_logprobs(logits, tokens.reshape(-1), temperature=temperature, with_entropy=with_entropy)
         else:
             out = kernels.fused_linear_logprobs(h, head.weight, tokens.reshape(-1), bias=head.bias,
-                                                with_entropy=with_entropy)
+                                                temperature=temperature, with_entropy=with_entropy)
     logp, ent = out if with_entropy else (out, None)
     logp = logp.reshape(n, response_len)
     ent = ent.reshape(n, response_len) if ent is not None else None

@@ -62,6 +62,8 @@ class Trainer:
         self.dataset = PromptDataset(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(self.dataset, cfg.train.seed, cfg.data.shuffle)
         self.params = self._sampling_params()
+        # the policy being optimised is the one that samples: softmax(logits / T) (greedy rollouts: T = 1)
+        self.logprob_temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.engine = RolloutEngine(self.models.policy, self.tokenizer, sampler_backend=cfg.rollout.sampler_backend,
                                     micro_batch_size=cfg.rollout.micro_batch_size, max_prompt_length=cfg.data.max_prompt_length,
                                     gate_top_k=self.curiosity_cfg.top_k if self.curiosity_cfg else 1)
@@ -205,11 +207,26 @@ class Trainer:
         step.valid = valid
         step.train_rows = valid.nonzero().squeeze(-1)
         step.reward_info = out.info
+        if out.token_rewards is not None:
+            step.reward_token_rewards = self._token_reward_tensor(out.token_rewards, step.batch.mask)
         good = step.scores[valid]
         return {"reward/mean": float(good.mean()), "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
                 "reward/max": float(good.max()), "reward/min": float(good.min()),
                 "reward/errors": float(sum(e is not None for e in out.errors)),
                 "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors)))}
+
+    def _token_reward_tensor(self, rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+        """[N, T] from per-response-token lists (one value per response token of each sample)."""
+        if not isinstance(self.algo, PPOAlgorithm):
+            raise UserError("a reward returned token-level rewards, which need per-token values: use algorithm: ppo "
+                            "(GRPO uses one score per sample)")
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+        lengths = mask.sum(-1).tolist()
+        for i, row in enumerate(rows):
+            if len(row) != lengths[i]:
+                raise RuntimeError(f"sample {i}: {len(row)} token rewards for {int(lengths[i])} response tokens")
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        return out
 
     @torch.no_grad()
     def phase_logprobs(self, step: StepData) -> dict[str, float]:
@@ -223,14 +240,16 @@ class Trainer:
         for rows in chunked(n, mb):
             ids, att = b.input_ids[rows], b.attention_mask[rows]
             if want_old or self.algo.uses_critic:
-                fwd = response_forward(self.models.policy, ids, att, t, value_head=self.models.value_head)
+                fwd = response_forward(self.models.policy, ids, att, t, value_head=self.models.value_head,
+                                       temperature=self.logprob_temperature)
                 old.append(fwd.logprobs)
                 values.append(fwd.values)
             if self.models.critic is not None:
                 values[-1] = self.models.critic(ids, att, _positions(att))[:, -t - 1:-1]
             if self.algo.needs_reference or self.curiosity is not None:
                 with self.models.reference_mode() as ref_model:
-                    fwd = response_forward(ref_model, ids, att, t, return_hidden=self.curiosity is not None)
+                    fwd = response_forward(ref_model, ids, att, t, return_hidden=self.curiosity is not None,
+                                           temperature=self.logprob_temperature)
                 ref.append(fwd.logprobs)
                 hidden.append(fwd.hidden)
         self.models.policy.train()
@@ -243,7 +262,7 @@ class Trainer:
             base = step.old_logprobs if step.old_logprobs is not None else b.logprobs
             kl = torch.where(b.mask.bool(), base - step.ref_logprobs, torch.zeros_like(base))
             metrics["kl/mean"] = float(kl.sum() / b.mask.sum().clamp(min=1))
-        if step.old_logprobs is not None and self.cfg.rollout.use_rollout_logprobs is False and want_old:
+        if want_old and self.logprob_temperature == 1.0:  # rollout log-probs are at temperature 1
             diff = (step.old_logprobs - b.logprobs).abs()[b.mask.bool()]
             metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
         return metrics
@@ -268,6 +287,8 @@ class Trainer:
             step.token_rewards, m = self.algo.shaped_rewards(
                 step, intrinsic, self.curiosity_cfg.eta if self.curiosity_cfg else 0.0,
                 self.curiosity_cfg.score_clip if self.curiosity_cfg else None)
+            if step.reward_token_rewards is not None:  # e.g. process rewards from a RewardFunction
+                step.token_rewards = step.token_rewards + step.reward_token_rewards
             metrics |= m
             metrics["kl/coef"] = self.algo.kl_ctl.value
         metrics |= self.algo.compute_advantages(step)
@@ -305,7 +326,8 @@ class Trainer:
         for micro in mini.split(cfg.train.micro_batch_size):
             b = step.batch
             fwd = response_forward(self.models.policy, b.input_ids[micro], b.attention_mask[micro], t,
-                                   value_head=self.models.value_head, with_entropy=True)
+                                   value_head=self.models.value_head, with_entropy=True,
+                                   temperature=self.logprob_temperature)
             if self.models.critic is not None:
                 att = b.attention_mask[micro]
                 fwd.values = self.models.critic(b.input_ids[micro], att, _positions(att))[:, -t - 1:-1]
@@ -317,7 +339,9 @@ class Trainer:
             share = micro.numel() / mini.numel()
             metrics["policy/entropy"] = (fwd.entropy * step.mask[micro]).sum() / step.mask[micro].sum().clamp(min=1)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) * share
+                # loss/* already use the minibatch's denominators (partial sums); other metrics are means
+                weight = 1.0 if k.startswith("loss/") else share
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) * weight
         params = self.models.trainable_parameters() + self.models.critic_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):

@@ -42,7 +42,7 @@ class PPOAlgorithm:
                 rewards = rewards - self.kl_ctl.value * kl
         if intrinsic is not None and eta > 0:
             rewards = rewards + eta * intrinsic
-        clip = score_clip if score_clip is not None else self.cfg.score_clip
+        clip = self.cfg.score_clip if self.cfg.score_clip is not None else score_clip
         scores = step.scores.clamp(-clip, clip) if clip is not None else step.scores
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values

@@ -34,6 +34,7 @@ class StepData:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     ref_hidden: torch.Tensor | None = None
+    reward_token_rewards: torch.Tensor | None = None  # [N, T] token-level rewards returned by reward functions
     train_rows: torch.Tensor | None = None
     reward_info: list[dict] = field(default_factory=list)
 

@@ -50,11 +50,18 @@ def test_defaults_and_types():
     ({"train": {"setps": 1}}, ["'train.setps'", "did you mean 'train.steps'"]),
     ({"rollout": {"stop": "###"}}, ["rollout.stop", "list"]),
     ({"cluster": {"backend": "slurm"}}, ["cluster.backend", "'local'", "'ray'"]),
+    ({"algo": {"advantage": "rloo", "scale": "none"}}, ["algo.scale", "'grpo' only"]),
+    ({"rollout": {"use_rollout_logprobs": True, "temperature": 0.7}}, ["rollout.temperature", "use_rollout_logprobs"]),
 ])
 def test_bad_values_name_key_and_fix(sections, needles):
     msg = error_of(base(**sections))
     for needle in needles:
         assert needle in msg, msg
+
+
+def test_adaptive_kl_needs_a_start_and_a_positive_target():
+    assert "algo.kl_coef" in error_of(base("ppo", algo={"kl_target": 0.1, "kl_coef": 0.0}))
+    assert "algo.kl_target" in error_of(base("ppo", algo={"kl_target": -1.0}))
 
 
 def test_algorithm_and_required_keys():

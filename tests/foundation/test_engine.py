@@ -75,3 +75,20 @@ def test_top_k_one_equals_greedy(model_and_tok):
     assert torch.equal(a.response_ids, b.response_ids)
     assert (b.sampling_logprobs[b.mask.bool()].abs() < 1e-6).all()  # top-1: probability 1 under truncation
     assert b.topk_hit[b.mask.bool()].all()
+
+
+def test_trainer_logprobs_at_the_sampling_temperature(model_and_tok):
+    """response_forward(temperature=T) = log_softmax(logits / T)[token], computed here in float64."""
+    model, tok = model_and_tok
+    batch = RolloutEngine(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=5, temperature=0.7))
+    t = batch.response_ids.shape[1]
+    with torch.no_grad():
+        fwd = response_forward(model, batch.input_ids, batch.attention_mask, t, temperature=0.7, with_entropy=True)
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
+    logp = torch.log_softmax(logits[:, -t - 1:-1].double() / 0.7, -1)
+    expected = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    m = batch.mask.bool()
+    torch.testing.assert_close(fwd.logprobs[m].double(), expected[m], rtol=0, atol=2e-5)
+    torch.testing.assert_close(fwd.entropy[m].double(), entropy[m], rtol=0, atol=2e-5)

@@ -111,15 +111,48 @@ def test_resume_refuses_missing_or_corrupt(tiny_model_path, arithmetic_data, tmp
 
 
 def test_grad_accumulation_equals_full_batch(tiny_model_path, arithmetic_data, tmp_path):
-    """micro_batch_size 2 and 8 give the same weights after a step (same seed, same samples)."""
-    weights = []
+    """micro_batch_size 2 and 8 give the same weights and the same logged losses after a step."""
+    weights, losses = [], []
     for micro in (8, 2):
         trainer = align.Trainer(config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / f"r{micro}",
-                                       train__micro_batch_size=micro, train__steps=1, algo__loss_agg="seq-mean-token-mean"))
-        trainer.train()
+                                       train__micro_batch_size=micro, train__steps=1, algo__loss_agg="seq-mean-token-mean",
+                                       algo__kl_coef=0.1))
+        result = trainer.train()
         weights.append({k: v.detach().clone() for k, v in trainer.models.policy.named_parameters()})
+        losses.append((result.metrics["loss/policy"], result.metrics["loss/kl"]))
     for name, w in weights[0].items():
         torch.testing.assert_close(w, weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
+
+
+def test_token_rewards_from_a_reward_function_reach_ppo(tiny_model_path, arithmetic_data, tmp_path):
+    """A RewardFunction's per-token rewards are added to the shaped rewards before GAE (e.g. process rewards)."""
+    from rewards.base import RewardFunction, RewardOutput
+
+    class PerToken(RewardFunction):
+        name = "per_token"
+
+        def score(self, prompts, completions, completion_ids, **columns):
+            return RewardOutput(scores=[0.0] * len(completions),
+                                token_rewards=[[0.5 * (t + 1) for t in range(len(ids))] for ids in completion_ids])
+
+    cfg = config("ppo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", algo__kl_coef=0.0)
+    cfg["reward"]["functions"] = [PerToken()]
+    trainer = align.Trainer(cfg)
+    step, _ = trainer.phase_generate()
+    trainer.phase_score(step)
+    trainer.phase_logprobs(step)
+    trainer.phase_advantages(step)
+    mask = step.mask
+    expected = torch.zeros(mask.shape)
+    for i, n in enumerate(mask.sum(-1).tolist()):
+        expected[i, :n] = torch.tensor([0.5 * (t + 1) for t in range(n)])
+    torch.testing.assert_close(step.token_rewards, expected)  # kl 0, score 0: only the token rewards remain
+
+    cfg = config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "g")
+    cfg["reward"]["functions"] = [PerToken()]
+    with pytest.raises(align.UserError, match="use algorithm: ppo"):
+        align.train(cfg)
 
 
 def test_lora_reference_is_adapter_disabled_policy(tiny_model_path, arithmetic_data, tmp_path):
