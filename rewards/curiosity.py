@@ -24,7 +24,6 @@ Let the teacher-forced sequence be `input_ids = cat(prompt_ids, response_ids)` w
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,6 @@ __all__ = [
     "ICM",
     "CuriosityModule",
     "CuriosityOutput",
-    "curiosity_token_rewards",
     "forward_prediction_error",
     "icm_loss",
     "topk_hit_from_logits",
@@ -188,7 +186,7 @@ class CuriosityModule:
     """The ICM, its own optimizer, and the CD-RLHF intrinsic reward (PAPERS.md §2).
 
     Per PPO step the trainer calls `compute(...)` (intrinsic reward from the ICM as it is before this
-    step's update, as in the released code), builds the token rewards with `curiosity_token_rewards`, and
+    step's update, as in the released code), builds the token rewards with `align.algos.shaped_token_rewards`, and
     calls `update(...)` once on the same batch. `state_dict()` / `load_state_dict()` cover the ICM and its
     optimizer for an exact resume.
 
@@ -331,41 +329,3 @@ class CuriosityModule:
         self.icm.load_state_dict(state["icm"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.num_updates = int(state["num_updates"])
-
-
-def curiosity_token_rewards(kl_coef: float, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
-                            mask: torch.Tensor, intrinsic: torch.Tensor | None = None, eta: float = 0.0,
-                            score_clip: float | None = 2.5) -> torch.Tensor:
-    """Per-token PPO rewards with the CD-RLHF bonus ([B, T] x3, scores [B] -> token_rewards [B, T]).
-
-    r_t = -kl_coef * (logprobs_t - ref_logprobs_t) + eta * intrinsic_t, and the last response token of each
-    row (its last masked position) also gets clip(score, -score_clip, score_clip) (score_clip None: no clip).
-    Padding positions are 0. With eta == 0 or intrinsic None the intrinsic term is not computed at all, so
-    the result is bitwise the plain PPO reward. A row with no response token gets no score.
-    Source: CD-RLHF eq. (7); released `compute_rewards` (DeepSpeed-Chat).
-    """
-    if tuple(logprobs.shape) != tuple(ref_logprobs.shape) or tuple(logprobs.shape) != tuple(mask.shape):
-        raise ValueError(f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and mask "
-                         f"{tuple(mask.shape)} must all be [B, T]")
-    if scores.dim() != 1 or scores.shape[0] != logprobs.shape[0]:
-        raise ValueError(f"scores {tuple(scores.shape)} must be [B] with B = {logprobs.shape[0]}")
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores contain NaN/inf; drop or fix those samples before building token rewards")
-    if eta < 0 or not math.isfinite(eta):
-        raise ValueError(f"eta = {eta}: must be a finite number >= 0")
-    keep = _as_bool(mask)
-    rewards = -kl_coef * (logprobs - ref_logprobs)
-    if intrinsic is not None and eta != 0.0:
-        if tuple(intrinsic.shape) != tuple(logprobs.shape):
-            raise ValueError(f"intrinsic {tuple(intrinsic.shape)} must be [B, T] = {tuple(logprobs.shape)}")
-        rewards = rewards + eta * intrinsic.to(rewards.dtype)
-    rewards = torch.where(keep, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
-    clipped = scores.to(rewards.dtype)
-    if score_clip is not None:
-        clipped = clipped.clamp(-score_clip, score_clip)
-    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-    last = torch.where(keep, positions, torch.full_like(positions, -1)).max(dim=1).values
-    rows = torch.nonzero(last >= 0).squeeze(1)
-    # index_put_ touches only the last positions, so every other entry stays bitwise as computed above.
-    rewards = rewards.index_put((rows, last[rows]), clipped[rows], accumulate=True)
-    return rewards

@@ -346,9 +346,16 @@ def _optimizer(params, cfg: RMOptimConfig):
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def _check_finite(loss: torch.Tensor, step: int) -> None:
+def _optimizer_step(loss: torch.Tensor, step: int, model, opt, sched, grad_clip: float) -> float:
+    """backward + clip + step; a non-finite loss stops before the optimizer. Returns the gradient norm."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite RM loss at step {step}; lower train.lr or check the data (NaN never reaches the optimizer)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return float(gnorm)
 
 
 def train_reward_model(cfg: RMTrainConfig, log: Callable[[str], None] = print) -> RMTrainResult:
@@ -419,14 +426,9 @@ def _train_classifier(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path
             r = rm.forward_scores(**enc).float()
             b = len(idx)
             loss = bradley_terry_loss(r[:b], r[b:])
-            _check_finite(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
-            sched.step()
+            gnorm = _optimizer_step(loss, step, model, opt, sched, cfg.train.grad_clip)
             rec = {"step": step, "loss": float(loss.detach()), "pair_acc": float((r[:b] > r[b:]).float().mean()),
-                   "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0]}
+                   "grad_norm": gnorm, "lr": sched.get_last_lr()[0]}
             history.append(rec)
             _write_metrics(fh, rec)
             if step % cfg.train.log_every == 0:
@@ -462,13 +464,8 @@ def _train_themis(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path, lo
             mask = pad_left([[1] * len(r[0]) for r in rows], 0)
             logits, rewards = model(ids, mask)
             loss, parts = themis_loss(logits, ids, weights, rewards, t.lm_coef, t.rm_coef)
-            _check_finite(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            rec = {"step": step, "loss": float(loss.detach()), **parts, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0]}
+            gnorm = _optimizer_step(loss, step, model, opt, sched, cfg.train.grad_clip)
+            rec = {"step": step, "loss": float(loss.detach()), **parts, "grad_norm": gnorm, "lr": sched.get_last_lr()[0]}
             history.append(rec)
             _write_metrics(fh, rec)
             if step % cfg.train.log_every == 0:

@@ -209,18 +209,9 @@ def _kill(child_pid):
 
 
 def _kill_leftovers(child_pid):
-    """Kill the child's group and, as PID 1 of a namespace, everything else; then reap."""
-    for target in (lambda: os.killpg(child_pid, signal.SIGKILL), lambda: os.kill(child_pid, signal.SIGKILL)):
-        try:
-            target()
-        except OSError:
-            pass
-    if IS_PID1:
-        try:
-            os.kill(-1, signal.SIGKILL)
-        except OSError:
-            pass
-    else:
+    """Kill the child's group and, as PID 1 of a namespace, everything else (else re-parented orphans); reap."""
+    _kill(child_pid)
+    if not IS_PID1:
         _kill_adopted()
     _reap_all()
 

@@ -16,6 +16,7 @@ from .advantages import (
 from .kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from .losses import AGG_MODES, aggregate, policy_loss, value_loss
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .shaping import shaped_token_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -37,5 +38,6 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_token_advantages",
     "rloo_advantages",
+    "shaped_token_rewards",
     "value_loss",
 ]

@@ -22,7 +22,7 @@ from align.errors import CheckpointError, UserError
 from align.metrics import MetricsLogger
 from align.models import hidden_size_of, load_models, needs_full_logits, resolve_device
 from align.reward_setup import bind_policy, build_reward
-from align.trainer.forward import chunked, response_forward
+from align.trainer.forward import chunked, position_ids_from_mask, response_forward
 from align.trainer.grpo import GRPOAlgorithm
 from align.trainer.ppo import PPOAlgorithm
 from align.trainer.state import StepData
@@ -245,7 +245,7 @@ class Trainer:
                 old.append(fwd.logprobs)
                 values.append(fwd.values)
             if self.models.critic is not None:
-                values[-1] = self.models.critic(ids, att, _positions(att))[:, -t - 1:-1]
+                values[-1] = self.models.critic(ids, att, position_ids_from_mask(att))[:, -t - 1:-1]
             if self.algo.needs_reference or self.curiosity is not None:
                 with self.models.reference_mode() as ref_model:
                     fwd = response_forward(ref_model, ids, att, t, return_hidden=self.curiosity is not None,
@@ -330,7 +330,7 @@ class Trainer:
                                    temperature=self.logprob_temperature)
             if self.models.critic is not None:
                 att = b.attention_mask[micro]
-                fwd.values = self.models.critic(b.input_ids[micro], att, _positions(att))[:, -t - 1:-1]
+                fwd.values = self.models.critic(b.input_ids[micro], att, position_ids_from_mask(att))[:, -t - 1:-1]
             old = step.old_logprobs[micro] if step.old_logprobs is not None else fwd.logprobs.detach()
             loss, metrics = self.algo.loss(fwd, step, micro, old, denom, vf_denom)
             if not torch.isfinite(loss):
@@ -453,12 +453,6 @@ class Trainer:
         self.step = int(state["step"])
         self.logger.truncate_after(self.step)
         self.backend.sync(self.step)
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    from align.trainer.forward import position_ids_from_mask
-
-    return position_ids_from_mask(attention_mask)
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -29,25 +29,19 @@ class PPOAlgorithm:
 
     def shaped_rewards(self, step: StepData, intrinsic: torch.Tensor | None = None, eta: float = 0.0,
                        score_clip: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """token_rewards [N, T] = -kl_coef * kl_t (when KL is in the reward) + eta * intrinsic_t,
-        plus the (clipped) sequence score on each row's last response token (Ziegler et al. 2019; CD-RLHF eq. 5)."""
+        """token_rewards [N, T]: -kl_coef * kl_t (when KL is in the reward) + eta * intrinsic_t, plus the
+        (clipped) sequence score on each row's last response token (`algos.shaped_token_rewards`)."""
         mask = step.mask.bool()
-        rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         metrics: dict[str, float] = {}
+        kl = None
         if step.ref_logprobs is not None:
             kl = algos.kl_penalty(step.old_logprobs, step.ref_logprobs, self.cfg.kl_estimator)
             kl = torch.where(mask, kl, torch.zeros_like(kl))
             metrics["kl/mean_seq"] = float(kl.sum(-1).mean())
-            if self.cfg.kl_in == "reward":
-                rewards = rewards - self.kl_ctl.value * kl
-        if intrinsic is not None and eta > 0:
-            rewards = rewards + eta * intrinsic
         clip = self.cfg.score_clip if self.cfg.score_clip is not None else score_clip
-        scores = step.scores.clamp(-clip, clip) if clip is not None else step.scores
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values
-        rewards = rewards + torch.where(positions == last, scores[:, None].to(rewards.dtype), torch.zeros_like(rewards))
-        return rewards, metrics
+        rewards = algos.shaped_token_rewards(step.scores, mask, kl=kl if self.cfg.kl_in == "reward" else None,
+                                             kl_coef=self.kl_ctl.value, intrinsic=intrinsic, eta=eta, score_clip=clip)
+        return rewards.float(), metrics
 
     def compute_advantages(self, step: StepData) -> dict[str, float]:
         mask = step.mask

@@ -1,10 +1,10 @@
-"""CD-RLHF per-token rewards: eta = 0 is bitwise plain PPO; eta > 0 adds eta * intrinsic; the score lands on the last token."""
+"""PPO / CD-RLHF per-token rewards: eta = 0 is bitwise plain PPO; eta > 0 adds eta * intrinsic; the score lands on the last token."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rewards.curiosity import curiosity_token_rewards
+from align.algos import shaped_token_rewards
 
 
 def plain_ppo_rewards(kl_coef, logprobs, ref_logprobs, scores, mask, clip=2.5):
@@ -17,6 +17,12 @@ def plain_ppo_rewards(kl_coef, logprobs, ref_logprobs, scores, mask, clip=2.5):
         if idx:
             out[b, idx[-1]] = out[b, idx[-1]] + min(max(float(scores[b]), -clip), clip)
     return out
+
+
+def curiosity_token_rewards(kl_coef, logprobs, ref, scores, mask, intrinsic=None, eta=0.0, score_clip=2.5):
+    """The CD-RLHF shaping: k1 KL in the reward (logp - ref), as the released code."""
+    return shaped_token_rewards(scores, mask, kl=logprobs - ref, kl_coef=kl_coef, intrinsic=intrinsic, eta=eta,
+                                score_clip=score_clip)
 
 
 def _inputs(dtype=torch.float32, seed=0):
