@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all lint demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu and not slow" -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/check_layers.py
 
 test-all: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q

@@ -7,8 +7,8 @@ import importlib
 import sys
 
 from align.errors import UserError
-from rewards.base import RewardInputError
-from tools.registry import UnknownNameError
+from align.rewards.base import RewardInputError
+from align.tools.registry import UnknownNameError
 
 COMMAND_MODULES = (
     "align.commands.train",      # train, sft, plot

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 from align.errors import ConfigError
-from tools.registry import suggest
+from align.tools.registry import suggest
 
 # ----------------------------------------------------------------------------------------------------
 # Generic machinery: type checking / conversion of dataclass fields, with dotted key paths in errors.

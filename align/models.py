@@ -20,6 +20,7 @@ from torch import nn
 from align.config import ModelConfig
 from align.errors import UserError
 
+
 def quiet_transformers() -> None:
     """Silence transformers' per-load progress bars (they drown the CLI's own output and error lines)."""
     from transformers.utils import logging as hf_logging

@@ -3,7 +3,7 @@ advantage estimators. Plug-ins arrive through the entry-point group `align.advan
 from __future__ import annotations
 
 from align import algos
-from tools.registry import Registry, UnknownNameError
+from align.tools.registry import Registry, UnknownNameError
 
 # name -> fn(scores [B], group_size, *, valid=None) -> advantages [B]   (see align.algos.advantages)
 ADVANTAGES: Registry = Registry("advantage estimator", entry_point_group="align.advantages")

@@ -5,13 +5,13 @@ from typing import Any
 
 from align.config import RewardConfig
 from align.errors import UserError
-from rewards.base import RewardFunction
+from align.rewards.base import RewardFunction
 
 
 def build_reward(cfg: RewardConfig) -> RewardFunction:
     """A RewardMixture of the configured functions (weights from `weights` or each entry's `weight`)."""
-    from rewards.mixture import RewardMixture
-    from rewards.registry import get_reward
+    from align.rewards.mixture import RewardMixture
+    from align.rewards.registry import get_reward
 
     components: list[tuple[RewardFunction, float]] = []
     for i, item in enumerate(cfg.functions):
@@ -25,7 +25,7 @@ def build_reward(cfg: RewardConfig) -> RewardFunction:
         except (TypeError, ValueError, ImportError) as err:
             raise UserError(f"reward.functions[{i}]: {err}") from None
     if cfg.remote_url:
-        from rewards.client import RemoteReward
+        from align.rewards.client import RemoteReward
 
         components.append((RemoteReward(cfg.remote_url, token=cfg.remote_token or None), 1.0))
     return RewardMixture(components, normalize=cfg.normalize, clip=cfg.clip, normalize_by=cfg.normalize_by)

@@ -10,7 +10,7 @@ A toy unified multimodal model (UMM) is a tiny Hugging Face causal LM whose voca
 words, one `<img_k>` token per cell value and `<boi>` / `<eoi>`; it is pre-trained briefly on both
 directions (caption -> image, image -> caption), more on understanding than on generation, as real UMMs
 are, so its understanding branch can be used as a reward for its generation branch (PAPERS.md §3).
-The UMM layout (`config.umm` in the saved config.json) is what `rollouts.umm` and `rewards.understanding`
+The UMM layout (`config.umm` in the saved config.json) is what `align.rollouts.umm` and `align.rewards.understanding`
 read: the trainer needs only the model path.
 """
 from __future__ import annotations

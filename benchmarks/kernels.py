@@ -21,17 +21,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels  # noqa: E402
-from kernels.logprobs_reference import token_logprobs_reference  # noqa: E402
-from kernels.sampling_reference import sample_reference  # noqa: E402
+from align import kernels  # noqa: E402
+from align.kernels.logprobs_reference import token_logprobs_reference  # noqa: E402
+from align.kernels.sampling_reference import sample_reference  # noqa: E402
 
 GOALS_US = {  # issue 3 targets on an H100 at the default GPU sizes
     ("sample", "temperature 0.8"): 80.0,

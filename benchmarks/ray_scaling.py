@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 class SlowReward:
@@ -61,7 +60,7 @@ def measure(cfg: dict, args, with_score: bool) -> list[float]:
     import torch
 
     import align
-    from rollouts.params import SamplingParams
+    from align.rollouts.params import SamplingParams
 
     trainer = align.Trainer(cfg)
     try:

@@ -17,12 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import tools  # noqa: E402
-from tools.calc_eval import evaluate  # noqa: E402
-from tools.calculator import get_calculator_pool  # noqa: E402
-from tools.sandbox import Sandbox, SandboxConfig, _command  # noqa: E402
+from align import tools  # noqa: E402
+from align.tools.calc_eval import evaluate  # noqa: E402
+from align.tools.calculator import get_calculator_pool  # noqa: E402
+from align.tools.sandbox import Sandbox, SandboxConfig, _command  # noqa: E402
 
 
 def rate(fn, seconds: float, threads: int = 1) -> float:

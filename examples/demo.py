@@ -16,10 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from arithmetic import write_arithmetic_data  # noqa: E402
+
 import align  # noqa: E402
 from align.metrics import plot_run  # noqa: E402
 from align.testing import make_tiny_model  # noqa: E402
-from arithmetic import write_arithmetic_data  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -24,12 +24,10 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import align  # noqa: E402
 from align import toyworld as tw  # noqa: E402
-from rollouts.umm import CausalLMUMM  # noqa: E402
+from align.rollouts.umm import CausalLMUMM  # noqa: E402
 
 CONFIG = ROOT / "examples" / "configs" / "gvu_toy.yaml"
 GRID_CAPTIONS = ["a triangle", "a circle and a square", "three circles", "a blue square",

@@ -22,13 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GROUPS = ("calendar", "weather", "multi_tools")
 
@@ -77,7 +75,7 @@ def small_backbone(out_dir: Path, hidden: int, layers: int, seed: int = 0) -> st
 
 
 def run_encoder(args, backbone: str, variant: str, seed: int) -> dict:
-    from rewards.training import RMTrainConfig, train_reward_model
+    from align.rewards.training import RMTrainConfig, train_reward_model
 
     train_src = [f"tara:{','.join(args.groups)}"]
     cfg = RMTrainConfig.from_dict({
@@ -158,7 +156,7 @@ def run_frozen(args, feats: dict, seed: int) -> dict:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from rewards.training import bradley_terry_loss, pairwise_accuracy
+    from align.rewards.training import bradley_terry_loss, pairwise_accuracy
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -225,7 +223,7 @@ def frozen_features(args, backbone: str, variant: str) -> dict:
 
 
 def _compute_frozen_features(args, backbone: str, variant: str) -> dict:
-    from rewards.training import ToolObserver, classifier_text, load_sources
+    from align.rewards.training import ToolObserver, classifier_text, load_sources
 
     observer = ToolObserver()
     mode = "tools" if variant == "themis" else "none"
@@ -245,8 +243,8 @@ def run_generative(args, seed: int) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from rewards.tara import THEMIS_SPECIAL_TOKENS, load_tara, render_item
-    from rewards.training import RMTrainConfig, train_reward_model
+    from align.rewards.tara import THEMIS_SPECIAL_TOKENS, load_tara, render_item
+    from align.rewards.training import RMTrainConfig, train_reward_model
 
     base = args.out / "generative_base"
     if not (base / "config.json").is_file():
@@ -274,7 +272,7 @@ def run_generative(args, seed: int) -> dict:
         "themis": {"max_new_tokens": 96},
         "output_dir": str(args.out / f"generative_seed{seed}"),
     })
-    from rewards.training import evaluate_reward_model
+    from align.rewards.training import evaluate_reward_model
 
     res = train_reward_model(cfg, log=lambda s: print(f"  [generative seed {seed}] {s}", flush=True))
     ev = evaluate_reward_model(res.output_dir, [f"tara:{g}:test" for g in args.gen_groups], limit=args.gen_test_per_tool)

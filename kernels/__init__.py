@@ -5,11 +5,11 @@ elsewhere; "triton" forces Triton (CPU tensors only under TRITON_INTERPRET=1); "
 Each module's docstring states its algorithm and cost.
 """
 
-from .fused_linear import fused_linear_logprobs
-from .logprobs import token_logprobs
-from .logprobs_reference import token_logprobs_reference
-from .sampling import sample, sample_triton
-from .sampling_reference import SampleOutput, sample_reference
+from align.kernels.fused_linear import fused_linear_logprobs
+from align.kernels.logprobs import token_logprobs
+from align.kernels.logprobs_reference import token_logprobs_reference
+from align.kernels.sampling import sample, sample_triton
+from align.kernels.sampling_reference import SampleOutput, sample_reference
 
 __all__ = [
     "SampleOutput",

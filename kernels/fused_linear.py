@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .logprobs import token_logprobs
+from align.kernels.logprobs import token_logprobs
 
 _CHUNK_ELEMENTS = 1 << 27
 

@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, resolve_backend
-from ._tl import MAX as _MAX
-from ._tl import SUM as _SUM
-from .logprobs_reference import check_shapes, temperature_tensor, token_logprobs_reference
+from align.kernels._common import next_pow2, resolve_backend
+from align.kernels._tl import MAX as _MAX
+from align.kernels._tl import SUM as _SUM
+from align.kernels.logprobs_reference import check_shapes, temperature_tensor, token_logprobs_reference
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""PyTorch reference of `kernels.token_logprobs` (also its CPU fallback).
+"""PyTorch reference of `align.kernels.token_logprobs` (also its CPU fallback).
 
 logp[n] = log_softmax(x[n] / T)[tokens[n]]; entropy[n] = -sum_v p_v log p_v with p = softmax(x[n] / T)
 (0 log 0 = 0). Tokens outside [0, V) give NaN (never a silent value). Differentiable through autograd.

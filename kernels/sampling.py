@@ -42,11 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, resolve_backend
-from ._tl import MAX as _MAX
-from ._tl import MIN as _MIN
-from ._tl import SUM as _SUM
-from .sampling_reference import (
+from align.kernels._common import next_pow2, resolve_backend
+from align.kernels._tl import MAX as _MAX
+from align.kernels._tl import MIN as _MIN
+from align.kernels._tl import SUM as _SUM
+from align.kernels.sampling_reference import (
     RowParams,
     SampleOutput,
     raise_on_invalid,

@@ -1,4 +1,4 @@
-"""PyTorch reference sampler (also the CPU fallback of `kernels.sample`).
+"""PyTorch reference sampler (also the CPU fallback of `align.kernels.sample`).
 
 Semantics (DESIGN.md "Semantics"), per row b, with x = logits[b].float():
   z = x * (1 / T)                                   temperature (T == 0 -> greedy: argmax of x, first index)
@@ -28,7 +28,7 @@ _ONE_MINUS_EPS = 1.0 - 2.0**-24
 
 
 class SampleOutput(NamedTuple):
-    """Result of `kernels.sample(..., return_details=True)`; all tensors have shape [B]."""
+    """Result of `align.kernels.sample(..., return_details=True)`; all tensors have shape [B]."""
 
     tokens: torch.Tensor  # int64, -1 for invalid rows
     logprobs: torch.Tensor  # fp32, log-prob under the raw policy (temperature 1, no truncation)
@@ -142,7 +142,7 @@ def sample_reference(
     return_details: bool = False,
     check: bool = False,
 ):
-    """PyTorch reference of `kernels.sample` (sort-based). logits [B, V] fp32/bf16/fp16 -> (tokens [B], logprobs [B])
+    """PyTorch reference of `align.kernels.sample` (sort-based). logits [B, V] fp32/bf16/fp16 -> (tokens [B], logprobs [B])
     or SampleOutput. Formulas: see the module docstring (Gumbel-max: Gumbel 1954; top-p: Holtzman et al. 2020;
     min-p: Nguyen et al. 2024)."""
     params = row_params(logits, temperature, top_k, top_p, min_p)

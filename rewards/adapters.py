@@ -14,7 +14,7 @@ import logging
 import math
 from typing import Any, Callable, Sequence
 
-from rewards.base import CallableReward, RewardFunction, RewardOutput, as_reward_function
+from align.rewards.base import CallableReward, RewardFunction, RewardOutput, as_reward_function
 
 log = logging.getLogger(__name__)
 

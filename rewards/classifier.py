@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from rewards.base import RewardFunction, RewardOutput
+from align.rewards.base import RewardFunction, RewardOutput
 
 HEADS = ("auto", "sequence_classification", "value_head")
 VALUE_HEAD_FILE = "value_head.safetensors"

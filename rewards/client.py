@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from rewards.base import RewardFunction, RewardOutput
+from align.rewards.base import RewardFunction, RewardOutput
 
 log = logging.getLogger(__name__)
 

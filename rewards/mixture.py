@@ -13,7 +13,7 @@ import math
 import threading
 from typing import Any, Sequence
 
-from rewards.base import RewardFunction, RewardOutput, as_reward_function
+from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
 
 
 class RunningMeanStd:

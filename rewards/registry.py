@@ -13,8 +13,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.base import CallableReward, RewardFunction
-from tools.registry import Registry, UnknownNameError
+from align.rewards.base import CallableReward, RewardFunction
+from align.tools.registry import Registry, UnknownNameError
 
 ENTRY_POINT_GROUP = "align.rewards"
 
@@ -107,15 +107,15 @@ def reward_names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from rewards.verifiers import CodeTests, FormatReward, MathVerify
+    from align.rewards.verifiers import CodeTests, FormatReward, MathVerify
 
     register_reward("math_verify", MathVerify, aliases=("math",))
     register_reward("code_tests", CodeTests, aliases=("code",))
     register_reward("format", FormatReward)
     # reward models: torch / transformers are imported only when one is asked for
-    register_reward("themis", LazyReward("rewards.themis:ThemisRewardModel"))
-    register_reward("classifier_rm", LazyReward("rewards.classifier:ClassifierRewardModel"), aliases=("classifier",))
-    register_reward("understanding", LazyReward("rewards.understanding:UnderstandingReward"), aliases=("gvu",))
+    register_reward("themis", LazyReward("align.rewards.themis:ThemisRewardModel"))
+    register_reward("classifier_rm", LazyReward("align.rewards.classifier:ClassifierRewardModel"), aliases=("classifier",))
+    register_reward("understanding", LazyReward("align.rewards.understanding:UnderstandingReward"), aliases=("gvu",))
 
 
 _register_builtins()

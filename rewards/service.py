@@ -37,9 +37,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rewards.base import RewardFunction, RewardOutput, as_reward_function
+from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
 
-log = logging.getLogger("rewards.service")
+log = logging.getLogger("align.rewards.service")
 
 SCORING_PATHS = ("/score", "/get_reward")
 PROTECTED_PATHS = (*SCORING_PATHS, "/metrics")

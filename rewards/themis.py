@@ -23,10 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewards.base import RewardFunction, RewardOutput
-from rewards.classifier import last_token_index
-from rewards.tara import (START_OBSERVATION, START_TOOL, START_WORK, THEMIS_SPECIAL_TOKENS, TOOL_FAILED_OBSERVATION,
-                          ThemisSegments, render_user)
+from align.rewards.base import RewardFunction, RewardOutput
+from align.rewards.classifier import last_token_index
+from align.rewards.tara import (
+    START_OBSERVATION,
+    START_TOOL,
+    START_WORK,
+    THEMIS_SPECIAL_TOKENS,
+    TOOL_FAILED_OBSERVATION,
+    ThemisSegments,
+    render_user,
+)
 
 VALUE_HEAD_FILE = "v_head.safetensors"
 THEMIS_META_FILE = "themis.json"
@@ -217,7 +224,7 @@ class HFGreedyGenerator:
 def _resolve_tool_getter(tools: Mapping[str, Callable] | Callable[[str], Callable] | None) -> Callable[[str], Callable]:
     if tools is None:
         def getter(name: str):
-            import tools as tools_pkg  # the tools package (imported lazily: rewards -> tools)
+            from align import tools as tools_pkg  # the tools package (imported lazily: rewards -> tools)
 
             return tools_pkg.get_tool(name)
         return getter

@@ -21,8 +21,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from rewards.tara import (TOOL_FAILED_OBSERVATION, TaraItem, load_tara, load_tara_file, parse_item, render_item,
-                          render_plain)
+from align.rewards.tara import (
+    TOOL_FAILED_OBSERVATION,
+    TaraItem,
+    load_tara,
+    load_tara_file,
+    parse_item,
+    render_item,
+    render_plain,
+)
 
 MODEL_KINDS = ("classifier", "themis")
 OBSERVATION_MODES = ("none", "tools", "gold")
@@ -275,7 +282,7 @@ class ToolObserver:
     def _get(self, name: str):
         if self._getter is not None:
             return self._getter(name)
-        import tools
+        from align import tools
 
         return tools.get_tool(name)
 
@@ -407,7 +414,7 @@ def _write_metrics(fh, record: dict[str, Any]) -> None:
 
 
 def _train_classifier(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
-    from rewards.classifier import ClassifierRewardModel
+    from align.rewards.classifier import ClassifierRewardModel
 
     rm = ClassifierRewardModel(cfg.model.path, head=cfg.model.head, template=cfg.model.template,
                                max_length=cfg.model.max_length, batch_size=cfg.train.eval_batch_size, dtype=cfg.model.dtype)
@@ -439,7 +446,15 @@ def _train_classifier(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path
 
 
 def _train_themis(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
-    from rewards.themis import ThemisLossOptions, create_themis, encode_themis, load_themis, pad_left, save_themis, themis_loss
+    from align.rewards.themis import (
+        ThemisLossOptions,
+        create_themis,
+        encode_themis,
+        load_themis,
+        pad_left,
+        save_themis,
+        themis_loss,
+    )
 
     if any(p.item is None for p in pairs):
         raise ValueError("Themis training needs TARA-format data (pos_answer / neg_answer with actions and score_agent)")
@@ -512,7 +527,7 @@ def evaluate_reward_model(model: str | Path | RMTrainConfig, sources: Sequence[s
         raise ValueError(f"evaluation sources {list(sources)} hold no pairs")
     t0 = time.perf_counter()
     if _checkpoint_kind(path) == "themis":
-        from rewards.themis import ThemisRewardModel
+        from align.rewards.themis import ThemisRewardModel
 
         meta = json.loads((path / "themis.json").read_text()) if (path / "themis.json").is_file() else {}
         bs = cfg.train.eval_batch_size if cfg else 8
@@ -531,7 +546,7 @@ def evaluate_reward_model(model: str | Path | RMTrainConfig, sources: Sequence[s
         n = len(pairs)
         pos, neg = res.scores[:n], res.scores[n:]
     else:
-        from rewards.classifier import ClassifierRewardModel
+        from align.rewards.classifier import ClassifierRewardModel
 
         rm = ClassifierRewardModel.from_pretrained(path, batch_size=cfg.train.eval_batch_size if cfg else 32)
         observations = cfg.data.observations if cfg else "none"

@@ -9,9 +9,9 @@ The reward reads the image from `completion_ids` (the K sampled image tokens, as
 the text from the `caption` column, or else from the prompt without its image-request suffix (" <boi>").
 Per-token log-probs go to `info`. Other rewards can be mixed in: score = w_u * R + sum_i w_i * r_i.
 
-The UMM layout (`umm` section of config.json, written by `align.toyworld`; also read by `rollouts.umm`):
+The UMM layout (`umm` section of config.json, written by `align.toyworld`; also read by `align.rollouts.umm`):
 num_image_tokens, image_token_ids, boi_token_id, eoi_token_id, prompt_suffix, instruction.
-Any object with `score_text(image_ids [N, K], texts) -> N tensors [L_i]` (e.g. `rollouts.umm.JanusUMM`)
+Any object with `score_text(image_ids [N, K], texts) -> N tensors [L_i]` (e.g. `align.rollouts.umm.JanusUMM`)
 can be passed as `umm=` instead.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rewards.base import RewardFunction, RewardOutput, as_reward_function
+from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
 
 _LAYOUT_KEYS = ("num_image_tokens", "image_token_ids", "boi_token_id", "eoi_token_id", "prompt_suffix", "instruction")
 

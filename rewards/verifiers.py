@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Sequence
 
-from rewards.base import RewardFunction, RewardOutput
+from align.rewards.base import RewardFunction, RewardOutput
 
 # ---------------------------------------------------------------------------------------------------------
 # Answer extraction
@@ -701,7 +701,7 @@ def _sandbox_pool() -> ThreadPoolExecutor:
 
 class CodeTests(RewardFunction):
     """Fraction of the `tests` column's tests that the completion's code passes (or 1.0 / 0.0 when
-    `partial_credit=False`), run through `tools.run_code` in the sandbox.
+    `partial_credit=False`), run through `align.tools.run_code` in the sandbox.
 
     The code is the last fenced block (or the whole completion when `require_block=False`). A completion
     with no code scores 0.0 ({"reason": "no code"}); a program that times out or crashes is a wrong answer
@@ -723,9 +723,9 @@ class CodeTests(RewardFunction):
 
     def verify(self, completion: str, tests: Any) -> tuple[float | None, str | None, dict[str, Any]]:
         try:
-            from tools import run_code
+            from align.tools import run_code
         except ImportError:  # older tools builds export it from the sandbox module only
-            from tools.sandbox import run_code
+            from align.tools.sandbox import run_code
 
         if tests is None or (isinstance(tests, (list, tuple)) and not tests) or (isinstance(tests, str) and not tests.strip()):
             return None, "no tests for this sample", {}

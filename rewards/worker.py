@@ -15,11 +15,11 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from rewards.base import RewardFunction, RewardOutput
+from align.rewards.base import RewardFunction, RewardOutput
 
 
 def _build(reward_spec: Any, reward_kwargs: dict[str, Any] | None) -> RewardFunction:
-    from rewards.registry import get_reward
+    from align.rewards.registry import get_reward
 
     return get_reward(reward_spec, **(reward_kwargs or {}))
 

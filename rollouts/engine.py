@@ -6,7 +6,7 @@ token by token. The whole decode state lives in preallocated device buffers (`_D
 (transformers' `StaticCache` [b, heads, P + T, d], or `DynamicCache`), an additive attention bias
 [b, 1, 1, P + T] whose column for each new token is opened in place (no per-step `torch.cat`), the next
 input token, its position, the step counter and [b, T] output buffers written in place. A decode step is
-then one function of those buffers (`_decode_step`): model forward of the last token -> `kernels.sample`
+then one function of those buffers (`_decode_step`): model forward of the last token -> `align.kernels.sample`
 (temperature -> top-k -> top-p -> min-p; on CPU the equivalent `ScalarSampler`, which builds its constants
 once per call instead of every step) -> record token, raw log-prob, sampling log-prob, top-k hit ->
 update the per-row `finished` flags. Finished rows keep decoding (masked out of the result); the loop stops
@@ -54,11 +54,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
-from kernels.sampling_reference import gumbel_noise
-from rollouts.batch import RolloutBatch
-from rollouts.noise import _GOLDEN, _M1, _M2, sample_keys
-from rollouts.params import SamplingParams
+from align import kernels
+from align.kernels.sampling_reference import gumbel_noise
+from align.rollouts.batch import RolloutBatch
+from align.rollouts.noise import _GOLDEN, _M1, _M2, sample_keys
+from align.rollouts.params import SamplingParams
 
 _TINY = torch.finfo(torch.float32).tiny
 _BIAS_ATTENTION = ("sdpa", "eager")  # attention implementations that take our additive 4-D bias as is
@@ -98,7 +98,7 @@ def counter_gumbel(keys: torch.Tensor, steps: torch.Tensor, cols: torch.Tensor) 
 
 
 class ScalarSampler:
-    """`kernels.sample_reference` for one set of Python-scalar parameters, with its constants built once.
+    """`align.kernels.sample_reference` for one set of Python-scalar parameters, with its constants built once.
 
     Same semantics and, for valid rows, the same tokens bit for bit (the same fp32 operations on the same
     values; see kernels/sampling_reference.py for the formulas: temperature -> top-k -> top-p -> min-p ->
@@ -552,7 +552,7 @@ class RolloutEngine:
 
 class _Sampler:
     """The sampling half of a decode step for one micro-batch's parameters: logit masks, noise, the
-    `kernels.sample` call, and the in-place record of its results."""
+    `align.kernels.sample` call, and the in-place record of its results."""
 
     def __init__(self, engine: RolloutEngine, params: SamplingParams, stop_ids: list[int],
                  generator: torch.Generator | None):

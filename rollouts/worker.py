@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from rollouts.batch import RolloutBatch
-from rollouts.engine import RolloutEngine
-from rollouts.params import SamplingParams
+from align.rollouts.batch import RolloutBatch
+from align.rollouts.engine import RolloutEngine
+from align.rollouts.params import SamplingParams
 
 
 class StaleWeightsError(RuntimeError):
@@ -206,7 +206,7 @@ def receive_flat(meta: list[tuple[str, tuple[int, ...], torch.dtype]], device: t
 
 
 def reward_payload(batch: RolloutBatch, sample_ids: torch.Tensor | list[int] | None) -> dict[str, Any]:
-    """What `rewards.worker.RewardWorker.score` takes for `batch`; the columns and `completion_ids` reach the
+    """What `align.rewards.worker.RewardWorker.score` takes for `batch`; the columns and `completion_ids` reach the
     reward as keyword arguments exactly as in the in-process backend."""
     completion_ids = [row[m.bool()].tolist() for row, m in zip(batch.response_ids, batch.mask)]
     ids = None if sample_ids is None else [int(i) for i in torch.as_tensor(sample_ids).tolist()]

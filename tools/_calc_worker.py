@@ -1,15 +1,19 @@
-"""Calculator child process: JSON lines in, JSON lines out. Started and killed by `tools.calculator`."""
+"""Calculator child process: JSON lines in, JSON lines out. Started and killed by `align.tools.calculator`.
+
+Run as `python -I -m align.tools._calc_worker`: isolated mode puts neither the working directory nor a script
+folder on sys.path, so no top-level `tools` (ours or a PyPI one) can be imported by accident; importing
+`align.tools` loads no torch (align's namespace is lazy).
+"""
 import json
 import os
 import resource
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.setrecursionlimit(2000)
 
-from tools.calc_eval import CalcError, CalcLimits, evaluate, format_sympy, themis_verdict  # noqa: E402
-
 import sympy  # noqa: E402,F401  (warm import before the first request)
+
+from align.tools.calc_eval import CalcError, CalcLimits, evaluate, format_sympy, themis_verdict  # noqa: E402
 
 
 def handle(req: dict) -> dict:

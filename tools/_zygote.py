@@ -1,6 +1,6 @@
 """Warm pre-forked interpreter that runs untrusted Python, one program at a time.
 
-This file is a standalone stdlib-only script: `tools.sandbox` starts it once per worker (inside bwrap /
+This file is a standalone stdlib-only script: `align.tools.sandbox` starts it once per worker (inside bwrap /
 unshare when available) and then sends it requests over stdin/stdout (4-byte big-endian length + JSON).
 For each request it forks a fresh child that drops privileges, sets rlimits, starts a new session, runs
 the program and then each test separately, and reports per-test results on a private pipe tagged with a
@@ -13,6 +13,10 @@ Known limit: the harness shares the interpreter with the program, so a program t
 harness's memory could find the token; the OS-level walls (namespaces, uid drop, rlimits) do not depend
 on it.
 """
+
+# Warm the modules typical test programs use, so forked children do not pay for (or fail at) importing.
+import collections  # noqa: E401,F401
+import fractions  # noqa: E401,F401
 import json
 import os
 import resource
@@ -22,10 +26,7 @@ import signal
 import struct
 import sys
 import time
-
-# Warm the modules typical test programs use, so forked children do not pay for (or fail at) importing.
-import collections, itertools, functools, heapq, math, re, string, bisect, copy, random, operator  # noqa: E401,F401
-import fractions, decimal, statistics, datetime, typing, array, cmath, traceback  # noqa: E401,F401
+import traceback
 
 IS_PID1 = os.getpid() == 1
 DROP_UID = int(os.environ.get("ALIGN_SBX_DROP_UID", "-1"))

@@ -12,23 +12,22 @@ import queue
 import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-from .base import Tool, ToolError
-from .calc_eval import CalcLimits, final_answer_text, reference_number
+from align.tools._child import python_module_argv
+from align.tools.base import Tool, ToolError
+from align.tools.calc_eval import CalcLimits, final_answer_text, reference_number
 
-_WORKER = Path(__file__).with_name("_calc_worker.py")
+_WORKER_MODULE = "align.tools._calc_worker"  # run isolated: see _child.py
 
 
 class _CalcChild:
     def __init__(self, memory_mb: int):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ALIGN_CALC_MEMORY_MB": str(memory_mb),
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-I", str(_WORKER)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(python_module_argv(_WORKER_MODULE), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                      start_new_session=True, close_fds=True)
         self.buf = b""

@@ -5,7 +5,7 @@ import calendar
 import re
 from datetime import date, timedelta
 
-from .base import Tool, ToolError
+from align.tools.base import Tool, ToolError
 
 _DATE = re.compile(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})\s*")
 

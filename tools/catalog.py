@@ -1,8 +1,8 @@
 """The tool registry: Themis's exact action names plus plain aliases; plug-ins via the `align.tools` entry points."""
 from __future__ import annotations
 
-from .base import FunctionTool, Tool, ToolResult
-from .registry import Registry
+from align.tools.base import FunctionTool, Tool, ToolResult
+from align.tools.registry import Registry
 
 TOOLS: Registry = Registry("tool", entry_point_group="align.tools")
 
@@ -34,12 +34,12 @@ def call_tool(name: str, input: str, context: dict | None = None) -> ToolResult:
 
 
 def _register_builtins() -> None:
-    from .calculator import Calculator
-    from .calendar_tools import DayDifference, TargetDay, WeekDay
-    from .code_run import CodeRun
-    from .search import GoogleSerper, WikiSearch
-    from .translate import Translate
-    from .weather import HistoryWeather
+    from align.tools.calculator import Calculator
+    from align.tools.calendar_tools import DayDifference, TargetDay, WeekDay
+    from align.tools.code_run import CodeRun
+    from align.tools.search import GoogleSerper, WikiSearch
+    from align.tools.translate import Translate
+    from align.tools.weather import HistoryWeather
 
     register_tool("calculator", Calculator(), aliases=("calc", "Calculator"))
     register_tool("code_run", CodeRun(), aliases=("python", "code_interpreter", "run_code"))

@@ -2,8 +2,8 @@
 "The pass rate is {p}. ..." (per-test grading, never the exit code)."""
 from __future__ import annotations
 
-from .base import Tool, ToolError
-from .sandbox import ExecResult, get_sandbox
+from align.tools.base import Tool, ToolError
+from align.tools.sandbox import ExecResult, get_sandbox
 
 SAME_AS_ANSWER = "same as the answer"
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from .base import ToolResult
+from align.tools.base import ToolResult
 
 
 @dataclass
@@ -79,7 +79,7 @@ class ToolExecutor:
         self.cache = cache if isinstance(cache, ResultCache) else (ResultCache() if cache else None)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tool")
         if resolver is None:
-            from .catalog import TOOLS, get_tool
+            from align.tools.catalog import TOOLS, get_tool
 
             resolver = (get_tool, TOOLS.resolve)
         self._get_tool, self._canonical = resolver

@@ -5,7 +5,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from .base import ToolError
+from align.tools.base import ToolError
 
 _sessions: dict[tuple, object] = {}
 _lock = threading.Lock()

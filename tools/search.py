@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from .base import Tool, ToolError
-from .data import load_jsonl
-from .http_client import HTTPConfig, request_json
+from align.tools.base import Tool, ToolError
+from align.tools.data import load_jsonl
+from align.tools.http_client import HTTPConfig, request_json
 
 
 # ------------------------------------------------------------------------------------------------ serper

@@ -4,9 +4,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import Tool, ToolError
-from .data import load_json, tara_dir
-from .http_client import HTTPConfig, request_json
+from align.tools.base import Tool, ToolError
+from align.tools.data import load_json, tara_dir
+from align.tools.http_client import HTTPConfig, request_json
 
 _QUERY = re.compile(r"\s*(.+?)\s*,\s*(\d{4}-\d{2}-\d{2})\s*")
 

@@ -3,7 +3,7 @@
 Batches are prompt-major (the G samples of one prompt are contiguous); `mask` marks response tokens (1)
 and padding (0). See DESIGN.md "Public contracts".
 """
-from .advantages import (
+from align.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
     dr_grpo_advantages,
     gae,
@@ -13,10 +13,10 @@ from .advantages import (
     reinforce_pp_token_advantages,
     rloo_advantages,
 )
-from .kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
-from .losses import AGG_MODES, aggregate, policy_loss, value_loss
-from .masked import masked_mean, masked_sum, masked_var, masked_whiten
-from .shaping import shaped_token_rewards
+from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
+from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
+from align.algos.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from align.algos.shaping import shaped_token_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",

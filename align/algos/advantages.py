@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .masked import as_bool_mask, check_same_shape, masked_whiten
+from align.algos.masked import as_bool_mask, check_same_shape, masked_whiten
 
 __all__ = [
     "gae",

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .masked import check_same_shape
+from align.algos.masked import check_same_shape
 
 __all__ = ["KL_KINDS", "kl_penalty", "FixedKLController", "AdaptiveKLController"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .masked import as_bool_mask, check_same_shape, masked_mean, masked_var
+from align.algos.masked import as_bool_mask, check_same_shape, masked_mean, masked_var
 
 __all__ = ["AGG_MODES", "aggregate", "policy_loss", "value_loss"]
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .masked import as_bool_mask
+from align.algos.masked import as_bool_mask
 
 __all__ = ["shaped_token_rewards"]
 

@@ -5,9 +5,9 @@ from typing import Any, Protocol
 
 import torch
 
-from rewards.base import RewardOutput
-from rollouts.batch import RolloutBatch
-from rollouts.params import SamplingParams
+from align.rewards.base import RewardOutput
+from align.rollouts.batch import RolloutBatch
+from align.rollouts.params import SamplingParams
 
 
 class Backend(Protocol):

@@ -5,10 +5,10 @@ from typing import Any
 
 import torch
 
-from rewards.base import RewardFunction, RewardOutput
-from rollouts.batch import RolloutBatch
-from rollouts.engine import RolloutEngine
-from rollouts.params import SamplingParams
+from align.rewards.base import RewardFunction, RewardOutput
+from align.rollouts.batch import RolloutBatch
+from align.rollouts.engine import RolloutEngine
+from align.rollouts.params import SamplingParams
 
 
 def score_batch(reward: RewardFunction, batch: RolloutBatch) -> RewardOutput:

@@ -3,9 +3,9 @@
 One step, as the loop drives it (`cluster.backend: ray`):
 
 - generate: the step's prompts are cut into contiguous shards, dispatched round-robin to N
-  `rollouts.worker.RolloutWorker` actors. Each generate task returns two objects: the `RolloutBatch` shard
+  `align.rollouts.worker.RolloutWorker` actors. Each generate task returns two objects: the `RolloutBatch` shard
   (fetched by the trainer, which trains on it) and a reward payload. With `cluster.pipeline` the payload's
-  object ref goes straight to a `rewards.worker.RewardWorker` actor when the shard is submitted, so Ray
+  object ref goes straight to a `align.rewards.worker.RewardWorker` actor when the shard is submitted, so Ray
   scores shard k while shard k+1 is still generating, and the payload never passes through the driver.
 - score: gathers the per-shard `RewardOutput`s in shard order (the order of the samples is preserved).
 - sync: pushes the new weights once into the object store (LoRA adapters only when LoRA is on, else the full
@@ -33,10 +33,10 @@ import torch
 
 from align.backends.local import score_batch
 from align.errors import UserError
-from rewards.base import RewardFunction, RewardOutput
-from rollouts.batch import RolloutBatch
-from rollouts.params import SamplingParams
-from rollouts.worker import ModelSpec, RolloutWorker, StaleWeightsError, reward_payload
+from align.rewards.base import RewardFunction, RewardOutput
+from align.rollouts.batch import RolloutBatch
+from align.rollouts.params import SamplingParams
+from align.rollouts.worker import ModelSpec, RolloutWorker, StaleWeightsError, reward_payload
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class RayBackend:
         ).remote(*self._worker_args())
 
     def _new_reward_actor(self, j: int):
-        from rewards.worker import RewardWorker
+        from align.rewards.worker import RewardWorker
 
         cc = self.cc
         actor_cls = self.ray.remote(RewardWorker)
@@ -365,7 +365,7 @@ class RayBackend:
     def _broadcast_weights(self, version: int, kind: str) -> bool:
         """Broadcast to every rollout worker; False (and the group is dropped) when a worker is not the one
         that joined (restarted: version differs) or the broadcast fails."""
-        from rollouts.worker import broadcast_flat
+        from align.rollouts.worker import broadcast_flat
 
         ray = self.ray
         try:

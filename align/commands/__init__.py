@@ -19,7 +19,7 @@ def validate_any_config(path: str | Path):
 
         return load_sft_config(path)
     try:
-        from rewards.training import load_rm_config
+        from align.rewards.training import load_rm_config
     except ImportError:
         raise ConfigError(f"{path}: not a run config (no `algorithm:`) nor an SFT config (no `output_dir:`)") from None
     return load_rm_config(path)

@@ -27,7 +27,7 @@ def run(args) -> int:
     if not names:
         raise UserError(f"no benchmarks found at {BENCH_DIR}; `align bench` runs from a source checkout of align")
     if args.name not in names:
-        from tools.registry import suggest
+        from align.tools.registry import suggest
 
         raise UserError(f"unknown benchmark {args.name!r}{suggest(args.name, names)} (available: {', '.join(names)})")
     return subprocess.call([sys.executable, str(BENCH_DIR / f"{args.name}.py"), *args.args], cwd=BENCH_DIR.parent)

@@ -129,7 +129,7 @@ def sample_completions(model, tokenizer, prompts: list[Any], n: int, temperature
     decoded without special tokens. Sample k of prompt i has sample id i * n + k, so a seed fixes the text."""
     import torch
 
-    from rollouts import RolloutEngine, SamplingParams
+    from align.rollouts import RolloutEngine, SamplingParams
 
     texts = [_prompt_text(p, tokenizer) for p in prompts]
     engine = RolloutEngine(model, tokenizer, micro_batch_size=batch_size)

@@ -45,8 +45,8 @@ def _load_serve_config(path: str) -> dict[str, Any]:
 
 
 def _serve_rewards(args: argparse.Namespace) -> int:
-    from rewards.registry import get_reward
-    from rewards.service import check_bind, serve
+    from align.rewards.registry import get_reward
+    from align.rewards.service import check_bind, serve
 
     cfg = _load_serve_config(args.config) if args.config else {"reward": None, "serve": {}}
     settings = {**{k: v for k, v in cfg["serve"].items()},
@@ -112,7 +112,7 @@ def register_serve_rewards(subparsers) -> None:
 
 
 def _train_rm(args: argparse.Namespace) -> int:
-    from rewards.training import format_accuracy_table, load_rm_config, train_reward_model
+    from align.rewards.training import format_accuracy_table, load_rm_config, train_reward_model
 
     try:
         cfg = load_rm_config(args.config, args.overrides or [])
@@ -130,7 +130,7 @@ def _train_rm(args: argparse.Namespace) -> int:
 
 
 def _eval_rm(args: argparse.Namespace) -> int:
-    from rewards.training import evaluate_reward_model, format_accuracy_table, load_rm_config
+    from align.rewards.training import evaluate_reward_model, format_accuracy_table, load_rm_config
 
     target = Path(args.target)
     cfg = None

@@ -106,9 +106,8 @@ def build_job(args) -> tuple[str, dict]:
 
 
 def make_client(address: str, token: str | None):
-    from ray.job_submission import JobSubmissionClient
-
     from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:

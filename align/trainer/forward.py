@@ -1,6 +1,6 @@
 """Teacher-forced forward passes: response-token log-probs (and entropy, values, hidden states).
 
-Log-probs go through `kernels.fused_linear_logprobs` (hidden states and lm_head weight in, log-probs out),
+Log-probs go through `align.kernels.fused_linear_logprobs` (hidden states and lm_head weight in, log-probs out),
 so the trainer never holds [N, T, V] logits. Position ids are computed from the attention mask exactly as
 the rollout engine does, so recomputed log-probs match the sampled ones.
 """
@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
+from align import kernels
 from align.models import decoder_and_head, needs_full_logits
-
 
 # Below this many logits (4M, 16 MB in fp32) the full [N, V] matrix is cheaper than chunking.
 SMALL_LOGITS = 1 << 22

@@ -22,12 +22,12 @@ from align.errors import CheckpointError, UserError
 from align.metrics import MetricsLogger
 from align.models import hidden_size_of, load_models, needs_full_logits, resolve_device
 from align.reward_setup import bind_policy, build_reward
+from align.rollouts.engine import RolloutEngine
+from align.rollouts.params import SamplingParams
 from align.trainer.forward import chunked, position_ids_from_mask, response_forward
 from align.trainer.grpo import GRPOAlgorithm
 from align.trainer.ppo import PPOAlgorithm
 from align.trainer.state import StepData
-from rollouts.engine import RolloutEngine
-from rollouts.params import SamplingParams
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Trainer:
         stop_ids = [i for s in r.stop for i in [self._single_token(s)] if i is not None]
         extra: dict[str, Any] = {"min_new_tokens": r.min_new_tokens, "ignore_eos": r.ignore_eos}
         if self.cfg.model.kind == "umm":
-            from rollouts.umm import umm_generation_spec
+            from align.rollouts.umm import umm_generation_spec
 
             spec = umm_generation_spec(self.cfg.model.path, self.tokenizer)
             extra |= dict(allowed_token_ids=spec["allowed_token_ids"], min_new_tokens=spec["num_image_tokens"],
@@ -114,7 +114,7 @@ class Trainer:
     def _make_curiosity(self):
         if self.curiosity_cfg is None:
             return None
-        from rewards.curiosity import CuriosityModule
+        from align.rewards.curiosity import CuriosityModule
 
         policy = self.models.policy
         h = hidden_size_of(policy)

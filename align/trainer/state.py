@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollouts.batch import RolloutBatch
+from align.rollouts.batch import RolloutBatch
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from cd_rlhf import WordSentimentReward, format_table, run_experiment, word_tokenizer
 
 

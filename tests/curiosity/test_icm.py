@@ -5,10 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.curiosity import (ICM, CuriosityModule, forward_prediction_error, icm_loss, topk_hit_from_logits,
-                               whiten_intrinsic)
+from align.rewards.curiosity import (
+    ICM,
+    CuriosityModule,
+    forward_prediction_error,
+    icm_loss,
+    topk_hit_from_logits,
+    whiten_intrinsic,
+)
 
-B, T, H, A, I = 3, 5, 8, 6, 12
+B, T, H, A, I = 3, 5, 8, 6, 12  # noqa: E741  (the paper's dims: batch, time, hidden, action, ICM feature)
 
 
 def _linear_layers(seq: torch.nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -72,7 +72,7 @@ def test_at_least_ppo_and_grpo_examples_exist():
 
 def test_guide_and_rewards_snippets_run(tmp_path, monkeypatch):
     """Each doc's `<!-- test: run -->` python blocks run in order in one namespace (like a notebook)."""
-    from rewards.registry import REWARDS
+    from align.rewards.registry import REWARDS
 
     monkeypatch.chdir(tmp_path)
     guide = [code for run, code in fenced_blocks((DOCS / "guide.md").read_text(), "python") if run]

@@ -1,7 +1,6 @@
 """The `align` command: train with overrides, sft, plot, and one-line errors for user mistakes."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

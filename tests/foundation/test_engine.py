@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from align.rollouts import RolloutEngine, SamplingParams
 from align.trainer.forward import response_forward
-from rollouts import RolloutEngine, SamplingParams
 
 PROMPTS = ["1+2=", "33+44=", "7", "hello world, "]
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import kernels
+from align import kernels
+from align.rollouts import RolloutEngine, SamplingParams
+from align.rollouts.engine import ScalarSampler, _Graph, counter_gumbel
+from align.rollouts.noise import sample_keys, uniform_noise
 from align.trainer.forward import response_forward
-from rollouts import RolloutEngine, SamplingParams
-from rollouts.engine import ScalarSampler, _Graph, counter_gumbel
-from rollouts.noise import sample_keys, uniform_noise
 
 PROMPTS = ["1+2=", "33+44=", "7", "hello world, ", "abc", "(9*9)="]
 

@@ -127,7 +127,7 @@ def test_grad_accumulation_equals_full_batch(tiny_model_path, arithmetic_data, t
 
 def test_token_rewards_from_a_reward_function_reach_ppo(tiny_model_path, arithmetic_data, tmp_path):
     """A RewardFunction's per-token rewards are added to the shaped rewards before GAE (e.g. process rewards)."""
-    from rewards.base import RewardFunction, RewardOutput
+    from align.rewards.base import RewardFunction, RewardOutput
 
     class PerToken(RewardFunction):
         name = "per_token"

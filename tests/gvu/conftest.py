@@ -21,7 +21,7 @@ def toy_umm_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_umm(toy_umm_path):
-    from rollouts.umm import CausalLMUMM
+    from align.rollouts.umm import CausalLMUMM
 
     return CausalLMUMM.from_pretrained(toy_umm_path)
 

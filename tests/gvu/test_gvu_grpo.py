@@ -4,11 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
-
-from align import toyworld as tw
 
 ROOT = Path(__file__).resolve().parents[2]
 

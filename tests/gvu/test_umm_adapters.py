@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollouts.umm import CausalLMUMM, JanusUMM, umm_generation_spec
+from align.rollouts.umm import JanusUMM, umm_generation_spec
 
 PROMPTS = ["a circle <boi>", "a red square left of a blue triangle <boi>"]
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align import toyworld as tw
-from rewards.understanding import UnderstandingReward
+from align.rewards.understanding import UnderstandingReward
 
 CAPTIONS = ["a circle", "two squares", "a red circle left of a blue triangle", "a green square and a red circle", "a triangle"]
 

@@ -15,6 +15,6 @@ import torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("kernels.sampling", "kernels.logprobs"):
+    for name in ("align.kernels.sampling", "align.kernels.logprobs"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])

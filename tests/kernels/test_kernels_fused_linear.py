@@ -1,10 +1,10 @@
-"""kernels.fused_linear_logprobs: values and gradients against float64 full-logits math; never holds [N, V]."""
+"""align.kernels.fused_linear_logprobs: values and gradients against float64 full-logits math; never holds [N, V]."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
+from align import kernels
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

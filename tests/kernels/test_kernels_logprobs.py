@@ -1,4 +1,4 @@
-"""kernels.token_logprobs: values, entropy and gradients against float64, edge cases, peers."""
+"""align.kernels.token_logprobs: values, entropy and gradients against float64, edge cases, peers."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+from align import kernels
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

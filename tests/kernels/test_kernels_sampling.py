@@ -1,4 +1,4 @@
-"""kernels.sample: support sets, G-tests against the renormalised target, bit-identical tokens with injected
+"""align.kernels.sample: support sets, G-tests against the renormalised target, bit-identical tokens with injected
 noise (Triton vs the PyTorch reference), log-probs and rank against float64, invalid rows, validation."""
 
 import math
@@ -8,9 +8,9 @@ import pytest
 import torch
 from kernel_targets import g_test_pvalue, keep_set, log_softmax64, target_probs
 
-import kernels
-from kernels.sampling import sample_triton
-from kernels.sampling_reference import gumbel_noise, row_params
+from align import kernels
+from align.kernels.sampling import sample_triton
+from align.kernels.sampling_reference import gumbel_noise, row_params
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -8,10 +8,10 @@ import torch
 from align.backends.ray import concat_outputs, shard_bounds
 from align.config import ModelConfig
 from align.models import load_models
-from rewards.base import RewardOutput
-from rollouts.engine import RolloutEngine
-from rollouts.params import SamplingParams
-from rollouts.worker import ModelSpec, RolloutWorker, StaleWeightsError
+from align.rewards.base import RewardOutput
+from align.rollouts.engine import RolloutEngine
+from align.rollouts.params import SamplingParams
+from align.rollouts.worker import ModelSpec, RolloutWorker, StaleWeightsError
 
 PROMPTS = ["1+2=", "3+4=", "10+20=", "7+8=", "5+5=", "9+0="]
 PARAMS = SamplingParams(max_new_tokens=5, temperature=1.0, top_k=20, seed=11)

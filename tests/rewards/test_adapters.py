@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 
-from rewards.adapters import TRLRewardFunc, VerlComputeScore, VerlReward, from_trl, from_verl, to_trl, to_verl
-from rewards.base import RewardFunction, RewardOutput
+from align.rewards.adapters import TRLRewardFunc, VerlComputeScore, VerlReward, from_trl, from_verl, to_trl, to_verl
+from align.rewards.base import RewardFunction, RewardOutput
 
 
 def count_a(prompts, completions, **kwargs):

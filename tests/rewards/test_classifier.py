@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from rewards.base import RewardFunction
-from rewards.classifier import ClassifierRewardModel, ValueHeadModel, last_token_index
-
 from _tiny import cached
+
+from align.rewards.base import RewardFunction
+from align.rewards.classifier import ClassifierRewardModel, ValueHeadModel, last_token_index
 
 
 @pytest.fixture(scope="module")

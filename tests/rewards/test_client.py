@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rewards.base import RewardFunction, RewardOutput
-from rewards.client import RemoteReward, RemoteRewardError
-from rewards.mixture import RewardMixture
-from rewards.service import ServerThread, create_app
+from align.rewards.base import RewardFunction, RewardOutput
+from align.rewards.client import RemoteReward, RemoteRewardError
+from align.rewards.mixture import RewardMixture
+from align.rewards.service import ServerThread, create_app
 
 TOKEN = "client-token"
 

@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from rewards.base import RewardFunction, RewardOutput
-from rewards.mixture import RewardMixture, RunningMeanStd
+from align.rewards.base import RewardFunction, RewardOutput
+from align.rewards.mixture import RewardMixture, RunningMeanStd
 
 
 class Table(RewardFunction):

@@ -6,11 +6,11 @@ from importlib import metadata
 
 import pytest
 
-import rewards
-from rewards.base import CallableReward, RewardFunction, RewardOutput
-from rewards.registry import REWARDS, LazyReward, get_reward, register_reward, reward_factory
-from rewards.verifiers import CodeTests, FormatReward, MathVerify
-from tools.registry import UnknownNameError
+from align import rewards
+from align.rewards.base import CallableReward, RewardFunction, RewardOutput
+from align.rewards.registry import REWARDS, LazyReward, get_reward, register_reward, reward_factory
+from align.rewards.verifiers import CodeTests, FormatReward, MathVerify
+from align.tools.registry import UnknownNameError
 
 
 def length_reward(prompts, completions, **kwargs):
@@ -76,8 +76,8 @@ def test_register_class_function_factory_and_duplicates(scratch_names):
 
 
 def test_lazy_entries_import_only_when_asked(scratch_names):
-    register_reward("test_lazy", LazyReward("rewards.verifiers:FormatReward"))
-    register_reward("test_lazy_missing", LazyReward("rewards.verifiers:Nope"))
+    register_reward("test_lazy", LazyReward("align.rewards.verifiers:FormatReward"))
+    register_reward("test_lazy_missing", LazyReward("align.rewards.verifiers:Nope"))
     scratch_names += ["test_lazy", "test_lazy_missing"]
     assert get_reward("test_lazy", pattern="x+").pattern == "x+"
     with pytest.raises(ImportError, match="Nope"):
@@ -85,7 +85,7 @@ def test_lazy_entries_import_only_when_asked(scratch_names):
 
 
 def test_import_path_and_objects():
-    assert get_reward("rewards.verifiers:FormatReward", match_score=2.0).match_score == 2.0
+    assert get_reward("align.rewards.verifiers:FormatReward", match_score=2.0).match_score == 2.0
     c = Constant()
     assert get_reward(c) is c
     assert get_reward(length_reward)(["x"], ["abc"]) == [3.0]
@@ -94,7 +94,7 @@ def test_import_path_and_objects():
 
 
 def test_entry_point_plugins(monkeypatch, scratch_names):
-    ep = metadata.EntryPoint(name="test_plugin", value="rewards.verifiers:FormatReward", group="align.rewards")
+    ep = metadata.EntryPoint(name="test_plugin", value="align.rewards.verifiers:FormatReward", group="align.rewards")
     real = metadata.entry_points
 
     def fake(**kw):

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from rewards.base import RewardFunction, RewardOutput
-from rewards.service import ServerThread, check_bind, create_app, serve
+from align.rewards.base import RewardFunction, RewardOutput
+from align.rewards.service import ServerThread, check_bind, create_app, serve
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -267,9 +267,9 @@ def test_cli_refuses_public_host_without_token_and_unknown_rewards(capsys, monke
 
 
 def test_cli_builds_the_reward_and_settings_from_config_flags_and_env(tmp_path, monkeypatch):
-    import rewards.service as service
+    import align.rewards.service as service
     from align.cli import main
-    from rewards.mixture import RewardMixture
+    from align.rewards.mixture import RewardMixture
 
     calls = []
     monkeypatch.setattr(service, "serve", lambda reward, **kw: calls.append((reward, kw)))
@@ -295,7 +295,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 @pytest.fixture(scope="module")
 def math_service():
-    from rewards.registry import get_reward
+    from align.rewards.registry import get_reward
 
     reward = get_reward("math_verify", timeout_s=0.5)
     app = create_app(reward, token=TOKEN, max_batch_size=16, max_wait_ms=2, max_body_bytes=256 * 1024)

@@ -5,12 +5,19 @@ import json
 import re
 
 import pytest
-
-from rewards.tara import (TARA_FILES, ToolStep, load_tara, parse_actions, render_item, render_plain, replay_steps,
-                          tara_dir)
-from rewards.themis import ThemisLossOptions, add_themis_tokens, encode_themis
-
 from _tiny import build_tokenizer
+
+from align.rewards.tara import (
+    TARA_FILES,
+    ToolStep,
+    load_tara,
+    parse_actions,
+    render_item,
+    render_plain,
+    replay_steps,
+    tara_dir,
+)
+from align.rewards.themis import ThemisLossOptions, add_themis_tokens, encode_themis
 
 needs_tara = pytest.mark.skipif(not (tara_dir() / "agent_calendar_test.json").is_file(),
                                 reason=f"TARA data not found at {tara_dir()} (set ALIGN_TARA_DIR)")

@@ -6,13 +6,21 @@ import threading
 
 import pytest
 import torch
-
-from rewards.tara import TOOL_FAILED_OBSERVATION
-from rewards.themis import (ThemisModel, ThemisRewardModel, add_themis_tokens, create_themis, load_themis, pad_left,
-                            parse_action, save_themis, themis_loss)
-from tools import ToolResult
-
 from _tiny import cached
+
+from align.rewards.tara import TOOL_FAILED_OBSERVATION
+from align.rewards.themis import (
+    ThemisModel,
+    ThemisRewardModel,
+    add_themis_tokens,
+    create_themis,
+    load_themis,
+    pad_left,
+    parse_action,
+    save_themis,
+    themis_loss,
+)
+from align.tools import ToolResult
 
 EOS = "</s>"
 

@@ -7,12 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rewards.tara import tara_dir
-from rewards.training import (RMTrainConfig, apply_overrides, bradley_terry_loss, evaluate_reward_model,
-                              load_rm_config, pairwise_accuracy, train_reward_model)
-
 from _tiny import cached
+
+from align.rewards.tara import tara_dir
+from align.rewards.training import (
+    RMTrainConfig,
+    apply_overrides,
+    bradley_terry_loss,
+    evaluate_reward_model,
+    load_rm_config,
+    pairwise_accuracy,
+    train_reward_model,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 needs_tara = pytest.mark.skipif(not (tara_dir() / "agent_calendar_test.json").is_file(),
@@ -75,7 +81,7 @@ def test_classifier_training_learns_a_separable_preference(tmp_path):
     assert res.metrics["eval/pairwise_accuracy"] == 1.0
     assert res.metrics["eval/n/alpha"] == 8 and res.metrics["eval/accuracy/beta"] == 1.0
     # evaluation on the saved checkpoint agrees with scoring the pairs by hand
-    from rewards.classifier import ClassifierRewardModel
+    from align.rewards.classifier import ClassifierRewardModel
 
     rm = ClassifierRewardModel.from_pretrained(tmp_path / "run", device="cpu")
     pos, neg = rm([f"item {i} is" for i in range(16)], [" good"] * 16), rm([f"item {i} is" for i in range(16)], [" bad"] * 16)
@@ -85,7 +91,7 @@ def test_classifier_training_learns_a_separable_preference(tmp_path):
 
 
 def test_nan_never_reaches_the_optimizer(tmp_path, monkeypatch):
-    from rewards.classifier import ClassifierRewardModel
+    from align.rewards.classifier import ClassifierRewardModel
 
     data = _write_pairs(tmp_path / "pairs.jsonl", 4)
     monkeypatch.setattr(ClassifierRewardModel, "forward_scores", lambda self, **kw: torch.full((kw["input_ids"].shape[0],), float("nan"), requires_grad=True))
@@ -123,7 +129,7 @@ def test_themis_training_and_tool_augmented_evaluation(tmp_path):
     assert lines[-1]["lm_loss"] < lines[0]["lm_loss"]
     assert json.loads((tmp_path / "themis" / "themis.json").read_text())["max_new_tokens"] == 4
 
-    from tools import ToolResult
+    from align.tools import ToolResult
 
     calls = []
 

@@ -9,8 +9,16 @@ import time
 
 import pytest
 
-from rewards.verifiers import (CodeTests, FormatReward, MathVerify, extract_answer, extract_code, normalize_answer,
-                               parse_safe, UnsafeExpression)
+from align.rewards.verifiers import (
+    CodeTests,
+    FormatReward,
+    MathVerify,
+    UnsafeExpression,
+    extract_answer,
+    extract_code,
+    normalize_answer,
+    parse_safe,
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +148,7 @@ def test_the_checker_never_reruns_an_unguarded_main_script(tmp_path):
     marker = tmp_path / "runs.txt"
     script = tmp_path / "train.py"
     script.write_text(
-        "from rewards.verifiers import MathVerify\n"
+        "from align.rewards.verifiers import MathVerify\n"
         f"open({str(marker)!r}, 'a').write('run\\n')\n"
         "r = MathVerify(timeout_s=30)\n"
         "print(r.score([''], [r'\\boxed{(x+1)^2}'], label=['x^2+2x+1']).scores)\n"
@@ -226,8 +234,8 @@ def test_code_tests_timeout_is_a_wrong_answer_and_later_batches_still_grade():
 
 
 def test_code_tests_sandbox_failure_is_an_error(monkeypatch):
-    import tools
-    import tools.sandbox as sandbox
+    import align.tools.sandbox as sandbox
+    from align import tools
 
     def broken(code, tests=None, timeout_s=None, memory_mb=None, **kw):
         return sandbox.ExecResult("sandbox_error", failed=len(tests or []), error="bwrap missing")

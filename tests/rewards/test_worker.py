@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from rewards.base import RewardFunction, RewardOutput
-from rewards.worker import RewardWorker
+from align.rewards.base import RewardFunction, RewardOutput
+from align.rewards.worker import RewardWorker
 
 
 class Counting(RewardFunction):

@@ -8,9 +8,9 @@ from fractions import Fraction
 
 import pytest
 
-import tools
-from tools.calc_eval import CalcError, evaluate, reference_number, themis_verdict
-from tools.calculator import get_calculator_pool
+from align import tools
+from align.tools.calc_eval import CalcError, evaluate, reference_number, themis_verdict
+from align.tools.calculator import get_calculator_pool
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_hostile_never_raises_in_process():
 
 def test_runaway_computation_is_killed_and_pool_recovers():
     # limits far above the defaults let a slow power through: the child deadline must kill it
-    from tools.calc_eval import CalcLimits
+    from align.tools.calc_eval import CalcLimits
 
     slow = tools.Calculator(timeout_s=0.5, limits=CalcLimits(max_exponent=10**9, max_result_bits=10**12), workers=1)
     get_calculator_pool(1, slow.memory_mb).warm()  # time the kill, not the child's sympy import

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tools.sandbox import TIERS, Sandbox, SandboxConfig, detect_isolation
+from align.tools.sandbox import TIERS, Sandbox, SandboxConfig, detect_isolation
 
 # ALIGN_TEST_SANDBOX_TIER=unshare|rlimits runs the whole hostile set at a weaker tier (manual check)
 PREFER = os.environ.get("ALIGN_TEST_SANDBOX_TIER", "bwrap")
@@ -256,7 +256,7 @@ def test_weaker_tiers_still_grade_and_clean_up(tier):
 
 
 def test_min_isolation_is_enforced(monkeypatch):
-    import tools.sandbox as sbx
+    import align.tools.sandbox as sbx
 
     monkeypatch.setitem(sbx._tier_cache, "bwrap", "rlimits")
     with pytest.raises(sbx.SandboxUnavailableError, match="min_isolation='bwrap'"):

@@ -1,5 +1,5 @@
 """Replay TARA's gold tool calls: each test item's gold Action / Action Input, run with the item as context
-through `tools.get_tool(action)`, must reproduce the gold Observation.
+through `align.tools.get_tool(action)`, must reproduce the gold Observation.
 
 Data: $ALIGN_TARA_DIR or <repo>/../shared/data/tara (CI has it).
 """
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import tools
-from tools.code_run import CodeRun
-from tools.search import WikiSearch
-from tools.trace import calls_from_tara
+from align import tools
+from align.tools.code_run import CodeRun
+from align.tools.search import WikiSearch
+from align.tools.trace import calls_from_tara
 
 REPO = Path(__file__).resolve().parents[2]
 TARA = Path(os.environ.get("ALIGN_TARA_DIR") or REPO.parent / "shared" / "data" / "tara")
@@ -126,7 +126,7 @@ def test_wiki_search_local_bm25_over_observation_corpus():
 def test_trace_parser_on_every_tara_text_trace():
     # every multi-round / no-tool text trace: one ToolCall per 'Action Input:', one observation per
     # 'Observation:', and render -> parse is the identity on the parsed calls
-    from tools.trace import parse_trace, render_trace
+    from align.tools.trace import parse_trace, render_trace
 
     n = 0
     for path in sorted(TARA.glob("*.json")):

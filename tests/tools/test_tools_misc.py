@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import tools
-from tools.http_client import HTTPConfig
-from tools.trace import ToolCall, parse_action, parse_trace, render_trace
+from align import tools
+from align.tools.http_client import HTTPConfig
+from align.tools.trace import ToolCall, parse_action, parse_trace, render_trace
 
 THEMIS_NAMES = ["calculator", "code_run", "Calendar.week_day", "Calendar.day_difference", "Calendar.target_day",
                 "history_weather", "translate", "google_serper", "wiki_search"]
