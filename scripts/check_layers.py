@@ -5,7 +5,8 @@
 - align.kernels imports only torch / triton (and the standard library) and itself;
 - align.tools imports nothing of align but align.errors;
 - align.rollouts may import align.kernels; align.rewards may import align.tools and align.kernels;
-- align.algos (pure RL math) imports only torch;
+- align.algos (pure RL math) imports only torch; like align.errors it is a leaf every layer above tools /
+  kernels may use (curiosity's masked statistics, the LR schedule);
 - align.errors imports nothing at all (every layer may import it).
 
 import-linter cannot see sub-packages installed from sibling folders through setuptools `package-dir`, so this
@@ -25,9 +26,9 @@ FOLDERS = {"align.kernels": "kernels", "align.tools": "tools", "align.rewards": 
 ALLOWED_OURS = {
     "align.kernels": set(),
     "align.tools": {"align.errors"},
-    "align.rollouts": {"align.errors", "align.kernels"},
-    "align.rewards": {"align.errors", "align.tools", "align.kernels"},
-    "align.algos": set(),
+    "align.rollouts": {"align.errors", "align.kernels", "align.algos"},
+    "align.rewards": {"align.errors", "align.tools", "align.kernels", "align.algos"},
+    "align.algos": {"align.errors"},
     "align.errors": set(),
 }
 # package -> third-party import names it may use (None = any)
