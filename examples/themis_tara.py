@@ -13,7 +13,8 @@ cross-attention head (one transformer layer over the whole text, [CLS] + mean po
 With --generative, also trains the full generative Themis (tiny causal LM from scratch + value head, released
 loss) on a small calendar subset and evaluates it with the real trace loop (a smoke-scale run).
 
-    python examples/themis_tara.py --out runs/themis_tara --seeds 0 1 2 --epochs 3
+    python examples/themis_tara.py --tara /path/to/tara --out runs/themis_tara --seeds 0 1 2 --epochs 3
+TARA data: --tara, else $ALIGN_TARA_DIR (the folder with agent_calendar_train.json, ...).
 Results and the exact protocol: docs/experiments/themis_tara.md.
 """
 from __future__ import annotations
@@ -281,6 +282,7 @@ def run_generative(args, seed: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tara", type=Path, default=None, help="the TARA data folder (default: $ALIGN_TARA_DIR)")
     p.add_argument("--out", type=Path, default=Path("runs/themis_tara"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--groups", nargs="+", default=list(GROUPS))
@@ -310,6 +312,10 @@ def main(argv=None) -> int:
     p.add_argument("--gen-hidden", type=int, default=64)
     p.add_argument("--gen-layers", type=int, default=2)
     args = p.parse_args(argv)
+    from align.tools.data import tara_dir
+
+    # `tara:` data sources read $ALIGN_TARA_DIR; resolve it once here so a missing folder is one clear line
+    os.environ["ALIGN_TARA_DIR"] = str(tara_dir(args.tara))
     if args.epochs is None:
         args.epochs = 10.0 if args.method == "frozen" else 2.0
     if args.lr is None:

@@ -2,7 +2,8 @@
 
 Each line of a TARA file is one preference pair: a question (optional context, optional `test_list`) and a
 positive and a negative answer, each with the tool trace a verifier agent produced (`actions`) and its
-rationale (`score_agent.explanation`). Data: ../shared/data/tara (or $ALIGN_TARA_DIR); see its README.
+rationale (`score_agent.explanation`). Data: the folder passed as `root=` or $ALIGN_TARA_DIR
+(`align.tools.data.tara_dir`); see its README.
 
 Rendering follows the released Themis code (ernie-research/Tool-Augmented-Reward-Model, main.py):
   "### USER:\n[Context: c\n]Question: q\nAnswer: a\n### ASSISTANT:\n"
@@ -12,18 +13,26 @@ Rendering follows the released Themis code (ernie-research/Tool-Augmented-Reward
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-START_TOOL = "<start_tool>"
-START_OBSERVATION = "<start_observation>"
-START_WORK = "<start_work>"
-THEMIS_SPECIAL_TOKENS = (START_TOOL, START_OBSERVATION, START_WORK)
-NO_TOOL_TRACE = "Thought: Do I need to use a tool? No\nFinished."
-TOOL_FAILED_OBSERVATION = "An error occurred during the tool invoke, so no result was returned."
+from align.tools.data import tara_dir
+from align.tools.trace import (
+    NO_TOOL_TRACE,
+    START_OBSERVATION,
+    START_TOOL,
+    START_WORK,
+    THEMIS_SPECIAL_TOKENS,
+    TOOL_FAILED_OBSERVATION,
+    ToolCall,
+    normalize_actions_text,
+    parse_tara_actions,
+    render_call,
+)
+
+# `parse_actions` is the TARA reader's historical name.
+parse_actions = parse_tara_actions
 
 # tool group -> (train file or None, test file); the group is what per-tool accuracy is reported by.
 TARA_FILES: dict[str, tuple[str | None, str]] = {
@@ -38,37 +47,18 @@ TARA_FILES: dict[str, tuple[str | None, str]] = {
     "webgpt": (None, "agent_webgpt_test_case.json"),
 }
 
-_STEP_RE = re.compile(
-    r"Thought:[ \t]*(?P<thought>.*?)\nAction:[ \t]*(?P<action>.*?)\nAction Input:[ \t]*(?P<input>.*?)"
-    r"\nObservation:[ \t]*(?P<obs>.*?)(?=\nThought:|\Z)",
-    re.DOTALL,
-)
-
-
-@dataclass(frozen=True)
-class ToolStep:
-    thought: str
-    action: str
-    action_input: str
-    observation: str
-
-    def render(self) -> str:
-        return (f"{START_TOOL} Thought: {self.thought}\nAction: {self.action}\nAction Input: {self.action_input}\n"
-                f"{START_OBSERVATION} Observation: {self.observation}")
-
-
 @dataclass(frozen=True)
 class TaraAnswer:
     answer: str
     score: float
-    steps: tuple[ToolStep, ...]
+    steps: tuple[ToolCall, ...]
     rationale: str
     no_tool_trace: str | None = None  # the raw trace when no tool was used ("Thought: ... No\nFinished.")
 
     def render_trace(self) -> str:
         """The assistant's tool part (no rationale), as the released code writes it."""
         if self.steps:
-            return "\n".join(step.render() for step in self.steps)
+            return "\n".join(render_call(step, final_newline=False) for step in self.steps)
         return f"{START_TOOL} {self.no_tool_trace or NO_TOOL_TRACE}"
 
 
@@ -91,35 +81,6 @@ class TaraItem:
         if self.test_list is not None:
             ctx["test_list"] = list(self.test_list)
         return ctx
-
-
-def tara_dir() -> Path:
-    """$ALIGN_TARA_DIR, else <repo root>/../shared/data/tara."""
-    env = os.environ.get("ALIGN_TARA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tara"
-
-
-def normalize_actions_text(text: str) -> str:
-    """The released code's clean-up of string-form traces."""
-    return text.replace("\n\n", "\n").replace("Thought: \n", "Thought: ")
-
-
-def parse_actions(actions: Any) -> tuple[tuple[ToolStep, ...], str | None]:
-    """TARA `actions` (a dict for one call, or a 'Thought/Action/Action Input/Observation' string) -> steps."""
-    if isinstance(actions, dict):
-        step = ToolStep(str(actions["Thought"]), str(actions["Action"]), str(actions["Action Input"]), str(actions["Observation"]))
-        return (step,), None
-    if not isinstance(actions, str):
-        raise ValueError(f"TARA actions must be a dict or a string, got {type(actions).__name__}")
-    text = normalize_actions_text(actions).strip()
-    if "Action:" not in text:
-        return (), text
-    steps = tuple(ToolStep(m["thought"], m["action"], m["input"], m["obs"]) for m in _STEP_RE.finditer(text))
-    if not steps:
-        raise ValueError(f"cannot parse a TARA trace: {text[:80]!r}")
-    return steps, None
 
 
 def _answer(raw: dict[str, Any]) -> TaraAnswer:
@@ -172,21 +133,23 @@ def load_tara(groups: str | Iterable[str], split: str, limit: int | None = None,
     """Items of the named tool groups (e.g. "calendar", "weather") for split "train" or "test"."""
     if split not in ("train", "test"):
         raise ValueError(f"TARA split must be 'train' or 'test', got {split!r}")
-    root = Path(root) if root is not None else tara_dir()
-    items: list[TaraItem] = []
+    wanted: list[tuple[str, str]] = []
     for group in [groups] if isinstance(groups, str) else list(groups):
         if group not in TARA_FILES:
             raise ValueError(f"unknown TARA group {group!r}; choose from {', '.join(TARA_FILES)}")
         name = TARA_FILES[group][0 if split == "train" else 1]
         if name is None:
             raise ValueError(f"TARA group {group!r} has no train split; use it for evaluation only")
+        wanted.append((group, name))
+    root = tara_dir(root)
+    items: list[TaraItem] = []
+    for group, name in wanted:
         items.extend(load_tara_file(root / name, group, limit))
     return items
 
 
 def load_weather_cache(root: str | Path | None = None) -> dict[str, str]:
-    root = Path(root) if root is not None else tara_dir()
-    return json.loads((root / "weather_history.json").read_text())
+    return json.loads((tara_dir(root) / "weather_history.json").read_text())
 
 
 # ----- rendering -----------------------------------------------------------------------------------------
@@ -219,7 +182,7 @@ class ThemisSegments:
     work_span: tuple[int, int] | None = None
 
 
-def render_themis(question: str, answer: str, trace: TaraAnswer | Sequence[ToolStep] | None, rationale: str | None,
+def render_themis(question: str, answer: str, trace: TaraAnswer | Sequence[ToolCall] | None, rationale: str | None,
                   context: str | None = None, include_rationale: bool = True) -> ThemisSegments:
     """The full Themis training sequence (EOS is appended by the tokenizer step)."""
     user = render_user(question, answer, context)
@@ -234,7 +197,7 @@ def render_themis(question: str, answer: str, trace: TaraAnswer | Sequence[ToolS
         for i, step in enumerate(steps):
             if i:
                 text += "\n"
-            head = step.render()
+            head = render_call(step, final_newline=False)
             obs_start = len(text) + head.index(START_OBSERVATION) + len(START_OBSERVATION)
             text += head
             obs_spans.append((obs_start, len(text)))
@@ -249,14 +212,14 @@ def render_themis(question: str, answer: str, trace: TaraAnswer | Sequence[ToolS
     return ThemisSegments(text, question_end, len(user), tuple(obs_spans), work_span)
 
 
-def render_item(item: TaraItem, side: str, include_rationale: bool = True, steps: Sequence[ToolStep] | None = None) -> ThemisSegments:
+def render_item(item: TaraItem, side: str, include_rationale: bool = True, steps: Sequence[ToolCall] | None = None) -> ThemisSegments:
     """One side ("pos" | "neg") of a TARA item as a Themis sequence; `steps` replaces the gold trace."""
     ans = item.pos if side == "pos" else item.neg
-    trace: TaraAnswer | Sequence[ToolStep] = ans if steps is None else steps
+    trace: TaraAnswer | Sequence[ToolCall] = ans if steps is None else steps
     return render_themis(item.question, ans.answer, trace, ans.rationale, item.context, include_rationale)
 
 
-def replay_steps(item: TaraItem, side: str, call_tool) -> tuple[ToolStep, ...]:
+def replay_steps(item: TaraItem, side: str, call_tool) -> tuple[ToolCall, ...]:
     """The gold trace with each Observation replaced by what `call_tool(action, input, context)` returns.
 
     Multi-step traces feed nothing forward (TARA's inputs are written out), so steps replay independently.
@@ -268,7 +231,7 @@ def replay_steps(item: TaraItem, side: str, call_tool) -> tuple[ToolStep, ...]:
 
 __all__ = [
     "START_TOOL", "START_OBSERVATION", "START_WORK", "THEMIS_SPECIAL_TOKENS", "NO_TOOL_TRACE", "TOOL_FAILED_OBSERVATION",
-    "TARA_FILES", "ToolStep", "TaraAnswer", "TaraItem", "ThemisSegments", "tara_dir", "parse_actions", "parse_item",
+    "TARA_FILES", "ToolCall", "TaraAnswer", "TaraItem", "ThemisSegments", "tara_dir", "parse_actions", "parse_item",
     "load_tara", "load_tara_file", "load_weather_cache", "render_user", "render_plain", "render_themis", "render_item",
     "replay_steps", "normalize_actions_text",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,21 +24,20 @@ from torch import nn
 
 from align.rewards.base import RewardFunction, RewardOutput
 from align.rewards.classifier import last_token_index
-from align.rewards.tara import (
+from align.rewards.tara import ThemisSegments, render_user
+from align.tools.trace import (
+    ACTION_RE,
     START_OBSERVATION,
     START_TOOL,
     START_WORK,
     THEMIS_SPECIAL_TOKENS,
     TOOL_FAILED_OBSERVATION,
-    ThemisSegments,
-    render_user,
 )
+from align.tools.trace import parse_action_block as parse_action  # the released parser, under its Themis name
 
 VALUE_HEAD_FILE = "v_head.safetensors"
 THEMIS_META_FILE = "themis.json"
 ASSISTANT_HEADER = "### ASSISTANT:\n"
-# The released parser (generate_themis.py parse_actions), quoted in PAPERS.md.
-ACTION_RE = re.compile(r"Action\s*\d*\s*:[\s]*(.*?)[\s]*Action\s*\d*\s*Input\s*\d*\s*:[\s]*(.*)", re.DOTALL)
 FINISHED = "Finished"
 
 
@@ -179,18 +177,6 @@ def themis_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Te
 
 
 # ----- the trace loop ---------------------------------------------------------------------------------------
-
-def parse_action(block: str) -> tuple[str, str] | None:
-    """The released parser: (action, input) from a tool block, or None."""
-    m = ACTION_RE.search(block)
-    if not m:
-        return None
-    action = m.group(1).strip()
-    tool_input = m.group(2).strip(" ").strip()
-    if not tool_input.startswith("SELECT "):
-        tool_input = tool_input.strip('"')
-    return action, tool_input
-
 
 class HFGreedyGenerator:
     """Greedy continuation of a batch of texts, stopping at EOS or <start_observation> (kept in the output)."""

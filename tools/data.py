@@ -6,17 +6,35 @@ import os
 import threading
 from pathlib import Path
 
+from align.errors import UserError
+
+TARA_ENV = "ALIGN_TARA_DIR"
+
 _loaded: dict[str, object] = {}
 _lock = threading.Lock()
 
 
-def tara_dir() -> Path | None:
-    """$ALIGN_TARA_DIR, else <repo root>/../shared/data/tara; None when neither exists."""
-    env = os.environ.get("ALIGN_TARA_DIR")
-    if env:
-        return Path(env) if Path(env).is_dir() else None
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tara"
-    return default if default.is_dir() else None
+def tara_dir(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the TARA data: `root` when given, else $ALIGN_TARA_DIR.
+
+    Raises UserError (one line naming both fixes) when neither is given or the path is not a folder; nothing
+    is guessed from where the package is installed.
+    """
+    env = os.environ.get(TARA_ENV)
+    path = root if root is not None else env
+    if path is not None and str(path) and Path(path).is_dir():
+        return Path(path)
+    where = (f"{root} is not a folder" if root is not None else
+             f"${TARA_ENV}={env} is not a folder" if env else f"no root given and ${TARA_ENV} is not set")
+    raise UserError(f"TARA data not found ({where}): pass root=... or set {TARA_ENV}=/path/to/tara")
+
+
+def optional_tara_dir() -> Path | None:
+    """tara_dir() or None: for the tools' default caches, which fall back to their HTTP backend without TARA."""
+    try:
+        return tara_dir()
+    except UserError:
+        return None
 
 
 def load_json(path: str | os.PathLike) -> object:
@@ -34,4 +52,4 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-__all__ = ["tara_dir", "load_json", "load_jsonl"]
+__all__ = ["TARA_ENV", "tara_dir", "optional_tara_dir", "load_json", "load_jsonl"]

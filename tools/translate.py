@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.tools.base import Tool, ToolError
-from align.tools.data import load_json, tara_dir
+from align.tools.data import load_json, optional_tara_dir
 from align.tools.http_client import HTTPConfig, request_json
 
 
@@ -39,7 +39,7 @@ class Translate(Tool):
         if isinstance(self.cache, dict):
             raw = self.cache
         elif self.cache == "tara":
-            root = tara_dir()
+            root = optional_tara_dir()
             f = root / "translate_history.json" if root else None
             raw = load_json(f) if f and f.exists() else {}
         else:

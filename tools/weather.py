@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from align.tools.base import Tool, ToolError
-from align.tools.data import load_json, tara_dir
+from align.tools.data import load_json, optional_tara_dir
 from align.tools.http_client import HTTPConfig, request_json
 
 _QUERY = re.compile(r"\s*(.+?)\s*,\s*(\d{4}-\d{2}-\d{2})\s*")
@@ -45,7 +45,7 @@ class HistoryWeather(Tool):
         if isinstance(self.cache, dict):
             return self.cache
         if self.cache == "tara":
-            root = tara_dir()
+            root = optional_tara_dir()
             return load_json(root / "weather_history.json") if root and (root / "weather_history.json").exists() else {}
         if self.cache:
             return load_json(self.cache)

@@ -9,7 +9,7 @@ from _tiny import build_tokenizer
 
 from align.rewards.tara import (
     TARA_FILES,
-    ToolStep,
+    ToolCall,
     load_tara,
     parse_actions,
     render_item,
@@ -19,8 +19,7 @@ from align.rewards.tara import (
 )
 from align.rewards.themis import ThemisLossOptions, add_themis_tokens, encode_themis
 
-needs_tara = pytest.mark.skipif(not (tara_dir() / "agent_calendar_test.json").is_file(),
-                                reason=f"TARA data not found at {tara_dir()} (set ALIGN_TARA_DIR)")
+needs_tara = pytest.mark.tara  # skipped without $ALIGN_TARA_DIR; fails the run if it skips with the data present
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_no_tool_trace_and_context():
     assert steps == () and raw == "Thought: Do I need to use a tool? No\nFinished."
     assert render_plain("q?", "a.", "ctx") == "Context: ctx\nQuestion: q?\nAnswer: a."
     steps, _ = parse_actions({"Thought": "t", "Action": "calculator", "Action Input": "<<1+1=2>>2", "Observation": "ok"})
-    assert steps == (ToolStep("t", "calculator", "<<1+1=2>>2", "ok"),)
+    assert steps == (ToolCall(thought="t", action="calculator", action_input="<<1+1=2>>2", observation="ok"),)
     with pytest.raises(ValueError):
         parse_actions(["not", "a", "trace"])
 

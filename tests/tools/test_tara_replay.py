@@ -1,25 +1,23 @@
 """Replay TARA's gold tool calls: each test item's gold Action / Action Input, run with the item as context
 through `align.tools.get_tool(action)`, must reproduce the gold Observation.
 
-Data: $ALIGN_TARA_DIR or <repo>/../shared/data/tara (CI has it).
+Data: $ALIGN_TARA_DIR (CI sets it; tests/conftest.py defaults it to <repo>/../shared/data/tara when present).
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from align import tools
 from align.tools.code_run import CodeRun
+from align.tools.data import optional_tara_dir
 from align.tools.search import WikiSearch
 from align.tools.trace import calls_from_tara
 
-REPO = Path(__file__).resolve().parents[2]
-TARA = Path(os.environ.get("ALIGN_TARA_DIR") or REPO.parent / "shared" / "data" / "tara")
-pytestmark = pytest.mark.skipif(not (TARA / "agent_calendar_test.json").exists(),
-                                reason=f"TARA data not found at {TARA} (set ALIGN_TARA_DIR)")
+TARA = optional_tara_dir() or Path("/nonexistent-tara")  # tests are skipped (marker `tara`) without the data
+pytestmark = pytest.mark.tara
 RATES: dict[str, tuple[int, int]] = {}
 
 

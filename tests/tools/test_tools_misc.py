@@ -185,3 +185,26 @@ def test_local_bm25_search():
     assert ws("capital Germany").output == docs[1]
     assert ws("yellow fruit bananas").output == docs[2]
     assert not ws("zzzz qqqq").ok
+
+
+def test_tara_dir_explicit_root_env_var_or_one_line_error(tmp_path, monkeypatch):
+    from align.errors import UserError
+    from align.tools.data import optional_tara_dir, tara_dir
+
+    monkeypatch.delenv("ALIGN_TARA_DIR", raising=False)
+    with pytest.raises(UserError) as err:
+        tara_dir()
+    msg = str(err.value)
+    assert "\n" not in msg and "pass root=..." in msg and "ALIGN_TARA_DIR=/path/to/tara" in msg
+    assert optional_tara_dir() is None
+    assert tara_dir(tmp_path) == tmp_path  # an explicit root wins
+    with pytest.raises(UserError, match="is not a folder.*pass root=.*ALIGN_TARA_DIR"):
+        tara_dir(tmp_path / "missing")
+    monkeypatch.setenv("ALIGN_TARA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match=r"\$ALIGN_TARA_DIR=.*missing is not a folder"):
+        tara_dir()
+    monkeypatch.setenv("ALIGN_TARA_DIR", str(tmp_path))
+    assert tara_dir() == tmp_path and optional_tara_dir() == tmp_path
+    # the tools' default caches fall back (to their HTTP backends) instead of raising without the data
+    monkeypatch.delenv("ALIGN_TARA_DIR")
+    assert tools.HistoryWeather()._cache() == {}
