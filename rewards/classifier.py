@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from align.algos.positions import position_ids_from_mask
 from align.rewards.base import RewardFunction, RewardOutput
 
 HEADS = ("auto", "sequence_classification", "value_head")
@@ -36,7 +37,7 @@ class ValueHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, T] (left or right padding) -> rewards [B]."""
         # position ids from the mask keep a row's score independent of how much padding it got
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(attention_mask)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         hidden = out.last_hidden_state  # [B, T, H]
         last = last_token_index(attention_mask)  # [B]

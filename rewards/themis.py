@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from align.algos.positions import position_ids_from_mask
 from align.rewards.base import RewardFunction, RewardOutput
 from align.rewards.classifier import last_token_index
 from align.rewards.tara import ThemisSegments, render_user
@@ -55,7 +56,7 @@ class ThemisModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_logits: bool = True):
         """input_ids, attention_mask: [B, T] (left padding) -> (logits [B, T, V] or None, rewards [B])."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(attention_mask)
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         hidden = out.last_hidden_state  # [B, T, H], after the final norm
         last = last_token_index(attention_mask)

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from align import kernels
+from align.algos.positions import position_ids_from_mask
 from align.kernels.sampling_reference import gumbel_noise
 from align.rollouts.batch import RolloutBatch
 from align.rollouts.noise import _GOLDEN, _M1, _M2, sample_keys
@@ -375,7 +376,7 @@ class RolloutEngine:
         state = entry.state if entry is not None else self._new_state(rows, width, T, keys is not None)
         self._reset_state(state, prompt_mask, keys, b)
 
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(prompt_mask)
         if self.use_bias:
             prefill_mask = self._prefill_bias(prompt_mask, state.bias.shape[-1] if state.static else width)
         else:

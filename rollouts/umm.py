@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import torch
 
+from align.algos.positions import position_ids_from_mask
+
 UMM_CONFIG_KEYS = ("num_image_tokens", "image_token_ids", "boi_token_id", "eoi_token_id", "prompt_suffix", "instruction")
 
 
@@ -282,7 +284,7 @@ class JanusUMM:
         img_emb = m.prepare_embeddings_for_image_generation(image_ids.to(self.device))
         emb = torch.cat([text_emb, img_emb.to(text_emb.dtype)], dim=1)
         att = torch.cat([att, torch.ones_like(image_ids, device=self.device)], dim=1)
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(att)
         hidden = m.model.language_model(inputs_embeds=emb, attention_mask=att, position_ids=pos).last_hidden_state
         scores = m.model.generation_head(hidden[:, P - 1:P - 1 + K])  # position P-1+k predicts image token k
         return _gather_logprobs(scores, image_ids.to(self.device))

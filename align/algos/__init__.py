@@ -16,6 +16,7 @@ from align.algos.advantages import (
 from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
 from align.algos.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from align.algos.positions import position_ids_from_mask
 from align.algos.shaping import shaped_token_rewards
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "position_ids_from_mask",
     "reinforce_pp_advantages",
     "reinforce_pp_token_advantages",
     "rloo_advantages",

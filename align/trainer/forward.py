@@ -12,15 +12,11 @@ import torch
 from torch import nn
 
 from align import kernels
+from align.algos.positions import position_ids_from_mask
 from align.models import decoder_and_head, needs_full_logits
 
 # Below this many logits (4M, 16 MB in fp32) the full [N, V] matrix is cheaper than chunking.
 SMALL_LOGITS = 1 << 22
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[N, L] -> [N, L]: 0, 1, 2, ... over real tokens (left padding gets 0), as Hugging Face generate does."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
