@@ -30,6 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from align.algos import masked_mean, masked_whiten
+from align.algos.masked import as_bool_mask
+
 __all__ = [
     "ICM",
     "CuriosityModule",
@@ -107,10 +110,6 @@ def forward_prediction_error(next_phi: torch.Tensor, predicted: torch.Tensor, sq
     return 0.5 * torch.linalg.vector_norm(diff, ord=2, dim=-1)
 
 
-def _as_bool(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
 def icm_loss(next_phi: torch.Tensor, predicted: torch.Tensor, mask: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """L_ICM = sum_t err_t * m_t / sum_t m_t with err_t = 0.5 * ||f(phi(s_t), a_t) - phi(s_{t+1})||_2 (0-dim).
 
@@ -118,30 +117,26 @@ def icm_loss(next_phi: torch.Tensor, predicted: torch.Tensor, mask: torch.Tensor
     Source: CD-RLHF eq. (5); released `ICM_loss` (L2 norm, not squared).
     """
     err = forward_prediction_error(next_phi, predicted, squared=squared)
-    keep = _as_bool(mask)
-    total = torch.where(keep, err, torch.zeros((), dtype=err.dtype, device=err.device)).sum()
-    return total / keep.sum().clamp(min=1).to(err.dtype)
+    return masked_mean(err, as_bool_mask(mask))
 
 
 def whiten_intrinsic(raw: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, include_padding: bool = False) -> torch.Tensor:
     """(r - mean) / sqrt(var + eps) over the batch's response tokens; [B, T] -> [B, T], 0 at padding.
 
     mean and the biased variance (torch.var(unbiased=False), as the released `whiten`) are taken over the
-    masked entries. include_padding=True reproduces the released code exactly: there the raw reward is
+    masked entries: `align.algos.masked_whiten(raw, mask, unbiased=False)`. include_padding=True reproduces the released code exactly: there the raw reward is
     multiplied by the mask and whitened over the whole [B, T] tensor, so padding zeros enter the statistics
     (and the result depends on how much padding the batch has). Source: released `ppo_trainer.whiten`.
     """
-    keep = _as_bool(mask)
-    zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
-    masked = torch.where(keep, raw, zero)
+    keep = as_bool_mask(mask)
     if include_padding:
+        # the released code: plain (unmasked) statistics of the masked-to-zero [B, T] tensor
+        zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
+        masked = torch.where(keep, raw, zero)
         mean = masked.mean()
         var = (masked - mean).pow(2).mean()
         return torch.where(keep, (masked - mean) * torch.rsqrt(var + eps), zero)
-    count = keep.sum().clamp(min=1).to(raw.dtype)
-    mean = masked.sum() / count
-    var = torch.where(keep, (raw - mean).pow(2), zero).sum() / count
-    return torch.where(keep, (raw - mean) * torch.rsqrt(var + eps), zero)
+    return masked_whiten(raw, keep, eps=eps, unbiased=False)
 
 
 def topk_hit_from_logits(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
@@ -244,7 +239,7 @@ class CuriosityModule:
         if tuple(mask.shape) != tuple(actions.shape[:2]):
             raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(actions.shape[:2])}")
         to = dict(device=self.device, dtype=self.dtype)
-        return states.detach().to(**to), actions.detach().to(**to), _as_bool(mask).to(self.device)
+        return states.detach().to(**to), actions.detach().to(**to), as_bool_mask(mask).to(self.device)
 
     # -- the intrinsic reward -----------------------------------------------------------------------
     def compute(self, states: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor,
@@ -268,7 +263,7 @@ class CuriosityModule:
             if not bool(torch.isfinite(raw).all()):
                 raise FloatingPointError("curiosity: non-finite ICM prediction error (check the reference hidden states for NaN/inf)")
             whitened = whiten_intrinsic(raw, keep, include_padding=self.whiten_include_padding)
-            gate = (keep & ~_as_bool(topk_hit).to(keep.device)).to(raw.dtype)
+            gate = (keep & ~as_bool_mask(topk_hit).to(keep.device)).to(raw.dtype)
             intrinsic = whitened * gate
         n_tokens = max(int(keep.sum()), 1)
         n_gated = int(gate.sum())

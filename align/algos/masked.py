@@ -79,19 +79,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, dim: 
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = True
 ) -> torch.Tensor:
-    """Whiten `x` with the mean and (unbiased) variance of its masked entries, over the whole tensor.
+    """Whiten `x` with the mean and variance of its masked entries, over the whole tensor.
 
     x, mask: same shape (e.g. [B, T]) -> same shape. out = (x - mean) * rsqrt(var + eps); with
     shift_mean=False the mean is added back (out + mean), as TRL / verl do for advantages.
-    Padding positions are 0 in the output. A single selected entry gives 0 (var is taken as 0).
+    unbiased=True (TRL / verl) uses Bessel's correction; unbiased=False the biased variance
+    (torch.var(unbiased=False)), as the released CD-RLHF `whiten` of its intrinsic reward does.
+    Padding positions are 0 in the output. A single selected entry gives 0 (unbiased var is taken as 0).
     Source: `whiten` / `masked_whiten` in TRL core and verl torch_functional.
     """
     check_same_shape("x", x, "mask", mask)
     keep = as_bool_mask(mask)
     mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    var = masked_var(x, mask, unbiased=unbiased)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -62,12 +62,14 @@ def test_masked_var(unbiased):
         assert got == pytest.approx(_ref_var([a for a, b in zip(row_x, row_m) if b], unbiased))
 
 
+@pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("shift_mean", [True, False])
-def test_masked_whiten_matches_formula(shift_mean):
+def test_masked_whiten_matches_formula(shift_mean, unbiased):
+    # unbiased=False is the biased variance the released CD-RLHF `whiten` uses for the intrinsic reward
     sel = _selected(X, M)
     mu = sum(sel) / len(sel)
-    var = _ref_var(sel, unbiased=True)
-    out = algos.masked_whiten(_t(X), _t(M), shift_mean=shift_mean)
+    var = _ref_var(sel, unbiased=unbiased)
+    out = algos.masked_whiten(_t(X), _t(M), shift_mean=shift_mean, unbiased=unbiased)
     for i in range(3):
         for j in range(5):
             if M[i][j]:
@@ -78,7 +80,17 @@ def test_masked_whiten_matches_formula(shift_mean):
     if shift_mean:
         whitened = out[_t(M).bool()]
         assert whitened.mean().item() == pytest.approx(0.0, abs=1e-12)
-        assert whitened.var(unbiased=True).item() == pytest.approx(1.0, rel=1e-6)
+        assert whitened.var(unbiased=unbiased).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_masked_whiten_biased_is_the_default_scaled():
+    # the two variances differ by n / (n - 1): whitened values by sqrt((n - 1) / n) (eps aside)
+    n = len(_selected(X, M))
+    unb = algos.masked_whiten(_t(X), _t(M), eps=0.0)
+    bia = algos.masked_whiten(_t(X), _t(M), eps=0.0, unbiased=False)
+    assert torch.allclose(bia * math.sqrt((n - 1) / n), unb, rtol=1e-12, atol=0)
+    single = algos.masked_whiten(_t([[5.0, 1.0, 2.0]]), _t([[0, 1, 0]]), unbiased=False)
+    assert torch.isfinite(single).all() and torch.equal(single, torch.zeros_like(single))
 
 
 def test_masked_whiten_single_element_and_constant_are_finite():
