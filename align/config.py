@@ -290,6 +290,23 @@ class CuriosityConfig(Section):
 
 
 @dataclass
+class OverlongBufferConfig(Section):
+    """DAPO's soft over-long punishment (arXiv 2503.14476 eq. 13; verl's `overlong_buffer`): a response longer
+    than rollout.max_new_tokens - len gets a penalty growing linearly to -penalty_factor at max_new_tokens,
+    added to its score (`align.algos.overlong_penalty`)."""
+
+    enable: bool = False  # off by default
+    len: int = 0  # the buffer length L_cache in tokens (1 .. rollout.max_new_tokens when enabled)
+    penalty_factor: float = 1.0  # the penalty at the full length L_max
+
+    def validate(self) -> None:
+        if self.enable:
+            self.check(self.len >= 1, "len", "set the buffer length (tokens, >= 1) when enable is true")
+            self.check(self.penalty_factor >= 0.0 and math.isfinite(self.penalty_factor), "penalty_factor",
+                       "must be a finite number >= 0")
+
+
+@dataclass
 class RewardConfig(Section):
     # Each entry: a registered name ("math_verify"), {"name": ..., "weight": ..., "kwargs": {...}},
     # an import path "package.module:attr", or (from Python) a callable / RewardFunction.
@@ -301,6 +318,7 @@ class RewardConfig(Section):
     normalize: Literal["none", "running"] = "none"
     normalize_by: Union[str, None] = None  # with normalize=running: separate statistics per value of this column
     curiosity: Union[CuriosityConfig, None] = None
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
 
     def validate(self) -> None:
         self.check(bool(self.functions) or bool(self.remote_url), "functions",
@@ -333,6 +351,9 @@ class _PolicyOptimConfig(Section):
     entropy_coef: float = 0.0
     epochs: int = 1
     loss_agg: LossAgg = "token-mean"
+    # rows that hit rollout.max_new_tokens (stop reason "length") get zero loss weight: they still count in the
+    # advantage statistics (group mean / std, PPO whitening) but leave the update (TRL's mask_truncated_completions)
+    mask_truncated_completions: bool = False
 
     def validate(self) -> None:
         self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
@@ -477,6 +498,14 @@ class _RunConfig(Section):
                 raise ConfigError(f"{key} is required")
         if self.reward.functions == ["<unset>"]:
             raise ConfigError("reward.functions is required (e.g. [math_verify]) unless reward.remote_url is set")
+        ob = self.reward.overlong_buffer
+        if ob.enable:
+            if self.model.kind == "umm":
+                raise ConfigError("reward.overlong_buffer.enable = True: image responses have a fixed length; "
+                                  "set it to false for model.kind 'umm'")
+            if ob.len > self.rollout.max_new_tokens:
+                raise ConfigError(f"reward.overlong_buffer.len = {ob.len}: must be <= rollout.max_new_tokens "
+                                  f"({self.rollout.max_new_tokens}), the buffer is the end of the allowed length")
 
     @property
     def run_dir(self) -> Path:

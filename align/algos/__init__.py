@@ -16,7 +16,7 @@ from align.algos.advantages import (
 from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
 from align.algos.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from align.algos.shaping import shaped_token_rewards
+from align.algos.shaping import overlong_penalty, shaped_token_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -34,6 +34,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "policy_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_token_advantages",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align import algos
 from align import checkpoint as ckpt_io
 from align.config import as_config
 from align.data import PromptDataset, PromptSampler, columns_of
@@ -189,9 +190,12 @@ class Trainer:
         sample_ids = torch.arange(self.samples_seen, self.samples_seen + len(prompts))
         self.samples_seen += len(prompts)
         batch = self.backend.generate(prompts, columns, sample_ids, self.params).to(self.device)
+        if batch.stop_reason is None or batch.stop_reason.shape != (len(prompts),):
+            raise RuntimeError("the rollout backend returned a batch without a stop reason for every row")
         lengths = batch.mask.sum(-1).float()
         return StepData(batch=batch), {"rollout/response_length": float(lengths.mean()),
-                                       "rollout/tokens": float(lengths.sum())}
+                                       "rollout/tokens": float(lengths.sum()),
+                                       "rollout/truncated": float(batch.truncated.float().mean())}
 
     def phase_score(self, step: StepData) -> dict[str, float]:
         """Reward every sample; errored or non-applicable samples are excluded, never scored 0."""
@@ -205,6 +209,7 @@ class Trainer:
             raise RuntimeError(f"no sample of this step could be scored ({n} samples); first error: {first}")
         step.scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
         step.valid = valid
+        overlong = self._overlong_penalty(step)
         step.train_rows = valid.nonzero().squeeze(-1)
         step.reward_info = out.info
         if out.token_rewards is not None:
@@ -213,7 +218,18 @@ class Trainer:
         return {"reward/mean": float(good.mean()), "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
                 "reward/max": float(good.max()), "reward/min": float(good.min()),
                 "reward/errors": float(sum(e is not None for e in out.errors)),
-                "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors)))}
+                "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors))),
+                **overlong}
+
+    def _overlong_penalty(self, step: StepData) -> dict[str, float]:
+        """reward.overlong_buffer: DAPO's soft over-long punishment added to the valid samples' scores."""
+        ob = self.cfg.reward.overlong_buffer
+        if not ob.enable:
+            return {}
+        penalty = algos.overlong_penalty(step.mask.sum(-1), self.params.max_new_tokens, ob.len, ob.penalty_factor)
+        penalty = torch.where(step.valid, penalty.to(step.scores.dtype), torch.zeros_like(step.scores))
+        step.scores = step.scores + penalty
+        return {"reward/overlong_penalty": float(penalty[step.valid].mean())}
 
     def _token_reward_tensor(self, rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
         """[N, T] from per-response-token lists (one value per response token of each sample)."""
@@ -276,6 +292,8 @@ class Trainer:
         """The algorithm's reward shaping hook (PPO: token rewards, curiosity update), then its advantages."""
         metrics = self.algo.shape_rewards(step, self.curiosity, self.models.policy.get_input_embeddings())
         metrics |= self.algo.compute_advantages(step)
+        if self.cfg.algo.mask_truncated_completions:  # zero loss weight for rows that hit max_new_tokens
+            step.train_rows = step.train_rows[~step.batch.truncated[step.train_rows]]
         metrics["train/samples"] = float(step.train_rows.numel())
         return metrics
 
