@@ -537,10 +537,10 @@ class RolloutEngine:
         lengths = mask.sum(-1)
         last = response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
         reason = torch.full_like(last, STOP_LENGTH)
-        stop_ids = [i for i in self._stop_ids(params) if i not in self._eos_ids(params)]
+        eos = self._eos_ids(params)
+        stop_ids = [i for i in params.stop_token_ids if i not in eos]
         if stop_ids:
             reason = torch.where(torch.isin(last, torch.tensor(stop_ids, device=last.device)), STOP_STRING, reason)
-        eos = self._eos_ids(params)
         if eos:
             reason = torch.where(torch.isin(last, torch.tensor(eos, device=last.device)), STOP_EOS, reason)
         if stopped_by_string is not None:
