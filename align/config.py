@@ -124,12 +124,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+_KEY_ERRORS = ("unknown config key '", "config key '")  # messages that quote a dotted key path
+
+
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Construct dataclass `cls` from a mapping, rejecting unknown keys with a close-match suggestion."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__} must be a mapping, got {data!r}")
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    removed: dict[str, str] = getattr(cls, "removed_keys", {})
     for key in data:
+        if key in removed and key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"config key {where!r} was removed: {removed[key]}")
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
             close = suggest(str(key), names)
@@ -139,14 +146,21 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     try:
         obj = cls(**data)
     except ConfigError as err:
-        if prefix and not str(err).startswith(prefix):
+        text = str(err)
+        if prefix and text.startswith(_KEY_ERRORS):  # a nested section's key: prefix the quoted key paths
+            raise ConfigError(text.replace(" '", f" '{prefix}.")) from None
+        if prefix and not text.startswith(prefix):
             raise ConfigError(f"{prefix}.{err}") from None
         raise
     return obj
 
 
 class Section:
-    """Base for config sections: converts and checks field types, then runs `validate()`."""
+    """Base for config sections: converts and checks field types, then runs `validate()`.
+
+    `removed_keys` {old key: the fix} names keys that no longer exist and what replaces them."""
+
+    removed_keys: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -258,12 +272,14 @@ class RolloutConfig(Section):
 
 @dataclass
 class CuriosityConfig(Section):
-    """CD-RLHF intrinsic reward (PAPERS.md §2). eta = 0 reproduces plain PPO exactly."""
+    """CD-RLHF intrinsic reward (PAPERS.md §2). eta = 0 reproduces plain PPO exactly. The paper's
+    clip(RM score, -2.5, 2.5) is `reward.clip: 2.5`."""
 
+    removed_keys: ClassVar[dict[str, str]] = {
+        "score_clip": "set reward.clip instead (e.g. reward.clip: 2.5, the CD-RLHF value; one clip for every algorithm)"}
     eta: float = 0.0
     top_k: int = 1
     lr: float = 1e-5
-    score_clip: float = 2.5
     squared: bool = False  # the paper's squared L2 loss; the released code uses the plain norm
     whiten_include_padding: bool = False  # the released code lets padding zeros into the whitening statistics
 
@@ -274,6 +290,23 @@ class CuriosityConfig(Section):
 
 
 @dataclass
+class OverlongBufferConfig(Section):
+    """DAPO's soft over-long punishment (arXiv 2503.14476 eq. 13; verl's `overlong_buffer`): a response longer
+    than rollout.max_new_tokens - len gets a penalty growing linearly to -penalty_factor at max_new_tokens,
+    added to its score (`align.algos.overlong_penalty`)."""
+
+    enable: bool = False  # off by default
+    len: int = 0  # the buffer length L_cache in tokens (1 .. rollout.max_new_tokens when enabled)
+    penalty_factor: float = 1.0  # the penalty at the full length L_max
+
+    def validate(self) -> None:
+        if self.enable:
+            self.check(self.len >= 1, "len", "set the buffer length (tokens, >= 1) when enable is true")
+            self.check(self.penalty_factor >= 0.0 and math.isfinite(self.penalty_factor), "penalty_factor",
+                       "must be a finite number >= 0")
+
+
+@dataclass
 class RewardConfig(Section):
     # Each entry: a registered name ("math_verify"), {"name": ..., "weight": ..., "kwargs": {...}},
     # an import path "package.module:attr", or (from Python) a callable / RewardFunction.
@@ -281,10 +314,11 @@ class RewardConfig(Section):
     weights: list[float] = field(default_factory=list)  # optional, one per function (default 1.0)
     remote_url: str = ""  # score through a running `align serve-rewards`
     remote_token: str = ""
-    clip: Union[float, None] = None  # clip scores to [-clip, clip] after mixing
+    clip: Union[float, None] = None  # clip scores to [-clip, clip] after mixing (the one score clip; CD-RLHF uses 2.5)
     normalize: Literal["none", "running"] = "none"
     normalize_by: Union[str, None] = None  # with normalize=running: separate statistics per value of this column
     curiosity: Union[CuriosityConfig, None] = None
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
 
     def validate(self) -> None:
         self.check(bool(self.functions) or bool(self.remote_url), "functions",
@@ -317,6 +351,9 @@ class _PolicyOptimConfig(Section):
     entropy_coef: float = 0.0
     epochs: int = 1
     loss_agg: LossAgg = "token-mean"
+    # rows that hit rollout.max_new_tokens (stop reason "length") get zero loss weight: they still count in the
+    # advantage statistics (group mean / std, PPO whitening) but leave the update (TRL's mask_truncated_completions)
+    mask_truncated_completions: bool = False
 
     def validate(self) -> None:
         self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
@@ -329,6 +366,8 @@ class _PolicyOptimConfig(Section):
 
 @dataclass
 class PPOAlgoConfig(_PolicyOptimConfig):
+    removed_keys: ClassVar[dict[str, str]] = {
+        "score_clip": "set reward.clip instead (one clip of the mixed score for every algorithm)"}
     gamma: float = 1.0
     lam: float = 0.95
     value_clip: Union[float, None] = 0.2
@@ -339,7 +378,6 @@ class PPOAlgoConfig(_PolicyOptimConfig):
     kl_in: Literal["reward", "loss"] = "reward"
     kl_estimator: KLEstimator = "k1"
     whiten_advantages: bool = True
-    score_clip: Union[float, None] = None
 
     def validate(self) -> None:
         super().validate()
@@ -460,6 +498,14 @@ class _RunConfig(Section):
                 raise ConfigError(f"{key} is required")
         if self.reward.functions == ["<unset>"]:
             raise ConfigError("reward.functions is required (e.g. [math_verify]) unless reward.remote_url is set")
+        ob = self.reward.overlong_buffer
+        if ob.enable:
+            if self.model.kind == "umm":
+                raise ConfigError("reward.overlong_buffer.enable = True: image responses have a fixed length; "
+                                  "set it to false for model.kind 'umm'")
+            if ob.len > self.rollout.max_new_tokens:
+                raise ConfigError(f"reward.overlong_buffer.len = {ob.len}: must be <= rollout.max_new_tokens "
+                                  f"({self.rollout.max_new_tokens}), the buffer is the end of the allowed length")
 
     @property
     def run_dir(self) -> Path:

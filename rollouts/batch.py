@@ -6,6 +6,11 @@ from typing import Any
 
 import torch
 
+# Why a row stopped; RolloutBatch.stop_reason holds the code (the index here), rewards receive the name.
+# "tool_call" is reserved for policy-side tool use (a row paused at a tool call); the engine does not emit it yet.
+STOP_REASONS = ("eos", "stop", "length", "tool_call")
+STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_TOOL_CALL = range(len(STOP_REASONS))
+
 
 @dataclass
 class RolloutBatch:
@@ -18,6 +23,9 @@ class RolloutBatch:
     logprobs:         [N, T] sampled tokens' log-probs under the raw (temperature-1, untruncated) policy
     sampling_logprobs:[N, T] the same tokens' log-probs under the truncated sampling distribution
     topk_hit:         [N, T] bool, the sampled token was among the top-k (k = `gate_top_k`) of the sampling dist
+    stop_reason:      [N] int64, why each row stopped, a code into STOP_REASONS: STOP_EOS (emitted an EOS
+                      token), STOP_STRING (a stop string or a non-EOS stop token), STOP_LENGTH (reached
+                      max_new_tokens: truncated); set by the engine for every row
     prompts / completions: decoded text, N each
     columns:          dataset columns for the reward functions, each a list of N
     weights_version:  the policy version that generated the batch
@@ -30,6 +38,7 @@ class RolloutBatch:
     logprobs: torch.Tensor
     sampling_logprobs: torch.Tensor | None = None
     topk_hit: torch.Tensor | None = None
+    stop_reason: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list[Any]] = field(default_factory=dict)
@@ -37,6 +46,27 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
+
+    @property
+    def stop_reasons(self) -> list[str] | None:
+        """Each row's stop reason by name ("eos", "stop", "length"), or None when the batch has none."""
+        if self.stop_reason is None:
+            return None
+        return [STOP_REASONS[int(c)] for c in self.stop_reason.tolist()]
+
+    @property
+    def truncated(self) -> torch.Tensor | None:
+        """[N] bool: the row hit max_new_tokens without stopping (stop reason "length")."""
+        return None if self.stop_reason is None else self.stop_reason == STOP_LENGTH
+
+    def reward_columns(self) -> dict[str, list[Any]]:
+        """What a reward function receives as keyword arguments besides prompts and completions: the dataset
+        columns, `completion_ids` (each response's token ids) and `stop_reason` (each row's stop reason name)."""
+        completion_ids = [row[m.bool()].tolist() for row, m in zip(self.response_ids, self.mask)]
+        out = {**self.columns, "completion_ids": completion_ids}
+        if self.stop_reason is not None:
+            out["stop_reason"] = self.stop_reasons
+        return out
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -92,6 +122,8 @@ class RolloutBatch:
         for name in ("sampling_logprobs", "topk_hit"):
             if all(getattr(b, name) is not None for b in batches):
                 out[name] = torch.cat([right(getattr(b, name), T, 0) for b in batches])
+        if all(b.stop_reason is not None for b in batches):
+            out["stop_reason"] = torch.cat([b.stop_reason for b in batches])
         out["prompts"] = [p for b in batches for p in b.prompts]
         out["completions"] = [c for b in batches for c in b.completions]
         keys = batches[0].columns.keys()

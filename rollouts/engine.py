@@ -57,7 +57,7 @@ from torch import nn
 from align import kernels
 from align.algos.positions import position_ids_from_mask
 from align.kernels.sampling_reference import gumbel_noise
-from align.rollouts.batch import RolloutBatch
+from align.rollouts.batch import STOP_EOS, STOP_LENGTH, STOP_STRING, RolloutBatch
 from align.rollouts.noise import _GOLDEN, _M1, _M2, sample_keys
 from align.rollouts.params import SamplingParams
 
@@ -322,11 +322,14 @@ class RolloutEngine:
 
     # ---------------------------------------------------------------------------------------------
     def _stop_ids(self, params: SamplingParams) -> list[int]:
-        ids = list(params.stop_token_ids)
+        return sorted(set(params.stop_token_ids) | set(self._eos_ids(params)))
+
+    def _eos_ids(self, params: SamplingParams) -> list[int]:
+        """The tokenizer's EOS ids that end a row (none with `ignore_eos`)."""
         eos = self.tokenizer.eos_token_id
-        if not params.ignore_eos and eos is not None:
-            ids += eos if isinstance(eos, list) else [eos]
-        return sorted(set(ids))
+        if params.ignore_eos or eos is None:
+            return []
+        return list(eos) if isinstance(eos, list) else [eos]
 
     def _vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
@@ -515,8 +518,9 @@ class RolloutEngine:
         used = int(live.any(0).nonzero().max()) + 1  # graphs may run past the step where every row finished
         mask = live[:, :used].long()
         response_ids = state.out_tokens[:b, :used]
+        stopped_by_string = None
         if params.stop:
-            mask = self._truncate_at_stop_strings(response_ids, mask, params.stop)
+            mask, stopped_by_string = self._truncate_at_stop_strings(response_ids, mask, params.stop)
         keep = mask.bool()
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask,
@@ -524,7 +528,25 @@ class RolloutEngine:
             logprobs=torch.where(keep, state.out_logp[:b, :used], 0.0),
             sampling_logprobs=torch.where(keep, state.out_slp[:b, :used], 0.0),
             topk_hit=state.out_hit[:b, :used] & keep,
+            stop_reason=self._stop_reasons(response_ids, mask, params, stopped_by_string),
         )
+
+    def _stop_reasons(self, response_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+                      stopped_by_string: torch.Tensor | None) -> torch.Tensor:
+        """[b] int64 codes (rollouts.batch.STOP_REASONS) from each row's last kept token: an EOS token -> eos,
+        another stop token or a stop string in the text -> stop, otherwise the row ran to max_new_tokens -> length."""
+        lengths = mask.sum(-1)
+        last = response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        reason = torch.full_like(last, STOP_LENGTH)
+        eos = self._eos_ids(params)
+        stop_ids = [i for i in params.stop_token_ids if i not in eos]
+        if stop_ids:
+            reason = torch.where(torch.isin(last, torch.tensor(stop_ids, device=last.device)), STOP_STRING, reason)
+        if eos:
+            reason = torch.where(torch.isin(last, torch.tensor(eos, device=last.device)), STOP_EOS, reason)
+        if stopped_by_string is not None:
+            reason = torch.where(stopped_by_string.to(last.device), STOP_STRING, reason)
+        return reason.to(torch.long)
 
     def _hit_stop_strings(self, state: _DecodeState, t: int, stops: list[str]) -> bool:
         """Mark rows whose text so far contains a stop string as finished; True when all rows are."""
@@ -536,19 +558,22 @@ class RolloutEngine:
         state.finished.copy_(finished)
         return bool(finished.all())
 
-    def _truncate_at_stop_strings(self, response_ids, mask, stops) -> torch.Tensor:
-        """Keep each row up to and including the token that completes its first stop string."""
+    def _truncate_at_stop_strings(self, response_ids, mask, stops) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep each row up to and including the token that completes its first stop string; also returns
+        [b] bool, the rows whose text contains a stop string."""
         mask = mask.clone()
+        hit = torch.zeros(response_ids.shape[0], dtype=torch.bool)
         for i in range(response_ids.shape[0]):
             ids = response_ids[i][mask[i].bool()].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             if not any(s in text for s in stops):
                 continue
+            hit[i] = True
             for cut in range(1, len(ids) + 1):
                 if any(s in self.tokenizer.decode(ids[:cut], skip_special_tokens=True) for s in stops):
                     mask[i, cut:] = 0
                     break
-        return mask
+        return mask, hit
 
 
 class _Sampler:

@@ -206,12 +206,11 @@ def receive_flat(meta: list[tuple[str, tuple[int, ...], torch.dtype]], device: t
 
 
 def reward_payload(batch: RolloutBatch, sample_ids: torch.Tensor | list[int] | None) -> dict[str, Any]:
-    """What `align.rewards.worker.RewardWorker.score` takes for `batch`; the columns and `completion_ids` reach the
-    reward as keyword arguments exactly as in the in-process backend."""
-    completion_ids = [row[m.bool()].tolist() for row, m in zip(batch.response_ids, batch.mask)]
+    """What `align.rewards.worker.RewardWorker.score` takes for `batch`; the columns, `completion_ids` and
+    `stop_reason` reach the reward as keyword arguments exactly as in the in-process backend."""
     ids = None if sample_ids is None else [int(i) for i in torch.as_tensor(sample_ids).tolist()]
     return {"prompts": list(batch.prompts), "completions": list(batch.completions), "sample_ids": ids,
-            "columns": {**batch.columns, "completion_ids": completion_ids}}
+            "columns": batch.reward_columns()}
 
 
 __all__ = ["ModelSpec", "RolloutWorker", "StaleWeightsError", "broadcast_flat", "build_policy", "receive_flat",

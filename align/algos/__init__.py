@@ -17,7 +17,7 @@ from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
 from align.algos.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from align.algos.positions import position_ids_from_mask
-from align.algos.shaping import shaped_token_rewards
+from align.algos.shaping import overlong_penalty, shaped_token_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -35,6 +35,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "policy_loss",
     "position_ids_from_mask",
     "reinforce_pp_advantages",

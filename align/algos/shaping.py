@@ -1,4 +1,5 @@
-"""Per-token rewards for PPO: KL penalty, optional intrinsic bonus, and the sequence score on the last token."""
+"""Reward shaping: per-token rewards for PPO (KL penalty, optional intrinsic bonus, the sequence score on the last
+token) and DAPO's soft over-long punishment of sequence scores."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import torch
 
 from align.algos.masked import as_bool_mask
 
-__all__ = ["shaped_token_rewards"]
+__all__ = ["overlong_penalty", "shaped_token_rewards"]
 
 
 def shaped_token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
@@ -50,3 +51,28 @@ def shaped_token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Ten
     rows = torch.nonzero(last >= 0).squeeze(1)
     # index_put_ touches only the last positions: every other entry stays bitwise as computed above
     return rewards.index_put((rows, last[rows]), clipped[rows], accumulate=True)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer_length: int,
+                     penalty_factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft over-long punishment, added to each sequence's score: lengths [B] -> penalties [B].
+
+    |y| = response length in tokens (the stop token included), L_max = max_length (rollout.max_new_tokens),
+    L_cache = buffer_length, f = penalty_factor:
+        0                                     |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache * f    L_max - L_cache < |y| <= L_max
+        -f                                    |y| > L_max   (cannot happen when responses are cut at L_max)
+    Source: Yu et al. 2025, DAPO (arXiv 2503.14476) eq. 13 (there f = 1); the factor as verl's
+    `overlong_buffer.penalty_factor` (recipe/dapo reward manager: min(-(|y| - (L_max - L_cache)) / L_cache * f, 0)).
+    Float lengths keep their dtype; integer lengths give float32.
+    """
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be [B], got {tuple(lengths.shape)}")
+    if not 1 <= buffer_length <= max_length:
+        raise ValueError(f"buffer_length = {buffer_length}: must be in [1, max_length = {max_length}]")
+    if penalty_factor < 0 or not math.isfinite(penalty_factor):
+        raise ValueError(f"penalty_factor = {penalty_factor}: must be a finite number >= 0")
+    y = lengths if lengths.is_floating_point() else lengths.to(torch.float32)
+    expected = max_length - buffer_length
+    penalty = (expected - y) / buffer_length * penalty_factor
+    return torch.clamp(penalty, min=-float(penalty_factor), max=0.0)  # the lower bound: |y| > L_max

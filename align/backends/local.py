@@ -12,8 +12,8 @@ from align.rollouts.params import SamplingParams
 
 
 def score_batch(reward: RewardFunction, batch: RolloutBatch) -> RewardOutput:
-    completion_ids = [row[m.bool()].tolist() for row, m in zip(batch.response_ids, batch.mask)]
-    return reward.score(batch.prompts, batch.completions, completion_ids=completion_ids, **batch.columns)
+    """Dataset columns, completion_ids and stop_reason reach the reward as keyword arguments."""
+    return reward.score(batch.prompts, batch.completions, **batch.reward_columns())
 
 
 class LocalBackend:

@@ -7,25 +7,18 @@ import torch
 from align import algos
 from align.config import GRPOAlgoConfig
 from align.registry import ADVANTAGES
+from align.trainer.algorithm import Algorithm
 from align.trainer.forward import ForwardOutput
 from align.trainer.state import StepData
 
 
-class GRPOAlgorithm:
+class GRPOAlgorithm(Algorithm):
     name = "grpo"
     uses_critic = False
 
     def __init__(self, cfg: GRPOAlgoConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.group_size = cfg.group_size
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.cfg.kl_coef > 0
-
-    @property
-    def entropy_coef(self) -> float:
-        return self.cfg.entropy_coef
 
     def compute_advantages(self, step: StepData) -> dict[str, float]:
         cfg, g = self.cfg, self.group_size
@@ -51,9 +44,6 @@ class GRPOAlgorithm:
         metrics["advantages/abs_mean"] = float(adv[keep].abs().mean()) if keep.any() else 0.0
         return metrics
 
-    def after_step(self, kl_per_seq: float, n_samples: int) -> None:
-        """GRPO's beta is fixed."""
-
     def loss(self, fwd: ForwardOutput, step: StepData, rows: torch.Tensor, old_logprobs: torch.Tensor,
              denom: float, vf_denom: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
@@ -70,9 +60,3 @@ class GRPOAlgorithm:
         if cfg.entropy_coef and fwd.entropy is not None:
             total = total - cfg.entropy_coef * algos.aggregate(fwd.entropy, mask, cfg.loss_agg, global_denom=denom)
         return total, metrics
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -1,7 +1,8 @@
 """The training loop: one step in six named phases (DESIGN.md "Data flow of one training step").
 
-generate -> score -> logprobs -> advantages -> update -> sync. PPO and GRPO share the loop; what differs
-(advantages, loss) lives in `PPOAlgorithm` / `GRPOAlgorithm`. The RL math itself is in `align.algos`.
+generate -> score -> logprobs -> advantages -> update -> sync. PPO and GRPO share the loop, which never asks
+which algorithm runs: what differs (reward shaping and curiosity updates, advantages, the loss) sits behind the
+hooks of `align.trainer.algorithm.Algorithm` (`PPOAlgorithm`, `GRPOAlgorithm`). The RL math is in `align.algos`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from align import algos
 from align import checkpoint as ckpt_io
-from align.config import PPOConfig, as_config
+from align.config import as_config
 from align.data import PromptDataset, PromptSampler, columns_of
 from align.errors import CheckpointError, UserError
 from align.metrics import MetricsLogger
@@ -24,9 +26,8 @@ from align.models import hidden_size_of, load_models, needs_full_logits, resolve
 from align.reward_setup import bind_policy, build_reward
 from align.rollouts.engine import RolloutEngine
 from align.rollouts.params import SamplingParams
+from align.trainer.algorithm import make_algorithm
 from align.trainer.forward import chunked, position_ids_from_mask, response_forward
-from align.trainer.grpo import GRPOAlgorithm
-from align.trainer.ppo import PPOAlgorithm
 from align.trainer.state import StepData
 
 
@@ -49,8 +50,8 @@ class Trainer:
         self.cfg = cfg = as_config(config, overrides)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
-        self.algo = PPOAlgorithm(cfg.algo) if isinstance(cfg, PPOConfig) else GRPOAlgorithm(cfg.algo)
-        curiosity_cfg = cfg.reward.curiosity if isinstance(cfg, PPOConfig) else None
+        self.algo = make_algorithm(cfg)
+        curiosity_cfg = cfg.reward.curiosity  # the config allows it only with algorithms that take token rewards
         self.curiosity_cfg = curiosity_cfg if curiosity_cfg is not None and curiosity_cfg.eta > 0 else None
         critic = cfg.model.critic if self.algo.uses_critic else None
         self.models = load_models(cfg.model, self.device, critic=critic,
@@ -189,9 +190,12 @@ class Trainer:
         sample_ids = torch.arange(self.samples_seen, self.samples_seen + len(prompts))
         self.samples_seen += len(prompts)
         batch = self.backend.generate(prompts, columns, sample_ids, self.params).to(self.device)
+        if batch.stop_reason is None or batch.stop_reason.shape != (len(prompts),):
+            raise RuntimeError("the rollout backend returned a batch without a stop reason for every row")
         lengths = batch.mask.sum(-1).float()
         return StepData(batch=batch), {"rollout/response_length": float(lengths.mean()),
-                                       "rollout/tokens": float(lengths.sum())}
+                                       "rollout/tokens": float(lengths.sum()),
+                                       "rollout/truncated": float(batch.truncated.float().mean())}
 
     def phase_score(self, step: StepData) -> dict[str, float]:
         """Reward every sample; errored or non-applicable samples are excluded, never scored 0."""
@@ -205,6 +209,7 @@ class Trainer:
             raise RuntimeError(f"no sample of this step could be scored ({n} samples); first error: {first}")
         step.scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
         step.valid = valid
+        overlong = self._overlong_penalty(step)
         step.train_rows = valid.nonzero().squeeze(-1)
         step.reward_info = out.info
         if out.token_rewards is not None:
@@ -213,11 +218,22 @@ class Trainer:
         return {"reward/mean": float(good.mean()), "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
                 "reward/max": float(good.max()), "reward/min": float(good.min()),
                 "reward/errors": float(sum(e is not None for e in out.errors)),
-                "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors)))}
+                "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors))),
+                **overlong}
+
+    def _overlong_penalty(self, step: StepData) -> dict[str, float]:
+        """reward.overlong_buffer: DAPO's soft over-long punishment added to the valid samples' scores."""
+        ob = self.cfg.reward.overlong_buffer
+        if not ob.enable:
+            return {}
+        penalty = algos.overlong_penalty(step.mask.sum(-1), self.params.max_new_tokens, ob.len, ob.penalty_factor)
+        penalty = torch.where(step.valid, penalty.to(step.scores.dtype), torch.zeros_like(step.scores))
+        step.scores = step.scores + penalty
+        return {"reward/overlong_penalty": float(penalty[step.valid].mean())}
 
     def _token_reward_tensor(self, rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
         """[N, T] from per-response-token lists (one value per response token of each sample)."""
-        if not isinstance(self.algo, PPOAlgorithm):
+        if not self.algo.accepts_token_rewards:
             raise UserError("a reward returned token-level rewards, which need per-token values: use algorithm: ppo "
                             "(GRPO uses one score per sample)")
         out = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
@@ -273,25 +289,11 @@ class Trainer:
         return self._updates_per_step() > 1 or self.algo.uses_critic
 
     def phase_advantages(self, step: StepData) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if isinstance(self.algo, PPOAlgorithm):
-            intrinsic = None
-            if self.curiosity is not None:
-                actions = self.models.policy.get_input_embeddings()(step.batch.response_ids).detach()
-                out = self.curiosity.compute(step.ref_hidden, actions, step.mask, step.batch.topk_hit)
-                intrinsic = out.intrinsic
-                metrics |= out.metrics
-                metrics |= self.curiosity.update(step.ref_hidden, actions, step.mask)
-            if step.old_logprobs is None:
-                step.old_logprobs = step.batch.logprobs  # only reached when KL is off; used for nothing else
-            step.token_rewards, m = self.algo.shaped_rewards(
-                step, intrinsic, self.curiosity_cfg.eta if self.curiosity_cfg else 0.0,
-                self.curiosity_cfg.score_clip if self.curiosity_cfg else None)
-            if step.reward_token_rewards is not None:  # e.g. process rewards from a RewardFunction
-                step.token_rewards = step.token_rewards + step.reward_token_rewards
-            metrics |= m
-            metrics["kl/coef"] = self.algo.kl_ctl.value
+        """The algorithm's reward shaping hook (PPO: token rewards, curiosity update), then its advantages."""
+        metrics = self.algo.shape_rewards(step, self.curiosity, self.models.policy.get_input_embeddings())
         metrics |= self.algo.compute_advantages(step)
+        if self.cfg.algo.mask_truncated_completions:  # zero loss weight for rows that hit max_new_tokens
+            step.train_rows = step.train_rows[~step.batch.truncated[step.train_rows]]
         metrics["train/samples"] = float(step.train_rows.numel())
         return metrics
 

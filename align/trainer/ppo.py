@@ -1,36 +1,56 @@
 """PPO's pieces: per-token rewards (KL in reward, curiosity), GAE advantages, and the actor-critic loss."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from align import algos
 from align.config import PPOAlgoConfig
+from align.trainer.algorithm import Algorithm
 from align.trainer.forward import ForwardOutput
 from align.trainer.state import StepData
 
 
-class PPOAlgorithm:
+class PPOAlgorithm(Algorithm):
     name = "ppo"
     group_size = 1
     uses_critic = True
+    accepts_token_rewards = True
 
     def __init__(self, cfg: PPOAlgoConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.kl_ctl = (algos.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                        else algos.FixedKLController(cfg.kl_coef))
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.cfg.kl_coef > 0
+    def shape_rewards(self, step: StepData, curiosity: Any = None,
+                      action_embeddings: nn.Module | None = None) -> dict[str, float]:
+        """step.token_rewards [N, T]: KL penalty, the CD-RLHF intrinsic bonus (the ICM's reward as it is before
+        this step, then one ICM update on the same batch, as the released code), the score on the last token,
+        plus any token rewards the reward functions returned."""
+        metrics: dict[str, float] = {}
+        intrinsic, eta = None, 0.0
+        if curiosity is not None:
+            actions = action_embeddings(step.batch.response_ids).detach()
+            out = curiosity.compute(step.ref_hidden, actions, step.mask, step.batch.topk_hit)
+            intrinsic, eta = out.intrinsic, curiosity.eta
+            metrics |= out.metrics
+            metrics |= curiosity.update(step.ref_hidden, actions, step.mask)
+        if step.old_logprobs is None:
+            step.old_logprobs = step.batch.logprobs  # only reached when KL is off; used for nothing else
+        step.token_rewards, m = self.shaped_rewards(step, intrinsic, eta)
+        if step.reward_token_rewards is not None:  # e.g. process rewards from a RewardFunction
+            step.token_rewards = step.token_rewards + step.reward_token_rewards
+        metrics |= m
+        metrics["kl/coef"] = self.kl_ctl.value
+        return metrics
 
-    @property
-    def entropy_coef(self) -> float:
-        return self.cfg.entropy_coef
-
-    def shaped_rewards(self, step: StepData, intrinsic: torch.Tensor | None = None, eta: float = 0.0,
-                       score_clip: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def shaped_rewards(self, step: StepData, intrinsic: torch.Tensor | None = None,
+                       eta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         """token_rewards [N, T]: -kl_coef * kl_t (when KL is in the reward) + eta * intrinsic_t, plus the
-        (clipped) sequence score on each row's last response token (`algos.shaped_token_rewards`)."""
+        sequence score on each row's last response token (`algos.shaped_token_rewards`; the score was
+        already clipped by `reward.clip` when set)."""
         mask = step.mask.bool()
         metrics: dict[str, float] = {}
         kl = None
@@ -38,9 +58,8 @@ class PPOAlgorithm:
             kl = algos.kl_penalty(step.old_logprobs, step.ref_logprobs, self.cfg.kl_estimator)
             kl = torch.where(mask, kl, torch.zeros_like(kl))
             metrics["kl/mean_seq"] = float(kl.sum(-1).mean())
-        clip = self.cfg.score_clip if self.cfg.score_clip is not None else score_clip
         rewards = algos.shaped_token_rewards(step.scores, mask, kl=kl if self.cfg.kl_in == "reward" else None,
-                                             kl_coef=self.kl_ctl.value, intrinsic=intrinsic, eta=eta, score_clip=clip)
+                                             kl_coef=self.kl_ctl.value, intrinsic=intrinsic, eta=eta)
         return rewards.float(), metrics
 
     def compute_advantages(self, step: StepData) -> dict[str, float]:
