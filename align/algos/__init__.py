@@ -16,12 +16,14 @@ from align.algos.advantages import (
 from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
 from align.algos.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from align.algos.schedule import LR_SCHEDULES, lambda_lr, lr_multiplier
 from align.algos.shaping import shaped_token_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "KL_KINDS",
+    "LR_SCHEDULES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate",
@@ -30,6 +32,8 @@ __all__ = [
     "group_advantages",
     "grpo_advantages",
     "kl_penalty",
+    "lambda_lr",
+    "lr_multiplier",
     "masked_mean",
     "masked_sum",
     "masked_var",
