@@ -7,8 +7,6 @@ import importlib
 import sys
 
 from align.errors import UserError
-from align.rewards.base import RewardInputError
-from align.tools.registry import UnknownNameError
 
 COMMAND_MODULES = (
     "align.commands.train",      # train, sft, plot
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, UnknownNameError, FileNotFoundError, RewardInputError) as err:
+    except UserError as err:  # the one hierarchy (align.errors): unknown names, missing files, bad data included
         print(f"align {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from align.algos.schedule import lambda_lr
 from align.config import LoggingConfig, ModelConfig, Section, apply_overrides, build, read_config_file
 from align.data import read_records
 from align.errors import ConfigError, UserError
@@ -121,14 +122,7 @@ def sft(config: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     params = models.trainable_parameters()
     optim = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    def factor(i: int) -> float:
-        if i < cfg.train.warmup_steps:
-            return (i + 1) / (cfg.train.warmup_steps + 1)
-        progress = min(1.0, (i - cfg.train.warmup_steps) / max(1, total - cfg.train.warmup_steps))
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.train.lr_scheduler]
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, factor)
+    sched = lambda_lr(optim, total, cfg.train.warmup_steps, cfg.train.lr_scheduler)
     out_dir = Path(cfg.output_dir)
     logger = MetricsLogger(out_dir, cfg.logging.tensorboard)
     model.train()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,13 +419,15 @@ def pretrain(model, tokenizer, steps: int = 1500, batch_size: int = 64, lr: floa
     """
     import torch
 
+    from align.algos.schedule import lambda_lr
+
     grid_size = model.config.umm["grid_size"]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    # ramp min(1, (s + 1) / warm) times a cosine over all steps: the shifted ramp over warm - 1 steps, overlapping
+    sched = lambda_lr(opt, steps, warm - 1, "cosine", overlap=True)
     model.train()
     losses = []
     for step in range(steps):

@@ -76,7 +76,8 @@ def small_backbone(out_dir: Path, hidden: int, layers: int, seed: int = 0) -> st
 
 
 def run_encoder(args, backbone: str, variant: str, seed: int) -> dict:
-    from align.rewards.training import RMTrainConfig, train_reward_model
+    from align.command_configs import RMTrainConfig
+    from align.rewards.training import train_reward_model
 
     train_src = [f"tara:{','.join(args.groups)}"]
     cfg = RMTrainConfig.from_dict({
@@ -155,8 +156,8 @@ def run_frozen(args, feats: dict, seed: int) -> dict:
     import random
 
     import torch
-    from transformers import get_cosine_schedule_with_warmup
 
+    from align.algos.schedule import lambda_lr
     from align.rewards.training import bradley_terry_loss, pairwise_accuracy
 
     torch.manual_seed(seed)
@@ -166,7 +167,7 @@ def run_frozen(args, feats: dict, seed: int) -> dict:
     steps_per_epoch = -(-len(train) // args.batch_size)
     total = int(args.epochs * steps_per_epoch)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = get_cosine_schedule_with_warmup(opt, int(0.1 * total), total)
+    sched = lambda_lr(opt, total, int(0.1 * total), "cosine", ramp="zero")  # Hugging Face's cosine with warm-up
     order: list[int] = []
     model.train()
     for step in range(total):
@@ -244,8 +245,9 @@ def run_generative(args, seed: int) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from align.command_configs import RMTrainConfig
     from align.rewards.tara import THEMIS_SPECIAL_TOKENS, load_tara, render_item
-    from align.rewards.training import RMTrainConfig, train_reward_model
+    from align.rewards.training import train_reward_model
 
     base = args.out / "generative_base"
     if not (base / "config.json").is_file():

@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from align.errors import UserError
+
 
 @dataclass
 class RewardOutput:
@@ -50,7 +52,7 @@ class RewardOutput:
         return len(self.scores)
 
 
-class RewardInputError(ValueError):
+class RewardInputError(UserError, ValueError):
     """The reward asks for something the data does not have (e.g. a missing dataset column): a user's fix."""
 
 

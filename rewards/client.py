@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from align.errors import AlignError
 from align.rewards.base import RewardFunction, RewardOutput
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 
 
-class RemoteRewardError(RuntimeError):
+class RemoteRewardError(AlignError, RuntimeError):
     """The reward service could not score a batch (after retries, or it rejected the request)."""
 
 

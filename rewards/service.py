@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from align.errors import AlignError
 from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
 
 log = logging.getLogger("align.rewards.service")
@@ -179,11 +180,11 @@ class _Metrics:
         self.batch_failures = Counter("reward_batch_failures", "Batches whose reward raised", registry=r)
 
 
-class QueueFull(Exception):
+class QueueFull(AlignError):
     pass
 
 
-class ScoringFailed(Exception):
+class ScoringFailed(AlignError):
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)
         self.status = status
@@ -616,7 +617,7 @@ def create_app(reward: Any, *, max_batch_size: int = 64, max_wait_ms: float = 5.
     return app
 
 
-class _HTTPReply(Exception):
+class _HTTPReply(AlignError):
     def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status, self.detail, self.headers = status, detail, headers

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from align.errors import MissingFileError
 from align.tools.data import tara_dir
 from align.tools.trace import (
     NO_TOOL_TRACE,
@@ -110,7 +111,7 @@ def parse_item(raw: dict[str, Any], group: str) -> TaraItem:
 def load_tara_file(path: str | Path, group: str | None = None, limit: int | None = None) -> list[TaraItem]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"TARA file {path} not found; set ALIGN_TARA_DIR to the folder holding the TARA data")
+        raise MissingFileError(f"TARA file {path} not found; set ALIGN_TARA_DIR to the folder holding the TARA data")
     group = group or _group_of(path.name)
     items = []
     with path.open() as fh:

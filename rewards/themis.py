@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.algos.positions import position_ids_from_mask
+from align.errors import MissingFileError
 from align.rewards.base import RewardFunction, RewardOutput
 from align.rewards.classifier import last_token_index
 from align.rewards.tara import ThemisSegments, render_user
@@ -410,7 +411,7 @@ def load_themis(path: str | Path):
 
     p = Path(path)
     if not (p / VALUE_HEAD_FILE).is_file():
-        raise FileNotFoundError(f"{p} is not a Themis checkpoint (no {VALUE_HEAD_FILE}); train one with `align train-rm` and model.kind: themis")
+        raise MissingFileError(f"{p} is not a Themis checkpoint (no {VALUE_HEAD_FILE}); train one with `align train-rm` and model.kind: themis")
     tok = AutoTokenizer.from_pretrained(str(p))
     model = ThemisModel(AutoModelForCausalLM.from_pretrained(str(p)))
     model.v_head.load_state_dict(load_file(str(p / VALUE_HEAD_FILE)))

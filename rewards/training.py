@@ -2,25 +2,27 @@
 (lm_coef * LM + rm_coef * BT) for tool-augmented RMs; pairwise accuracy per tool group.
 
 `train_reward_model(RMTrainConfig)` and `evaluate_reward_model(config_or_checkpoint, sources)` back the
-`align train-rm` / `align eval-rm` commands. Data sources (lists of strings):
+`align train-rm` / `align eval-rm` commands (the config: align.command_configs.RMTrainConfig). Data sources
+(lists of strings):
   "tara:calendar,weather[:test]"  TARA groups (train split for training, test split for evaluation)
   "path/to/pairs.jsonl"           JSON Lines: prompt / chosen / rejected [/ group]  or TARA-format lines
   "hf:NAME[:SPLIT]"               a Hugging Face dataset with prompt / chosen / rejected columns
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from align.algos.schedule import lambda_lr
+from align.errors import MissingFileError
 from align.rewards.tara import (
     TOOL_FAILED_OBSERVATION,
     TaraItem,
@@ -31,179 +33,10 @@ from align.rewards.tara import (
     render_plain,
 )
 
-MODEL_KINDS = ("classifier", "themis")
-OBSERVATION_MODES = ("none", "tools", "gold")
-
-
 # ----- configs ---------------------------------------------------------------------------------------------
-
-@dataclass
-class RMModelConfig:
-    kind: str = "classifier"          # classifier | themis
-    path: str = ""                    # HF checkpoint (local dir or hub name); themis: a causal LM or a Themis dir
-    head: str = "auto"                # classifier: auto | sequence_classification | value_head
-    template: str = "{prompt}\n{completion}"  # classifier text for prompt/chosen/rejected pairs
-    max_length: int = 512
-    dtype: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise ValueError(f"model.kind={self.kind!r}: choose 'classifier' or 'themis'")
-        if not self.path:
-            raise ValueError("model.path is required: a Hugging Face model name or a local checkpoint directory")
-        if self.head not in ("auto", "sequence_classification", "value_head"):
-            raise ValueError(f"model.head={self.head!r}: choose auto, sequence_classification or value_head")
-        if self.max_length < 16:
-            raise ValueError(f"model.max_length={self.max_length} is too small; use >= 16")
-
-
-@dataclass
-class RMDataConfig:
-    train: list[str] = field(default_factory=list)
-    eval: list[str] = field(default_factory=list)
-    observations: str = "none"        # classifier on TARA: none (question + answer) | tools (run the tools) | gold
-    limit: int | None = None          # at most this many pairs per source (quick runs)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train, str):
-            self.train = [self.train]
-        if isinstance(self.eval, str):
-            self.eval = [self.eval]
-        if self.observations not in OBSERVATION_MODES:
-            raise ValueError(f"data.observations={self.observations!r}: choose none, tools or gold")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("data.limit must be >= 1 (or null for all)")
-
-
-@dataclass
-class RMOptimConfig:
-    epochs: float = 1.0
-    batch_size: int = 8               # pairs per step
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    seed: int = 0
-    max_steps: int | None = None
-    eval_batch_size: int = 32
-    log_every: int = 10
-    threads: int | None = None        # torch.set_num_threads
-
-    def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("train.epochs and train.lr must be > 0 and train.batch_size >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: use a value in [0, 1)")
-        if self.grad_clip <= 0:
-            raise ValueError("train.grad_clip must be > 0")
-
-
-@dataclass
-class ThemisTrainConfig:
-    """Released defaults: loss = 1.0 * LM + 0.5 * BT, beta = omega = 1, positives supervise the answer."""
-
-    lm_coef: float = 1.0
-    rm_coef: float = 0.5
-    beta: float = 1.0                 # 0: mask observation text (keep <start_observation>)
-    omega: float = 1.0                # 0: drop the rationale from the sequence
-    positive_answer_lm: bool = True
-    observation_dropout: float = 0.0  # the paper uses 0.01
-    max_rounds: int = 3
-    max_new_tokens: int = 128
-
-    def __post_init__(self) -> None:
-        if self.lm_coef < 0 or self.rm_coef < 0 or self.beta < 0 or self.omega < 0:
-            raise ValueError("themis.lm_coef, rm_coef, beta and omega must be >= 0")
-        if not 0 <= self.observation_dropout < 1:
-            raise ValueError("themis.observation_dropout must be in [0, 1)")
-
-
-@dataclass
-class RMTrainConfig:
-    model: RMModelConfig
-    data: RMDataConfig = field(default_factory=RMDataConfig)
-    train: RMOptimConfig = field(default_factory=RMOptimConfig)
-    themis: ThemisTrainConfig = field(default_factory=ThemisTrainConfig)
-    output_dir: str = "runs/rm"
-
-    def __post_init__(self) -> None:
-        for name, cls in (("model", RMModelConfig), ("data", RMDataConfig), ("train", RMOptimConfig), ("themis", ThemisTrainConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _build(cls, value, name))
-        if self.model.kind == "classifier" and not self.data.train and not self.data.eval:
-            raise ValueError("data.train (or data.eval) is empty: list JSONL files, 'tara:GROUP,...' or 'hf:NAME'")
-        if self.model.kind == "themis" and self.data.observations != "none":
-            raise ValueError("data.observations applies to classifier RMs; Themis calls its tools itself")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RMTrainConfig":
-        if "model" not in d:
-            raise ValueError("RM config: the 'model' section (kind, path) is required")
-        return _build(cls, d, "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _build(cls, d: dict[str, Any], where: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in d:
-        if key not in names:
-            import difflib
-
-            close = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown key {(where + '.' if where else '') + key!r}{hint} (known: {', '.join(sorted(names))})")
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    return cls(**{k: _coerce(v, types[k], f"{where}.{k}" if where else k) for k, v in d.items()})
-
-
-def _coerce(value: Any, type_name: str, key: str) -> Any:
-    """YAML reads '3e-4' as a string and users write numbers in quotes: convert numeric / bool fields."""
-    base = type_name.split("|")[0].strip()
-    if value is None or isinstance(value, bool) or base not in ("float", "int", "bool"):
-        return value
-    try:
-        if base == "float" and isinstance(value, (int, str)):
-            return float(value)
-        if base == "int" and isinstance(value, str):
-            return int(value)
-        if base == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    except ValueError:
-        raise ValueError(f"{key}={value!r} is not a valid {base}") from None
-    return value
-
-
-def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """['train.lr=1e-5', 'data.train=[a.jsonl]'] -> d updated in place (values parsed as YAML)."""
-    import yaml
-
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = d
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return d
-
-
-def load_rm_config(path: str | Path, overrides: Sequence[str] = ()) -> RMTrainConfig:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"RM config {path} not found")
-    d = yaml.safe_load(path.read_text()) or {}
-    return RMTrainConfig.from_dict(apply_overrides(d, overrides))
+# The config (`align.command_configs.RMTrainConfig`: model / data / train / themis sections and output_dir) is
+# built and validated in the core by align.config's machinery (align.rewards may not import align.config); the
+# functions here read its fields.
 
 
 # ----- data ------------------------------------------------------------------------------------------------
@@ -245,7 +78,7 @@ def load_pairs(source: str, split: str, limit: int | None = None) -> list[Prefer
         return [_pair_from_record(dict(r), name) for r in rows]
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"data source {source!r} not found; give a JSONL file, 'tara:GROUP' or 'hf:NAME'")
+        raise MissingFileError(f"data source {source!r} not found; give a JSONL file, 'tara:GROUP' or 'hf:NAME'")
     first = path.open().readline()
     if first.strip() and "pos_answer" in first:
         items = load_tara_file(path, limit=limit)
@@ -340,12 +173,11 @@ def pairwise_accuracy(r_chosen: Sequence[float], r_rejected: Sequence[float]) ->
 
 
 def _schedule(optimizer, total_steps: int, warmup_ratio: float):
-    from transformers import get_cosine_schedule_with_warmup
+    """Cosine decay after a warm-up from lr 0 (the numbers of Hugging Face's get_cosine_schedule_with_warmup)."""
+    return lambda_lr(optimizer, max(1, total_steps), max(0, round(warmup_ratio * total_steps)), "cosine", ramp="zero")
 
-    return get_cosine_schedule_with_warmup(optimizer, max(0, round(warmup_ratio * total_steps)), max(1, total_steps))
 
-
-def _optimizer(params, cfg: RMOptimConfig):
+def _optimizer(params, cfg: Any):  # cfg: the config's train section
     decay, no_decay = [], []
     for name, p in params:
         if p.requires_grad:
@@ -365,7 +197,7 @@ def _optimizer_step(loss: torch.Tensor, step: int, model, opt, sched, grad_clip:
     return float(gnorm)
 
 
-def train_reward_model(cfg: RMTrainConfig, log: Callable[[str], None] = print) -> RMTrainResult:
+def train_reward_model(cfg: Any, log: Callable[[str], None] = print) -> RMTrainResult:
     """Train the RM the config describes, save it to cfg.output_dir, evaluate on data.eval; returns metrics."""
     if not cfg.data.train:
         raise ValueError("data.train is empty: nothing to train on")
@@ -413,7 +245,7 @@ def _write_metrics(fh, record: dict[str, Any]) -> None:
     fh.flush()
 
 
-def _train_classifier(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
+def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
     from align.rewards.classifier import ClassifierRewardModel
 
     rm = ClassifierRewardModel(cfg.model.path, head=cfg.model.head, template=cfg.model.template,
@@ -445,7 +277,7 @@ def _train_classifier(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path
     return len(batches), history
 
 
-def _train_themis(cfg: RMTrainConfig, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
+def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
     from align.rewards.themis import (
         ThemisLossOptions,
         create_themis,
@@ -507,21 +339,31 @@ def _checkpoint_kind(path: Path) -> str:
     return "classifier"
 
 
-def evaluate_reward_model(model: str | Path | RMTrainConfig, sources: Sequence[str], cfg: RMTrainConfig | None = None,
-                          limit: int | None = None, tools: Any = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def _eval_settings(cfg: Any, path: Path) -> tuple[str, int | None]:
+    """(data.observations, train.eval_batch_size) of the config, else of the checkpoint's rm_config.json (written
+    by train_reward_model from a validated config), else ("none", None)."""
+    if cfg is not None:
+        return cfg.data.observations, cfg.train.eval_batch_size
+    if (path / "rm_config.json").is_file():
+        saved = json.loads((path / "rm_config.json").read_text())
+        return saved["data"]["observations"], saved["train"]["eval_batch_size"]
+    return "none", None
+
+
+def evaluate_reward_model(model: Any, sources: Sequence[str], cfg: Any = None, limit: int | None = None,
+                          tools: Any = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Pairwise accuracy (r(pos) > r(neg)) overall and per group on the test split of `sources`.
 
     model: a checkpoint directory (classifier or Themis, detected), or an RMTrainConfig (its output_dir).
     Classifier RMs on TARA read the same input form they were trained on (data.observations from cfg or the
     checkpoint's rm_config.json); Themis runs its full trace loop with real tool calls.
     """
-    if isinstance(model, RMTrainConfig):
+    if not isinstance(model, (str, Path)):  # an RMTrainConfig
         cfg, model = model, model.output_dir
     path = Path(model)
     if not path.is_dir():
-        raise FileNotFoundError(f"reward model checkpoint {path} not found; train one with `align train-rm CONFIG`")
-    if cfg is None and (path / "rm_config.json").is_file():
-        cfg = RMTrainConfig.from_dict(json.loads((path / "rm_config.json").read_text()))
+        raise MissingFileError(f"reward model checkpoint {path} not found; train one with `align train-rm CONFIG`")
+    observations, eval_batch_size = _eval_settings(cfg, path)
     pairs = load_sources(sources, "test", limit)
     if not pairs:
         raise ValueError(f"evaluation sources {list(sources)} hold no pairs")
@@ -530,7 +372,7 @@ def evaluate_reward_model(model: str | Path | RMTrainConfig, sources: Sequence[s
         from align.rewards.themis import ThemisRewardModel
 
         meta = json.loads((path / "themis.json").read_text()) if (path / "themis.json").is_file() else {}
-        bs = cfg.train.eval_batch_size if cfg else 8
+        bs = eval_batch_size or 8
         rm = ThemisRewardModel(str(path), tools=tools, max_rounds=meta.get("max_rounds", 3),
                                max_new_tokens=meta.get("max_new_tokens", 128), max_length=meta.get("max_length", 1024), batch_size=bs)
         prompts = [p.prompt for p in pairs] * 2
@@ -548,8 +390,7 @@ def evaluate_reward_model(model: str | Path | RMTrainConfig, sources: Sequence[s
     else:
         from align.rewards.classifier import ClassifierRewardModel
 
-        rm = ClassifierRewardModel.from_pretrained(path, batch_size=cfg.train.eval_batch_size if cfg else 32)
-        observations = cfg.data.observations if cfg else "none"
+        rm = ClassifierRewardModel.from_pretrained(path, batch_size=eval_batch_size or 32)
         observer = ToolObserver(tools) if observations == "tools" else None
         pos = rm.score_texts([classifier_text(p, "pos", rm.template, observations, observer) for p in pairs])
         neg = rm.score_texts([classifier_text(p, "neg", rm.template, observations, observer) for p in pairs])
@@ -576,7 +417,6 @@ def format_accuracy_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RMTrainConfig", "RMModelConfig", "RMDataConfig", "RMOptimConfig", "ThemisTrainConfig", "RMTrainResult",
-           "PreferencePair", "ToolObserver", "train_reward_model", "evaluate_reward_model", "load_rm_config",
-           "apply_overrides", "load_pairs", "load_sources", "classifier_text", "bradley_terry_loss",
-           "pairwise_accuracy", "format_accuracy_table"]
+__all__ = ["RMTrainResult", "PreferencePair", "ToolObserver", "train_reward_model", "evaluate_reward_model",
+           "load_pairs", "load_sources", "classifier_text", "bradley_terry_loss", "pairwise_accuracy",
+           "format_accuracy_table"]

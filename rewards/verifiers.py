@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Sequence
 
+from align.errors import AlignError
 from align.rewards.base import RewardFunction, RewardOutput
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ MAX_EXPONENT = 1000
 _TOKEN = re.compile(r"\s*(?:(\d+\.\d*|\.\d+|\d+)|([A-Za-z]+)|(\*\*|[+\-*/(),]))")
 
 
-class UnsafeExpression(ValueError):
+class UnsafeExpression(AlignError, ValueError):
     """An answer string outside the safe grammar."""
 
 

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from align.errors import AlignError
 from align.rollouts.batch import RolloutBatch
 from align.rollouts.engine import RolloutEngine
 from align.rollouts.params import SamplingParams
 
 
-class StaleWeightsError(RuntimeError):
+class StaleWeightsError(AlignError, RuntimeError):
     """The worker's weights are not the version the caller asked for (a restart lost them, or a sync is missing)."""
 
     def __init__(self, have: int, want: int):

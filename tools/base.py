@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from align.errors import AlignError
+
 
 @dataclass
 class ToolResult:
@@ -20,7 +22,7 @@ class ToolResult:
         return self.output if self.ok else f"The tool failed: {self.error}"
 
 
-class ToolError(Exception):
+class ToolError(AlignError):
     """A failure the tool reports as ToolResult(ok=False, error=message)."""
 
 

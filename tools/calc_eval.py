@@ -13,8 +13,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from align.errors import AlignError
 
-class CalcError(ValueError):
+
+class CalcError(AlignError, ValueError):
     """The expression is not allowed or cannot be evaluated; the message says why."""
 
 

@@ -10,10 +10,12 @@ import difflib
 from importlib import metadata
 from typing import Generic, Iterator, TypeVar
 
+from align.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name that is not registered; the message names the close matches and the known names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

@@ -31,11 +31,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.errors import UserError
+
 TIERS = ("rlimits", "unshare", "bwrap")  # weakest -> strongest
 _ZYGOTE = Path(__file__).with_name("_zygote.py")
 
 
-class SandboxUnavailableError(RuntimeError):
+class SandboxUnavailableError(UserError, RuntimeError):
     """The machine cannot provide the configured minimum isolation tier."""
 
 

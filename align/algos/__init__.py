@@ -17,12 +17,14 @@ from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
 from align.algos.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from align.algos.positions import position_ids_from_mask
+from align.algos.schedule import LR_SCHEDULES, lambda_lr, lr_multiplier
 from align.algos.shaping import overlong_penalty, shaped_token_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "KL_KINDS",
+    "LR_SCHEDULES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate",
@@ -31,6 +33,8 @@ __all__ = [
     "group_advantages",
     "grpo_advantages",
     "kl_penalty",
+    "lambda_lr",
+    "lr_multiplier",
     "masked_mean",
     "masked_sum",
     "masked_var",

@@ -7,8 +7,8 @@ from pathlib import Path
 def validate_any_config(path: str | Path):
     """Load and validate any config file the CLI accepts: a run (PPO/GRPO, `algorithm:` key), an SFT config,
     or a reward-model config (`model.kind: classifier | themis`)."""
+    from align.command_configs import load_rm_config
     from align.config import load_config, read_config_file
-    from align.errors import ConfigError
 
     data = read_config_file(path)
     if "algorithm" in data:
@@ -18,8 +18,4 @@ def validate_any_config(path: str | Path):
         from align.supervised import load_sft_config
 
         return load_sft_config(path)
-    try:
-        from align.rewards.training import load_rm_config
-    except ImportError:
-        raise ConfigError(f"{path}: not a run config (no `algorithm:`) nor an SFT config (no `output_dir:`)") from None
     return load_rm_config(path)

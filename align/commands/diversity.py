@@ -29,21 +29,27 @@ def register(subparsers) -> None:
         description="Sample N completions per prompt from a model or training checkpoint and print them with "
                     "the CD-RLHF diversity metrics (Diversity, EAD, SelfBLEU-4, SentBERT, distinct-n).",
     )
-    p.add_argument("checkpoint", help="a Hugging Face model directory, a checkpoint (RUN/checkpoints/step-N) or a run directory")
-    p.add_argument("--prompts", required=True, help="JSONL file, one object per line with the prompt under --prompt-key")
-    p.add_argument("--prompt-key", default="prompt", help="field holding the prompt: a string or a list of chat messages")
-    p.add_argument("--n", type=int, default=10, help="samples per prompt (>= 2)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT prompts")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-sentbert", action="store_true", help="skip the SentBERT metric (no encoder is loaded)")
-    p.add_argument("--ead-vocab-size", type=int, default=DEFAULT_EAD_VOCAB_SIZE,
-                   help="V in EAD (default: 256000, as the CD-RLHF evaluation)")
-    p.add_argument("--output", default=None, help="write samples and metrics to this JSON file")
+    # flags default to None: the defaults live in align.command_configs.DiversityEvalConfig (one place)
+    p.add_argument("checkpoint", nargs="?", help="a Hugging Face model directory, a checkpoint (RUN/checkpoints/step-N) "
+                                                 "or a run directory")
+    p.add_argument("--config", help="YAML/JSON with the keys below (checkpoint, prompts, n, temperature, ...); "
+                                    "flags given on the command line win")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set n=4 (repeatable)")
+    p.add_argument("--prompts", help="JSONL file, one object per line with the prompt under --prompt-key")
+    p.add_argument("--prompt-key", help="field holding the prompt: a string or a list of chat messages (default prompt)")
+    p.add_argument("--n", type=int, help="samples per prompt (>= 2; default 10)")
+    p.add_argument("--temperature", type=float, help="default 1.0")
+    p.add_argument("--top-p", type=float, help="default 1.0")
+    p.add_argument("--max-new-tokens", type=int, help="default 64")
+    p.add_argument("--limit", type=int, help="use only the first LIMIT prompts")
+    p.add_argument("--batch-size", type=int, help="sequences decoded together (default 64)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--device", help="default cpu")
+    p.add_argument("--no-sentbert", dest="sentbert", action="store_false", default=None,
+                   help="skip the SentBERT metric (no encoder is loaded)")
+    p.add_argument("--ead-vocab-size", type=int, help=f"V in EAD (default: {DEFAULT_EAD_VOCAB_SIZE}, as the CD-RLHF evaluation)")
+    p.add_argument("--output", help="write samples and metrics to this JSON file")
     p.add_argument("--quiet", action="store_true", help="print only the metrics, not the samples")
     p.set_defaults(func=run)
 
@@ -147,39 +153,35 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+CONFIG_FLAGS = ("checkpoint", "prompts", "prompt_key", "n", "temperature", "top_p", "max_new_tokens", "limit",
+                "batch_size", "seed", "device", "sentbert", "ead_vocab_size", "output")
+
+
 def run(args: argparse.Namespace) -> int:
+    from align.command_configs import load_diversity_config
     from align.diversity import diversity
 
-    if args.n < 2:
-        raise UserError(f"--n {args.n}: diversity needs at least 2 samples per prompt")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature {args.temperature}: must be > 0 (diversity of greedy decoding is trivial)")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: must be >= 1")
-    prompts = read_prompts(args.prompts, args.prompt_key, args.limit)
-    model_dir = resolve_model_dir(args.checkpoint)
-    model, tokenizer = load_model(model_dir, args.device)
+    cfg = load_diversity_config(args.config, {k: getattr(args, k) for k in CONFIG_FLAGS}, args.overrides)
+    prompts = read_prompts(cfg.prompts, cfg.prompt_key, cfg.limit)
+    model_dir = resolve_model_dir(cfg.checkpoint)
+    model, tokenizer = load_model(model_dir, cfg.device)
     t0 = time.perf_counter()
-    samples = sample_completions(model, tokenizer, prompts, args.n, args.temperature, args.top_p,
-                                 args.max_new_tokens, args.batch_size, args.seed)
+    samples = sample_completions(model, tokenizer, prompts, cfg.n, cfg.temperature, cfg.top_p,
+                                 cfg.max_new_tokens, cfg.batch_size, cfg.seed)
     gen_s = time.perf_counter() - t0
     if not args.quiet:
         for prompt, group in zip(prompts, samples):
             print(f"=== prompt: {prompt if isinstance(prompt, str) else json.dumps(prompt)}")
             for j, text in enumerate(group):
                 print(f"  [{j}] {text}")
-    metrics = diversity(samples, sentbert=not args.no_sentbert, ead_vocab_size=args.ead_vocab_size)
-    print(f"\n{model_dir}: {len(prompts)} prompts x {args.n} samples, temperature {args.temperature}, "
-          f"top_p {args.top_p}, max_new_tokens {args.max_new_tokens} ({gen_s:.1f} s sampling)")
+    metrics = diversity(samples, sentbert=cfg.sentbert, ead_vocab_size=cfg.ead_vocab_size)
+    print(f"\n{model_dir}: {len(prompts)} prompts x {cfg.n} samples, temperature {cfg.temperature}, "
+          f"top_p {cfg.top_p}, max_new_tokens {cfg.max_new_tokens} ({gen_s:.1f} s sampling)")
     print(format_metrics(metrics))
-    if args.output:
-        record = {"checkpoint": str(model_dir), "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                  "max_new_tokens": args.max_new_tokens, "seed": args.seed, "metrics": metrics,
+    if cfg.output:
+        record = {"checkpoint": str(model_dir), "n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                  "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "metrics": metrics,
                   "samples": [{"prompt": p, "completions": g} for p, g in zip(prompts, samples)]}
-        Path(args.output).write_text(json.dumps(record, indent=2))
-        print(f"wrote {args.output}", file=sys.stderr)
+        Path(cfg.output).write_text(json.dumps(record, indent=2))
+        print(f"wrote {cfg.output}", file=sys.stderr)
     return 0

@@ -8,49 +8,20 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from align.errors import UserError
 
 # ------------------------------------------------------------------------------------------------ serve-rewards
 
-SERVE_KEYS = {"host", "port", "token", "max_batch_size", "max_wait_ms", "max_body_bytes", "max_concurrency",
-              "max_samples_per_request", "request_timeout_s"}
-
-
-def _load_serve_config(path: str) -> dict[str, Any]:
-    """CONFIG for serve-rewards (YAML / JSON): `reward: NAME | {name, kwargs}` or a training config's
-    `reward: {functions: [...], weights, normalize, clip}` section, plus an optional `serve:` section
-    (host, port, token, max_batch_size, ...). Other sections (model, data, ...) are ignored."""
-    from align.config import RewardConfig, build, read_config_file
-
-    data = read_config_file(path)
-    reward = data.get("reward")
-    if isinstance(reward, dict) and "functions" in reward:
-        from align.reward_setup import build_reward
-
-        section = build(RewardConfig, reward, "reward")
-        if section.remote_url:
-            raise UserError(f"{path}: reward.remote_url is set; a reward service cannot score through itself")
-        reward = build_reward(section)
-    elif isinstance(reward, dict) and set(reward) - {"name", "kwargs"}:
-        raise UserError(f"{path}: the 'reward' section needs 'name' (and optional 'kwargs') or 'functions'")
-    serve = data.get("serve") or {}
-    if not isinstance(serve, dict):
-        raise UserError(f"{path}: 'serve' must be a mapping of {sorted(SERVE_KEYS)}")
-    unknown = set(serve) - SERVE_KEYS
-    if unknown:
-        raise UserError(f"{path}: unknown serve keys {sorted(unknown)}; known: {sorted(SERVE_KEYS)}")
-    return {"reward": reward, "serve": serve}
-
-
 def _serve_rewards(args: argparse.Namespace) -> int:
+    from align.command_configs import load_serve_config
+    from align.config import RewardConfig
     from align.rewards.registry import get_reward
     from align.rewards.service import check_bind, serve
 
-    cfg = _load_serve_config(args.config) if args.config else {"reward": None, "serve": {}}
-    settings = {**{k: v for k, v in cfg["serve"].items()},
-                **{k: getattr(args, k) for k in SERVE_KEYS if getattr(args, k, None) is not None}}
+    cfg = load_serve_config(args.config, args.overrides)
+    flags = {k: getattr(args, k) for k in cfg.serve.to_dict() if getattr(args, k, None) is not None}
+    settings = {**cfg.serve.given(), **flags}
     if args.token_file:
         try:
             settings["token"] = Path(args.token_file).read_text().strip()
@@ -65,9 +36,13 @@ def _serve_rewards(args: argparse.Namespace) -> int:
         raise UserError(f"--reward-kwargs is not valid JSON ({err.msg}); e.g. --reward-kwargs '{{\"timeout_s\": 2}}'") from None
     if not isinstance(kwargs, dict):
         raise UserError("--reward-kwargs must be a JSON object, e.g. '{\"timeout_s\": 2}'")
-    spec = args.reward or cfg["reward"]
+    spec = args.reward or cfg.reward
     if spec is None:
         raise UserError("no reward to serve; pass --reward NAME (e.g. math_verify) or a CONFIG with a 'reward' key")
+    if isinstance(spec, RewardConfig):  # a training config's reward: {functions: [...]} section
+        from align.reward_setup import build_reward
+
+        spec = build_reward(spec)
     try:
         check_bind(settings["host"], settings.get("token"))
     except ValueError as err:
@@ -91,6 +66,8 @@ def register_serve_rewards(subparsers) -> None:
                     "Binds 127.0.0.1 by default; any other host needs a bearer token.")
     p.add_argument("config", nargs="?", help="YAML/JSON with 'reward: NAME | {name, kwargs}' (or a training config's "
                                              "'reward: {functions: [...]}') and an optional 'serve:' section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set serve.port=9000 (repeatable)")
     p.add_argument("--reward", help="registered reward name (math_verify, code_tests, format, themis, classifier_rm) "
                                     "or module:attr")
     p.add_argument("--reward-kwargs", help="JSON object of arguments for the reward, e.g. '{\"timeout_s\": 2}'")
@@ -112,12 +89,10 @@ def register_serve_rewards(subparsers) -> None:
 
 
 def _train_rm(args: argparse.Namespace) -> int:
-    from align.rewards.training import format_accuracy_table, load_rm_config, train_reward_model
+    from align.command_configs import load_rm_config
+    from align.rewards.training import format_accuracy_table, train_reward_model
 
-    try:
-        cfg = load_rm_config(args.config, args.overrides or [])
-    except ValueError as err:
-        raise UserError(f"{args.config}: {err}") from None
+    cfg = load_rm_config(args.config, args.overrides)
     try:
         res = train_reward_model(cfg)
     except ValueError as err:  # data errors a user can fix (missing columns, empty sources, unknown TARA group)
@@ -130,21 +105,20 @@ def _train_rm(args: argparse.Namespace) -> int:
 
 
 def _eval_rm(args: argparse.Namespace) -> int:
-    from align.rewards.training import evaluate_reward_model, format_accuracy_table, load_rm_config
+    from align.command_configs import load_rm_config
+    from align.rewards.training import evaluate_reward_model, format_accuracy_table
 
     target = Path(args.target)
     cfg = None
     if target.is_file():
-        try:
-            cfg = load_rm_config(target)
-        except ValueError as err:
-            raise UserError(f"{target}: {err}") from None
-        checkpoint = Path(cfg.output_dir)
+        cfg = load_rm_config(target, args.overrides)
+        checkpoint, sources = Path(cfg.output_dir), args.data or cfg.data.eval
     elif target.is_dir():
-        checkpoint = target
+        checkpoint, sources = target, args.data
+        if (target / "rm_config.json").is_file():  # the config it was trained with, through the same machinery
+            cfg = load_rm_config(target / "rm_config.json", args.overrides)
     else:
         raise UserError(f"{target} is neither an RM config file nor a checkpoint directory")
-    sources = args.data or (cfg.data.eval if cfg else [])
     if not sources:
         raise UserError("no evaluation data: pass --data tara:calendar,weather (or a JSONL file / hf:NAME)")
     try:
@@ -162,7 +136,7 @@ def register_train_rm(subparsers) -> None:
                               description="Train a reward model: pairwise Bradley-Terry for classifier RMs, "
                                           "lm + 0.5 * BT for Themis (model.kind: themis). Prints pairwise accuracy.")
     p.add_argument("config", help="RM config YAML (see examples/configs/rm_*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
     p.set_defaults(func=_train_rm)
 
@@ -177,6 +151,8 @@ def register_eval_rm(subparsers) -> None:
                         "(default: the config's data.eval)")
     p.add_argument("--limit", type=int, help="at most this many pairs per source")
     p.add_argument("--json", help="also write the result as JSON here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the RM config, e.g. --set data.observations=gold (repeatable)")
     p.set_defaults(func=_eval_rm)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from align import algos
 from align import checkpoint as ckpt_io
+from align.algos.schedule import lambda_lr
 from align.config import as_config
 from align.data import PromptDataset, PromptSampler, columns_of
 from align.errors import CheckpointError, UserError
@@ -135,18 +136,7 @@ class Trainer:
             groups.append({"params": self.models.critic_parameters(), "lr": t.critic_lr or t.lr})
         optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         total = t.steps * max(1, self._updates_per_step())
-
-        def factor(i: int) -> float:
-            if i < t.warmup_steps:
-                return (i + 1) / (t.warmup_steps + 1)
-            progress = (i - t.warmup_steps) / max(1, total - t.warmup_steps)
-            if t.lr_scheduler == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-            if t.lr_scheduler == "linear":
-                return max(0.0, 1.0 - progress)
-            return 1.0
-
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return optimizer, lambda_lr(optimizer, total, t.warmup_steps, t.lr_scheduler)
 
     @property
     def samples_per_step(self) -> int:

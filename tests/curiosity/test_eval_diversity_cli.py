@@ -65,3 +65,18 @@ def test_user_errors_are_one_line_and_exit_2(tiny, capsys, tmp_path):
     assert rc == 2 and "at least 2" in err
     rc, _, err = _run(capsys, tmp_path, "--prompts", prompts)
     assert rc == 2 and "not a model directory" in err
+
+
+def test_config_file_and_set_overrides_go_through_the_one_config_machinery(tiny, capsys, tmp_path):
+    root, model, prompts = tiny
+    cfg = tmp_path / "div.yaml"
+    cfg.write_text(f"checkpoint: {model}\nprompts: {prompts}\nn: 2\nmax_new_tokens: 4\nsentbert: false\n")
+    out_file = tmp_path / "r.json"
+    rc, _, _ = _run(capsys, "--config", cfg, "--set", "n=3", "--output", out_file, "--quiet")
+    assert rc == 0
+    record = json.loads(out_file.read_text())
+    assert record["n"] == 3 and record["max_new_tokens"] == 4 and [len(s["completions"]) for s in record["samples"]] == [3, 3]
+    rc, _, err = _run(capsys, model, "--prompts", prompts, "--set", "temperatur=0.5")
+    assert rc == 2 and "did you mean 'temperature'" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _run(capsys, model, "--prompts", prompts, "--top-p", 0)
+    assert rc == 2 and "top_p = 0.0: must be in (0, 1]" in err

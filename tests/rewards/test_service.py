@@ -288,6 +288,24 @@ def test_cli_builds_the_reward_and_settings_from_config_flags_and_env(tmp_path, 
     calls[-1][0].close()
 
 
+def test_cli_set_overrides_and_typo_suggestions(tmp_path, monkeypatch, capsys):
+    import align.rewards.service as service
+    from align.cli import main
+
+    calls = []
+    monkeypatch.setattr(service, "serve", lambda reward, **kw: calls.append((reward, kw)))
+    monkeypatch.delenv("ALIGN_REWARD_TOKEN", raising=False)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("reward: format\nserve:\n  port: 9001\nmodel: {path: ignored}\n")  # other sections are ignored
+    assert main(["serve-rewards", str(cfg), "--set", "serve.port=9100", "--set", "serve.max_wait_ms=3"]) == 0
+    assert calls[-1][1] == {"host": "127.0.0.1", "port": 9100, "token": None, "log_level": "info", "max_wait_ms": 3.0}
+    calls[-1][0].close()
+    assert main(["serve-rewards", "--reward", "format", "--set", "serve.prot=1"]) == 2
+    assert "did you mean 'serve.port'" in capsys.readouterr().err
+    assert main(["serve-rewards", "--reward", "format", "--set", "serve.port=eighty"]) == 2
+    assert "serve.port = 'eighty' must be an integer" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ schemathesis
 
 schemathesis = pytest.importorskip("schemathesis")

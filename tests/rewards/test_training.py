@@ -9,12 +9,12 @@ import pytest
 import torch
 from _tiny import cached
 
+from align.command_configs import RMTrainConfig, load_rm_config
+from align.config import apply_overrides
+from align.errors import ConfigError
 from align.rewards.training import (
-    RMTrainConfig,
-    apply_overrides,
     bradley_terry_loss,
     evaluate_reward_model,
-    load_rm_config,
     pairwise_accuracy,
     train_reward_model,
 )
@@ -36,19 +36,27 @@ def test_pairwise_accuracy_counts_ties_as_wrong():
 
 
 def test_config_validation_messages():
-    with pytest.raises(ValueError, match="model.kind='ppo'"):
+    """The RM config is built by align.config's machinery: ConfigError, dotted keys, close-match suggestions."""
+    with pytest.raises(ConfigError, match="model.kind = 'ppo' is not allowed.*'classifier', 'themis'"):
         RMTrainConfig.from_dict({"model": {"kind": "ppo", "path": "x"}, "data": {"train": ["a.jsonl"]}})
-    with pytest.raises(ValueError, match="unknown key 'train.epoch'.*did you mean 'epochs'"):
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'.*did you mean 'train.epochs'"):
         RMTrainConfig.from_dict({"model": {"path": "x"}, "data": {"train": ["a.jsonl"]}, "train": {"epoch": 1}})
-    with pytest.raises(ValueError, match="model.path is required"):
+    with pytest.raises(ConfigError, match="model.path = '': set model.path"):
         RMTrainConfig.from_dict({"model": {"kind": "classifier"}, "data": {"train": ["a"]}})
-    with pytest.raises(ValueError, match="data.observations"):
+    with pytest.raises(ConfigError, match="the 'model' section"):
+        RMTrainConfig.from_dict({"data": {"train": ["a"]}})
+    with pytest.raises(ConfigError, match="data.observations"):
         RMTrainConfig.from_dict({"model": {"kind": "themis", "path": "x"}, "data": {"train": ["a"], "observations": "tools"}})
-    with pytest.raises(ValueError, match="warmup_ratio"):
+    with pytest.raises(ConfigError, match="train.warmup_ratio = 1.5"):
         RMTrainConfig.from_dict({"model": {"path": "x"}, "data": {"train": ["a"]}, "train": {"warmup_ratio": 1.5}})
+    with pytest.raises(ConfigError, match="train.batch_size = 'many' must be an integer"):
+        RMTrainConfig.from_dict({"model": {"path": "x"}, "data": {"train": ["a"]}, "train": {"batch_size": "many"}})
     d = apply_overrides({"model": {"path": "x"}}, ["train.lr=3e-4", "data.train=[a.jsonl, b.jsonl]", "themis.beta=0"])
     cfg = RMTrainConfig.from_dict(d)
     assert cfg.train.lr == 3e-4 and cfg.data.train == ["a.jsonl", "b.jsonl"] and cfg.themis.beta == 0
+    # a single source may be a string; YAML 1.1 reads 3e-4 (no dot) as a string: both convert
+    cfg = RMTrainConfig.from_dict({"model": {"path": "x"}, "data": {"train": "a.jsonl"}, "train": {"lr": "3e-4", "epochs": 2}})
+    assert cfg.data.train == ["a.jsonl"] and cfg.train.lr == 3e-4 and cfg.train.epochs == 2.0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples" / "configs").glob("rm_*.yaml")), ids=lambda p: p.name)
@@ -174,4 +182,4 @@ def test_cli_train_rm_and_eval_rm(tmp_path, capsys):
     assert ev["n"] == 8 and ev["n/alpha"] == 4
     assert main(["eval-rm", str(cfg)]) == 0  # a config: its output_dir and data.eval
     assert main(["train-rm", str(cfg), "--set", "train.epoch=1"]) == 2
-    assert "did you mean 'epochs'" in capsys.readouterr().err
+    assert "did you mean 'train.epochs'" in capsys.readouterr().err
