@@ -286,16 +286,6 @@ def sample_spec(rng: random.Random, tasks: Sequence[str] = TASKS) -> Spec:
     return rng.choice(all_specs(rng.choice(list(tasks))))
 
 
-def eval_prompts(per_task: int = 8, seed: int = 1234, tasks: Sequence[str] = TASKS) -> list[Spec]:
-    """A fixed GenEval-style prompt set: `per_task` distinct captions of each task (all of them if fewer)."""
-    rng = random.Random(seed)
-    out = []
-    for task in tasks:
-        specs = all_specs(task)
-        out.extend(rng.sample(specs, min(per_task, len(specs))))
-    return out
-
-
 def geneval_scores(specs: Sequence[Spec], images: Sequence[Sequence[int]], grid_size: int) -> dict[str, float]:
     """GenEval-style accuracy: per task the fraction of images that satisfy their caption, and `overall`
     = the mean of the task accuracies (GenEval's overall score)."""
