@@ -22,6 +22,7 @@ the trainer excludes those samples. A hung worker is killed and replaced.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -40,13 +41,43 @@ from align.rollouts.worker import ModelSpec, RolloutWorker, StaleWeightsError, r
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCORE_TIMEOUT_S = float(os.environ.get("ALIGN_RAY_SCORE_TIMEOUT_S", "600"))
-DEFAULT_GENERATE_TIMEOUT_S = float(os.environ.get("ALIGN_RAY_GENERATE_TIMEOUT_S", "3600"))
-PLACEMENT_TIMEOUT_S = float(os.environ.get("ALIGN_RAY_PLACEMENT_TIMEOUT_S", "120"))
 MAX_GENERATE_ATTEMPTS = 3
 
+# Documented env overrides of `cluster` keys (docs/ray.md): when set (non-empty) they win over the config.
+ENV_OVERRIDES = {
+    "ALIGN_RAY_SCORE_TIMEOUT_S": "score_timeout_s",
+    "ALIGN_RAY_GENERATE_TIMEOUT_S": "generate_timeout_s",
+    "ALIGN_RAY_PLACEMENT_TIMEOUT_S": "placement_timeout_s",
+    "ALIGN_RAY_WEIGHT_SYNC": "weight_sync",
+    "ALIGN_RAY_KEEP_WORKERS": "keep_workers",
+}
+
+
+def cluster_settings(cc, environ=None):
+    """`cc` (a ClusterConfig) with the `ALIGN_RAY_*` env overrides applied (a copy; `cc` is not changed)."""
+    environ = os.environ if environ is None else environ
+    changes: dict[str, Any] = {}
+    for var, key in ENV_OVERRIDES.items():
+        value = environ.get(var, "")
+        if not value:
+            continue
+        if key == "keep_workers":
+            changes[key] = value == "1"
+        elif key == "weight_sync":
+            changes[key] = value
+        else:
+            try:
+                changes[key] = float(value)
+            except ValueError:
+                raise UserError(f"{var} = {value!r}: must be a number of seconds") from None
+    try:
+        return dataclasses.replace(cc, **changes)
+    except UserError as err:
+        names = ", ".join(f"{v}={environ[v]!r}" for v in ENV_OVERRIDES if environ.get(v))
+        raise UserError(f"{err} (set by the environment: {names})") from None
+
 # Warm rollout workers kept between runs of one driver (sweeps, notebooks, test suites): a closed backend parks
-# its placement group and rollout actors here when ALIGN_RAY_KEEP_WORKERS=1 (or `RayBackend.keep_workers`),
+# its placement group and rollout actors here when `cluster.keep_workers` (env ALIGN_RAY_KEEP_WORKERS=1) is on,
 # and the next backend with the same worker counts and resources takes them instead of starting new processes:
 # they rebuild the new run's model in-process (`RolloutWorker.reset`) and get its full weights. Reward actors
 # are never kept (they hold the run's reward).
@@ -135,15 +166,11 @@ class _Step:
 class RayBackend:
     """`RayBackend(cfg, models, reward, engine)`: N rollout actors and M reward actors in one placement group.
 
-    score_timeout_s / generate_timeout_s bound a step's scoring / generation (env ALIGN_RAY_SCORE_TIMEOUT_S,
-    ALIGN_RAY_GENERATE_TIMEOUT_S). `stats` counts resyncs, replacements, retries, timeouts and errors.
+    Its knobs are `cluster` keys (`score_timeout_s`, `generate_timeout_s`, `placement_timeout_s`, `weight_sync`,
+    `keep_workers`), each overridable by an `ALIGN_RAY_*` env var (`cluster_settings`); the keyword arguments
+    override both. `weight_sync`: any rollout worker restart falls back to the object store for the rest of
+    the run. `stats` counts resyncs, replacements, retries, timeouts and errors.
     """
-
-    keep_workers: bool = os.environ.get("ALIGN_RAY_KEEP_WORKERS", "") == "1"
-    # "object_store" (ray.put once, every worker loads), "collective" (torch.distributed broadcast from the
-    # trainer: NCCL between GPUs, gloo on CPUs) or "auto" (collective when the trainer and the rollout
-    # workers have GPUs). Any rollout worker restart falls back to the object store for the rest of the run.
-    weight_sync: str = os.environ.get("ALIGN_RAY_WEIGHT_SYNC", "auto")
 
     def __init__(self, cfg, models, reward: RewardFunction, engine, *, score_timeout_s: float | None = None,
                  generate_timeout_s: float | None = None):
@@ -151,13 +178,14 @@ class RayBackend:
 
         self.ray = ray
         self.cfg = cfg
-        self.cc = cc = cfg.cluster
+        self.cc = cc = cluster_settings(cfg.cluster)
         self.models = models
         self.reward = reward
         self.engine = engine
-        env_timeout = "ALIGN_RAY_SCORE_TIMEOUT_S" in os.environ
-        self.score_timeout_s = score_timeout_s or (DEFAULT_SCORE_TIMEOUT_S if env_timeout else cc.score_timeout_s)
-        self.generate_timeout_s = generate_timeout_s or DEFAULT_GENERATE_TIMEOUT_S
+        self.score_timeout_s = score_timeout_s or cc.score_timeout_s
+        self.generate_timeout_s = generate_timeout_s or cc.generate_timeout_s
+        self.placement_timeout_s = cc.placement_timeout_s
+        self.keep_workers = cc.keep_workers
         self.stats = {"weight_pushes": 0, "weight_broadcasts": 0, "resyncs": 0, "rollout_replacements": 0, "reward_replacements": 0,
                       "score_retries": 0, "score_timeouts": 0, "score_errors": 0}
         self._started_ray = False
@@ -176,9 +204,7 @@ class RayBackend:
         self.version_pushed = 0  # what every healthy rollout worker holds
         self._step: _Step | None = None
         self._last_ids: tuple[list[str], list[int]] | None = None
-        mode = self.weight_sync
-        if mode not in ("auto", "object_store", "collective"):
-            raise UserError(f"ALIGN_RAY_WEIGHT_SYNC = {mode!r}: use auto, object_store or collective")
+        mode = cc.weight_sync
         self._group_backend: str | None = None
         self.rollout_actors: list = []
         self.reward_actors: list = []
@@ -190,7 +216,7 @@ class RayBackend:
             if mode == "collective" or (mode == "auto" and cc.rollout_num_gpus > 0 and models.device.type == "cuda"):
                 self._join_group()
             # surface a reward that cannot be built on a worker now, not at the first score
-            self.ray.get([a.health.remote() for a in self.reward_actors], timeout=PLACEMENT_TIMEOUT_S)
+            self.ray.get([a.health.remote() for a in self.reward_actors], timeout=self.placement_timeout_s)
         except (self.ray.exceptions.RayError, self.ray.exceptions.GetTimeoutError) as err:
             self.close()
             lines = [x for x in str(err).splitlines() if x.strip()]
@@ -209,7 +235,7 @@ class RayBackend:
             _PARKED.remove(parked)
             self._pg, self.rollout_actors = parked[1], list(parked[2])
             try:  # rebuild this run's model in the warm processes
-                self.ray.get([a.reset.remote(*self._worker_args()[:3]) for a in self.rollout_actors], timeout=PLACEMENT_TIMEOUT_S)
+                self.ray.get([a.reset.remote(*self._worker_args()[:3]) for a in self.rollout_actors], timeout=self.placement_timeout_s)
             except (self.ray.exceptions.RayError, self.ray.exceptions.GetTimeoutError):
                 for i, actor in enumerate(self.rollout_actors):
                     self.ray.kill(actor, no_restart=True)
@@ -239,7 +265,7 @@ class RayBackend:
         bundles = [dict(rollout) for _ in range(cc.num_rollout_workers)] + [dict(reward) for _ in range(self._num_reward_bundles)]
         pg = placement_group(bundles, strategy="PACK")
         try:
-            self.ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            self.ray.get(pg.ready(), timeout=self.placement_timeout_s)
         except self.ray.exceptions.GetTimeoutError:
             self.ray.util.remove_placement_group(pg)
             raise UserError(f"the Ray cluster cannot fit {cc.num_rollout_workers} rollout workers x {rollout} and "
@@ -344,8 +370,8 @@ class RayBackend:
         world = len(self.rollout_actors) + 1
         joins = [a.join_weight_group.remote(init, world, i + 1, backend) for i, a in enumerate(self.rollout_actors)]
         dist.init_process_group(backend, init_method=init, world_size=world, rank=0,
-                                timeout=datetime.timedelta(seconds=PLACEMENT_TIMEOUT_S))
-        self.ray.get(joins, timeout=PLACEMENT_TIMEOUT_S)
+                                timeout=datetime.timedelta(seconds=self.placement_timeout_s))
+        self.ray.get(joins, timeout=self.placement_timeout_s)
         self._group_backend = backend
 
     def _leave_group(self, workers_too: bool) -> None:
@@ -392,7 +418,7 @@ class RayBackend:
         self._leave_group(workers_too=True)
         # a restart re-ran the constructor with the arguments the actor was created with (a warm actor may
         # have served another model since): rebuild this run's model first
-        self.ray.get(self.rollout_actors[i].reset.remote(*self._worker_args()[:3]), timeout=PLACEMENT_TIMEOUT_S)
+        self.ray.get(self.rollout_actors[i].reset.remote(*self._worker_args()[:3]), timeout=self.placement_timeout_s)
         self._push_weights(self.version, "full", [i])
         self.stats["resyncs"] += 1
 
@@ -576,4 +602,4 @@ class RayBackend:
                 ray.shutdown()
 
 
-__all__ = ["RayBackend", "release_parked_workers", "reward_runs_remotely", "shard_bounds", "concat_outputs"]
+__all__ = ["RayBackend", "cluster_settings", "release_parked_workers", "reward_runs_remotely", "shard_bounds", "concat_outputs"]
