@@ -8,11 +8,11 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import threading
 from typing import Any
 
 from align.rewards.verifiers.math_parse import UnsafeExpression, validate_ast
+from align.tools._child import python_argv
 
 # ---------------------------------------------------------------------------------------------------------
 # The sympy child: builds sympy objects from validated asts and checks equivalence; killed on timeout
@@ -127,12 +127,10 @@ class SympyChild:
         self._lock = threading.Lock()
 
     def _start(self) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        code = f"from rewards.verifiers.sympy_child import _child_main; _child_main({int(self.memory_mb)})"
-        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env, start_new_session=True)
+        # isolated (`python -I`, see align.tools._child): it loads this align, never a top-level `rewards`
+        code = f"from align.rewards.verifiers.sympy_child import _child_main; _child_main({int(self.memory_mb)})"
+        proc = subprocess.Popen(python_argv(code), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
         self._proc = proc
         status, _ = self._read(self.start_timeout_s) or (None, None)
         if status != "ready":
