@@ -438,6 +438,9 @@ class TrainConfig(Section):
 
 @dataclass
 class ClusterConfig(Section):
+    """Where rollouts and rewards run: in the trainer process (`local`) or on Ray actors (`ray`, see docs/ray.md).
+    An env var named in a note (`ALIGN_RAY_*`), when set, overrides that key for the Ray backend."""
+
     backend: Literal["local", "ray"] = "local"
     address: str = ""  # "" starts a local Ray instance; "auto" or "ray://HOST:10001" joins a cluster
     num_rollout_workers: int = 1
@@ -448,12 +451,20 @@ class ClusterConfig(Section):
     max_restarts: int = 2
     max_task_retries: int = 2
     pipeline: bool = True  # score shard k while generating shard k+1
-    score_timeout_s: float = 600.0  # a reward worker taking longer is replaced; its samples get explicit errors
+    score_timeout_s: float = 600.0  # a reward worker taking longer is replaced; its samples get explicit errors; env ALIGN_RAY_SCORE_TIMEOUT_S
+    generate_timeout_s: float = 3600.0  # bound on one rollout shard (and one weight push); env ALIGN_RAY_GENERATE_TIMEOUT_S
+    placement_timeout_s: float = 120.0  # wait this long for the placement group / worker start-up; env ALIGN_RAY_PLACEMENT_TIMEOUT_S
+    # object_store: ray.put once, every worker loads; collective: torch.distributed broadcast from the trainer
+    # (NCCL between GPUs, gloo on CPUs); auto: collective when the trainer and the rollout workers have GPUs;
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # env ALIGN_RAY_WEIGHT_SYNC
+    keep_workers: bool = False  # park warm rollout workers at close for the next run in this driver; env ALIGN_RAY_KEEP_WORKERS=1 / 0
 
     def validate(self) -> None:
         self.check(self.num_rollout_workers >= 1, "num_rollout_workers", "must be >= 1")
         self.check(self.num_reward_workers >= 1, "num_reward_workers", "must be >= 1")
         self.check(self.score_timeout_s > 0, "score_timeout_s", "must be > 0")
+        self.check(self.generate_timeout_s > 0, "generate_timeout_s", "must be > 0")
+        self.check(self.placement_timeout_s > 0, "placement_timeout_s", "must be > 0")
 
 
 @dataclass

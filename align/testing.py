@@ -3,6 +3,9 @@
 No weights can be downloaded on our machines, so tests, examples and the CPU demo build a small model
 from a `transformers` config (random init), save it with `save_pretrained`, and load it back through the
 same `from_pretrained` path users take with real models.
+
+Tiny unified multimodal models (UMMs) for the GvU tests: `make_umm_tokenizer` + `tiny_umm` (a causal LM whose
+vocabulary holds image tokens, with `config.umm` set) and `make_tiny_janus` (transformers' Janus, random).
 """
 from __future__ import annotations
 
@@ -79,4 +82,74 @@ def make_tiny_model(path: str | Path, arch: str = "llama", hidden_size: int = 64
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------- tiny unified multimodal models
+
+UMM_SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
+
+
+def make_umm_tokenizer(words: list[str], image_tokens: list[str], boi: str = "<boi>", eoi: str = "<eoi>"):
+    """A word-level tokenizer for a tiny UMM, built offline: <pad> <unk> <bos> <eos>, then `words` (lower-cased,
+    split on whitespace), then `boi`, `eoi` and `image_tokens` as special tokens, then "\\n" as a token (keeps
+    an instruction's line breaks)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = list(UMM_SPECIAL_TOKENS.values()) + [w for w in words if w not in UMM_SPECIAL_TOKENS.values()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    specials = [boi, eoi] + list(image_tokens)
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken("\n", normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **UMM_SPECIAL_TOKENS)
+
+
+def tiny_umm(tokenizer, layout: dict, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+             max_position_embeddings: int = 128):
+    """A fresh random tiny UMM: a LlamaForCausalLM over `tokenizer`'s vocabulary with `config.umm = layout`
+    (see `align.rollouts.umm.make_umm_layout`); save it with `save_pretrained` beside the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    config.umm = layout
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def make_tiny_janus(path: str | Path, seed: int = 0) -> Path:
+    """Write a random `JanusForConditionalGeneration` (4 image tokens per image: 16 px images, 8 px patches)
+    and its word-level tokenizer (with <image>, <boi>, <eoi>) to `path`; returns the path."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<bos>", "<eos>", "describe", "the", "image", "in", "detail", ".", "a", "red",
+             "circle", "cat", "dog", "on", "mat"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens([AddedToken(t, normalized=False) for t in ("<image>", "<boi>", "<eoi>")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    H = 32
+    cfg = JanusConfig(
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        # vision: 16 px / 8 px patches = 2x2 = 4 tokens; the VQ decoder gets num_patches = 2 -> 4 image tokens too.
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8,
+                           projection_dim=H, num_image_tokens=4, depth=1),
+        vq_config=dict(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
+                       num_res_blocks=1, projection_dim=H, image_token_embed_dim=H, num_hidden_layers=1),
+        image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    JanusForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
     return path

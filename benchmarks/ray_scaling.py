@@ -49,7 +49,7 @@ def make_config(model: Path, data: Path, backend: str, workers: int, pipeline: b
         "rollout": {"max_new_tokens": args.tokens, "micro_batch_size": args.micro_batch},
         "algo": {"group_size": 4},
         "train": {"steps": 1, "prompts_per_step": args.samples // 4, "seed": 0, "device": "cpu"},
-        "cluster": {"backend": backend, "num_rollout_workers": workers, "num_reward_workers": 2,
+        "cluster": {"backend": backend, "num_rollout_workers": workers, "num_reward_workers": 2, "keep_workers": True,
                     "pipeline": pipeline, "rollout_num_cpus": 1, "reward_num_cpus": 0.5},
         "logging": {"run_dir": str(model.parent / "runs"), "progress": False, "print_every": 0},
         "checkpoint": {"save_final": False},
@@ -111,7 +111,6 @@ def main() -> None:
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(64)))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
-    ray_backend.RayBackend.keep_workers = True
     rows = []
     try:
         for name, backend, workers in (("local", "local", 1), ("ray x1", "ray", 1), ("ray x2", "ray", 2)):

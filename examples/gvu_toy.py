@@ -24,9 +24,11 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the toy world (examples/toyworld.py) is an example, not the library
+
+import toyworld as tw  # noqa: E402
 
 import align  # noqa: E402
-from align import toyworld as tw  # noqa: E402
 from align.rollouts.umm import CausalLMUMM  # noqa: E402
 
 CONFIG = ROOT / "examples" / "configs" / "gvu_toy.yaml"

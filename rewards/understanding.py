@@ -9,8 +9,10 @@ The reward reads the image from `completion_ids` (the K sampled image tokens, as
 the text from the `caption` column, or else from the prompt without its image-request suffix (" <boi>").
 Per-token log-probs go to `info`. Other rewards can be mixed in: score = w_u * R + sum_i w_i * r_i.
 
-The UMM layout (`umm` section of config.json, written by `align.toyworld`; also read by `align.rollouts.umm`):
-num_image_tokens, image_token_ids, boi_token_id, eoi_token_id, prompt_suffix, instruction.
+The UMM layout (`umm` section of config.json) is defined, written and read by `align.rollouts.umm`
+(`make_umm_layout`, `umm_layout`); rewards may not import rollouts, so `_layout_of` below is a tiny reader of
+the same keys (a test keeps them equal): num_image_tokens, image_token_ids, boi_token_id, eoi_token_id,
+prompt_suffix, instruction.
 Any object with `score_text(image_ids [N, K], texts) -> N tensors [L_i]` (e.g. `align.rollouts.umm.JanusUMM`)
 can be passed as `umm=` instead.
 """
@@ -24,6 +26,7 @@ import torch
 
 from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
 
+# = align.rollouts.umm.UMM_CONFIG_KEYS (tests/gvu checks it; the layer rules keep rewards from importing rollouts)
 _LAYOUT_KEYS = ("num_image_tokens", "image_token_ids", "boi_token_id", "eoi_token_id", "prompt_suffix", "instruction")
 
 
@@ -31,7 +34,7 @@ def _layout_of(model) -> dict:
     layout = getattr(getattr(model, "config", model), "umm", None)
     if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
         raise ValueError("UnderstandingReward: the model's config has no complete `umm` section "
-                         f"({', '.join(_LAYOUT_KEYS)}); build it with align.toyworld or pass umm=<adapter>")
+                         f"({', '.join(_LAYOUT_KEYS)}); write it with align.rollouts.umm.make_umm_layout or pass umm=<adapter>")
     return layout
 
 

@@ -37,8 +37,3 @@ def uniform_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tenso
     x = mix64(keys[:, None] ^ mix64(torch.tensor(step, dtype=torch.int64, device=keys.device) * _GOLDEN + cols[None, :]))
     top24 = _shr(x, 40).to(torch.float32)
     return (top24 + 0.5) * (1.0 / (1 << 24))
-
-
-def exponential_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """[B, V] Exp(1) draws: -log(U)."""
-    return -torch.log(uniform_noise(keys, step, vocab_size))

@@ -9,17 +9,18 @@ One small interface, two adapters:
     umm.score_text(ids [N, K], texts) -> list of N [L_i]   teacher-forced log p(T_j | image, instruction, T_<j)
 
 `CausalLMUMM` drives a plain Hugging Face causal LM whose vocabulary holds image tokens (the toy UMM of
-`align.toyworld`; any model saved with a `umm` section in its config.json). `JanusUMM` drives
+examples/toyworld.py; any model saved with a `umm` section in its config.json). `JanusUMM` drives
 `transformers`' `JanusForConditionalGeneration` (image tokens come from its generation head; understanding
 reads the VQ-decoded image through its vision encoder, as Janus does).
 
 Log-probs are of the raw (temperature-1, unguided, untruncated) conditional policy, the quantity the GRPO
 trainer recomputes; sampling may use temperature, top-k, min-p and classifier-free guidance.
 
-The `umm` config section (written by `align.toyworld.umm_layout`):
+The `umm` config section (this module owns the layout: `make_umm_layout` writes it, `umm_layout` reads it):
     num_image_tokens (K), image_token_ids (the ids an image token may take), boi_token_id, eoi_token_id,
     prompt_suffix (appended to a caption to ask for an image, e.g. " <boi>"), instruction (between the image
-    and the text in understanding mode, e.g. "\\nDescribe the image in detail.\\n").
+    and the text in understanding mode, e.g. "\\nDescribe the image in detail.\\n"); optional `format`
+    (a version tag) and model-specific extras (the toy world's `grid_size`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from align.algos.positions import position_ids_from_mask
 
 UMM_CONFIG_KEYS = ("num_image_tokens", "image_token_ids", "boi_token_id", "eoi_token_id", "prompt_suffix", "instruction")
+UMM_LAYOUT_FORMAT = "align-toy-umm/1"
 
 
 @dataclass
@@ -52,12 +54,33 @@ def umm_layout(model_or_config_or_path: Any) -> dict:
     cfg = getattr(cfg, "config", cfg)
     layout = getattr(cfg, "umm", None)
     if not isinstance(layout, dict):
-        raise ValueError("this model's config.json has no `umm` section; build the model with align.toyworld "
-                         "(or add `umm` with keys " + ", ".join(UMM_CONFIG_KEYS) + ")")
+        raise ValueError("this model's config.json has no `umm` section; write one with "
+                         "align.rollouts.umm.make_umm_layout (keys " + ", ".join(UMM_CONFIG_KEYS) + ")")
     missing = [k for k in UMM_CONFIG_KEYS if k not in layout]
     if missing:
         raise ValueError(f"the `umm` config section lacks {', '.join(missing)}; add them (see rollouts.umm)")
     return dict(layout)
+
+
+def make_umm_layout(tokenizer, image_tokens: Sequence[str], *, boi: str, eoi: str, prompt_suffix: str,
+                    instruction: str, num_image_tokens: int, format: str = UMM_LAYOUT_FORMAT, **extra) -> dict:
+    """The `umm` config section for a causal LM whose vocabulary holds `image_tokens` (cell / code values in
+    order: image_token_ids[v] is the id of value v) and the `boi` / `eoi` markers. `extra` keys (e.g. the toy
+    world's grid_size) are kept after the standard ones. Set it as `model.config.umm = layout` before
+    `save_pretrained`; `umm_layout` reads it back."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in image_tokens]
+    if num_image_tokens < 1 or not ids:
+        raise ValueError(f"make_umm_layout: need num_image_tokens >= 1 and image tokens, got {num_image_tokens}, {len(ids)}")
+    return {
+        "format": format,
+        "num_image_tokens": int(num_image_tokens),
+        "image_token_ids": ids,
+        "boi_token_id": tokenizer.convert_tokens_to_ids(boi),
+        "eoi_token_id": tokenizer.convert_tokens_to_ids(eoi),
+        "prompt_suffix": prompt_suffix,
+        "instruction": instruction,
+        **extra,
+    }
 
 
 def umm_generation_spec(model_or_config_or_path: Any, tokenizer: Any = None) -> dict:
@@ -128,7 +151,7 @@ class _ConditionalHalf:
 
 
 class CausalLMUMM:
-    """A causal LM whose vocabulary holds image tokens (e.g. the toy UMM of `align.toyworld`).
+    """A causal LM whose vocabulary holds image tokens (e.g. the toy UMM of examples/toyworld.py).
 
     Text-to-image: `caption + prompt_suffix` then exactly K image tokens.
     Understanding: `<boi> image <eoi> instruction` then the text, teacher-forced.

@@ -112,3 +112,32 @@ def test_every_example_config_validates(path):
         from align.commands import validate_any_config
 
         validate_any_config(path)
+
+
+def test_ray_knobs_are_cluster_keys_with_documented_env_overrides():
+    """The Ray backend's timeouts, weight sync mode and warm-worker parking are `cluster` keys; the
+    ALIGN_RAY_* env vars, when set, override them (a copy: the run's config is not changed)."""
+    from align.backends.ray import ENV_OVERRIDES, cluster_settings
+    from align.errors import UserError
+
+    base = {"model": {"path": "m"}, "data": {"path": "d"}, "reward": {"functions": ["x"]}}
+    cfg = config_from_dict({"algorithm": "grpo", **base, "cluster": {"generate_timeout_s": 30, "weight_sync": "collective",
+                                                                      "keep_workers": True, "placement_timeout_s": 5}})
+    cc = cfg.cluster
+    assert (cc.score_timeout_s, cc.generate_timeout_s, cc.placement_timeout_s, cc.weight_sync, cc.keep_workers) == \
+        (600.0, 30.0, 5.0, "collective", True)
+    assert cluster_settings(cc, environ={}) == cc
+    env = {"ALIGN_RAY_SCORE_TIMEOUT_S": "3", "ALIGN_RAY_GENERATE_TIMEOUT_S": "7.5", "ALIGN_RAY_PLACEMENT_TIMEOUT_S": "9",
+           "ALIGN_RAY_WEIGHT_SYNC": "object_store", "ALIGN_RAY_KEEP_WORKERS": "0"}
+    got = cluster_settings(cc, environ=env)
+    assert (got.score_timeout_s, got.generate_timeout_s, got.placement_timeout_s, got.weight_sync, got.keep_workers) == \
+        (3.0, 7.5, 9.0, "object_store", False)
+    assert cc.weight_sync == "collective" and cc.keep_workers  # the config itself is untouched
+    assert cluster_settings(align.GRPOConfig(**base).cluster, environ={"ALIGN_RAY_KEEP_WORKERS": "1"}).keep_workers
+    assert set(ENV_OVERRIDES.values()) <= {f for f in cc.to_dict()}
+    with pytest.raises(UserError, match="ALIGN_RAY_WEIGHT_SYNC='nccl'"):
+        cluster_settings(cc, environ={"ALIGN_RAY_WEIGHT_SYNC": "nccl"})
+    with pytest.raises(UserError, match="ALIGN_RAY_SCORE_TIMEOUT_S = 'soon'"):
+        cluster_settings(cc, environ={"ALIGN_RAY_SCORE_TIMEOUT_S": "soon"})
+    with pytest.raises(ConfigError, match="cluster.weight_sync"):
+        config_from_dict({"algorithm": "grpo", **base, "cluster": {"weight_sync": "nccl"}})

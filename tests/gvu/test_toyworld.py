@@ -4,8 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from align import toyworld as tw
+import toyworld as tw  # examples/toyworld.py (tests/conftest.py puts examples/ on sys.path)
 
 G = 3
 

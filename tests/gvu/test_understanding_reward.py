@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+import toyworld as tw  # examples/toyworld.py (tests/conftest.py puts examples/ on sys.path)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align import toyworld as tw
 from align.rewards.understanding import UnderstandingReward
 
 CAPTIONS = ["a circle", "two squares", "a red circle left of a blue triangle", "a green square and a red circle", "a triangle"]

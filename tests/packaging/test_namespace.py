@@ -51,6 +51,10 @@ from align import tools as our_tools
 assert our_tools.calculate("2*(3+4)") == "14", our_tools.calculate("2*(3+4)")
 res = our_tools.run_code("def f(x):\n    return x + 1\n", ["assert f(1) == 2", "assert f(2) == 4"], timeout_s=20)
 assert (res.status, res.passed, res.failed) == ("failed", 1, 1), res
+from align.rewards.verifiers import MathVerify        # its sympy checker child starts isolated
+checker = MathVerify(timeout_s=60)
+assert checker.score([""], [r"\boxed{(x+1)^2}"], label=["x^2+2x+1"]).scores == [1.0]
+checker.close()
 import torch
 from align import kernels as our_kernels
 tok, logp = our_kernels.sample(torch.tensor([[0.0, 5.0, -1.0]]), temperature=1e-4)

@@ -1,7 +1,8 @@
 """`cluster.backend: ray` against the in-process backend: same metrics, same weights, faults handled.
 
 One local Ray instance serves the module. Rollout actors are kept warm between the runs of this module
-(RayBackend.keep_workers; the full weights are pushed on every reuse) so the module starts few processes.
+(`cluster.keep_workers` in every config here; the full weights are pushed on every reuse) so the module starts
+few processes.
 """
 from __future__ import annotations
 
@@ -70,17 +71,15 @@ class Controlled(MeanCode):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from align.backends.ray import RayBackend, release_parked_workers
+    from align.backends.ray import release_parked_workers
 
     if ray.is_initialized():  # another module's Ray: start ours with the resources this module plans for
         ray.shutdown()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
-    RayBackend.keep_workers = True
     try:
         yield ray
     finally:
-        RayBackend.keep_workers = False
         release_parked_workers()
         ray.shutdown()
 
@@ -94,7 +93,7 @@ def config(algorithm, model, data, run_dir, reward, backend="local", workers=1, 
         "rollout": {"max_new_tokens": 6, "temperature": 1.0, "micro_batch_size": 2},  # pipelining: 2-sample shards
         "train": {"steps": steps, "prompts_per_step": 4, "micro_batch_size": 4, "lr": 1e-2, "seed": 3},
         "cluster": {"backend": backend, "num_rollout_workers": workers, "num_reward_workers": 2,
-                    "rollout_num_cpus": 1, "reward_num_cpus": 0.5, **cluster},
+                    "rollout_num_cpus": 1, "reward_num_cpus": 0.5, "keep_workers": True, **cluster},
         "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
         "checkpoint": {"save_final": False},
     }
@@ -135,18 +134,12 @@ def test_ray_runs_match_local(algorithm, ray_local, tiny_model_path, arithmetic_
     data = arithmetic_data["prompts"]
     local = align.train(config(algorithm, tiny_model_path, data, tmp_path / "local", MeanCode()))
     assert local.history[-1]["reward/std"] > 0  # the dense reward is not degenerate
-    from align.backends.ray import RayBackend
-
     for workers in (1, 2):
         # PPO with 2 workers syncs by torch.distributed broadcast (gloo here; NCCL on GPUs), the rest through
         # the object store
         sync = "collective" if (algorithm, workers) == ("ppo", 2) else "object_store"
-        RayBackend.weight_sync = sync
-        try:
-            trainer = align.Trainer(config(algorithm, tiny_model_path, data, tmp_path / f"ray{workers}", MeanCode(),
-                                           backend="ray", workers=workers))
-        finally:
-            RayBackend.weight_sync = "auto"
+        trainer = align.Trainer(config(algorithm, tiny_model_path, data, tmp_path / f"ray{workers}", MeanCode(),
+                                       backend="ray", workers=workers, weight_sync=sync))
         try:
             result = trainer.train()
             assert_same_metrics(local.history, result.history, f"{algorithm} ray x{workers} {sync}")

@@ -159,6 +159,14 @@ def test_the_checker_never_reruns_an_unguarded_main_script(tmp_path):
     assert marker.read_text() == "run\n"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the child's command line from /proc")
+def test_the_sympy_checker_child_runs_isolated(math_reward):
+    """`python -I` (align.tools._child): the child never resolves a top-level `rewards` (ours or PyPI's)."""
+    math_reward.score([""], [r"\boxed{x+x}"], label=["2x"])  # starts the child
+    argv = open(f"/proc/{math_reward.child.pid}/cmdline", "rb").read().split(b"\0")
+    assert b"-I" in argv and any(b"align.rewards.verifiers.sympy_child" in a for a in argv), argv
+
+
 def test_math_verify_pickles_without_its_child(math_reward):
     math_reward.score([""], [r"\boxed{x+x}"], label=["2x"])  # starts the child
     clone = pickle.loads(pickle.dumps(math_reward))

@@ -10,8 +10,12 @@ A toy unified multimodal model (UMM) is a tiny Hugging Face causal LM whose voca
 words, one `<img_k>` token per cell value and `<boi>` / `<eoi>`; it is pre-trained briefly on both
 directions (caption -> image, image -> caption), more on understanding than on generation, as real UMMs
 are, so its understanding branch can be used as a reward for its generation branch (PAPERS.md §3).
-The UMM layout (`config.umm` in the saved config.json) is what `align.rollouts.umm` and `align.rewards.understanding`
-read: the trainer needs only the model path.
+The UMM layout (`config.umm` in the saved config.json) is written and read by `align.rollouts.umm` (and read by
+`align.rewards.understanding`): the trainer needs only the model path. The tokenizer and the random model come
+from `align.testing` (`make_umm_tokenizer`, `tiny_umm`); this module holds only the world.
+
+An example, not part of the library: `import toyworld` with examples/ on sys.path (examples/gvu_toy.py and
+tests/gvu do so).
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from align.rollouts.umm import make_umm_layout
+from align.testing import make_umm_tokenizer, tiny_umm
 
 COLORS = ("red", "green", "blue")
 SHAPES = ("circle", "square", "triangle")
@@ -285,16 +292,6 @@ def sample_spec(rng: random.Random, tasks: Sequence[str] = TASKS) -> Spec:
     return rng.choice(all_specs(rng.choice(list(tasks))))
 
 
-def eval_prompts(per_task: int = 8, seed: int = 1234, tasks: Sequence[str] = TASKS) -> list[Spec]:
-    """A fixed GenEval-style prompt set: `per_task` distinct captions of each task (all of them if fewer)."""
-    rng = random.Random(seed)
-    out = []
-    for task in tasks:
-        specs = all_specs(task)
-        out.extend(rng.sample(specs, min(per_task, len(specs))))
-    return out
-
-
 def geneval_scores(specs: Sequence[Spec], images: Sequence[Sequence[int]], grid_size: int) -> dict[str, float]:
     """GenEval-style accuracy: per task the fraction of images that satisfy their caption, and `overall`
     = the mean of the task accuracies (GenEval's overall score)."""
@@ -316,52 +313,24 @@ def image_token(k: int) -> str:
 
 def build_tokenizer():
     """A word-level tokenizer built locally: caption words, the instruction, <boi>/<eoi> and <img_k> tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "and", "of", "left", "right", "above", "below",
-             "describe", "the", "image", "in", "detail", "."]
+    words = ["a", "and", "of", "left", "right", "above", "below", "describe", "the", "image", "in", "detail", "."]
     words += list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(NUMBERS.values())
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    specials = [BOI, EOI] + [image_token(k) for k in range(NUM_VALUES)]
-    tok.add_special_tokens([AddedToken(t, normalized=False) for t in specials])
-    tok.add_tokens([AddedToken("\n", normalized=False)])  # keeps the instruction's line breaks as tokens
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<bos>", eos_token="<eos>")
+    return make_umm_tokenizer(words, [image_token(k) for k in range(NUM_VALUES)], boi=BOI, eoi=EOI)
 
 
 def umm_layout(tokenizer, grid_size: int) -> dict:
     """The `config.umm` section: everything a trainer / reward needs to drive the toy UMM."""
-    ids = [tokenizer.convert_tokens_to_ids(image_token(k)) for k in range(NUM_VALUES)]
-    return {
-        "format": "align-toy-umm/1",
-        "num_image_tokens": grid_size * grid_size,
-        "image_token_ids": ids,
-        "boi_token_id": tokenizer.convert_tokens_to_ids(BOI),
-        "eoi_token_id": tokenizer.convert_tokens_to_ids(EOI),
-        "prompt_suffix": " " + BOI,
-        "instruction": INSTRUCTION,
-        "grid_size": grid_size,
-    }
+    return make_umm_layout(tokenizer, [image_token(k) for k in range(NUM_VALUES)], boi=BOI, eoi=EOI,
+                           prompt_suffix=" " + BOI, instruction=INSTRUCTION, num_image_tokens=grid_size * grid_size,
+                           grid_size=grid_size)
 
 
 def build_toy_umm(grid_size: int = 3, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
     """A fresh (random) toy UMM: (LlamaForCausalLM with config.umm set, tokenizer)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
-    config.umm = umm_layout(tokenizer, grid_size)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config), tokenizer
+    model = tiny_umm(tokenizer, umm_layout(tokenizer, grid_size), hidden_size=hidden_size, num_layers=num_layers,
+                     num_heads=num_heads, seed=seed)
+    return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------------ pre-training
