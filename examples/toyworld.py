@@ -15,7 +15,7 @@ The UMM layout (`config.umm` in the saved config.json) is written and read by `a
 from `align.testing` (`make_umm_tokenizer`, `tiny_umm`); this module holds only the world.
 
 An example, not part of the library: `import toyworld` with examples/ on sys.path (examples/gvu_toy.py and
-tests/gvu do so).
+the tests do so).
 """
 from __future__ import annotations
 

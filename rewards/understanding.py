@@ -26,7 +26,7 @@ import torch
 
 from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
 
-# = align.rollouts.umm.UMM_CONFIG_KEYS (tests/gvu checks it; the layer rules keep rewards from importing rollouts)
+# = align.rollouts.umm.UMM_CONFIG_KEYS (tests/rewards/test_understanding_reward.py checks it; the layer rules keep rewards from importing rollouts)
 _LAYOUT_KEYS = ("num_image_tokens", "image_token_ids", "boi_token_id", "eoi_token_id", "prompt_suffix", "instruction")
 
 
