@@ -121,11 +121,11 @@ def _calls(node, *names: str) -> bool:
 
 
 def test_one_config_loader():
-    # only align/config.py parses YAML / overrides; only the registry makes close-match suggestions
+    # only align/config_schema.py parses YAML / overrides; only the registry makes close-match suggestions
     assert _where(lambda n: _calls(n, "yaml.safe_load", "yaml.load", "yaml.full_load", "yaml.unsafe_load")) == \
-        {"align/config.py"}
+        {"align/config_schema.py"}
     defined = lambda *names: lambda n: isinstance(n, ast.FunctionDef) and n.name in names  # noqa: E731
-    assert _where(defined("apply_overrides", "_parse_override", "read_config_file", "_coerce")) == {"align/config.py"}
+    assert _where(defined("apply_overrides", "_parse_override", "read_config_file", "_coerce")) == {"align/config_schema.py"}
     assert _where(lambda n: isinstance(n, ast.Import) and any(a.name == "difflib" for a in n.names)) == \
         {"tools/registry.py"}
     # every command's config goes through that machinery
