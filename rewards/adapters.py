@@ -14,19 +14,13 @@ import logging
 import math
 from typing import Any, Callable, Sequence
 
-from align.rewards.base import CallableReward, RewardFunction, RewardOutput, as_reward_function
+from align.rewards.base import CallableReward, RewardFunction, RewardOutput, as_reward_function, completion_text
 
 log = logging.getLogger(__name__)
 
 
 def _text(completion: Any) -> str:
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+    return completion_text(completion, strict=True)
 
 
 def _prompt_text(prompt: Any) -> str:

@@ -110,3 +110,19 @@ def as_reward_function(obj: Any, name: str | None = None) -> RewardFunction:
     if callable(obj):
         return CallableReward(obj, name=name)
     raise TypeError(f"a reward must be a RewardFunction or a callable fn(prompts, completions, **kwargs); got {type(obj).__name__}")
+
+
+def completion_text(completion: Any, strict: bool = False) -> str:
+    """Plain text of a completion: a string as is; conversational completions (a list of messages, or one
+    message dict) give the last message's content. Anything else is `str(...)` ("" for None), or a TypeError
+    when `strict` (the TRL / verl adapters, whose callers must pass text or messages)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if strict:
+        raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+    return "" if completion is None else str(completion)
+

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from align.rewards.base import completion_text as _completion_text  # noqa: F401  (the verifiers' name)
+
 
 def _column(columns: dict[str, Any], names: Sequence[str], n: int, reward: str) -> list[Any]:
     for name in names:
@@ -13,14 +15,3 @@ def _column(columns: dict[str, Any], names: Sequence[str], n: int, reward: str) 
             return values
     raise ValueError(f"{reward} needs a {' / '.join(repr(x) for x in names)} column with the reference answers; "
                      "add it to the dataset (or pass label_column=...)")
-
-
-def _completion_text(c: Any) -> str:
-    """Plain text of a completion; conversational completions (lists of messages) give the last content."""
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list) and c and isinstance(c[-1], dict):
-        return str(c[-1].get("content", ""))
-    if isinstance(c, dict):
-        return str(c.get("content", ""))
-    return "" if c is None else str(c)
