@@ -25,8 +25,8 @@ test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu and not slow" -q
 
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/python scripts/check_layers.py
+	@# both checks run, so one log shows every problem; either failing fails the target
+	@rc=0; $(BIN)/ruff check . || rc=1; $(BIN)/python scripts/check_layers.py || rc=1; exit $$rc
 
 test-all: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
