@@ -214,7 +214,13 @@ def frozen_features(args, backbone: str, variant: str) -> dict:
         key = f"{variant}_{Path(backbone).name}_{'-'.join(args.groups)}_{args.max_length}_{args.train_per_tool}.pt"
         cache_file = Path(args.feature_cache) / key
         if cache_file.is_file():
-            return torch.load(cache_file)
+            try:  # tensors and plain data only: a planted cache file cannot run code when read
+                return torch.load(cache_file, map_location="cpu", weights_only=True)
+            except Exception as err:
+                from align.errors import CheckpointError
+
+                raise CheckpointError(f"feature cache {cache_file} is not plain tensors/data or is corrupt "
+                                      f"({type(err).__name__}); delete it to recompute the features") from None
     feats = _compute_frozen_features(args, backbone, variant)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

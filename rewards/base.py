@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -40,16 +41,46 @@ class RewardOutput:
             raise ValueError(f"RewardOutput: scores ({n}), errors ({len(self.errors)}) and info ({len(self.info)}) differ in length")
         if self.token_rewards is not None and len(self.token_rewards) != n:
             raise ValueError(f"RewardOutput: token_rewards has {len(self.token_rewards)} rows for {n} samples")
-        # Non-finite scores are errors for that sample: NaN must never reach advantages.
+        # Non-finite scores are errors for that sample: NaN must never reach advantages. Finite means finite in
+        # float32 too, the dtype scores train in: 1e39 is a finite Python float but inf as a training tensor.
         for i, s in enumerate(self.scores):
-            if s is not None and not math.isfinite(float(s)):
-                self.errors[i] = self.errors[i] or f"non-finite score {s!r}"
+            if s is None:
+                continue
+            problem = score_problem(s)
+            if problem is not None:
+                self.errors[i] = self.errors[i] or problem
                 self.scores[i] = None
-            elif s is not None:
+            else:
                 self.scores[i] = float(s)
 
     def __len__(self) -> int:
         return len(self.scores)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def finite_in_float32(value: float) -> bool:
+    """Whether `value` is finite and stays finite as a float32 (the dtype scores and token rewards train in)."""
+    value = float(value)
+    if not math.isfinite(value):
+        return False
+    try:
+        struct.pack("<f", value)  # the C cast to float; OverflowError exactly when it would give inf
+    except OverflowError:
+        return False
+    return True
+
+
+def score_problem(value: Any) -> str | None:
+    """None for a usable score, else the one-line per-sample error (NaN, inf, or out of float32 range)."""
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        return f"non-finite score {value!r}"
+    if not finite_in_float32(as_float):
+        return (f"score {as_float!r} is not finite in float32 (the training dtype of scores; |score| must stay "
+                f"below {FLOAT32_MAX:.4g})")
+    return None
 
 
 class RewardInputError(UserError, ValueError):

@@ -5,7 +5,8 @@ mean / std of source k (Welford / Chan parallel update, as in OpenAI baselines' 
 identity when normalize="none". Inapplicable components (score None, no error) contribute nothing, as in
 TRL's nansum over reward functions. An errored component with non-zero weight makes the sample an error
 (on_error="error") or is left out of the sum (on_error="skip_component"); non-finite scores are errors
-(RewardOutput enforces it), so NaN never reaches the advantages.
+(RewardOutput enforces it, in float32 as well: a weighted sum beyond the float32 range is an error too), so
+NaN or inf never reaches the advantages.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 import threading
 from typing import Any, Sequence
 
-from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
+from align.rewards.base import RewardFunction, RewardOutput, as_reward_function, finite_in_float32
 
 
 class RunningMeanStd:
@@ -206,8 +207,8 @@ class RewardMixture(RewardFunction):
             infos.append(info)
         token_rewards = self._token_rewards(outs, errors)
         for i, row in enumerate(token_rewards or []):
-            if not all(math.isfinite(v) for v in row) and errors[i] is None:
-                scores[i], errors[i] = None, "non-finite token reward"
+            if not all(finite_in_float32(v) for v in row) and errors[i] is None:
+                scores[i], errors[i] = None, "non-finite token reward (NaN, inf, or beyond the float32 range)"
         return RewardOutput(scores=scores, errors=errors, info=infos, token_rewards=token_rewards)
 
     def _token_rewards(self, outs: list[RewardOutput], errors: list[str | None]) -> list[list[float]] | None:

@@ -193,11 +193,15 @@ class Trainer:
         n = len(step.batch)
         if len(out.scores) != n:
             raise RuntimeError(f"the reward returned {len(out.scores)} scores for {n} samples")
+        scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
+        for i in (~torch.isfinite(scores)).nonzero().flatten().tolist():  # RewardOutput refuses these already;
+            out.errors[i] = out.errors[i] or f"score {out.scores[i]!r} is not finite in float32"  # a backend
+            out.scores[i] = None  # that bypassed it still gets a per-sample error, never an inf in the update
         valid = torch.tensor([s is not None for s in out.scores], device=self.device)
         if not bool(valid.any()):
             first = next((e for e in out.errors if e), "every reward returned None (not applicable)")
             raise RuntimeError(f"no sample of this step could be scored ({n} samples); first error: {first}")
-        step.scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
+        step.scores = torch.where(valid, scores, torch.zeros_like(scores))
         step.valid = valid
         overlong = self._overlong_penalty(step)
         step.train_rows = valid.nonzero().squeeze(-1)

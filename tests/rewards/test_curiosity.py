@@ -211,7 +211,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
         first.update(s, a, m)
     torch.save(first.state_dict(), tmp_path / "curiosity.pt")
     resumed = CuriosityModule(H, A, I, lr=1e-3, seed=99)  # different init: everything must come from the file
-    resumed.load_state_dict(torch.load(tmp_path / "curiosity.pt"))
+    resumed.load_state_dict(torch.load(tmp_path / "curiosity.pt", weights_only=True))
     for s, a, m in batches[2:]:
         resumed.update(s, a, m)
     assert resumed.num_updates == 4
