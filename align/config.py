@@ -167,6 +167,44 @@ KLEstimator = Literal["k1", "k2", "k3", "abs", "low_var_kl"]
 
 
 @dataclass
+class RolloutCorrectionConfig(Section):
+    """Importance-sampling corrections between the rollout engine's log-probs and the trainer's old log-probs
+    (`align.algos.rollout_correction`; rho_t = exp(old_logp_t - rollout_logp_t)). The weights multiply the
+    policy-gradient term only (not the KL or entropy terms); a masked sequence still counts in the loss
+    denominators. Needs rollout.temperature 1 and rollout.use_rollout_logprobs false; costs one forward pass
+    for the trainer's old log-probs."""
+
+    # none | token_tis: w_t = min(rho_t, cap) | seq_mis: w_i = prod_t rho_t if it lies in [lo, hi], else 0 |
+    # seq_mis_geo: w_i = 1 if exp(mean_t log rho_t) lies in [lo, hi], else 0
+    mode: Literal["none", "token_tis", "seq_mis", "seq_mis_geo"] = "none"
+    cap: Union[float, None] = None  # token_tis only; >= 1; null = 2.0
+    lo: Union[float, None] = None  # seq_mis / seq_mis_geo only; in [0, 1]; null = 1 / hi
+    hi: Union[float, None] = None  # seq_mis / seq_mis_geo only; >= 1; null = 3.0 (seq_mis, TRL's cap) or 1.001 (seq_mis_geo)
+
+    def validate(self) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "token_tis":
+            for key in ("lo", "hi"):
+                self.check(getattr(self, key) is None, key, "applies to the seq_mis modes; token_tis uses cap: drop it")
+            if self.cap is not None:
+                self.check(self.cap >= 1.0 and math.isfinite(self.cap), "cap",
+                           "must be a finite number >= 1 (a cap below 1 down-weights tokens both engines agree on)")
+            return
+        self.check(self.cap is None, "cap", f"applies to mode token_tis; {self.mode} uses lo / hi: drop it")
+        if self.hi is not None:
+            self.check(self.hi >= 1.0 and math.isfinite(self.hi), "hi", "must be a finite number >= 1")
+        if self.lo is not None:
+            self.check(0.0 <= self.lo <= 1.0, "lo", "must be in [0, 1] (a sequence both engines agree on is kept)")
+
+    def bounds(self) -> dict[str, float]:
+        """The keyword arguments of `align.algos.rollout_correction` with the defaults filled in."""
+        hi = self.hi if self.hi is not None else (1.001 if self.mode == "seq_mis_geo" else 3.0)
+        return {"cap": self.cap if self.cap is not None else 2.0, "lo": self.lo if self.lo is not None else 1.0 / hi,
+                "hi": hi}
+
+
+@dataclass
 class _PolicyOptimConfig(Section):
     """What PPO and GRPO share: the clipped surrogate, its aggregation, KL and entropy terms, epochs."""
 
@@ -179,6 +217,11 @@ class _PolicyOptimConfig(Section):
     # rows that hit rollout.max_new_tokens (stop reason "length") get zero loss weight: they still count in the
     # advantage statistics (group mean / std, PPO whitening) but leave the update (TRL's mask_truncated_completions)
     mask_truncated_completions: bool = False
+    # token: r_t = pi(y_t) / pi_old(y_t) (PPO / GRPO); sequence: GSPO's length-normalised sequence ratio
+    # s_i = exp(mean_t log r_t), in its GSPO-token form (Zheng et al. 2025, arXiv 2507.18071). sequence clips
+    # with clip_low / clip_high, which must then be far smaller (the paper: 3e-4 / 4e-4; < 0.1 is enforced)
+    importance_level: Literal["token", "sequence"] = "token"
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def validate(self) -> None:
         self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
@@ -187,6 +230,16 @@ class _PolicyOptimConfig(Section):
             self.check(self.dual_clip > 1.0, "dual_clip", "must be > 1 (or null)")
         self.check(self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
         self.check(self.epochs >= 1, "epochs", "must be >= 1")
+        self._validate_importance_level()
+
+    def _validate_importance_level(self) -> None:
+        if self.importance_level != "sequence":
+            return
+        self.check(self.dual_clip is None, "dual_clip", "bounds token-level ratios; set it to null with "
+                   "importance_level 'sequence' (GSPO)")
+        for key in ("clip_low", "clip_high"):
+            self.check(getattr(self, key) < 0.1, key, "importance_level 'sequence' (GSPO) clips a length-normalised "
+                       "ratio that stays near 1: use far smaller ranges, e.g. the paper's clip_low 3e-4, clip_high 4e-4")
 
 
 @dataclass
@@ -342,6 +395,18 @@ class _RunConfig(Section):
             if ob.len > self.rollout.max_new_tokens:
                 raise ConfigError(f"reward.overlong_buffer.len = {ob.len}: must be <= rollout.max_new_tokens "
                                   f"({self.rollout.max_new_tokens}), the buffer is the end of the allowed length")
+        self._validate_rollout_correction()
+
+    def _validate_rollout_correction(self) -> None:
+        mode = self.algo.rollout_correction.mode  # every run config has an algo section
+        if mode == "none":
+            return
+        if self.rollout.temperature != 1.0:
+            raise ConfigError(f"algo.rollout_correction.mode = {mode!r} needs rollout.temperature = 1 (the rollout records "
+                              f"temperature-1 log-probs), got {self.rollout.temperature}; set it to 1 or mode to none")
+        if self.rollout.use_rollout_logprobs:
+            raise ConfigError(f"algo.rollout_correction.mode = {mode!r} compares the rollout's log-probs with the "
+                              "trainer's, but rollout.use_rollout_logprobs = true makes them the same; set it to false")
 
     @property
     def run_dir(self) -> Path:

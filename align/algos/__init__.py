@@ -13,6 +13,14 @@ from align.algos.advantages import (
     reinforce_pp_token_advantages,
     rloo_advantages,
 )
+from align.algos.corrections import (
+    CORRECTION_MODES,
+    rollout_correction,
+    rollout_log_ratio,
+    seq_mis_weights,
+    token_tis_weights,
+)
+from align.algos.gspo import gspo_policy_loss, sequence_log_ratio
 from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
 from align.algos.masked import masked_mean, masked_sum, masked_var, masked_whiten
@@ -23,6 +31,7 @@ from align.algos.shaping import overlong_penalty, shaped_token_rewards
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
+    "CORRECTION_MODES",
     "KL_KINDS",
     "LR_SCHEDULES",
     "AdaptiveKLController",
@@ -31,6 +40,7 @@ __all__ = [
     "dr_grpo_advantages",
     "gae",
     "group_advantages",
+    "gspo_policy_loss",
     "grpo_advantages",
     "kl_penalty",
     "lambda_lr",
@@ -45,6 +55,11 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_token_advantages",
     "rloo_advantages",
+    "rollout_correction",
+    "rollout_log_ratio",
+    "seq_mis_weights",
+    "sequence_log_ratio",
     "shaped_token_rewards",
+    "token_tis_weights",
     "value_loss",
 ]

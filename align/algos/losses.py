@@ -9,7 +9,7 @@ import torch
 
 from align.algos.masked import as_bool_mask, check_same_shape, masked_mean, masked_var
 
-__all__ = ["AGG_MODES", "aggregate", "policy_loss", "value_loss"]
+__all__ = ["AGG_MODES", "aggregate", "check_loss_weights", "policy_loss", "value_loss"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -20,6 +20,15 @@ _MAX_LOG_RATIO = 20.0
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     # bf16/fp16 log-ratios are too coarse for PPO ratios (bf16 resolves ~0.8% near 1): compute in float32.
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_loss_weights(weights: torch.Tensor, logp: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-token loss weights (rollout corrections) as a detached [B, T] tensor, 0 at padding.
+    weights: [B] (one per sequence, broadcast over tokens) or [B, T]; values at padding are never read."""
+    if weights.dim() == 1 and weights.shape[0] == logp.shape[0]:
+        weights = weights.unsqueeze(-1).expand_as(logp)
+    check_same_shape("weights", weights, "logp", logp)
+    return torch.where(keep, weights.detach(), torch.zeros((), dtype=weights.dtype, device=weights.device))
 
 
 def aggregate(
@@ -87,11 +96,13 @@ def policy_loss(
     norm_length: float | None = None,
     *,
     global_denom: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss with asymmetric clipping and optional dual clip.
 
-    logp, old_logp, mask: [B, T]; advantages: [B] (one per sequence, broadcast over tokens) or [B, T].
-    -> (loss 0-dim, metrics).
+    logp, old_logp, mask: [B, T]; advantages: [B] (one per sequence, broadcast over tokens) or [B, T];
+    weights (optional, detached): [B] or [B, T], multiplies the per-token loss before aggregation (rollout
+    importance-sampling corrections, `align.algos.corrections`; verl's rollout_is_weights). -> (loss 0-dim, metrics).
     Per token, r = exp(logp - old_logp):  L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
     (Schulman et al. 2017, arXiv 1707.06347, eq. 7; clip-higher: DAPO, arXiv 2503.14476, eq. 10).
     Dual clip c > 1 (Ye et al. 2020, arXiv 1912.09729, eq. 5; verl compute_policy_loss): for A < 0,
@@ -140,6 +151,8 @@ def policy_loss(
         per_token = torch.where(adv < 0, torch.minimum(per_token, pg_dual), per_token)
     else:
         dual_active = torch.zeros_like(keep)
+    if weights is not None:
+        per_token = per_token * check_loss_weights(weights, logp, keep).to(dtype)
 
     loss = aggregate(per_token, keep, agg, norm_length, global_denom=global_denom)
 

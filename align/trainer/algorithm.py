@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from align import algos
 from align.trainer.forward import ForwardOutput
 from align.trainer.state import StepData
 
@@ -29,6 +30,8 @@ class Algorithm:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        # the clipped surrogate of the configured importance level (GSPO for "sequence"); same signature
+        self.surrogate = algos.gspo_policy_loss if cfg.importance_level == "sequence" else algos.policy_loss
 
     @property
     def needs_reference(self) -> bool:

@@ -48,8 +48,9 @@ class GRPOAlgorithm(Algorithm):
              denom: float, vf_denom: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         mask = step.mask[rows]
-        total, metrics = algos.policy_loss(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
-                                           cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom)
+        weights = step.rollout_weights[rows] if step.rollout_weights is not None else None
+        total, metrics = self.surrogate(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
+                                        cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom, weights=weights)
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = total.detach()
         if cfg.kl_coef > 0:

@@ -275,12 +275,19 @@ class Trainer:
         if want_old and self.logprob_temperature == 1.0:  # rollout log-probs are at temperature 1
             diff = (step.old_logprobs - b.logprobs).abs()[b.mask.bool()]
             metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+        correction = self.cfg.algo.rollout_correction
+        if correction.mode != "none":  # the config guarantees temperature 1 and trainer-computed old log-probs
+            step.rollout_weights, m = algos.rollout_correction(step.old_logprobs, b.logprobs, b.mask, correction.mode,
+                                                               **correction.bounds())
+            metrics |= {f"rollout_corr/{k}": float(v) for k, v in m.items()}
         return metrics
 
     def _needs_old_logprobs(self) -> bool:
         # With a single optimizer step per batch the policy is unchanged when the loss runs, so the old
-        # log-probs equal the current ones (detached): TRL skips the extra forward the same way.
-        return self._updates_per_step() > 1 or self.algo.uses_critic
+        # log-probs equal the current ones (detached): TRL skips the extra forward the same way. A rollout
+        # correction compares them with the rollout's before the update, so it always computes them (TRL too).
+        return (self._updates_per_step() > 1 or self.algo.uses_critic
+                or self.cfg.algo.rollout_correction.mode != "none")
 
     def phase_advantages(self, step: StepData) -> dict[str, float]:
         """The algorithm's reward shaping hook (PPO: token rewards, curiosity update), then its advantages."""

@@ -81,8 +81,9 @@ class PPOAlgorithm(Algorithm):
              denom: float, vf_denom: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         mask = step.mask[rows]
-        pg, metrics = algos.policy_loss(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
-                                        cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom)
+        weights = step.rollout_weights[rows] if step.rollout_weights is not None else None
+        pg, metrics = self.surrogate(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
+                                     cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom, weights=weights)
         total = pg
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = pg.detach()

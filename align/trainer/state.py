@@ -21,6 +21,7 @@ class StepData:
     advantages:    [N] (GRPO family) or [N, T] (PPO)
     returns:       [N, T] value targets (PPO)
     ref_hidden:    [N, T + 1, H] reference last-layer states (CD-RLHF curiosity)
+    rollout_weights: [N, T] rollout importance-sampling weights (algo.rollout_correction; None when off)
     train_rows:    indices of the samples that enter the update
     """
 
@@ -36,6 +37,7 @@ class StepData:
     ref_hidden: torch.Tensor | None = None
     reward_token_rewards: torch.Tensor | None = None  # [N, T] token-level rewards returned by reward functions
     train_rows: torch.Tensor | None = None
+    rollout_weights: torch.Tensor | None = None
     reward_info: list[dict] = field(default_factory=list)
 
     @property
