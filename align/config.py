@@ -354,8 +354,15 @@ class _PolicyOptimConfig(Section):
     # rows that hit rollout.max_new_tokens (stop reason "length") get zero loss weight: they still count in the
     # advantage statistics (group mean / std, PPO whitening) but leave the update (TRL's mask_truncated_completions)
     mask_truncated_completions: bool = False
+    # Dr. GRPO's constant L of seq-mean-token-sum-norm, sum(loss * mask) / (B * L), for the policy loss, the KL
+    # term and the entropy bonus alike (TRL max_completion_length, verl loss_scale_factor); null =
+    # rollout.max_new_tokens (resolved when the run config is built), never the step's padded width
+    loss_norm_length: Union[int, None] = None
 
     def validate(self) -> None:
+        if self.loss_norm_length is not None:
+            self.check(self.loss_norm_length > 0, "loss_norm_length",
+                       "must be > 0 (tokens; null = rollout.max_new_tokens)")
         self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
         self.check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
         if self.dual_clip is not None:
@@ -498,6 +505,8 @@ class _RunConfig(Section):
                 raise ConfigError(f"{key} is required")
         if self.reward.functions == ["<unset>"]:
             raise ConfigError("reward.functions is required (e.g. [math_verify]) unless reward.remote_url is set")
+        if self.algo.loss_norm_length is None:  # Dr. GRPO's L defaults to the longest allowed response
+            self.algo.loss_norm_length = self.rollout.max_new_tokens
         ob = self.reward.overlong_buffer
         if ob.enable:
             if self.model.kind == "umm":

@@ -49,14 +49,16 @@ class GRPOAlgorithm(Algorithm):
         cfg = self.cfg
         mask = step.mask[rows]
         total, metrics = algos.policy_loss(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
-                                           cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom)
+                                           cfg.clip_high, cfg.dual_clip, cfg.loss_agg, self.norm_length,
+                                           global_denom=denom)
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = total.detach()
         if cfg.kl_coef > 0:
             kl = algos.kl_penalty(fwd.logprobs, step.ref_logprobs[rows], cfg.kl_estimator)
-            kl_loss = algos.aggregate(kl, mask, cfg.loss_agg, global_denom=denom)
+            kl_loss = algos.aggregate(kl, mask, cfg.loss_agg, self.norm_length, global_denom=denom)
             total = total + cfg.kl_coef * kl_loss
             metrics["loss/kl"] = kl_loss.detach()
         if cfg.entropy_coef and fwd.entropy is not None:
-            total = total - cfg.entropy_coef * algos.aggregate(fwd.entropy, mask, cfg.loss_agg, global_denom=denom)
+            ent = algos.aggregate(fwd.entropy, mask, cfg.loss_agg, self.norm_length, global_denom=denom)
+            total = total - cfg.entropy_coef * ent
         return total, metrics

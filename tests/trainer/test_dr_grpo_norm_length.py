@@ -30,7 +30,7 @@ CLIP_LOW, CLIP_HIGH, KL_COEF, ENT_COEF = 0.2, 0.28, 0.07, 0.03
 def run_config(algorithm: str, **algo):
     cls = GRPOConfig if algorithm == "grpo" else PPOConfig
     algo = {"loss_agg": AGG, "clip_low": CLIP_LOW, "clip_high": CLIP_HIGH, "kl_coef": KL_COEF,
-            "entropy_coef": ENT_COEF, **algo}
+            "entropy_coef": ENT_COEF, "kl_estimator": "k3", **algo}
     if algorithm == "ppo":
         algo["kl_in"] = "loss"
     return cls(model={"path": "m"}, data={"path": "d.jsonl"}, reward={"functions": ["math_verify"]},
