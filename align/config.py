@@ -383,7 +383,7 @@ class PPOAlgoConfig(_PolicyOptimConfig):
     kl_target: Union[float, None] = None  # set to use the adaptive KL controller
     kl_horizon: int = 10000
     kl_in: Literal["reward", "loss"] = "reward"
-    kl_estimator: KLEstimator = "k1"
+    kl_estimator: KLEstimator = "k1"  # k3 is Schulman's unclamped k3; verl's "k3" is our low_var_kl (clamped)
     whiten_advantages: bool = True
 
     def validate(self) -> None:
@@ -399,17 +399,23 @@ class PPOAlgoConfig(_PolicyOptimConfig):
 @dataclass
 class GRPOAlgoConfig(_PolicyOptimConfig):
     group_size: int = 4
-    advantage: str = "grpo"  # a registered estimator: grpo, dr_grpo, rloo, reinforce_pp, or a plug-in
+    # a registered estimator: grpo, dr_grpo, rloo, reinforce_pp (token-level REINFORCE++, per-token whitening),
+    # reinforce_pp_seq (the per-sample form, what reinforce_pp meant before 0.2.0), or a plug-in
+    advantage: str = "grpo"
     scale: Literal["group", "batch", "none"] = "group"
     kl_coef: float = 0.0  # beta; 0 = no reference model pass
-    kl_estimator: KLEstimator = "k3"
+    kl_estimator: KLEstimator = "k3"  # k3 is Schulman's unclamped k3; verl's "k3" is our low_var_kl (clamped)
     filter_zero_variance: bool = False  # drop groups whose scores are all equal (they carry no signal)
+    adv_eps: float = 1e-6  # GRPO's eps in (s - mean) / (std + eps), advantage 'grpo' only (TRL uses 1e-4)
 
     def validate(self) -> None:
         super().validate()
         self.check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per prompt (set algo.group_size >= 2)")
         self.check(self.scale == "group" or self.advantage == "grpo", "scale",
                    f"scale applies to advantage 'grpo' only ({self.advantage!r} has its own normalisation); drop it")
+        self.check(self.adv_eps >= 0.0 and math.isfinite(self.adv_eps), "adv_eps", "must be a finite number >= 0")
+        self.check(self.adv_eps == 1e-6 or self.advantage == "grpo", "adv_eps",
+                   f"adv_eps applies to advantage 'grpo' only ({self.advantage!r} has no std + eps); drop it")
         from align.registry import ADVANTAGES, UnknownNameError
 
         try:

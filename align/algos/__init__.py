@@ -9,9 +9,12 @@ from align.algos.advantages import (
     gae,
     group_advantages,
     grpo_advantages,
+    is_token_level,
     reinforce_pp_advantages,
     reinforce_pp_token_advantages,
+    reinforce_pp_token_estimator,
     rloo_advantages,
+    token_level,
 )
 from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
@@ -32,6 +35,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "grpo_advantages",
+    "is_token_level",
     "kl_penalty",
     "lambda_lr",
     "lr_multiplier",
@@ -44,7 +48,9 @@ __all__ = [
     "position_ids_from_mask",
     "reinforce_pp_advantages",
     "reinforce_pp_token_advantages",
+    "reinforce_pp_token_estimator",
     "rloo_advantages",
     "shaped_token_rewards",
+    "token_level",
     "value_loss",
 ]
