@@ -512,7 +512,9 @@ class _RunConfig(Section):
         if self.reward.functions == ["<unset>"]:
             raise ConfigError("reward.functions is required (e.g. [math_verify]) unless reward.remote_url is set")
         if self.algo.loss_norm_length is None:  # Dr. GRPO's L defaults to the longest allowed response
-            self.algo.loss_norm_length = self.rollout.max_new_tokens
+            # a copy: an algo section object passed in (maybe shared by several run configs) stays unresolved
+            self.algo = dataclasses.replace(self.algo, loss_norm_length=self.rollout.max_new_tokens)
+            object.__setattr__(self.algo, "_loss_norm_length_from_rollout", True)  # see as_config
         ob = self.reward.overlong_buffer
         if ob.enable:
             if self.model.kind == "umm":
@@ -615,7 +617,10 @@ def as_config(config: Any, overrides: list[str] | None = None) -> _RunConfig:
     """Accept a config object, a dict or a path."""
     if isinstance(config, _RunConfig):
         if overrides:
-            return config_from_dict(apply_overrides(config.to_dict() | _callables(config), overrides))
+            data = config.to_dict() | _callables(config)
+            if getattr(config.algo, "_loss_norm_length_from_rollout", False):
+                del data["algo"]["loss_norm_length"]  # a defaulted L follows an overridden rollout.max_new_tokens
+            return config_from_dict(apply_overrides(data, overrides))
         return config
     if isinstance(config, dict):
         return config_from_dict(apply_overrides(_copy_sections(config), overrides))

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from align.config import GRPOConfig, PPOConfig
+from align.config import GRPOAlgoConfig, GRPOConfig, PPOConfig, as_config
 from align.errors import ConfigError
 from align.trainer.forward import ForwardOutput
 from align.trainer.grpo import GRPOAlgorithm
@@ -141,3 +141,15 @@ def test_loss_norm_length_defaults_to_max_new_tokens_and_is_validated():
             run_config("grpo", loss_norm_length=bad)
         msg = str(err.value)
         assert "\n" not in msg and "algo.loss_norm_length" in msg and "> 0" in msg, msg
+
+
+def test_a_defaulted_loss_norm_length_follows_max_new_tokens_overrides_and_shared_sections():
+    cfg = run_config("grpo")
+    assert as_config(cfg, ["rollout.max_new_tokens=40"]).algo.loss_norm_length == 40
+    assert as_config(cfg, ["train.lr=1e-5"]).algo.loss_norm_length == MAX_NEW_TOKENS
+    explicit = run_config("grpo", loss_norm_length=9)
+    assert as_config(explicit, ["rollout.max_new_tokens=40"]).algo.loss_norm_length == 9
+    section = GRPOAlgoConfig(loss_agg=AGG)  # one section object in two run configs
+    short, long = (GRPOConfig(model={"path": "m"}, data={"path": "d.jsonl"}, reward={"functions": ["math_verify"]},
+                              rollout={"max_new_tokens": n}, algo=section) for n in (8, 32))
+    assert (short.algo.loss_norm_length, long.algo.loss_norm_length, section.loss_norm_length) == (8, 32, None)
