@@ -217,6 +217,10 @@ class _PolicyOptimConfig(Section):
     # rows that hit rollout.max_new_tokens (stop reason "length") get zero loss weight: they still count in the
     # advantage statistics (group mean / std, PPO whitening) but leave the update (TRL's mask_truncated_completions)
     mask_truncated_completions: bool = False
+    # Dr. GRPO's constant L of seq-mean-token-sum-norm, sum(loss * mask) / (B * L), for the policy loss, the KL
+    # term and the entropy bonus alike (TRL max_completion_length, verl loss_scale_factor); null =
+    # rollout.max_new_tokens (resolved when the run config is built), never the step's padded width
+    loss_norm_length: Union[int, None] = None
     # token: r_t = pi(y_t) / pi_old(y_t) (PPO / GRPO); sequence: GSPO's length-normalised sequence ratio
     # s_i = exp(mean_t log r_t), in its GSPO-token form (Zheng et al. 2025, arXiv 2507.18071). sequence clips
     # with clip_low / clip_high, which must then be far smaller (the paper: 3e-4 / 4e-4; < 0.1 is enforced)
@@ -224,6 +228,9 @@ class _PolicyOptimConfig(Section):
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def validate(self) -> None:
+        if self.loss_norm_length is not None:
+            self.check(self.loss_norm_length > 0, "loss_norm_length",
+                       "must be > 0 (tokens; null = rollout.max_new_tokens)")
         self.check(0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
         self.check(self.clip_high >= 0.0, "clip_high", "must be >= 0")
         if self.dual_clip is not None:
@@ -254,7 +261,7 @@ class PPOAlgoConfig(_PolicyOptimConfig):
     kl_target: Union[float, None] = None  # set to use the adaptive KL controller
     kl_horizon: int = 10000
     kl_in: Literal["reward", "loss"] = "reward"
-    kl_estimator: KLEstimator = "k1"
+    kl_estimator: KLEstimator = "k1"  # k3 is Schulman's unclamped k3; verl's "k3" is our low_var_kl (clamped)
     whiten_advantages: bool = True
 
     def validate(self) -> None:
@@ -270,17 +277,23 @@ class PPOAlgoConfig(_PolicyOptimConfig):
 @dataclass
 class GRPOAlgoConfig(_PolicyOptimConfig):
     group_size: int = 4
-    advantage: str = "grpo"  # a registered estimator: grpo, dr_grpo, rloo, reinforce_pp, or a plug-in
+    # a registered estimator: grpo, dr_grpo, rloo, reinforce_pp (token-level REINFORCE++, per-token whitening),
+    # reinforce_pp_seq (the per-sample form, what reinforce_pp meant before 0.2.0), or a plug-in
+    advantage: str = "grpo"
     scale: Literal["group", "batch", "none"] = "group"
     kl_coef: float = 0.0  # beta; 0 = no reference model pass
-    kl_estimator: KLEstimator = "k3"
+    kl_estimator: KLEstimator = "k3"  # k3 is Schulman's unclamped k3; verl's "k3" is our low_var_kl (clamped)
     filter_zero_variance: bool = False  # drop groups whose scores are all equal (they carry no signal)
+    adv_eps: float = 1e-6  # GRPO's eps in (s - mean) / (std + eps), advantage 'grpo' only (TRL uses 1e-4)
 
     def validate(self) -> None:
         super().validate()
         self.check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per prompt (set algo.group_size >= 2)")
         self.check(self.scale == "group" or self.advantage == "grpo", "scale",
                    f"scale applies to advantage 'grpo' only ({self.advantage!r} has its own normalisation); drop it")
+        self.check(self.adv_eps >= 0.0 and math.isfinite(self.adv_eps), "adv_eps", "must be a finite number >= 0")
+        self.check(self.adv_eps == 1e-6 or self.advantage == "grpo", "adv_eps",
+                   f"adv_eps applies to advantage 'grpo' only ({self.advantage!r} has no std + eps); drop it")
         from align.registry import ADVANTAGES, UnknownNameError
 
         try:
@@ -387,6 +400,10 @@ class _RunConfig(Section):
                 raise ConfigError(f"{key} is required")
         if self.reward.functions == ["<unset>"]:
             raise ConfigError("reward.functions is required (e.g. [math_verify]) unless reward.remote_url is set")
+        if self.algo.loss_norm_length is None:  # Dr. GRPO's L defaults to the longest allowed response
+            # a copy: an algo section object passed in (maybe shared by several run configs) stays unresolved
+            self.algo = dataclasses.replace(self.algo, loss_norm_length=self.rollout.max_new_tokens)
+            object.__setattr__(self.algo, "_loss_norm_length_from_rollout", True)  # see as_config
         ob = self.reward.overlong_buffer
         if ob.enable:
             if self.model.kind == "umm":
@@ -464,7 +481,10 @@ def as_config(config: Any, overrides: list[str] | None = None) -> _RunConfig:
     """Accept a config object, a dict or a path."""
     if isinstance(config, _RunConfig):
         if overrides:
-            return config_from_dict(apply_overrides(config.to_dict() | _callables(config), overrides))
+            data = config.to_dict() | _callables(config)
+            if getattr(config.algo, "_loss_norm_length_from_rollout", False):
+                del data["algo"]["loss_norm_length"]  # a defaulted L follows an overridden rollout.max_new_tokens
+            return config_from_dict(apply_overrides(data, overrides))
         return config
     if isinstance(config, dict):
         return config_from_dict(apply_overrides(_copy_sections(config), overrides))

@@ -9,9 +9,12 @@ from align.algos.advantages import (
     gae,
     group_advantages,
     grpo_advantages,
+    is_token_level,
     reinforce_pp_advantages,
     reinforce_pp_token_advantages,
+    reinforce_pp_token_estimator,
     rloo_advantages,
+    token_level,
 )
 from align.algos.corrections import (
     CORRECTION_MODES,
@@ -42,6 +45,7 @@ __all__ = [
     "group_advantages",
     "gspo_policy_loss",
     "grpo_advantages",
+    "is_token_level",
     "kl_penalty",
     "lambda_lr",
     "lr_multiplier",
@@ -54,6 +58,7 @@ __all__ = [
     "position_ids_from_mask",
     "reinforce_pp_advantages",
     "reinforce_pp_token_advantages",
+    "reinforce_pp_token_estimator",
     "rloo_advantages",
     "rollout_correction",
     "rollout_log_ratio",
@@ -61,5 +66,6 @@ __all__ = [
     "sequence_log_ratio",
     "shaped_token_rewards",
     "token_tis_weights",
+    "token_level",
     "value_loss",
 ]

@@ -3,9 +3,16 @@
 Layout: batches are prompt-major, the `group_size` samples of one prompt are contiguous
 ([p0s0, p0s1, ..., p1s0, ...]). Advantages carry no gradient (inputs are detached).
 
-`ADVANTAGE_ESTIMATORS` maps a name to an outcome-level estimator with the common signature
+`ADVANTAGE_ESTIMATORS` maps a name to an estimator. An outcome-level estimator has the common signature
 
     fn(scores: Tensor[B], group_size: int, *, valid: Tensor[B] | None = None) -> Tensor[B]
+
+and a token-level estimator (marked with `@token_level`; `is_token_level(fn)` tells them apart) also takes the
+response mask and returns one advantage per response token, 0 on padding:
+
+    fn(scores: Tensor[B], group_size: int, *, mask: Tensor[B, T], valid: Tensor[B] | None = None) -> Tensor[B, T]
+
+Registered: grpo, dr_grpo, rloo, reinforce_pp_seq (outcome level) and reinforce_pp (token level).
 
 `valid` (bool, optional) marks samples whose reward is usable; excluded samples (e.g. the reward errored)
 get advantage 0 and enter no mean or std, and their scores are never read (NaN there is fine). A group with
@@ -28,6 +35,9 @@ __all__ = [
     "reinforce_pp_token_advantages",
     "grpo_advantages",
     "dr_grpo_advantages",
+    "reinforce_pp_token_estimator",
+    "token_level",
+    "is_token_level",
     "ADVANTAGE_ESTIMATORS",
 ]
 
@@ -204,8 +214,9 @@ def reinforce_pp_advantages(
     scores: [B] (prompt-major), valid: optional [B] bool -> advantages [B].
     Subtract the group mean, then whiten over the valid samples of the whole batch (unbiased variance,
     (x - mean) / sqrt(var + eps)) (Hu 2025, REINFORCE++, arXiv 2501.03262, "REINFORCE++-baseline").
-    Each sample counts once in the batch statistics. OpenRLHF whitens token-level advantages instead
-    (each sample weighted by its length): for that, use `reinforce_pp_token_advantages`.
+    Each sample counts once in the batch statistics. Registered as `reinforce_pp_seq` (it was `reinforce_pp`
+    before 0.2.0). Hu 2025 / verl / OpenRLHF whiten token-level advantages instead (each sample weighted by
+    its length): that is `reinforce_pp_token_advantages`, registered as `reinforce_pp`.
     Groups with < 2 valid samples and invalid samples give 0 and are left out of the batch statistics.
     """
     s, keep = _check_group_inputs(scores, group_size, valid)
@@ -278,10 +289,48 @@ def dr_grpo_advantages(scores: torch.Tensor, group_size: int, *, valid: torch.Te
     return group_advantages(scores, group_size, scale="none", valid=valid)
 
 
-# name -> fn(scores [B], group_size, *, valid=None) -> advantages [B]; the lead wraps this in a Registry.
+def token_level(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mark `fn` as a token-level advantage estimator (usable as a decorator):
+    fn(scores [B], group_size, *, mask [B, T], valid=None) -> advantages [B, T]."""
+    fn.token_level = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_token_level(fn: Callable[..., torch.Tensor]) -> bool:
+    """Whether estimator `fn` returns [B, T] advantages and takes `mask=` (see `token_level`)."""
+    return bool(getattr(fn, "token_level", False))
+
+
+@token_level
+def reinforce_pp_token_estimator(
+    scores: torch.Tensor,
+    group_size: int,
+    *,
+    mask: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    token_rewards: torch.Tensor | None = None,
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """REINFORCE++(-baseline) in its token-level form, the registered `reinforce_pp` estimator.
+
+    scores: [B] (prompt-major), mask: [B, T], valid: optional [B] bool, token_rewards: optional [B, T]
+    -> advantages [B, T] (0 on padding).
+    Token rewards r_t (the group-centred score on the last response token, plus `token_rewards`), returns
+    G_t = sum_{k >= t} gamma^(k - t) r_k over the row's response tokens, then G whitened over all valid
+    response tokens of the batch (Hu 2025, arXiv 2501.03262, sec. 3; verl compute_reinforce_plus_plus_*;
+    OpenRLHF get_cumulative_returns + token whitening). `reinforce_pp_token_advantages` with returns dropped.
+    """
+    advantages, _ = reinforce_pp_token_advantages(scores, mask, group_size, token_rewards=token_rewards,
+                                                  gamma=gamma, valid=valid)
+    return advantages
+
+
+# name -> estimator (outcome level: [B]; token level, `is_token_level`: [B, T]); align.registry wraps it.
+# `reinforce_pp` is the token-level form since 0.2.0; the per-sample form stays as `reinforce_pp_seq`.
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": grpo_advantages,
     "dr_grpo": dr_grpo_advantages,
     "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_advantages,
+    "reinforce_pp": reinforce_pp_token_estimator,
+    "reinforce_pp_seq": reinforce_pp_advantages,
 }

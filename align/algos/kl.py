@@ -20,7 +20,11 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     k1 = logp - ref;  k2 = 0.5 (logp - ref)^2;  k3 = exp(ref - logp) - (ref - logp) - 1;  abs = |logp - ref|
     (Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html).
     low_var_kl = k3 with (ref - logp) clamped to [-20, 20] and the result clamped to [-10, 10]
-    (verl core_algos.kl_penalty "low_var_kl"). Padding positions are not masked here: mask the result.
+    (verl core_algos.kl_penalty "low_var_kl": kl = ref - logp; ratio = exp(kl); kld = ratio - kl - 1;
+    clamp(kld, -10, 10); the inner clamp only guards exp: |kl| >= 20 gives kld >= 19, clamped to 10, either way).
+    Our "k3" is Schulman's unclamped k3; verl's "k3" is an alias of its "low_var_kl", the clamped form, so a
+    verl config with kl_loss_type k3 ports as kl_estimator: low_var_kl. Padding positions are not masked here:
+    mask the result.
     """
     check_same_shape("logp", logp, "ref_logp", ref_logp)
     if kind == "k1":

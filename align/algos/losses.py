@@ -46,7 +46,8 @@ def aggregate(
     seq-mean-token-mean:     mean over rows with >= 1 token of (row sum / row count)   (GRPO, arXiv 2402.03300)
     seq-mean-token-sum:      mean over all B rows of row sums (an empty row counts, with sum 0)
     seq-mean-token-sum-norm: sum(loss*mask) / (B * L), L = norm_length or T = mask.shape[-1]
-                             (Dr. GRPO, arXiv 2503.20783: a constant normaliser)
+                             (Dr. GRPO, arXiv 2503.20783: a constant normaliser; the trainers pass
+                             algo.loss_norm_length, so L never follows the step's padded width T)
     Empty selections give 0. global_denom (optional) replaces the local count in the denominator (tokens
     for token-mean, non-empty rows for seq-mean-token-mean, B for the two token-sum modes) so that
     micro-batch losses computed with the whole minibatch's count sum to the minibatch loss (grad accumulation).

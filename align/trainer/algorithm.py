@@ -37,6 +37,13 @@ class Algorithm:
     def needs_reference(self) -> bool:
         return self.cfg.kl_coef > 0
 
+    @property
+    def norm_length(self) -> int | None:
+        """Dr. GRPO's constant L for every seq-mean-token-sum-norm reduction of the loss (policy, KL, entropy):
+        `algo.loss_norm_length` (a run config resolves it to rollout.max_new_tokens); None for other aggregations
+        (and for a bare algo section with no L set, where `aggregate` falls back to the tensor width)."""
+        return self.cfg.loss_norm_length if self.cfg.loss_agg == "seq-mean-token-sum-norm" else None
+
     def shape_rewards(self, step: StepData, curiosity: Any = None,
                       action_embeddings: nn.Module | None = None) -> dict[str, float]:
         """Hook of the advantages phase, before `compute_advantages`: per-token rewards and intrinsic-reward

@@ -1,5 +1,6 @@
-"""GRPO's pieces: group-relative advantages (GRPO / Dr. GRPO / RLOO / REINFORCE++), zero-variance group
-filtering, and the clipped loss with an optional KL term in the loss (Shao et al. 2024, arXiv 2402.03300)."""
+"""GRPO's pieces: group-relative advantages (GRPO / Dr. GRPO / RLOO / REINFORCE++; [B], or [B, T] from a
+token-level estimator), zero-variance group filtering, and the clipped loss with an optional KL term in the loss
+(Shao et al. 2024, arXiv 2402.03300)."""
 from __future__ import annotations
 
 import torch
@@ -24,9 +25,11 @@ class GRPOAlgorithm(Algorithm):
         cfg, g = self.cfg, self.group_size
         scores, valid = step.scores, step.valid
         if cfg.advantage == "grpo":
-            adv = algos.group_advantages(scores, g, scale=cfg.scale, valid=valid)
+            adv = algos.group_advantages(scores, g, scale=cfg.scale, eps=cfg.adv_eps, valid=valid)
         else:
-            adv = ADVANTAGES.get(cfg.advantage)(scores, g, valid=valid)
+            estimator = ADVANTAGES.get(cfg.advantage)  # [B], or [B, T] for a token-level one (reinforce_pp)
+            extra = {"mask": step.mask} if algos.is_token_level(estimator) else {}
+            adv = estimator(scores, g, valid=valid, **extra)
         keep = valid.clone()
         metrics: dict[str, float] = {}
         groups = valid.view(-1, g)
@@ -41,7 +44,12 @@ class GRPOAlgorithm(Algorithm):
             keep &= ~flat.repeat_interleave(g)
         step.advantages = adv.float()
         step.train_rows = keep.nonzero().squeeze(-1)
-        metrics["advantages/abs_mean"] = float(adv[keep].abs().mean()) if keep.any() else 0.0
+        if not keep.any():
+            metrics["advantages/abs_mean"] = 0.0
+        elif adv.dim() == 2:  # token-level: the mean over the response tokens of the kept rows
+            metrics["advantages/abs_mean"] = float(algos.masked_mean(adv[keep].abs(), step.mask[keep]))
+        else:
+            metrics["advantages/abs_mean"] = float(adv[keep].abs().mean())
         return metrics
 
     def loss(self, fwd: ForwardOutput, step: StepData, rows: torch.Tensor, old_logprobs: torch.Tensor,
@@ -50,14 +58,16 @@ class GRPOAlgorithm(Algorithm):
         mask = step.mask[rows]
         weights = step.rollout_weights[rows] if step.rollout_weights is not None else None
         total, metrics = self.surrogate(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
-                                        cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom, weights=weights)
+                                        cfg.clip_high, cfg.dual_clip, cfg.loss_agg, self.norm_length,
+                                        global_denom=denom, weights=weights)
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = total.detach()
         if cfg.kl_coef > 0:
             kl = algos.kl_penalty(fwd.logprobs, step.ref_logprobs[rows], cfg.kl_estimator)
-            kl_loss = algos.aggregate(kl, mask, cfg.loss_agg, global_denom=denom)
+            kl_loss = algos.aggregate(kl, mask, cfg.loss_agg, self.norm_length, global_denom=denom)
             total = total + cfg.kl_coef * kl_loss
             metrics["loss/kl"] = kl_loss.detach()
         if cfg.entropy_coef and fwd.entropy is not None:
-            total = total - cfg.entropy_coef * algos.aggregate(fwd.entropy, mask, cfg.loss_agg, global_denom=denom)
+            ent = algos.aggregate(fwd.entropy, mask, cfg.loss_agg, self.norm_length, global_denom=denom)
+            total = total - cfg.entropy_coef * ent
         return total, metrics

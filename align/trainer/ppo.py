@@ -83,7 +83,8 @@ class PPOAlgorithm(Algorithm):
         mask = step.mask[rows]
         weights = step.rollout_weights[rows] if step.rollout_weights is not None else None
         pg, metrics = self.surrogate(fwd.logprobs, old_logprobs, step.advantages[rows], mask, cfg.clip_low,
-                                     cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_denom=denom, weights=weights)
+                                     cfg.clip_high, cfg.dual_clip, cfg.loss_agg, self.norm_length,
+                                     global_denom=denom, weights=weights)
         total = pg
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = pg.detach()
@@ -95,11 +96,11 @@ class PPOAlgorithm(Algorithm):
             metrics.update({f"value/{k}": v for k, v in vm.items()})
         if cfg.kl_in == "loss" and step.ref_logprobs is not None:
             kl = algos.kl_penalty(fwd.logprobs, step.ref_logprobs[rows], cfg.kl_estimator)
-            kl_loss = algos.aggregate(kl, mask, cfg.loss_agg, global_denom=denom)
+            kl_loss = algos.aggregate(kl, mask, cfg.loss_agg, self.norm_length, global_denom=denom)
             total = total + self.kl_ctl.value * kl_loss
             metrics["loss/kl"] = kl_loss.detach()
         if cfg.entropy_coef and fwd.entropy is not None:
-            ent = algos.aggregate(fwd.entropy, mask, cfg.loss_agg, global_denom=denom)
+            ent = algos.aggregate(fwd.entropy, mask, cfg.loss_agg, self.norm_length, global_denom=denom)
             total = total - cfg.entropy_coef * ent
         return total, metrics
 

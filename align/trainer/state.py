@@ -18,7 +18,7 @@ class StepData:
     ref_logprobs:  [N, T] reference policy log-probs (None when no KL term needs them)
     values:        [N, T] critic values (PPO)
     token_rewards: [N, T] per-token rewards after KL and intrinsic terms (PPO)
-    advantages:    [N] (GRPO family) or [N, T] (PPO)
+    advantages:    [N] (GRPO family) or [N, T] (PPO, token-level estimators such as reinforce_pp)
     returns:       [N, T] value targets (PPO)
     ref_hidden:    [N, T + 1, H] reference last-layer states (CD-RLHF curiosity)
     rollout_weights: [N, T] rollout importance-sampling weights (algo.rollout_correction; None when off)

@@ -208,7 +208,9 @@ def test_reinforce_pp_token_advantages_match_reference(gamma, with_token_rewards
 
 
 def test_registry_dict_common_signature():
-    assert set(algos.ADVANTAGE_ESTIMATORS) == {"grpo", "rloo", "reinforce_pp", "dr_grpo"}
+    # 0.2.0: `reinforce_pp` is the token-level form (tests/algos/test_algos_rl_math_verl.py); the per-sample
+    # form checked here is `reinforce_pp_seq`
+    assert set(algos.ADVANTAGE_ESTIMATORS) == {"grpo", "rloo", "reinforce_pp", "reinforce_pp_seq", "dr_grpo"}
     scores = torch.tensor(SCORES, dtype=torch.float64)
     valid = torch.ones(len(SCORES), dtype=torch.bool)
     valid[1] = False
@@ -216,9 +218,13 @@ def test_registry_dict_common_signature():
         "grpo": lambda s, v: ref_group(s, 4, "group", valid=v),
         "dr_grpo": lambda s, v: ref_group(s, 4, "none", valid=v),
         "rloo": lambda s, v: ref_rloo(s, 4, valid=v),
-        "reinforce_pp": lambda s, v: ref_reinforce_pp(s, 4, valid=v),
+        "reinforce_pp_seq": lambda s, v: ref_reinforce_pp(s, 4, valid=v),
     }
     for name, fn in algos.ADVANTAGE_ESTIMATORS.items():
+        if algos.is_token_level(fn):
+            params = inspect.signature(fn).parameters
+            assert params["mask"].kind is inspect.Parameter.KEYWORD_ONLY, name
+            continue
         params = inspect.signature(fn).parameters
         assert list(params)[:2] == ["scores", "group_size"] and params["valid"].kind is inspect.Parameter.KEYWORD_ONLY
         got = fn(scores, 4, valid=valid)
