@@ -9,6 +9,7 @@ overrides (`train.lr=1e-5`, `reward.functions=[math_verify]`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
