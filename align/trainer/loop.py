@@ -269,7 +269,8 @@ class Trainer:
                 chosen.append((part, rows))
         kept = want - left
         metrics = {"rollout/dynamic_rounds": float(len(parts)), "rollout/dynamic_groups_kept": float(kept),
-                   "rollout/dynamic_groups_dropped": float(generated - kept),
+                   "rollout/dynamic_groups_dropped": float(generated - kept),  # zero-variance + surplus
+                   "rollout/dynamic_groups_zero_variance": float(generated - picked),
                    "rollout/dynamic_short": float(kept < want), "rollout/dynamic_groups_missing": float(want - kept)}
         if not chosen:
             return step, metrics

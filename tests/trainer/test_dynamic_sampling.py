@@ -91,6 +91,8 @@ def test_refills_until_every_group_has_signal(tiny_model_path, arithmetic_data, 
     for m, t in zip(lines, trained):
         assert m["rollout/dynamic_short"] == 0.0 and m["rollout/dynamic_groups_kept"] == PROMPTS
         assert m["rollout/dynamic_groups_dropped"] == m["rollout/dynamic_rounds"] * PROMPTS - PROMPTS
+        assert 0 < m["rollout/dynamic_groups_zero_variance"] <= m["rollout/dynamic_groups_dropped"] or \
+            m["rollout/dynamic_rounds"] == 1.0
         assert t["n"] == PROMPTS * G and len(t["rows"]) == PROMPTS * G  # constant batch size, surplus dropped
         for scores in t["groups"].values():
             assert max(scores) > min(scores)  # never a zero-variance group in the update
@@ -105,7 +107,7 @@ def test_bound_hit_with_constant_reward_skips_the_update(tiny_model_path, arithm
     for m, t in zip(lines, trained):
         assert m["rollout/dynamic_rounds"] == 3.0 and m["rollout/dynamic_short"] == 1.0
         assert m["rollout/dynamic_groups_kept"] == 0.0 and m["rollout/dynamic_groups_missing"] == PROMPTS
-        assert m["rollout/dynamic_groups_dropped"] == 3 * PROMPTS
+        assert m["rollout/dynamic_groups_dropped"] == m["rollout/dynamic_groups_zero_variance"] == 3 * PROMPTS
         assert m["train/skipped"] == 1.0 and m["train/samples"] == 0.0 and t["rows"] == []
 
 
