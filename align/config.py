@@ -206,6 +206,21 @@ class RolloutCorrectionConfig(Section):
 
 
 @dataclass
+class DynamicSamplingConfig(Section):
+    """DAPO's dynamic sampling (arXiv 2503.14476 eq. 11; verl's `filter_groups` / `max_num_gen_batches`): each
+    step keeps generating and scoring the next train.prompts_per_step prompts' groups, at most max_rounds
+    rounds, until it has train.prompts_per_step groups whose scores are not all equal; it trains on exactly
+    those (surplus groups are dropped). Short after max_rounds: trains on what it has (rollout/dynamic_short);
+    none at all: the update is skipped (train/skipped). Zero-variance groups never enter the update."""
+
+    enable: bool = False  # off by default
+    max_rounds: int = 4  # generation rounds per step at most (1 = no refill, only the filter)
+
+    def validate(self) -> None:
+        self.check(self.max_rounds >= 1, "max_rounds", "must be >= 1 (generation rounds per step)")
+
+
+@dataclass
 class _PolicyOptimConfig(Section):
     """What PPO and GRPO share: the clipped surrogate, its aggregation, KL and entropy terms, epochs."""
 
@@ -286,6 +301,8 @@ class GRPOAlgoConfig(_PolicyOptimConfig):
     kl_estimator: KLEstimator = "k3"  # k3 is Schulman's unclamped k3; verl's "k3" is our low_var_kl (clamped)
     filter_zero_variance: bool = False  # drop groups whose scores are all equal (they carry no signal)
     adv_eps: float = 1e-6  # GRPO's eps in (s - mean) / (std + eps), advantage 'grpo' only (TRL uses 1e-4)
+    # DAPO's refill: generate more groups until prompts_per_step have non-zero score variance (bounded rounds)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
 
     def validate(self) -> None:
         super().validate()

@@ -107,9 +107,11 @@ def default_text(f: dataclasses.Field) -> str:
     return f"`{value}`"
 
 
-def section_table(cls: type, prefix: str, defaults: Any = None) -> tuple[list[str], list[tuple[str, type, Any]]]:
+def section_table(cls: type, prefix: str, defaults: Any = None,
+                  label: str = "") -> tuple[list[str], list[tuple[str, type, Any]]]:
     """Markdown table rows for one dataclass, and its nested sections (dotted key, class, default instance).
-    `defaults`: the section as its parent builds it by default; a "<unset>" value there marks a required key."""
+    `defaults`: the section as its parent builds it by default; a "<unset>" value there marks a required key.
+    `label`: the part's heading label, so links to nested sections reach this part's headings."""
     hints = typing.get_type_hints(cls)
     notes = field_comments(cls)
     for base in cls.__mro__[1:]:
@@ -125,7 +127,7 @@ def section_table(cls: type, prefix: str, defaults: Any = None) -> tuple[list[st
         inner = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
         if inner:
             nested.append((key, inner[0], _default_value(f)))
-            note = f"see [`{key}`](#{anchor(key)})"
+            note = f"see [`{key}`](#{anchor(key + label)})"
             rows.append(f"| `{key}` | section{' or null' if type(None) in typing.get_args(tp) else ''} | "
                         f"{'`null`' if f.default is None else '(defaults)'} | {note} |")
             continue
@@ -180,7 +182,7 @@ def render_sections(title: str, cls: type, intro: str = "", only: tuple[str, ...
         out += top_rows + [""]
     while queue:
         key, sub, defaults = queue.pop(0)
-        rows, nested = section_table(sub, key + ".", defaults)
+        rows, nested = section_table(sub, key + ".", defaults, label)
         out += [f"### {key}{label}", ""]
         line = _doc_line(sub)
         if line:

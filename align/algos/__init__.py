@@ -23,6 +23,7 @@ from align.algos.corrections import (
     seq_mis_weights,
     token_tis_weights,
 )
+from align.algos.groups import nonzero_variance_groups
 from align.algos.gspo import gspo_policy_loss, sequence_log_ratio
 from align.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from align.algos.losses import AGG_MODES, aggregate, policy_loss, value_loss
@@ -53,6 +54,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "nonzero_variance_groups",
     "overlong_penalty",
     "policy_loss",
     "position_ids_from_mask",

@@ -51,6 +51,17 @@ class Algorithm:
         embedding). Default: nothing (one score per sample is all the algorithm reads)."""
         return {}
 
+    @property
+    def sampling_rounds(self) -> int:
+        """Generation rounds a step may use to fill its batch (the loop's refill phase). Default: 1."""
+        return 1
+
+    def select_groups(self, step: StepData) -> torch.Tensor | None:
+        """Hook of the refill phase, after scoring: [B // G] bool, the prompt groups of `step` worth training on;
+        the loop refills (up to `sampling_rounds` rounds) until train.prompts_per_step groups are selected.
+        Default: None, the batch is complete as generated (no refill phase)."""
+        return None
+
     def compute_advantages(self, step: StepData) -> dict[str, float]:
         raise NotImplementedError
 

@@ -21,6 +21,17 @@ class GRPOAlgorithm(Algorithm):
         super().__init__(cfg)
         self.group_size = cfg.group_size
 
+    @property
+    def sampling_rounds(self) -> int:
+        ds = self.cfg.dynamic_sampling
+        return ds.max_rounds if ds.enable else 1
+
+    def select_groups(self, step: StepData) -> torch.Tensor | None:
+        """DAPO's dynamic sampling: the groups whose scores have non-zero variance (None when it is off)."""
+        if not self.cfg.dynamic_sampling.enable:
+            return None
+        return algos.nonzero_variance_groups(step.scores, self.group_size, step.valid)
+
     def compute_advantages(self, step: StepData) -> dict[str, float]:
         cfg, g = self.cfg, self.group_size
         scores, valid = step.scores, step.valid
@@ -32,15 +43,12 @@ class GRPOAlgorithm(Algorithm):
             adv = estimator(scores, g, valid=valid, **extra)
         keep = valid.clone()
         metrics: dict[str, float] = {}
-        groups = valid.view(-1, g)
-        s = torch.where(valid, scores, torch.zeros_like(scores)).view(-1, g)
-        n_valid = groups.sum(-1)
         # A group whose valid scores are all equal (or with < 2 valid samples) has zero advantages: no signal.
-        s_max = torch.where(groups, s, torch.full_like(s, -torch.inf)).max(-1).values
-        s_min = torch.where(groups, s, torch.full_like(s, torch.inf)).min(-1).values
-        flat = (n_valid < 2) | (s_max == s_min)
+        flat = ~algos.nonzero_variance_groups(scores, g, valid)
         metrics["grpo/zero_variance_groups"] = float(flat.float().mean())
-        if cfg.filter_zero_variance:
+        # dynamic sampling selected non-zero-variance groups; a short step of none keeps the first round's
+        # (all flat) batch, dropped here, so the update is skipped
+        if cfg.filter_zero_variance or cfg.dynamic_sampling.enable:
             keep &= ~flat.repeat_interleave(g)
         step.advantages = adv.float()
         step.train_rows = keep.nonzero().squeeze(-1)

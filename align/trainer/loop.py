@@ -1,6 +1,7 @@
 """The training loop: one step in six named phases (DESIGN.md "Data flow of one training step").
 
-generate -> score -> logprobs -> advantages -> update -> sync. PPO and GRPO share the loop, which never asks
+generate -> score -> logprobs -> advantages -> update -> sync, with a refill phase after score when the
+algorithm selects groups (`Algorithm.select_groups`, DAPO's dynamic sampling). PPO and GRPO share the loop, which never asks
 which algorithm runs: what differs (reward shaping and curiosity updates, advantages, the loss) sits behind the
 hooks of `align.trainer.algorithm.Algorithm` (`PPOAlgorithm`, `GRPOAlgorithm`). The RL math is in `align.algos`.
 """
@@ -25,6 +26,7 @@ from align.errors import CheckpointError, UserError
 from align.metrics import MetricsLogger
 from align.models import hidden_size_of, load_models, needs_full_logits, resolve_device
 from align.reward_setup import bind_policy, build_reward
+from align.rollouts.batch import RolloutBatch
 from align.rollouts.engine import RolloutEngine
 from align.rollouts.params import SamplingParams
 from align.trainer.algorithm import make_algorithm
@@ -160,6 +162,9 @@ class Trainer:
 
         step, metrics = timed("generate", self.phase_generate)
         metrics |= timed("score", self.phase_score, step)
+        if self.algo.select_groups(step) is not None:
+            step, refill = timed("refill", self.phase_refill, step)
+            metrics |= refill
         metrics |= timed("logprobs", self.phase_logprobs, step)
         metrics |= timed("advantages", self.phase_advantages, step)
         metrics |= timed("update", self.phase_update, step)
@@ -236,6 +241,55 @@ class Trainer:
             if len(row) != lengths[i]:
                 raise RuntimeError(f"sample {i}: {len(row)} token rewards for {int(lengths[i])} response tokens")
             out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        return out
+
+    def phase_refill(self, step: StepData) -> tuple[StepData, dict[str, float]]:
+        """The algorithm's `select_groups` picks the groups worth training on; while fewer than
+        train.prompts_per_step are picked and rounds are left (`sampling_rounds`), generate and score the next
+        prompts' groups. The step keeps exactly prompts_per_step picked groups (in generation order; surplus
+        dropped). Short: what was picked, flagged in rollout/dynamic_short; none picked: the first round's batch,
+        whose groups the algorithm's advantages phase drops (the update is skipped)."""
+        want, g = self.cfg.train.prompts_per_step, self.algo.group_size
+        parts = [(step, self.algo.select_groups(step))]
+        picked = int(parts[0][1].sum())
+        while picked < want and len(parts) < self.algo.sampling_rounds:
+            more, _ = self.phase_generate()
+            self.phase_score(more)
+            keep = self.algo.select_groups(more)
+            parts.append((more, keep))
+            picked += int(keep.sum())
+        generated = sum(int(k.numel()) for _, k in parts)
+        chosen: list[tuple[StepData, torch.Tensor]] = []
+        left = want
+        for part, keep in parts:
+            groups = keep.nonzero().flatten()[:left]
+            left -= int(groups.numel())
+            if groups.numel():
+                rows = (groups[:, None] * g + torch.arange(g, device=groups.device)).flatten()
+                chosen.append((part, rows))
+        kept = want - left
+        metrics = {"rollout/dynamic_rounds": float(len(parts)), "rollout/dynamic_groups_kept": float(kept),
+                   "rollout/dynamic_groups_dropped": float(generated - kept),  # zero-variance + surplus
+                   "rollout/dynamic_groups_zero_variance": float(generated - picked),
+                   "rollout/dynamic_short": float(kept < want), "rollout/dynamic_groups_missing": float(want - kept)}
+        if not chosen:
+            return step, metrics
+        return self._join_rows(chosen), metrics
+
+    def _join_rows(self, chosen: list[tuple[StepData, torch.Tensor]]) -> StepData:
+        """One scored StepData from rows of several scored ones (batches re-padded to a common width)."""
+        pad = self.engine.pad_id
+        batch = RolloutBatch.concat([part.batch.select(rows.cpu()) for part, rows in chosen], pad_token_id=pad)
+        out = StepData(batch=batch.to(self.device))
+        out.scores = torch.cat([part.scores[rows] for part, rows in chosen])
+        out.valid = torch.cat([part.valid[rows] for part, rows in chosen])
+        out.train_rows = out.valid.nonzero().squeeze(-1)
+        out.reward_info = [part.reward_info[i] for part, rows in chosen if part.reward_info for i in rows.tolist()]
+        if all(part.reward_token_rewards is not None for part, _ in chosen):
+            width = out.mask.shape[1]
+            out.reward_token_rewards = torch.cat([torch.nn.functional.pad(part.reward_token_rewards[rows],
+                                                                          (0, width - part.mask.shape[1]))
+                                                  for part, rows in chosen])
         return out
 
     @torch.no_grad()
