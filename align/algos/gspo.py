@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from align.algos.losses import _MAX_LOG_RATIO, _compute_dtype, aggregate, check_loss_weights
+from align.algos.losses import _MAX_LOG_RATIO, _compute_dtype, clipped_surrogate, policy_loss_inputs
 from align.algos.masked import as_bool_mask, check_same_shape, masked_mean
 
 __all__ = ["gspo_policy_loss", "sequence_log_ratio"]
@@ -59,55 +59,17 @@ def gspo_policy_loss(
     = mean 0.5 (logp - old)^2 over tokens, ratio_mean / ratio_max of s_i,t over tokens) and seq_ratio_mean,
     the mean of s_i over rows with response tokens.
     """
-    check_same_shape("logp", logp, "old_logp", old_logp)
-    check_same_shape("logp", logp, "mask", mask)
-    if logp.dim() != 2:
-        raise ValueError(f"gspo_policy_loss expects [B, T] log-probs, got shape {tuple(logp.shape)}")
-    if advantages.dim() == 1:
-        if advantages.shape[0] != logp.shape[0]:
-            raise ValueError(
-                f"advantages has shape {tuple(advantages.shape)} but logp has {logp.shape[0]} rows; pass [B] or [B, T]"
-            )
-        advantages = advantages.unsqueeze(-1).expand_as(logp)
-    else:
-        check_same_shape("advantages", advantages, "logp", logp)
-    if not (0.0 <= clip_low <= 1.0 and clip_high >= 0.0):
-        raise ValueError(f"need 0 <= clip_low <= 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if dual_clip is not None:
         raise ValueError("dual_clip bounds token-level ratios; GSPO's ratio is per sequence: pass dual_clip=None")
-
-    keep = as_bool_mask(mask)
-    dtype = _compute_dtype(logp)
+    keep, adv = policy_loss_inputs("gspo_policy_loss", logp, old_logp, advantages, mask, clip_low, clip_high)
+    dtype = adv.dtype
     zero = torch.zeros((), dtype=dtype, device=logp.device)
-    adv = torch.where(keep, advantages.detach().to(dtype), zero)
     lp = torch.where(keep, logp.to(dtype), zero)
     seq_log_ratio = sequence_log_ratio(logp, old_logp, keep).detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     # log s_i,t = sg[log s_i] + log pi(y_t) - sg[log pi(y_t)]
     ratio = torch.exp(seq_log_ratio.unsqueeze(-1) + lp - lp.detach())
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(pg_unclipped, pg_clipped)
-    clip_active = pg_clipped > pg_unclipped
-    if weights is not None:
-        per_token = per_token * check_loss_weights(weights, logp, keep).to(dtype)
-
-    loss = aggregate(per_token, keep, agg, norm_length, global_denom=global_denom)
-
-    with torch.no_grad():
-        ratio_d = ratio.detach()
-        n_tokens = keep.sum()
-        ratio_max = torch.where(keep, ratio_d, torch.full_like(ratio_d, -torch.inf)).max() if ratio_d.numel() else zero
-        ratio_max = torch.where(n_tokens > 0, ratio_max, zero)
-        nonempty = keep.any(-1)
-        log_ratio = torch.where(keep, logp.detach().to(dtype) - old_logp.detach().to(dtype), zero)
-        metrics = {
-            "clipfrac": masked_mean(clip_active.to(dtype), keep),
-            "clipfrac_high": masked_mean((clip_active & (adv > 0)).to(dtype), keep),
-            "clipfrac_low": masked_mean((clip_active & (adv < 0)).to(dtype), keep),
-            "dual_clip_frac": zero,
-            "approx_kl": masked_mean(0.5 * log_ratio.square(), keep),
-            "ratio_mean": masked_mean(ratio_d, keep),
-            "ratio_max": ratio_max,
-            "seq_ratio_mean": masked_mean(torch.exp(seq_log_ratio), nonempty),
-        }
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    token_log_ratio = torch.where(keep, logp.detach().to(dtype) - old_logp.detach().to(dtype), zero)  # approx_kl
+    loss, metrics = clipped_surrogate(ratio, token_log_ratio, adv, keep, clip_low, clip_high, None, weights, agg,
+                                      norm_length, global_denom)
+    metrics["seq_ratio_mean"] = masked_mean(torch.exp(seq_log_ratio), keep.any(-1)).detach()
+    return loss, metrics

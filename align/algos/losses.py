@@ -117,10 +117,25 @@ def policy_loss(
       approx_kl       0.5 (logp - old_logp)^2 (k2, TRL's approxkl)
       ratio_mean, ratio_max
     """
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    keep, adv = policy_loss_inputs("policy_loss", logp, old_logp, advantages, mask, clip_low, clip_high)
+    zero = torch.zeros((), dtype=adv.dtype, device=logp.device)
+    # where() before exp: padding may hold -inf log-probs, and inf - inf would poison the gradient.
+    log_ratio = torch.where(keep, logp.to(adv.dtype) - old_logp.detach().to(adv.dtype), zero)
+    log_ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return clipped_surrogate(torch.exp(log_ratio), log_ratio, adv, keep, clip_low, clip_high, dual_clip, weights,
+                             agg, norm_length, global_denom)
+
+
+def policy_loss_inputs(fn: str, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                       mask: torch.Tensor, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape / range checks shared by the clipped surrogates (`policy_loss`, `gspo_policy_loss`).
+    -> (keep [B, T] bool, advantages [B, T] detached in the compute dtype, 0 on padding)."""
     check_same_shape("logp", logp, "old_logp", old_logp)
     check_same_shape("logp", logp, "mask", mask)
     if logp.dim() != 2:
-        raise ValueError(f"policy_loss expects [B, T] log-probs, got shape {tuple(logp.shape)}")
+        raise ValueError(f"{fn} expects [B, T] log-probs, got shape {tuple(logp.shape)}")
     if advantages.dim() == 1:
         if advantages.shape[0] != logp.shape[0]:
             raise ValueError(
@@ -131,17 +146,21 @@ def policy_loss(
         check_same_shape("advantages", advantages, "logp", logp)
     if not (0.0 <= clip_low <= 1.0 and clip_high >= 0.0):
         raise ValueError(f"need 0 <= clip_low <= 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
-
     keep = as_bool_mask(mask)
     dtype = _compute_dtype(logp)
-    zero = torch.zeros((), dtype=dtype, device=logp.device)
-    adv = torch.where(keep, advantages.detach().to(dtype), zero)
-    # where() before exp: padding may hold -inf log-probs, and inf - inf would poison the gradient.
-    log_ratio = torch.where(keep, logp.to(dtype) - old_logp.detach().to(dtype), zero)
-    log_ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    ratio = torch.exp(log_ratio)
+    adv = torch.where(keep, advantages.detach().to(dtype), torch.zeros((), dtype=dtype, device=logp.device))
+    return keep, adv
+
+
+def clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, adv: torch.Tensor, keep: torch.Tensor,
+                      clip_low: float, clip_high: float, dual_clip: float | None, weights: torch.Tensor | None,
+                      agg: str, norm_length: float | None,
+                      global_denom: float | torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate of a per-token ratio [B, T] (token ratio for PPO, GSPO's s_i,t): per token
+    L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), dual clip for A < 0, optional weights, then
+    `aggregate`. `log_ratio` [B, T] (detached use only) feeds approx_kl. See `policy_loss` for the metrics."""
+    dtype = adv.dtype
+    zero = torch.zeros((), dtype=dtype, device=adv.device)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(pg_unclipped, pg_clipped)
@@ -153,7 +172,7 @@ def policy_loss(
     else:
         dual_active = torch.zeros_like(keep)
     if weights is not None:
-        per_token = per_token * check_loss_weights(weights, logp, keep).to(dtype)
+        per_token = per_token * check_loss_weights(weights, ratio, keep).to(dtype)
 
     loss = aggregate(per_token, keep, agg, norm_length, global_denom=global_denom)
 
