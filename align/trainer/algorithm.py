@@ -5,6 +5,7 @@ and GRPO (reward shaping and curiosity updates, advantages, the loss, KL control
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from align.trainer.forward import ForwardOutput
 from align.trainer.state import StepData
 
 
-class Algorithm:
+class Algorithm(ABC):
     """Base of the per-algorithm pieces. Subclasses set `name` and implement `compute_advantages` and `loss`.
 
     uses_critic:           the loop computes critic values in the logprobs phase
@@ -62,15 +63,16 @@ class Algorithm:
         Default: None, the batch is complete as generated (no refill phase)."""
         return None
 
+    @abstractmethod
     def compute_advantages(self, step: StepData) -> dict[str, float]:
-        raise NotImplementedError
+        """Advantages (and returns) of `step` in place; -> metrics."""
 
     def after_step(self, kl_per_seq: float, n_samples: int) -> None:
         """Hook after the update phase (e.g. an adaptive KL controller). Default: nothing."""
 
     def loss(self, fwd: ForwardOutput, step: StepData, rows: torch.Tensor, old_logprobs: torch.Tensor,
              denom: float, vf_denom: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """The loss of micro-batch `rows` (global denominators `denom` / `vf_denom`); -> (loss, metrics)."""
 
     def state_dict(self) -> dict:
         return {}

@@ -62,7 +62,7 @@ def test_trainer_state_is_weights_only_loadable(algorithm, sections, tiny_model_
 def test_pickled_code_in_trainer_state_is_refused_and_never_runs(tiny_model_path, arithmetic_data, tmp_path):
     cfg = config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", algo={"group_size": 2})
     ckpt = align.train(cfg).checkpoint
-    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)  # our own file: trusted here
+    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)  # plain data since 0.2.0
     marker = tmp_path / "payload-ran"
     state["payload"] = Payload(marker)  # an otherwise valid trainer state with one extra, hostile entry
     torch.save(state, ckpt / "trainer.pt")
