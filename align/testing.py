@@ -153,3 +153,24 @@ def make_tiny_janus(path: str | Path, seed: int = 0) -> Path:
     JanusForConditionalGeneration(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_run_config(algorithm: str, model: str | Path, data: str | Path, run_dir: str | Path, reward,
+                    *layers: dict, **sections: dict) -> dict:
+    """A short CPU run config (dict) for tests and examples: one step of 2 prompts, 4 new tokens at
+    temperature 1, no progress output, no final checkpoint. `layers` (dicts of sections) and then `sections`
+    merge over these defaults section by section, key by key."""
+    cfg = {
+        "algorithm": algorithm,
+        "model": {"path": str(model)},
+        "data": {"path": str(data)},
+        "reward": {"functions": [reward]},
+        "rollout": {"max_new_tokens": 4, "temperature": 1.0},
+        "train": {"steps": 1, "prompts_per_step": 2, "micro_batch_size": 8, "lr": 1e-3, "seed": 0},
+        "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
+        "checkpoint": {"save_final": False},
+    }
+    for layer in (*layers, sections):
+        for section, values in layer.items():
+            cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg

@@ -12,6 +12,7 @@ import torch
 import align
 from align import checkpoint as ckpt_io
 from align.errors import CheckpointError, UserError
+from align.testing import tiny_run_config
 
 
 class Half:
@@ -22,19 +23,8 @@ class Half:
 
 
 def config(algorithm, model, data, run_dir, steps=1, **sections):
-    cfg = {
-        "algorithm": algorithm,
-        "model": {"path": str(model)},
-        "data": {"path": str(data)},
-        "reward": {"functions": [Half()]},
-        "rollout": {"max_new_tokens": 4, "temperature": 1.0},
-        "train": {"steps": steps, "prompts_per_step": 2, "micro_batch_size": 8, "lr": 1e-3, "seed": 0},
-        "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
-        "checkpoint": {"save_final": True},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    return cfg
+    base = {"train": {"steps": steps}, "checkpoint": {"save_final": True}}
+    return tiny_run_config(algorithm, model, data, run_dir, Half(), base, **sections)
 
 
 class Payload:

@@ -10,6 +10,7 @@ import align
 from align.config import config_from_dict
 from align.errors import ConfigError
 from align.rollouts.batch import STOP_EOS, STOP_LENGTH, STOP_STRING
+from align.testing import tiny_run_config
 
 MAX_NEW = 6
 
@@ -28,20 +29,9 @@ class CharSum:
 
 
 def config(model, data, tmp_path, algorithm="grpo", **sections):
-    cfg = {
-        "algorithm": algorithm,
-        "model": {"path": str(model)},
-        "data": {"path": str(data)},
-        "reward": {"functions": [CharSum()]},
-        "rollout": {"max_new_tokens": MAX_NEW, "temperature": 1.0},
-        "algo": {"group_size": 4} if algorithm == "grpo" else {},
-        "train": {"steps": 1, "prompts_per_step": 2, "micro_batch_size": 3, "lr": 1e-3, "seed": 0, "device": "cpu"},
-        "logging": {"run_dir": str(tmp_path / "run"), "progress": False, "print_every": 0},
-        "checkpoint": {"save_final": False},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    return cfg
+    base = {"rollout": {"max_new_tokens": MAX_NEW}, "algo": {"group_size": 4} if algorithm == "grpo" else {},
+            "train": {"micro_batch_size": 3, "device": "cpu"}}
+    return tiny_run_config(algorithm, model, data, tmp_path / "run", CharSum(), base, **sections)
 
 
 def test_defaults_are_off(tiny_model_path, arithmetic_data, tmp_path):

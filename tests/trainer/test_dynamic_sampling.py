@@ -11,6 +11,7 @@ import torch
 import align
 from align.config import config_from_dict
 from align.errors import ConfigError
+from align.testing import tiny_run_config
 
 G, PROMPTS = 2, 2
 
@@ -25,17 +26,9 @@ def constant(prompts, completions, **kwargs):
 
 
 def config(model, data, tmp_path, reward=mod3, algorithm="grpo", **algo):
-    return {
-        "algorithm": algorithm,
-        "model": {"path": str(model)},
-        "data": {"path": str(data)},
-        "reward": {"functions": [reward]},
-        "rollout": {"max_new_tokens": 3, "temperature": 1.0},
-        "algo": {"group_size": G, **algo} if algorithm == "grpo" else algo,
-        "train": {"steps": 3, "prompts_per_step": PROMPTS, "micro_batch_size": 8, "lr": 1e-3, "seed": 0, "device": "cpu"},
-        "logging": {"run_dir": str(tmp_path / "run"), "progress": False, "print_every": 0},
-        "checkpoint": {"save_final": False},
-    }
+    return tiny_run_config(algorithm, model, data, tmp_path / "run", reward, rollout={"max_new_tokens": 3},
+                           algo={"group_size": G, **algo} if algorithm == "grpo" else algo,
+                           train={"steps": 3, "prompts_per_step": PROMPTS, "device": "cpu"})
 
 
 def test_off_by_default(tiny_model_path, arithmetic_data, tmp_path):

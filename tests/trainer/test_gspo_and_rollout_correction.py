@@ -14,6 +14,7 @@ import align
 from align import algos
 from align.config import GRPOAlgoConfig, PPOAlgoConfig, config_from_dict
 from align.errors import AlignError, ConfigError
+from align.testing import tiny_run_config
 from align.trainer.forward import ForwardOutput
 from align.trainer.grpo import GRPOAlgorithm
 from align.trainer.ppo import PPOAlgorithm
@@ -32,20 +33,9 @@ class CharSum:
 
 
 def config(model, data, tmp_path, algorithm="grpo", **sections):
-    cfg = {
-        "algorithm": algorithm,
-        "model": {"path": str(model)},
-        "data": {"path": str(data)},
-        "reward": {"functions": [CharSum()]},
-        "rollout": {"max_new_tokens": 6, "temperature": 1.0},
-        "algo": {"group_size": 4} if algorithm == "grpo" else {},
-        "train": {"steps": 2, "prompts_per_step": 2, "micro_batch_size": 3, "lr": 1e-3, "seed": 0, "device": "cpu"},
-        "logging": {"run_dir": str(tmp_path / "run"), "progress": False, "print_every": 0},
-        "checkpoint": {"save_final": False},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    return cfg
+    base = {"rollout": {"max_new_tokens": 6}, "algo": {"group_size": 4} if algorithm == "grpo" else {},
+            "train": {"steps": 2, "micro_batch_size": 3, "device": "cpu"}}
+    return tiny_run_config(algorithm, model, data, tmp_path / "run", CharSum(), base, **sections)
 
 
 # ------------------------------------------------------------------------------------------------ config

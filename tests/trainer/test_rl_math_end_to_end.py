@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import align
+from align.testing import tiny_run_config
 
 
 def frac_sevens(prompts, completions, **kwargs):
@@ -13,17 +14,8 @@ def frac_sevens(prompts, completions, **kwargs):
 
 
 def config(model, data, run_dir, **algo):
-    return {
-        "algorithm": "grpo",
-        "model": {"path": str(model)},
-        "data": {"path": str(data)},
-        "reward": {"functions": [frac_sevens]},
-        "rollout": {"max_new_tokens": 6, "temperature": 1.0},
-        "algo": {"group_size": 4, **algo},
-        "train": {"steps": 1, "prompts_per_step": 4, "micro_batch_size": 8, "lr": 3e-3, "seed": 0},
-        "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
-        "checkpoint": {"save_final": False},
-    }
+    return tiny_run_config("grpo", model, data, run_dir, frac_sevens, rollout={"max_new_tokens": 6},
+                           algo={"group_size": 4, **algo}, train={"prompts_per_step": 4, "lr": 3e-3})
 
 
 def test_reinforce_pp_token_advantages_reach_the_update(tiny_model_path, arithmetic_data, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import align
 from align.rewards.base import RewardOutput
 from align.rewards.mixture import RewardMixture
+from align.testing import tiny_run_config
 
 HUGE = 1e39  # a finite Python float; inf in float32 (max ~3.4e38)
 
@@ -23,17 +24,8 @@ class OverflowEveryFourth:
 
 
 def config(algorithm, model, data, run_dir, **algo):
-    return {
-        "algorithm": algorithm,
-        "model": {"path": str(model)},
-        "data": {"path": str(data)},
-        "reward": {"functions": [OverflowEveryFourth()]},
-        "rollout": {"max_new_tokens": 4, "temperature": 1.0},
-        "train": {"steps": 1, "prompts_per_step": 4, "micro_batch_size": 8, "lr": 1e-3, "seed": 0},
-        "algo": algo,
-        "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
-        "checkpoint": {"save_final": False},
-    }
+    return tiny_run_config(algorithm, model, data, run_dir, OverflowEveryFourth(), train={"prompts_per_step": 4},
+                           algo=algo)
 
 
 def test_reward_output_refuses_float32_overflow():

@@ -8,6 +8,7 @@ import torch
 
 import align
 from align.errors import CheckpointError
+from align.testing import tiny_run_config
 
 
 class CharFraction:
@@ -22,16 +23,9 @@ class CharFraction:
 
 
 def config(algorithm, model, data, run_dir, **over):
-    cfg = {
-        "algorithm": algorithm,
-        "model": {"path": str(model)},
-        "data": {"path": str(data)},
-        "reward": {"functions": [CharFraction()]},
-        "rollout": {"max_new_tokens": 6, "temperature": 1.0},
-        "train": {"steps": 4, "prompts_per_step": 4, "micro_batch_size": 8, "lr": 3e-3, "seed": 0},
-        "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
-        "checkpoint": {"save_final": False},
-    }
+    """Overrides as section__key=value."""
+    base = {"rollout": {"max_new_tokens": 6}, "train": {"steps": 4, "prompts_per_step": 4, "lr": 3e-3}}
+    cfg = tiny_run_config(algorithm, model, data, run_dir, CharFraction(), base)
     for key, value in over.items():
         section, name = key.split("__")
         cfg.setdefault(section, {})[name] = value
