@@ -155,7 +155,7 @@ def make_tiny_janus(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def tiny_run_config(algorithm: str, model: str | Path, data: str | Path, run_dir: str | Path, reward,
+def tiny_run_config(algorithm: str, model: str | Path, data: str | Path, run_dir: str | Path, reward, /,
                     *layers: dict, **sections: dict) -> dict:
     """A short CPU run config (dict) for tests and examples: one step of 2 prompts, 4 new tokens at
     temperature 1, no progress output, no final checkpoint. `layers` (dicts of sections) and then `sections`
