@@ -367,17 +367,20 @@ def _to_result(resp: dict, tests: list[str], isolation: str) -> ExecResult:
     if "infra_error" in resp:
         return ExecResult("sandbox_error", isolation=isolation, failed=len(tests), error=resp["infra_error"])
     got = {int(i): TestOutcome(bool(ok), why) for i, ok, why in resp.get("tests", [])}
+    sig, code = resp.get("signal"), resp.get("exit_code")
+    # RLIMIT_CPU (set to the run's timeout) is a time limit too: a busy program can reach it a moment before the
+    # wall-clock deadline, and which of the two fires first must not change the verdict.
+    timed_out = bool(resp["timed_out"]) or sig == signal.SIGXCPU
     outcomes = []
     for i in range(len(tests)):
         if i in got:
             outcomes.append(got[i])
-        elif resp["timed_out"]:
+        elif timed_out:
             outcomes.append(TestOutcome(False, "timed out"))
         else:
             outcomes.append(TestOutcome(False, resp.get("program_error") or "test did not run (the program exited)"))
     passed = sum(t.ok for t in outcomes)
-    sig, code = resp.get("signal"), resp.get("exit_code")
-    if resp["timed_out"]:
+    if timed_out:
         status = "timeout"
     elif sig is not None:
         status = "crashed"

@@ -238,6 +238,15 @@ def test_per_test_results_and_timeout(box):
     assert res.tests[2].error == "timed out"
 
 
+def test_a_cpu_time_kill_is_a_timeout_like_the_wall_clock_one(box):
+    # RLIMIT_CPU equals the run's timeout, so a busy loop under light load can hit it a moment before the wall
+    # clock does (CI saw "crashed" for a timed-out program); SIGXCPU stands for that kill here, deterministically
+    res = run_bounded(box, "import os, signal\ndef f(x): return x\nos.kill(os.getpid(), signal.SIGXCPU)",
+                      ["assert f(1) == 1"])
+    assert res.status == "timeout" and res.signal == 24
+    assert [t.error for t in res.tests] == ["timed out"]
+
+
 @pytest.mark.parametrize("tier", ["rlimits", "unshare"])
 def test_weaker_tiers_still_grade_and_clean_up(tier):
     if detect_isolation(tier) != tier:
