@@ -1,5 +1,6 @@
-"""Tool throughput: sandboxed executions/s of a trivial program at the strongest tier (vs a naive bwrap +
-`python -I` spawn per run, and a plain subprocess spawn), and calculator evaluations/s.
+"""Tool throughput: sandboxed executions/s at the strongest tier of a trivial program and of a program with two
+tests graded outside the sandbox (align.tools.grading; the "graded runs/s" figure), vs a naive bwrap +
+`python -I` spawn per run and a plain subprocess spawn; and calculator evaluations/s.
 
     python benchmarks/tools.py [--seconds 3] [--out benchmarks/results/tools.json]
 Prints a table last and writes JSON.
@@ -63,10 +64,12 @@ def main() -> None:
         r = rate(lambda: box.run("pass"), args.seconds, threads=workers)
         rows.append({"what": f"sandboxed run, trivial program ({box.isolation}, {workers} worker(s))",
                      "per_s": r, "isolation": box.isolation})
-        r = rate(lambda: box.run("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 3"]),
-                 args.seconds, threads=workers)
-        rows.append({"what": f"sandboxed run + 2 tests ({box.isolation}, {workers} worker(s))", "per_s": r,
-                     "isolation": box.isolation})
+        graded = ("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 3"])
+        check = box.run(*graded)  # the rate below must measure real passes graded outside the sandbox
+        assert check.status == "ok" and check.passed == 2 and check.grading == "outside", check
+        r = rate(lambda: box.run(*graded), args.seconds, threads=workers)
+        rows.append({"what": f"sandboxed run + 2 tests graded outside ({box.isolation}, {workers} worker(s))",
+                     "per_s": r, "isolation": box.isolation})
         box.close()
     if shutil.which("bwrap"):
         rows.append({"what": "peer: naive bwrap + python -I spawn per run (sequential)",

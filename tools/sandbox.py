@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import UserError
+from align.tools.grading import IN_SANDBOX, OUTSIDE, TestPlan, grade, plan
 
 TIERS = ("rlimits", "unshare", "bwrap")  # weakest -> strongest
 _ZYGOTE = Path(__file__).with_name("_zygote.py")
+_WIRE = Path(__file__).with_name("_grading_wire.py")  # loaded by the zygote from its own folder
 
 
 class SandboxUnavailableError(UserError, RuntimeError):
@@ -76,8 +78,14 @@ class SandboxConfig:
 
 @dataclass
 class TestOutcome:
+    """grading: "outside" (the value came back as plain data and was compared here) or "in_sandbox" (the test
+    statement ran in the program's interpreter: fakeable by a hostile program); see `align.tools.grading`.
+    value: the plain-data text of the tested expression's value (outside grading), for diagnostics."""
+
     ok: bool
     error: str | None = None
+    grading: str = IN_SANDBOX
+    value: str | None = None
 
 
 @dataclass
@@ -99,6 +107,18 @@ class ExecResult:
     duration_s: float = 0.0
     stdout_truncated: bool = False
     error: str | None = None  # infrastructure error text when status == "sandbox_error"
+
+    @property
+    def grading(self) -> str:
+        """"outside" when every test was graded outside the sandbox, "in_sandbox" when every one ran inside it,
+        "mixed" for both, "none" without tests."""
+        modes = {t.grading for t in self.tests}
+        return "none" if not modes else modes.pop() if len(modes) == 1 else "mixed"
+
+    @property
+    def in_sandbox_tests(self) -> int:
+        """How many tests ran in the weaker in_sandbox mode."""
+        return sum(t.grading != OUTSIDE for t in self.tests)
 
     @property
     def pass_rate(self) -> float:
@@ -173,7 +193,8 @@ def _command(tier: str) -> tuple[list[str], dict[str, str]]:
                     made.add(str(parent))
                     argv += ["--perms", "0755", "--dir", str(parent)]
             argv += ["--ro-bind", root, root]
-        argv += ["--ro-bind", str(_ZYGOTE), "/sandbox/zygote.py", "--proc", "/proc", "--dev", "/dev",
+        argv += ["--ro-bind", str(_ZYGOTE), "/sandbox/zygote.py", "--ro-bind", str(_WIRE), "/sandbox/_grading_wire.py",
+                 "--proc", "/proc", "--dev", "/dev",
                  "--chdir", "/tmp", "--cap-drop", "ALL"]
         if _is_root():  # the zygote keeps what it needs to drop the program to its own uid and clean up after it
             for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
@@ -323,7 +344,8 @@ class Sandbox:
         if not isinstance(code, str):
             return ExecResult("sandbox_error", isolation=self.isolation, error="code must be a str")
         tests = [str(t) for t in (tests or [])]
-        req = _request(code, tests, self.config, timeout_s=timeout_s, memory_mb=memory_mb,
+        plans = [plan(t) for t in tests]  # parsed here: expected values stay in this process
+        req = _request(code, [p.wire() for p in plans], self.config, timeout_s=timeout_s, memory_mb=memory_mb,
                        per_test_timeout_s=per_test_timeout_s)
         worker = self._idle.get()
         try:
@@ -346,11 +368,11 @@ class Sandbox:
                 worker.close()
             worker = None
             return ExecResult("sandbox_error", isolation=self.isolation, failed=len(tests),
-                              tests=[TestOutcome(False, "sandbox error") for _ in tests],
+                              tests=[TestOutcome(False, "sandbox error", p.mode) for p in plans],
                               error=f"sandbox worker failed: {exc!r}")
         finally:
             self._idle.put(worker)
-        return _to_result(resp, tests, self.isolation)
+        return _to_result(resp, plans, self.isolation)
 
     def close(self) -> None:
         self._closed = True
@@ -363,22 +385,38 @@ class Sandbox:
                 w.close()
 
 
-def _to_result(resp: dict, tests: list[str], isolation: str) -> ExecResult:
+def _outcome(p: TestPlan, got: TestOutcome | None, value: str | None) -> TestOutcome | None:
+    """An outside-graded test passes only through `grade` on a value: a "passed" line cannot pass it."""
+    if p.mode != OUTSIDE:
+        return got
+    if value is not None:
+        ok, why = grade(p, value)
+        return TestOutcome(ok, why, OUTSIDE, value[:200])
+    if got is not None and not got.ok:
+        return TestOutcome(False, got.error, OUTSIDE)
+    return None
+
+
+def _to_result(resp: dict, plans: list[TestPlan], isolation: str) -> ExecResult:
+    tests = [p.source for p in plans]
     if "infra_error" in resp:
         return ExecResult("sandbox_error", isolation=isolation, failed=len(tests), error=resp["infra_error"])
     got = {int(i): TestOutcome(bool(ok), why) for i, ok, why in resp.get("tests", [])}
+    values = {int(i): text for i, text in resp.get("values", [])}
     sig, code = resp.get("signal"), resp.get("exit_code")
     # RLIMIT_CPU (set to the run's timeout) is a time limit too: a busy program can reach it a moment before the
     # wall-clock deadline, and which of the two fires first must not change the verdict.
     timed_out = bool(resp["timed_out"]) or sig == signal.SIGXCPU
     outcomes = []
-    for i in range(len(tests)):
-        if i in got:
-            outcomes.append(got[i])
+    for i, p in enumerate(plans):
+        outcome = _outcome(p, got.get(i), values.get(i))
+        if outcome is not None:
+            outcomes.append(outcome)
         elif timed_out:
-            outcomes.append(TestOutcome(False, "timed out"))
+            outcomes.append(TestOutcome(False, "timed out", p.mode))
         else:
-            outcomes.append(TestOutcome(False, resp.get("program_error") or "test did not run (the program exited)"))
+            outcomes.append(TestOutcome(False, resp.get("program_error") or "test did not run (the program exited)",
+                                        p.mode))
     passed = sum(t.ok for t in outcomes)
     if timed_out:
         status = "timeout"
@@ -430,8 +468,12 @@ def run_code(code: str, tests: list[str] | None = None, timeout_s: float | None 
              sandbox: Sandbox | None = None) -> ExecResult:
     """Run `code`, then each of `tests` (Python statements, e.g. asserts) in its namespace, in the sandbox.
 
-    Grading counts only tests the harness saw complete, so `sys.exit(0)` before failing asserts or printed
-    "passed" text does not pass. Never raises for bad code; infrastructure failure is status "sandbox_error".
+    A test of an honest form (`assert f(1, 2) == 3`, ...; see `align.tools.grading`) is graded "outside":
+    only `f(1, 2)` enters the sandbox, its value comes back as plain data and is compared here, so nothing the
+    program does inside can pass it without producing the right value. Other tests run "in_sandbox" (weaker,
+    reported per test as `TestOutcome.grading` and as `ExecResult.grading`). A test counts only when its
+    result came back, so `sys.exit(0)` before the tests or printed "passed" text does not pass. Never raises
+    for bad code; infrastructure failure is status "sandbox_error".
     """
     box = sandbox or get_sandbox()
     return box.run(code, tests, timeout_s=timeout_s, memory_mb=memory_mb, per_test_timeout_s=per_test_timeout_s)

@@ -8,6 +8,7 @@ from typing import Any
 
 from align.rewards.base import RewardFunction, RewardOutput
 from align.rewards.verifiers.common import _column, _completion_text
+from align.tools.grading import IN_SANDBOX, plan
 
 _CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -46,12 +47,19 @@ class CodeTests(RewardFunction):
     The code is the last fenced block (or the whole completion when `require_block=False`). A completion
     with no code scores 0.0 ({"reason": "no code"}); a program that times out or crashes is a wrong answer
     (0.0); a sandbox failure is an error for the sample. Tests: a list of assert statements, or a string.
+
+    strict (default True): every test must be gradable "outside" the sandbox (`assert f(...) == <literal>`
+    and the other forms in `align.tools.grading`), where a hostile program cannot fake a pass. A sample
+    with any other test is an error for that sample (score None, naming the test), never run: the policy
+    is optimised against this reward, so a fakeable test would be learned as a reward hack. strict=False
+    runs such tests in the weaker "in_sandbox" mode and reports how many did (`info["in_sandbox_tests"]`).
     """
 
     name = "code_tests"
 
     def __init__(self, timeout_s: float = 10.0, memory_mb: int = 512, partial_credit: bool = True,
-                 require_block: bool = False, tests_column: str = "tests", max_workers: int = 2):
+                 require_block: bool = False, tests_column: str = "tests", max_workers: int = 2,
+                 strict: bool = True):
         if timeout_s <= 0:
             raise ValueError(f"code_tests: timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
@@ -60,6 +68,9 @@ class CodeTests(RewardFunction):
         self.require_block = require_block
         self.tests_column = tests_column
         self.max_workers = max(1, int(max_workers))
+        if not isinstance(strict, bool):
+            raise ValueError(f"code_tests: strict must be true or false, got {strict!r}")
+        self.strict = strict
 
     def verify(self, completion: str, tests: Any) -> tuple[float | None, str | None, dict[str, Any]]:
         try:
@@ -75,6 +86,12 @@ class CodeTests(RewardFunction):
         if code is None or not code.strip():
             return 0.0, None, {"reason": "no code"}
         test_list = [tests] if isinstance(tests, str) else [str(t) for t in tests]
+        if self.strict:
+            for i, t in enumerate(test_list):
+                p = plan(t)
+                if p.mode == IN_SANDBOX:
+                    return None, (f"code_tests strict=True refuses test {i} ({p.why}): {t.strip()[:80]!r}; write it "
+                                  "as `assert f(...) == <literal>` or set strict=false to grade it in_sandbox"), {}
         try:
             result = run_code(code, tests=test_list, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
         except Exception as err:  # noqa: BLE001 - the sandbox itself failed: infrastructure, not a wrong answer
@@ -82,7 +99,9 @@ class CodeTests(RewardFunction):
         status = str(getattr(result, "status", "")).lower()
         passed, failed = int(getattr(result, "passed", 0) or 0), int(getattr(result, "failed", 0) or 0)
         info = {"status": status, "passed": passed, "failed": failed,
-                "isolation": str(getattr(result, "isolation", ""))}
+                "isolation": str(getattr(result, "isolation", "")),
+                "grading": str(getattr(result, "grading", "")),
+                "in_sandbox_tests": int(getattr(result, "in_sandbox_tests", 0) or 0)}
         if status not in PROGRAM_STATUSES:
             stderr = str(getattr(result, "stderr", ""))[-200:]
             return None, f"sandbox error (status {status!r}): {stderr}".strip(), info
