@@ -20,13 +20,13 @@ MAX_DEPTH = 100
 MAX_TEXT = 256 * 1024  # one value's text; the result pipe holds 1 MiB for all tests of a run
 
 
-class NotPlainData(Exception):
-    pass
+def _refused(reason):  # a plain ValueError: this standalone file defines no exception classes of its own
+    return ValueError("not plain data: " + reason)
 
 
 def _plain(v, depth):
     if depth > MAX_DEPTH:
-        raise NotPlainData(f"not plain data: nested deeper than {MAX_DEPTH}")
+        raise _refused(f"nested deeper than {MAX_DEPTH}")
     t = type(v)  # the real type: a `__class__` property cannot change it
     if v is None or t is bool:
         return v
@@ -48,19 +48,20 @@ def _plain(v, depth):
         return {"set": [_plain(x, depth + 1) for x in set.__iter__(v)]}
     if issubclass(t, frozenset):
         return {"set": [_plain(x, depth + 1) for x in frozenset.__iter__(v)]}
-    raise NotPlainData(f"not plain data: the value is a {type.__repr__(t)[:120]}")
+    raise _refused(f"the value is a {type.__repr__(t)[:120]}")
 
 
 def encode(value):
-    """The value as plain-data JSON text (tuples / sets / dicts / bytes tagged); raises NotPlainData."""
+    """The value as plain-data JSON text (tuples / sets / dicts / bytes tagged); raises ValueError ("not plain
+    data: ...") for anything else. The harness reports the message as the test's failure reason."""
     try:
         text = json.dumps(_plain(value, 0), allow_nan=True, separators=(",", ":"))
-    except NotPlainData:
-        raise
     except (ValueError, RecursionError, MemoryError) as exc:  # e.g. an int past Python's 4300-digit str limit
-        raise NotPlainData(f"not plain data: {type(exc).__name__}: {exc}"[:200]) from None
+        if str(exc).startswith("not plain data"):
+            raise
+        raise _refused(f"{type(exc).__name__}: {exc}"[:200]) from None
     if len(text) > MAX_TEXT:
-        raise NotPlainData(f"not plain data: the value is {len(text)} bytes as text (limit {MAX_TEXT})")
+        raise _refused(f"the value is {len(text)} bytes as text (limit {MAX_TEXT})")
     return text
 
 

@@ -104,6 +104,18 @@ def test_code_run_replay_verdicts():
     assert good / total >= 0.95, bad[:10]
 
 
+def test_code_run_grades_every_single_assert_outside_the_sandbox():
+    # TARA's MBPP tests are one-line `assert f(...) == <literal>`: all of them must take the honest path
+    # (align.tools.grading); only HumanEval-style multi-line `def check(candidate)` blocks may run in_sandbox
+    from align.tools.grading import OUTSIDE, plan
+
+    tests = [t for item in load("reserve_code_test_data.json") for t in item["test_list"]]
+    one_line = [t for t in tests if t.strip().startswith("assert ") and "\n" not in t.strip()]
+    assert len(one_line) > 500
+    assert [t for t in one_line if plan(t).mode != OUTSIDE] == []
+    assert all("\n" in t.strip() for t in tests if plan(t).mode != OUTSIDE)
+
+
 def test_translate_replay_cache_backend():
     good, total, bad = replay(load("agent_translator_test.json"))
     record("translate", good, total)
