@@ -18,8 +18,8 @@ Outside forms (an optional `, "message"` after any of them is allowed; its liter
   assert math.isclose(E, L[, rel_tol=L][, abs_tol=L])   (or isclose(...), either argument order)
   assert P        /  assert not P       bool(value) is True / False
 where L is a literal (`ast.literal_eval`, plus set(...), frozenset(...), tuple(...), list(...), sorted(...) of
-a literal and float('inf' | '-inf' | 'nan')); E is a call, method call or subscript over calls (`f(1, [2])`,
-`sorted(f(x))`, `Solution().two_sum([2, 7], 9)`, `f(x)[0]`) whose arguments are literals, names or such
+a literal and float('inf' | '-inf' | 'nan')); E is a name (`answer`) or a call, method call or subscript over
+calls (`f(1, [2])`, `sorted(f(x))`, `Solution().two_sum([2, 7], 9)`, `f(x)[0]`, `f(x)[1:]`) whose arguments are literals, names or such
 expressions - no comparison, `and`/`or`/`not`, lambda or comprehension anywhere inside it. A test whose
 expectation is a truth value (P, `not P`, `== True`/`False`, `is True`/`False`) carries its real expectation
 inside the expression, so there P must be a direct call of a non-builtin name (the function under test,
@@ -101,6 +101,8 @@ def _arg(node: ast.AST) -> bool:
         return True
     if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
         return all(_arg(e) for e in node.elts)
+    if isinstance(node, ast.Slice):
+        return all(part is None or _arg(part) for part in (node.lower, node.upper, node.step))
     return _literal(node)[0]
 
 
@@ -154,7 +156,7 @@ def plan(test: str) -> TestPlan:
     node = stmt.test
 
     def outside(expr: ast.AST, check: str, expected: Any = None, strong: bool = False, **tol) -> TestPlan:
-        good = _program_call(expr) if strong else _value_expr(expr)
+        good = _program_call(expr) if strong else (_value_expr(expr) or isinstance(expr, ast.Name))
         if not (good and _clean(expr)):
             return _in_sandbox(test, "the tested expression is not a plain call of the program's code"
                                if strong else "the tested expression is not a call with plain arguments")

@@ -80,7 +80,7 @@ class SandboxConfig:
 class TestOutcome:
     """grading: "outside" (the value came back as plain data and was compared here) or "in_sandbox" (the test
     statement ran in the program's interpreter: fakeable by a hostile program); see `align.tools.grading`.
-    value: the plain-data text of the tested expression's value (outside grading), for diagnostics."""
+    value: the plain-data text of the tested expression's value (outside grading; first 200 characters)."""
 
     ok: bool
     error: str | None = None

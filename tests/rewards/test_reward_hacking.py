@@ -177,3 +177,19 @@ def test_strict_refuses_the_weaker_mode_and_non_strict_reports_it(reward):
     assert (s, info["in_sandbox_tests"]) == (0.5, 1)
     with pytest.raises(ValueError, match="strict"):
         CodeTests(strict="yes")
+
+
+@pytest.mark.parametrize("tier", ["rlimits", "unshare"])
+def test_no_hack_passes_a_single_test_at_the_weaker_tiers_either(tier):
+    # grading does not lean on the OS walls: the same programs at the weaker tiers pass nothing
+    from align.tools.sandbox import Sandbox, SandboxConfig
+
+    if detect_isolation(tier) != tier:
+        pytest.skip(f"{tier} tier unavailable here")
+    box = Sandbox(SandboxConfig(timeout_s=3, prefer=tier, workers=1))
+    try:
+        assert box.run(HONEST, TESTS).passed == 3
+        assert {name: box.run(code, TESTS).passed for name, code in {**RED_TEAM, **HIDDEN}.items()} == \
+            dict.fromkeys({**RED_TEAM, **HIDDEN}, 0)
+    finally:
+        box.close()

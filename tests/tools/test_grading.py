@@ -23,6 +23,8 @@ from align.tools.sandbox import Sandbox, SandboxConfig, detect_isolation
     ("assert sorted(f(x)) == [1, 2]", "sorted(f(x))", "eq"),
     ("assert Solution().two_sum([2, 7], 9) == [0, 1]", "Solution().two_sum([2, 7], 9)", "eq"),
     ("assert f('ab')[0] == 'a'", "f('ab')[0]", "eq"),
+    ("assert f('abc')[1:] == 'bc'", "f('abc')[1:]", "eq"),
+    ("assert answer == 42", "answer", "eq"),
     ("assert f(1) is None", "f(1)", "is"),
     ("assert f(1) is not None", "f(1)", "is_not"),
     ("assert is_prime(7)", "is_prime(7)", "truthy"),
@@ -44,6 +46,8 @@ def test_honest_forms_are_graded_outside_and_only_the_expression_goes_in(test, e
     "assert isinstance(f(1), int)",                # a builtin predicate: __class__ could fool it
     "assert operator.eq(f(1), 3)",                 # a comparator that would call the program's __eq__
     "assert f(1).startswith('ab')",                # a method of the program's object decides a truth value
+    "assert answer",                               # a truth value that is not the function under test's
+    "assert f(1).x == 3",                          # attribute access: not a call
     "assert f(1) == 3 and f(2) == 4",
     "assert f(lambda x: x > 1) == [2]",
     "assert f([i for i in range(3)]) == 3",
