@@ -16,7 +16,7 @@ import requests
 from _service_proc import ServiceProcess
 
 from align.rewards.base import RewardFunction, RewardOutput
-from align.rewards.service import RateLimitFilter, ServerThread, create_app
+from align.rewards.service import ServerThread, create_app
 
 MIB = 1024 * 1024
 # the flood server: 2 MiB bodies, 16 MiB of bodies at once, 8 MiB of cached responses, 256 connections, 2 s
@@ -248,6 +248,8 @@ def test_idempotency_cache_is_an_lru_bounded_in_entries_and_bytes():
 
 
 def test_log_rate_limit_lets_n_lines_per_kind_through_and_counts_the_rest():
+    from align.rewards.service import RateLimitFilter
+
     now = [0.0]
     limiter = RateLimitFilter(per_interval=3, interval_s=10.0, clock=lambda: now[0])
 
