@@ -69,14 +69,16 @@ def test_slow_body_flood_is_bounded_and_timed_out(flood_server):
         s.settimeout(max(0.1, 2.0 + 3.0 - (time.monotonic() - started)))
         try:
             answers.append(s.recv(64).split(b"\r\n")[0])
+        except socket.timeout:
+            answers.append(b"no answer: still open")
         except OSError:
             answers.append(b"reset")
         s.close()
     assert time.monotonic() - started < 20
-    assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503", b"reset")) for a in answers), set(answers)
-    assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 1  # held bodies were cut, not kept
     growth = svc.peak_rss_mb() - svc.baseline_mb
     assert growth < RSS_GROWTH_MB, f"RSS grew {growth:.0f} MB through the slow-body flood"
+    assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503", b"reset")) for a in answers), set(answers)
+    assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 1  # held bodies were cut, not kept
     assert score_once(svc.url) == 200
 
 
