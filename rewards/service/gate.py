@@ -92,8 +92,8 @@ class _Gate:
 
     async def _read_body(self, scope, receive, send, held: list[int]) -> bytes | None:
         """The body, counted against max_body_bytes and max_buffered_body_bytes while it is read: reading stops
-        at the first chunk over either (413 / 503 with `Connection: close`, so the rest is never read). None:
-        answered already (or the client left)."""
+        at the first chunk over either (413 / 503 with `Connection: close`, so the rest is never read); then the
+        estimate of its parsed objects is charged too. None: answered already (or the client left)."""
         limit, budget = self.settings.max_body_bytes, self.settings.max_buffered_body_bytes
         declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
         too_big = _error(413, f"request body over {limit} bytes; split the batch into smaller requests",
@@ -120,6 +120,22 @@ class _Gate:
             self.counters["body_bytes"] += len(chunk)
             held[0] += len(chunk)
             more = message.get("more_body", False)
+        # Parsed JSON can take 25x its bytes (8 MiB of `[],` measured 200 MB), so the objects are charged too,
+        # before parsing: 64 bytes per value separator or container, a Python list / dict / float / str + its
+        # pointer (over-counting the commas and brackets inside strings only makes the charge conservative).
+        parsed = 64 * (body.count(b",") + body.count(b"[") + body.count(b"{"))
+        if held[0] + parsed > budget:
+            await self._reply(send, _error(413, f"request body would take ~{(held[0] + parsed) >> 20} MiB parsed "
+                                                f"(max_buffered_body_bytes {budget}); send fewer values per request",
+                                           {"Connection": "close"}), scope)
+            return None
+        if self.counters["body_bytes"] + parsed > budget:
+            await self._reply(send, _error(
+                503, f"the service holds {self.counters['body_bytes']} bytes of request bodies and their parsed objects "
+                     f"(max_buffered_body_bytes {budget}); retry later", {"Retry-After": "1"}), scope)
+            return None
+        self.counters["body_bytes"] += parsed
+        held[0] += parsed
         return bytes(body)
 
     async def _dispatch(self, scope, receive, send, body: bytes) -> None:
