@@ -135,6 +135,33 @@ class ServeSettings(Section):
     max_concurrency: Union[int, None] = None
     max_samples_per_request: Union[int, None] = None
     request_timeout_s: Union[float, None] = None
+    # resource limits (docs/security.md, "Scoring service limits")
+    reward_timeout_s: Union[float, None] = None  # one reward call before /health says "stuck" (default request_timeout_s)
+    max_buffered_body_bytes: Union[int, None] = None  # all request bodies held at once (default 128 MiB)
+    max_connections: Union[int, None] = None  # open connections (default 1024); the longest-idle one makes room
+    header_timeout_s: Union[float, None] = None  # a request's headers must arrive within this (default 10)
+    body_timeout_s: Union[float, None] = None  # its body within this after the headers (default 60)
+    keep_alive_s: Union[float, None] = None  # idle keep-alive connection (default 5)
+    backlog: Union[int, None] = None  # kernel accept queue / one accept burst (default 256)
+    idempotency_cache_size: Union[int, None] = None  # responses kept for request_id retries (default 1024) ...
+    idempotency_cache_bytes: Union[int, None] = None  # ... and their JSON bytes (default 64 MiB); 0 turns it off
+    log_lines_per_interval: Union[int, None] = None  # log lines of one kind per interval (default 20) ...
+    log_interval_s: Union[float, None] = None  # ... (default 10 s); the rest are counted, not written
+
+    _POSITIVE = ("max_batch_size", "max_body_bytes", "max_concurrency", "max_samples_per_request",
+                 "max_buffered_body_bytes", "max_connections", "backlog", "log_lines_per_interval",
+                 "request_timeout_s", "reward_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s",
+                 "log_interval_s")
+
+    def validate(self) -> None:
+        for key in self._POSITIVE:
+            if getattr(self, key) is not None:
+                self.check(getattr(self, key) > 0, key, "must be > 0")
+        for key in ("idempotency_cache_size", "idempotency_cache_bytes", "max_wait_ms"):
+            if getattr(self, key) is not None:
+                self.check(getattr(self, key) >= 0, key, "must be >= 0")
+        if self.port is not None:
+            self.check(0 <= self.port <= 65535, "port", "use a port in 0..65535")
 
     def given(self) -> dict[str, Any]:
         """The settings that are set (not null)."""

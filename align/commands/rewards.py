@@ -14,14 +14,15 @@ from align.errors import UserError
 # ------------------------------------------------------------------------------------------------ serve-rewards
 
 def _serve_rewards(args: argparse.Namespace) -> int:
-    from align.command_configs import load_serve_config
-    from align.config import RewardConfig
+    from align.command_configs import ServeSettings, load_serve_config
+    from align.config import RewardConfig, build
     from align.rewards.registry import get_reward
     from align.rewards.service import check_bind, serve
 
     cfg = load_serve_config(args.config, args.overrides)
     flags = {k: getattr(args, k) for k in cfg.serve.to_dict() if getattr(args, k, None) is not None}
-    settings = {**cfg.serve.given(), **flags}
+    # the flags pass the same checks as the config's serve: section
+    settings = build(ServeSettings, {**cfg.serve.given(), **flags}, "serve").given()
     if args.token_file:
         try:
             settings["token"] = Path(args.token_file).read_text().strip()
@@ -39,21 +40,25 @@ def _serve_rewards(args: argparse.Namespace) -> int:
     spec = args.reward or cfg.reward
     if spec is None:
         raise UserError("no reward to serve; pass --reward NAME (e.g. math_verify) or a CONFIG with a 'reward' key")
-    if isinstance(spec, RewardConfig):  # a training config's reward: {functions: [...]} section
-        from align.reward_setup import build_reward
-
-        spec = build_reward(spec)
     try:
         check_bind(settings["host"], settings.get("token"))
     except ValueError as err:
         raise UserError(str(err)) from None
+
+    def build():  # also the replacement when a reward call is stuck (a fresh object, never the stuck one)
+        if isinstance(spec, RewardConfig):  # a training config's reward: {functions: [...]} section
+            from align.reward_setup import build_reward
+
+            return get_reward(build_reward(spec), **kwargs)
+        return get_reward(spec, **kwargs)
+
     try:
-        reward = get_reward(spec, **kwargs)
+        reward = build()
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot build reward {spec!r}: {err}") from None
     host, port, token = settings.pop("host"), int(settings.pop("port")), settings.pop("token")
     try:
-        serve(reward, host=host, port=port, token=token, log_level=args.log_level, **settings)
+        serve(reward, host=host, port=port, token=token, log_level=args.log_level, reward_factory=build, **settings)
     except ValueError as err:
         raise UserError(str(err)) from None
     return 0
@@ -81,6 +86,17 @@ def register_serve_rewards(subparsers) -> None:
     p.add_argument("--max-concurrency", type=int, help="requests in flight before 429 (default 256)")
     p.add_argument("--max-samples-per-request", type=int, help="samples per request before 413 (default 4096)")
     p.add_argument("--request-timeout-s", type=float, help="scoring time before 504 (default 300)")
+    p.add_argument("--reward-timeout-s", type=float, help="one reward call before /health says 'stuck' and requests "
+                                                          "get 503 (default: --request-timeout-s)")
+    p.add_argument("--max-connections", type=int, help="open connections; at the cap the longest-idle one is closed "
+                                                       "(default 1024)")
+    p.add_argument("--header-timeout-s", type=float, help="a request's headers must arrive within this (default 10)")
+    p.add_argument("--body-timeout-s", type=float, help="a request's body must arrive within this after its headers "
+                                                        "(default 60)")
+    p.add_argument("--max-buffered-body-bytes", type=int, help="request bodies held at once; more get 503 "
+                                                               "(default 128 MiB)")
+    p.add_argument("--idempotency-cache-bytes", type=int, help="bytes of responses kept for request_id retries "
+                                                               "(default 64 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve_rewards)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,8 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from align.errors import AlignError
 from align.rewards.base import RewardOutput, as_reward_function
-from align.rewards.service.batching import DynamicBatcher, QueueFull, ScoringFailed, _Idempotency, _Metrics
+from align.rewards.service.batching import DynamicBatcher, QueueFull, ScoringFailed, _Metrics
+from align.rewards.service.cache import _Idempotency
 from align.rewards.service.gate import _Gate
+from align.rewards.service.settings import ServiceSettings
 from align.rewards.service.wire import (
     _ERROR_RESPONSES,
     GetRewardRequest,
@@ -26,53 +27,24 @@ from align.rewards.service.wire import (
     _error,
     _jsonable,
 )
+from align.rewards.service.worker import RewardUnavailable
 
 # ---------------------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ServiceSettings:
-    max_batch_size: int = 64
-    max_wait_ms: float = 5.0
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_concurrency: int = 256
-    max_queue_samples: int | None = None  # default 16 * max_batch_size
-    max_samples_per_request: int = 4096
-    request_timeout_s: float = 300.0
-    idempotency_cache_size: int = 1024
-    token: str | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("max_batch_size", "max_body_bytes", "max_concurrency", "max_samples_per_request"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"service: {key} must be >= 1, got {getattr(self, key)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"service: max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.request_timeout_s <= 0:
-            raise ValueError(f"service: request_timeout_s must be > 0, got {self.request_timeout_s}")
-        if self.max_queue_samples is None:
-            self.max_queue_samples = max(16 * self.max_batch_size, self.max_samples_per_request)
-        if self.token is not None and not self.token.strip():
-            raise ValueError("service: token is empty; pass a non-empty --token or none on loopback")
-
-
-def create_app(reward: Any, *, max_batch_size: int = 64, max_wait_ms: float = 5.0,
-               max_body_bytes: int = 8 * 1024 * 1024, max_concurrency: int = 256, token: str | None = None,
-               max_queue_samples: int | None = None, max_samples_per_request: int = 4096,
-               request_timeout_s: float = 300.0, idempotency_cache_size: int = 1024) -> FastAPI:
-    """A FastAPI app serving `reward` (a RewardFunction or TRL-style callable). Run it with uvicorn, or `serve`."""
+def create_app(reward: Any, *, reward_factory: Callable[[], Any] | None = None, **settings: Any) -> FastAPI:
+    """A FastAPI app serving `reward` (a RewardFunction or TRL-style callable). Run it with uvicorn, or `serve`
+    (which also applies the connection limits). `settings` are ServiceSettings fields. `reward_factory` builds a
+    replacement when a reward call is stuck (see DynamicBatcher); without it a stuck reward stays stuck."""
     reward = as_reward_function(reward)
-    settings = ServiceSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes,
-                               max_concurrency=max_concurrency, max_queue_samples=max_queue_samples,
-                               max_samples_per_request=max_samples_per_request, request_timeout_s=request_timeout_s,
-                               idempotency_cache_size=idempotency_cache_size, token=token)
+    settings = ServiceSettings(**settings)
     metrics = _Metrics()
     batcher = DynamicBatcher(reward, settings.max_batch_size, settings.max_wait_ms / 1000.0,
-                             settings.max_queue_samples, metrics)
-    idempotency = _Idempotency(settings.idempotency_cache_size)
-    counters = {"in_flight": 0}
+                             settings.max_queue_samples, metrics, settings.reward_timeout_s, reward_factory)
+    idempotency = _Idempotency(settings.idempotency_cache_size, settings.idempotency_cache_bytes)
+    counters = {"in_flight": 0, "body_bytes": 0}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,7 +59,6 @@ def create_app(reward: Any, *, max_batch_size: int = 64, max_wait_ms: float = 5.
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.batcher = batcher
-    app.state.reward = reward
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -104,7 +75,7 @@ def create_app(reward: Any, *, max_batch_size: int = 64, max_wait_ms: float = 5.
                                   "split the batch")
         try:
             out = await asyncio.wait_for(batcher.submit(prompts, completions, columns), settings.request_timeout_s)
-        except QueueFull as err:
+        except (QueueFull, RewardUnavailable) as err:
             raise _HTTPReply(503, f"{err}; retry later", {"Retry-After": "1"}) from None
         except asyncio.TimeoutError:
             raise _HTTPReply(504, f"scoring did not finish within {settings.request_timeout_s:g}s") from None
@@ -116,8 +87,12 @@ def create_app(reward: Any, *, max_batch_size: int = 64, max_wait_ms: float = 5.
 
     async def _idempotent(path: str, request_id: str | None, make):
         key = None if request_id is None else (path, request_id)
+
+        async def render() -> bytes:  # the cache keeps (and counts) the bytes sent, not the objects
+            return SafeJSONResponse(await make()).body
+
         try:
-            return SafeJSONResponse(await idempotency.run(key, make))
+            return Response(await idempotency.run(key, render), media_type="application/json")
         except _HTTPReply as reply:
             return _error(reply.status, reply.detail, reply.headers)
 
@@ -154,9 +129,12 @@ def create_app(reward: Any, *, max_batch_size: int = 64, max_wait_ms: float = 5.
 
     @app.get("/health")
     async def health():
-        """Liveness: the reward's name and the current load."""
-        return {"status": "ok", "reward": reward.name, "in_flight": counters["in_flight"],
-                "queue_samples": batcher.queued_samples}
+        """200 with status "ok", or 503 with status "stuck" (a reward call has run past reward_timeout_s) or
+        "restarting" (the reward is being replaced); also the reward's name and the current load."""
+        state = batcher.health()
+        body = {**state, "reward": batcher.reward.name, "in_flight": counters["in_flight"],
+                "queue_samples": batcher.queued_samples, "body_bytes": counters["body_bytes"]}
+        return SafeJSONResponse(body, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics():

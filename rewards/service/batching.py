@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from align.errors import AlignError
-from align.rewards.base import RewardFunction, RewardOutput
+from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
+from align.rewards.service.worker import RewardUnavailable, _Worker
+
+log = logging.getLogger("align.rewards.service")
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics and state
@@ -32,6 +37,11 @@ class _Metrics:
         self.queue_depth = Gauge("reward_queue_samples", "Samples waiting to be batched", registry=r)
         self.in_flight = Gauge("reward_requests_in_flight", "Scoring requests in flight", registry=r)
         self.batch_failures = Counter("reward_batch_failures", "Batches whose reward raised", registry=r)
+        self.stuck_calls = Counter("reward_stuck_calls", "Reward calls abandoned after reward_timeout_s", registry=r)
+        self.restarts = Counter("reward_restarts", "Rewards replaced after a stuck call", registry=r)
+        self.connections = Gauge("reward_connections_open", "Open HTTP connections", registry=r)
+        self.connections_closed = Counter("reward_connections_closed", "Connections the service closed, by reason",
+                                          ["reason"], registry=r)
 
 
 class QueueFull(AlignError):
@@ -74,11 +84,22 @@ def _slice(out: RewardOutput, start: int, stop: int) -> RewardOutput:
 
 class DynamicBatcher:
     """Merges concurrent requests into batches of up to `max_batch_size` samples (waiting at most
-    `max_wait_s` for the batch to fill) and scores each batch in one worker thread."""
+    `max_wait_s` for the batch to fill) and scores each batch in one worker thread.
+
+    A reward call running longer than `call_timeout_s` is stuck: its batch fails (504), the waiting requests
+    and every new one fail at once (RewardUnavailable -> 503 + Retry-After) and the call is abandoned. With a
+    `reward_factory` the stuck reward is closed (which may free the call) and a new one is built ("restarting");
+    without one the service stays "stuck" until the call returns. `health()` says which."""
 
     def __init__(self, reward: RewardFunction, max_batch_size: int, max_wait_s: float, max_queue_samples: int,
-                 metrics: _Metrics):
+                 metrics: _Metrics, call_timeout_s: float = 300.0,
+                 reward_factory: Callable[[], Any] | None = None):
         self.reward = reward
+        self.call_timeout_s = call_timeout_s
+        self.reward_factory = reward_factory
+        self.state = "ok"  # ok | stuck | restarting
+        self.call_started: float | None = None  # time.monotonic() when the running reward call began
+        self.stuck_since: float | None = None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_samples = max_queue_samples
@@ -88,7 +109,27 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         # one thread: a reward model scores one batch at a time, off the event loop
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-score")
+        self.worker = _Worker()
+
+    def health(self) -> dict[str, Any]:
+        """status ok | stuck | restarting; `reward_call_s`: how long the running call has taken (null: none)."""
+        now = time.monotonic()
+        call_s = None if self.call_started is None else round(now - self.call_started, 3)
+        state = self.state
+        if state == "ok" and call_s is not None and call_s > self.call_timeout_s:
+            state = "stuck"  # the timeout fires on the next loop turn; /health must not say ok meanwhile
+        out = {"status": state, "reward_call_s": call_s, "reward_timeout_s": self.call_timeout_s}
+        if self.stuck_since is not None:
+            out["stuck_for_s"] = round(now - self.stuck_since, 3)
+        return out
+
+    def _unavailable(self) -> RewardUnavailable:
+        since = 0.0 if self.stuck_since is None else time.monotonic() - self.stuck_since
+        if self.state == "restarting":
+            return RewardUnavailable(f"the reward is being restarted after a call stuck for over "
+                                     f"{self.call_timeout_s:g}s ({since:.0f}s ago)")
+        return RewardUnavailable(f"the reward has been stuck in one call for {since + self.call_timeout_s:.0f}s "
+                                 f"(reward_timeout_s {self.call_timeout_s:g}); restart the service")
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -104,12 +145,14 @@ class DynamicBatcher:
         for entry in self.pending:
             if not entry.future.done():
                 entry.future.set_exception(ScoringFailed("the service is shutting down"))
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.worker.stop()
 
     async def submit(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]) -> RewardOutput:
         n = len(completions)
         if n == 0:
             return RewardOutput(scores=[])
+        if self.health()["status"] != "ok":
+            raise self._unavailable()
         if self.queued_samples + n > self.max_queue_samples:
             raise QueueFull(f"the batching queue holds {self.queued_samples} samples (max {self.max_queue_samples})")
         loop = asyncio.get_running_loop()
@@ -171,7 +214,6 @@ class DynamicBatcher:
         return out
 
     async def _score(self, batch: list[_Entry]) -> None:
-        loop = asyncio.get_running_loop()
         live = [e for e in batch if not e.future.done()]
         if not live:
             return
@@ -179,8 +221,13 @@ class DynamicBatcher:
         completions = [c for e in live for c in e.completions]
         columns = {k: [v for e in live for v in e.columns[k]] for k in live[0].key}
         self.metrics.batch_size.observe(len(completions))
+        call = self.worker.submit(self._call, prompts, completions, columns)
+        self.call_started = time.monotonic()
         try:
-            out = await loop.run_in_executor(self.executor, self._call, prompts, completions, columns)
+            out = await asyncio.wait_for(asyncio.shield(call), self.call_timeout_s)
+        except asyncio.TimeoutError:
+            await self._recover(call, live)
+            return
         except Exception as err:  # noqa: BLE001 - isolate the request that breaks the reward
             self.metrics.batch_failures.inc()
             if len(live) > 1:
@@ -195,41 +242,71 @@ class DynamicBatcher:
             live[0].future.done() or live[0].future.set_exception(
                 ScoringFailed(f"{what}: {type(err).__name__}: {err}"[:500], status))
             return
+        finally:
+            self.call_started = None
         start = 0
         for e in live:
             if not e.future.done():
                 e.future.set_result(_slice(out, start, start + e.n))
             start += e.n
 
+    async def _recover(self, call: asyncio.Future, live: list[_Entry]) -> None:
+        """A call overran call_timeout_s: fail its batch and the queue now, then replace (or wait for) the reward."""
+        self.state, self.stuck_since = "stuck", self.call_started
+        self.metrics.stuck_calls.inc()
+        log.error("reward %r: a call of %d samples did not return within %gs; %s", self.reward.name,
+                  sum(e.n for e in live), self.call_timeout_s,
+                  "restarting it" if self.reward_factory else "refusing requests until it returns")
+        for e in live:
+            e.future.done() or e.future.set_exception(ScoringFailed(
+                f"the reward did not return within reward_timeout_s={self.call_timeout_s:g}s", 504))
+        self._fail_pending()
+        self.worker.stop()  # the stuck thread exits if its call ever returns
+        if self.reward_factory is None:
+            try:
+                await call  # nothing else may call this reward meanwhile; requests get 503 at once
+            except Exception:  # noqa: BLE001 - the batch was already answered
+                pass
+        else:
+            self.state = "restarting"
+            await self._replace()
+        self.worker = _Worker()
+        self.state, self.stuck_since = "ok", None
 
-class _Idempotency:
-    """request_id -> finished response (LRU), or the in-flight future a retry should join."""
+    async def _replace(self) -> None:
+        old = self.reward
+        # close() kills the reward's children (sympy, sandboxes), which may free the stuck call; never awaited
+        threading.Thread(target=_close_quietly, args=(old,), daemon=True, name="reward-close").start()
+        delay = 1.0
+        while True:
+            builder = _Worker("reward-restart")
+            try:
+                new = as_reward_function(await builder.submit(self.reward_factory))
+                if new is old:  # the factory hands back the stuck object itself: there is nothing to replace it with
+                    raise ScoringFailed("reward_factory returned the stuck reward itself; it must build a new one")
+                self.reward = new
+                self.metrics.restarts.inc()
+                log.warning("reward %r restarted", self.reward.name)
+                return
+            except Exception as err:  # noqa: BLE001 - keep refusing (503) and try again
+                log.error("restarting reward %r failed: %s: %s; retrying in %gs", old.name, type(err).__name__,
+                          str(err)[:300], delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
+            finally:
+                builder.stop()
 
-    def __init__(self, size: int):
-        self.size = size
-        self.done: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
-        self.running: dict[tuple[str, str], asyncio.Future] = {}
+    def _fail_pending(self) -> None:
+        error = self._unavailable()
+        for entry in self.pending:
+            entry.future.done() or entry.future.set_exception(error)
+        self.pending.clear()
+        self.queued_samples = 0
+        self.metrics.queue_depth.set(0)
 
-    async def run(self, key: tuple[str, str] | None, make):
-        if key is None or self.size <= 0:
-            return await make()
-        if key in self.done:
-            self.done.move_to_end(key)
-            return self.done[key]
-        if key in self.running:
-            return await asyncio.shield(self.running[key])
-        fut = asyncio.get_running_loop().create_future()
-        self.running[key] = fut
-        try:
-            result = await make()
-        except BaseException as err:
-            fut.set_exception(err)
-            fut.exception()  # mark retrieved
-            raise
-        finally:
-            self.running.pop(key, None)
-        fut.set_result(result)
-        self.done[key] = result
-        while len(self.done) > self.size:
-            self.done.popitem(last=False)
-        return result
+
+def _close_quietly(reward: RewardFunction) -> None:
+    try:
+        reward.close()
+    except Exception as err:  # noqa: BLE001 - a broken reward being replaced
+        log.warning("closing the stuck reward raised %s: %s", type(err).__name__, err)

@@ -51,8 +51,14 @@ class _Gate:
                 status_box["status"] = message["status"]
             await send(message)
 
+        async def receive_tracking():
+            message = await receive()
+            if message["type"] == "http.disconnect" and status_box["status"] == 500:
+                status_box["status"] = 499  # the client left (or a read timeout closed it) before an answer
+            return message
+
         try:
-            await self._handle(scope, receive, send_tracking, path)
+            await self._handle(scope, receive_tracking, send_tracking, path)
         finally:
             label = path if path in (*PROTECTED_PATHS, "/health", "/openapi.json") else "other"
             self.metrics.requests.labels(label, str(status_box["status"])).inc()
@@ -66,38 +72,80 @@ class _Gate:
         if path not in SCORING_PATHS or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        limit = self.settings.max_body_bytes
+        if await self._over_concurrency(scope, send):  # before reading: a body we would refuse is not read
+            return
+        held = [0]  # body bytes counted in counters["body_bytes"] for this request, released when it is answered
+        try:
+            body = await self._read_body(scope, receive, send, held)
+            if body is None or await self._over_concurrency(scope, send):
+                return
+            await self._dispatch(scope, receive, send, body)
+        finally:
+            self.counters["body_bytes"] -= held[0]
+
+    async def _over_concurrency(self, scope, send) -> bool:
+        if self.counters["in_flight"] < self.settings.max_concurrency:
+            return False
+        await self._reply(send, _error(429, f"more than {self.settings.max_concurrency} requests in flight; retry later",
+                                       {"Retry-After": "1"}), scope)
+        return True
+
+    async def _read_body(self, scope, receive, send, held: list[int]) -> bytes | None:
+        """The body, counted against max_body_bytes and max_buffered_body_bytes while it is read: reading stops
+        at the first chunk over either (413 / 503 with `Connection: close`, so the rest is never read); then the
+        estimate of its parsed objects is charged too. None: answered already (or the client left)."""
+        limit, budget = self.settings.max_body_bytes, self.settings.max_buffered_body_bytes
         declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
-        too_big = declared is not None and declared.isdigit() and int(declared) > limit
+        too_big = _error(413, f"request body over {limit} bytes; split the batch into smaller requests",
+                         {"Connection": "close"})
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reply(send, too_big, scope)
+            return None
         body, more = bytearray(), True
-        drain_cap = max(limit * 4, 1 << 20)
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunk = message.get("body", b"")
-            if not too_big:
-                body.extend(chunk)
-                too_big = len(body) > limit
-            else:
-                drain_cap -= len(chunk)
-                if drain_cap < 0:
-                    break  # stop reading; the connection closes after the reply
+            if len(body) + len(chunk) > limit:
+                await self._reply(send, too_big, scope)
+                return None
+            if self.counters["body_bytes"] + len(chunk) > budget:
+                await self._reply(send, _error(
+                    503, f"the service holds {self.counters['body_bytes']} bytes of request bodies "
+                         f"(max_buffered_body_bytes {budget}); retry later", {"Connection": "close", "Retry-After": "1"}),
+                    scope)
+                return None
+            body.extend(chunk)
+            self.counters["body_bytes"] += len(chunk)
+            held[0] += len(chunk)
             more = message.get("more_body", False)
-        if too_big:
-            await self._reply(send, _error(413, f"request body over {limit} bytes; split the batch into smaller requests"), scope)
-            return
-        if self.counters["in_flight"] >= self.settings.max_concurrency:
-            await self._reply(send, _error(429, f"more than {self.settings.max_concurrency} requests in flight; retry later",
-                                           {"Retry-After": "1"}), scope)
-            return
+        # Parsed JSON can take 25x its bytes (8 MiB of `[],` measured 200 MB), so the objects are charged too,
+        # before parsing: 64 bytes per value separator or container, a Python list / dict / float / str + its
+        # pointer (over-counting the commas and brackets inside strings only makes the charge conservative).
+        parsed = 64 * (body.count(b",") + body.count(b"[") + body.count(b"{"))
+        if held[0] + parsed > budget:
+            await self._reply(send, _error(413, f"request body would take ~{(held[0] + parsed) >> 20} MiB parsed "
+                                                f"(max_buffered_body_bytes {budget}); send fewer values per request",
+                                           {"Connection": "close"}), scope)
+            return None
+        if self.counters["body_bytes"] + parsed > budget:
+            await self._reply(send, _error(
+                503, f"the service holds {self.counters['body_bytes']} bytes of request bodies and their parsed objects "
+                     f"(max_buffered_body_bytes {budget}); retry later", {"Retry-After": "1"}), scope)
+            return None
+        self.counters["body_bytes"] += parsed
+        held[0] += parsed
+        return bytes(body)
+
+    async def _dispatch(self, scope, receive, send, body: bytes) -> None:
         replayed = False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         self.counters["in_flight"] += 1

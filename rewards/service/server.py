@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import time
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI
 
 from align.rewards.base import as_reward_function
 from align.rewards.service.app import create_app
+from align.rewards.service.logs import install_rate_limit, remove_rate_limit
+from align.rewards.service.protocol import guarded_protocol
+from align.rewards.service.settings import ServiceSettings
 
 log = logging.getLogger("align.rewards.service")
 
@@ -31,6 +35,31 @@ def check_bind(host: str, token: str | None) -> None:
                          "(or bind --host 127.0.0.1)")
 
 
+def ensure_fd_limit(settings: ServiceSettings) -> None:
+    """Raise the soft RLIMIT_NOFILE to what the connection limits can take (max_connections + backlog + 64),
+    so the cap, not accept() failing with EMFILE, is what bounds connections; refuse if the hard limit is lower."""
+    need = settings.fds_needed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise ValueError(f"max_connections {settings.max_connections} with backlog {settings.backlog} needs "
+                             f"{need} file descriptors but the hard limit (ulimit -Hn) is {hard}; lower "
+                             "--max-connections or raise the limit")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info", access_log: bool = False):
+    """uvicorn.Config with the app's connection limits (GuardedH11Protocol), keep-alive and backlog."""
+    import uvicorn
+
+    settings: ServiceSettings = app.state.settings
+    ensure_fd_limit(settings)
+    # ws="none": no WebSocket upgrade, which would leave the guarded protocol and its deadlines
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on",
+                          http=guarded_protocol(settings, app.state.metrics), ws="none",
+                          timeout_keep_alive=settings.keep_alive_s, backlog=settings.backlog)
+
+
 class ServerThread:
     """Runs an app with uvicorn in a background thread (tests, notebooks, the CPU demo):
     `with ServerThread(create_app(reward)) as url: ...`. port=0 picks a free port."""
@@ -45,8 +74,9 @@ class ServerThread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
+        settings = app.state.settings
+        self.limiter = install_rate_limit(settings.log_lines_per_interval, settings.log_interval_s)
         self.thread = None
 
     @property
@@ -69,6 +99,7 @@ class ServerThread:
         self.server.should_exit = True
         if self.thread is not None:
             self.thread.join(10)
+        remove_rate_limit(self.limiter)
 
     def __enter__(self) -> str:
         return self.start()
@@ -78,15 +109,20 @@ class ServerThread:
 
 
 def serve(reward: Any, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, *,
-          log_level: str = "info", access_log: bool = False, **app_kwargs: Any) -> None:
-    """Serve `reward` with uvicorn until interrupted. app_kwargs go to `create_app`."""
+          log_level: str = "info", access_log: bool = False, reward_factory: Callable[[], Any] | None = None,
+          **app_kwargs: Any) -> None:
+    """Serve `reward` with uvicorn until interrupted. app_kwargs are ServiceSettings fields (`create_app`);
+    `reward_factory` builds a replacement reward when a call is stuck."""
     import uvicorn
 
     check_bind(host, token)
     reward = as_reward_function(reward)
-    app = create_app(reward, token=token, **app_kwargs)
-    log.info("serving reward %r on http://%s:%d (auth %s)", reward.name, host, port, "on" if token else "off")
+    app = create_app(reward, token=token, reward_factory=reward_factory, **app_kwargs)
+    settings = app.state.settings
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+        config = uvicorn_config(app, host, port, log_level, access_log)
+        install_rate_limit(settings.log_lines_per_interval, settings.log_interval_s)
+        log.info("serving reward %r on http://%s:%d (auth %s)", reward.name, host, port, "on" if token else "off")
+        uvicorn.Server(config).run()
     finally:
-        reward.close()
+        app.state.batcher.reward.close()  # the reward in use: a restart may have replaced the first one

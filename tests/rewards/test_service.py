@@ -280,6 +280,9 @@ def test_cli_builds_the_reward_and_settings_from_config_flags_and_env(tmp_path, 
     assert main(["serve-rewards", str(cfg), "--max-wait-ms", "7", "--host", "0.0.0.0"]) == 0
     reward, kw = calls[-1]
     assert isinstance(reward, RewardMixture) and reward.weights == [2.0, 1.0]
+    fresh = kw.pop("reward_factory")()  # the replacement for a stuck reward: a new object built the same way
+    assert isinstance(fresh, RewardMixture) and fresh is not reward and fresh.weights == [2.0, 1.0]
+    fresh.close()
     assert kw == {"host": "0.0.0.0", "port": 9001, "token": "from-env", "log_level": "info", "max_batch_size": 8,
                   "max_wait_ms": 7.0}
     assert main(["serve-rewards", "--reward", "math_verify", "--reward-kwargs", '{"timeout_s": 3}']) == 0
@@ -298,6 +301,7 @@ def test_cli_set_overrides_and_typo_suggestions(tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "serve.yaml"
     cfg.write_text("reward: format\nserve:\n  port: 9001\nmodel: {path: ignored}\n")  # other sections are ignored
     assert main(["serve-rewards", str(cfg), "--set", "serve.port=9100", "--set", "serve.max_wait_ms=3"]) == 0
+    assert callable(calls[-1][1].pop("reward_factory"))
     assert calls[-1][1] == {"host": "127.0.0.1", "port": 9100, "token": None, "log_level": "info", "max_wait_ms": 3.0}
     calls[-1][0].close()
     assert main(["serve-rewards", "--reward", "format", "--set", "serve.prot=1"]) == 2
