@@ -430,3 +430,25 @@ def test_clear_dir_removes_any_tree_without_recursion(tmp_path):
     assert time.monotonic() - t0 < 10
     assert os.listdir(root) == ["keep-me"]
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_training_step_logs_the_tier_its_code_reward_ran_at(tiny_model_path, tmp_path):
+    import json
+
+    import align
+    from align.rewards.verifiers.code_tests import CodeTests
+    from align.testing import tiny_run_config
+
+    tier = detect_isolation("bwrap")
+    if tier in ("none", "rlimits"):
+        pytest.skip("no namespace tier here")
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"def f(): return {i}", "tests": ["assert f() == 0"]}) + "\n"
+                            for i in range(4)))
+    cfg = tiny_run_config("grpo", tiny_model_path, data, tmp_path / "run", CodeTests(timeout_s=2),
+                          algo={"group_size": 2}, train={"device": "cpu"})
+    align.train(cfg)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # 2 prompts x group 2 = 4 samples, each graded in the sandbox (random tiny-model text still runs: it errors)
+    assert line[f"reward/sandbox_{tier}"] == 4.0
+    assert sum(line[f"reward/sandbox_{t}"] for t in TIERS) == 4.0
