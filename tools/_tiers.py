@@ -99,6 +99,9 @@ def command(tier: str, scratch_mb: int, scratch_root: str | None = None) -> tupl
             argv += ["--ro-bind", src, dest]
         argv += ["--ro-bind", str(_ZYGOTE), "/sandbox/zygote.py", "--ro-bind", str(_SCRATCH), "/sandbox/_scratch.py",
                  "--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp", "--cap-drop", "ALL"]
+        # bwrap's own root and /dev are tmpfs too, with no size; without root the program owns them. Read-only,
+        # they leave the sized /tmp the only writable place (device nodes stay writable on a read-only mount).
+        argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
         if is_root():  # the zygote keeps what it needs to drop the program to its own uid and clean up after it
             for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
                 argv += ["--cap-add", cap]

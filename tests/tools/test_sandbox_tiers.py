@@ -214,11 +214,23 @@ try:
 except OSError as e:
     print('write refused', type(e).__name__)
 os.system('umount /tmp 2>/dev/null; mount -o remount,rw / 2>/dev/null; touch {extra} 2>/dev/null && echo TOUCHED')
+for d in ('/', '/dev', '/dev/shm', '/sandbox', '/usr', '/etc', '/home', '/mnt', '/opt', '/srv', '/var/lib', '/tmp'):
+    try:  # a writable place outside the sized scratch tmpfs would be RAM or disk nobody counts or cleans
+        with open(os.path.join(d, 'align-w-probe'), 'w') as f:
+            f.write('x')
+        print('WRITABLE', d)
+        os.unlink(os.path.join(d, 'align-w-probe'))
+    except OSError:
+        pass
 try:
     os.kill(-1, signal.SIGKILL)
 except OSError as e:
     print('kill', type(e).__name__)
 """
+
+
+def _writable(stdout: str) -> set[str]:
+    return {line.split()[1] for line in stdout.splitlines() if line.startswith("WRITABLE")}
 
 
 def _victim(tmp_root: str):
@@ -242,6 +254,9 @@ def test_a_dropped_uid_program_cannot_touch_another_uids_checkpoint_or_processes
     try:
         res = box.run(HOSTILE_TO_TRAINER.format(ckpt=ckpt, extra=os.path.join(d, "planted")))
         assert "WROTE" not in res.stdout and "TOUCHED" not in res.stdout, res.stdout
+        # a dropped uid writes only inside its own scratch directory (rlimits: also the host tmp dirs, emptied after)
+        allowed = {"/tmp", "/dev/shm"} if tier == "rlimits" else set()
+        assert _writable(res.stdout) <= allowed, res.stdout
         time.sleep(0.1)
         assert victim.poll() is None, "the program killed another uid's process"
         assert Path(ckpt).read_text() == "weights" and os.listdir(d) == ["trainer.pt"]
@@ -276,7 +291,7 @@ def test_an_unprivileged_trainer_keeps_its_checkpoint_and_its_processes(tier):
     code = BOOT + (f"import align.tools.sandbox as s\nt = s.detect_isolation({tier!r})\nif t != {tier!r}:\n"
                    f"    print('SKIP', s.isolation_failures()); raise SystemExit\n"
                    f"b = s.Sandbox(s.SandboxConfig(prefer=t, min_isolation=t, workers=1))\n"
-                   f"r = b.run({prog!r})\nprint(r.status, repr(r.stdout), r.stderr[-300:])\nb.close()\n")
+                   f"r = b.run({prog!r})\nprint(r.status)\nprint(r.stdout)\nprint(r.stderr[-300:])\nb.close()\n")
     try:
         out = subprocess.run([python, "-I", "-c", code], preexec_fn=_drop_to_victim, capture_output=True, text=True,
                              timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
@@ -284,6 +299,8 @@ def test_an_unprivileged_trainer_keeps_its_checkpoint_and_its_processes(tier):
             pytest.skip(f"{tier} does not start for an unprivileged uid here: {out.stdout.strip()}")
         assert out.returncode == 0, out.stderr[-800:]
         assert "WROTE" not in out.stdout and "TOUCHED" not in out.stdout, out.stdout
+        # the program owns the namespace's files: only the sized scratch tmpfs (unshare binds it at /dev/shm too)
+        assert _writable(out.stdout) <= ({"/tmp"} if tier == "bwrap" else {"/tmp", "/dev/shm"}), out.stdout
         assert victim.poll() is None
         assert Path(ckpt).read_text() == "weights" and os.listdir(d) == ["trainer.pt"]
     finally:
