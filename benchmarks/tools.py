@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from align import tools  # noqa: E402
+from align.tools._tiers import command  # noqa: E402
 from align.tools.calc_eval import evaluate  # noqa: E402
 from align.tools.calculator import get_calculator_pool  # noqa: E402
-from align.tools.sandbox import Sandbox, SandboxConfig, _command  # noqa: E402
+from align.tools.sandbox import Sandbox, SandboxConfig  # noqa: E402
 
 
 def rate(fn, seconds: float, threads: int = 1) -> float:
@@ -44,7 +45,7 @@ def rate(fn, seconds: float, threads: int = 1) -> float:
 
 
 def naive_bwrap_spawn():
-    argv, _ = _command("bwrap")
+    argv, _ = command("bwrap", SandboxConfig().scratch_mb)
     argv = argv[: argv.index(sys.executable)] + [sys.executable, "-I", "-c", "pass"]
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 

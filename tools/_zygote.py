@@ -28,14 +28,11 @@ import sys
 import time
 import traceback
 
-IS_PID1 = os.getpid() == 1
-DROP_UID = int(os.environ.get("ALIGN_SBX_DROP_UID", "-1"))
-DROP_GID = int(os.environ.get("ALIGN_SBX_DROP_GID", "-1"))
-SCRATCH_ROOT = os.environ.get("ALIGN_SBX_SCRATCH", "/tmp")
 
 
 def _load_sibling(name):
-    """A stdlib-only helper module from this file's folder (bound next to us in bwrap), loaded before forking."""
+    """A stdlib-only helper module from this file's folder (bound next to us in bwrap), loaded before forking
+    by path, so the program cannot import our folder's other files by plain name."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -45,7 +42,21 @@ def _load_sibling(name):
     return module
 
 
-_wire = _load_sibling("_grading_wire")
+_scratch = _load_sibling("_scratch")  # scratch mounts, privilege drops, clean-up
+_wire = _load_sibling("_grading_wire")  # the child's value encoder and the result-line parser
+
+IS_PID1 = os.getpid() == 1
+DROP_UID = int(os.environ.get("ALIGN_SBX_DROP_UID", "-1"))
+DROP_GID = int(os.environ.get("ALIGN_SBX_DROP_GID", "-1"))
+TIER = os.environ.get("ALIGN_SBX_TIER", "rlimits")
+# bwrap / unshare: SCRATCH_ROOT is a tmpfs of SCRATCH_MB, RAM taken out of the run's memory_mb (see _set_limits);
+# rlimits: a private directory on the host disk that only this zygote uses.
+SCRATCH_ROOT = os.environ.get("ALIGN_SBX_SCRATCH", "/tmp")
+SCRATCH_MB = int(os.environ.get("ALIGN_SBX_SCRATCH_MB", "0"))
+SCRATCH_IN_RAM = TIER in ("bwrap", "unshare")
+HOST_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # = align.tools._tiers.HOST_TMP_DIRS
+WATCH_SCRATCH = not SCRATCH_IN_RAM and SCRATCH_MB > 0
+SCRATCH_KEEP = set()  # what the scratch root held before any program ran (mount points of the Python install)
 CHILD_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "OPENBLAS_NUM_THREADS": "1",
              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -95,6 +106,8 @@ def _set_limits(req):
         # RLIMIT_NPROC counts every process of the real uid on the host: allow max_processes MORE than now
         nproc += _processes_of(os.getuid())
     mem = int(req["memory_mb"]) * 1024 * 1024
+    if mem > 0 and SCRATCH_IN_RAM:  # the scratch tmpfs is RAM of this run: it comes out of the same budget
+        mem = max(mem - SCRATCH_MB * 1024 * 1024, 1)
     limits = [
         (resource.RLIMIT_CPU, (cpu, cpu + 1)),
         (resource.RLIMIT_FSIZE, (int(req["file_mb"]) * 1024 * 1024,) * 2),
@@ -130,8 +143,10 @@ def _child(req, out_w, err_w, res_w, token, scratch):
             os.setgid(DROP_GID)
             os.setuid(DROP_UID)
         _set_limits(req)
+        if DROP_UID < 0 and os.geteuid() == 0:  # uid 0 of a user namespace (unshare without root): no capability
+            _scratch.drop_capabilities()
         os.environ.clear()
-        os.environ.update(CHILD_ENV)
+        os.environ.update(CHILD_ENV, TMPDIR=scratch, HOME=scratch)  # tempfile & co. write inside the scratch
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         sys.stdin = open(0, "r", closefd=False)
         sys.stdout = open(1, "w", closefd=False, errors="backslashreplace")
@@ -298,6 +313,7 @@ def run_one(req):
     except (AttributeError, OSError):
         pidfd = None
     deadline = t0 + float(req["timeout_s"])
+    next_watch, scratch_over = t0 + 0.05, False
     timed_out = False
     status = None
     open_fds = 3
@@ -313,11 +329,19 @@ def run_one(req):
                 drain_until = now + 0.05  # output still in flight from the exited child
         if status is not None and (open_fds == 0 or now > drain_until):
             break
+        if status is None and WATCH_SCRATCH and now > next_watch and not scratch_over:
+            # rlimits: the scratch is host disk with no size of its own; measure it and stop the program at the cap
+            next_watch = now + 0.05
+            if _scratch.tree_usage(scratch, SCRATCH_MB * 1024 * 1024) is None:
+                scratch_over = True
+                _kill(pid)
+                bufs[1] += f"\nsandbox: scratch space over {SCRATCH_MB} MB (or too many / too deep entries)".encode()
+                continue
         if status is None and now > deadline and not timed_out:
             timed_out = True
             _kill(pid)
             continue
-        wait = min(0.02 if pidfd is None else 0.5, max(0.0, deadline - now)) if status is None else 0.01
+        wait = min(0.02 if pidfd is None else (0.05 if WATCH_SCRATCH else 0.5), max(0.0, deadline - now)) if status is None else 0.01
         for key, _ in sel.select(wait):
             i = key.data
             if i == "exit":
@@ -348,7 +372,7 @@ def run_one(req):
             status = 0
     _kill_leftovers(pid)
     elapsed = time.monotonic() - t0
-    _remove_tree(scratch)
+    scratch_left = _clean_scratch()
     program_error, results, values, finished = _wire.parse_results(bytes(bufs[2]).decode("utf-8", "replace"), token)
     return {
         "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
@@ -363,70 +387,33 @@ def run_one(req):
         "values": [[i, text] for i, text in sorted(values.items())],
         "finished": finished,
         "duration_s": elapsed,
+        "scratch_left": scratch_left,
     }
 
 
-def _remove_tree(path):
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            try:
-                os.unlink(os.path.join(root, name))
-            except OSError:
-                pass
-        for name in dirs:
-            try:
-                os.rmdir(os.path.join(root, name))
-            except OSError:
-                pass
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
-
-
-def _reopen_python_roots(roots):
-    """unshare tier as root: make the interpreter's install reachable for the dropped uid inside our private
-    mount namespace (e.g. /root is 0700): stage binds on a tmpfs, cover each closed ancestor with a 0755
-    tmpfs, bind the roots back at their own paths. Host mounts are untouched (propagation is private)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def mount(src, dst, fstype, flags, data):
-        if libc.mount(src.encode() if src else None, dst.encode(), fstype.encode() if fstype else None,
-                      flags, data.encode() if data else None) != 0:
-            raise OSError(ctypes.get_errno(), f"mount {src} -> {dst}")
-
-    MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-    mount(None, "/", None, MS_REC | MS_PRIVATE, None)
-    # an existing empty-or-not directory covered by a tmpfs in OUR namespace only: nothing is created on the host
-    stage = next(d for d in ("/mnt", "/media", "/srv", "/opt", "/home") if os.path.isdir(d))
-    mount("tmpfs", stage, "tmpfs", 0, "mode=0700,size=1m")
-    staged = []
-    for i, root in enumerate(roots):
-        d = os.path.join(stage, str(i))
-        os.mkdir(d)
-        mount(root, d, None, MS_BIND | MS_REC, None)
-        staged.append((d, root))
-    covered = set()
-    for _, root in staged:
-        parts = root.strip("/").split("/")
-        for k in range(1, len(parts)):
-            anc = "/" + "/".join(parts[:k])
-            if anc in covered or os.stat(anc).st_mode & 0o001:
-                continue
-            mount("tmpfs", anc, "tmpfs", 0, "mode=0755,size=1m")
-            covered.add(anc)
-            break
-    for d, root in staged:
-        os.makedirs(root, mode=0o755, exist_ok=True)
-        mount(d, root, None, MS_BIND | MS_REC, None)
+def _clean_scratch():
+    """After every run (the program and all its processes are dead): the scratch root is emptied, whatever
+    tree the program built there; as root in the rlimits tier, what the dropped uid left in the host's tmp
+    directories goes too. Returns the number of entries that could not be removed (the worker is retired)."""
+    left = _scratch.clear_dir(SCRATCH_ROOT, keep=SCRATCH_KEEP)
+    if TIER == "rlimits" and DROP_UID >= 0:
+        left += _scratch.remove_owned(HOST_TMP_DIRS, DROP_UID)
+    return left
 
 
 def main():
-    roots = os.environ.get("ALIGN_SBX_REOPEN", "")
-    if roots and IS_PID1 and os.geteuid() == 0:
-        _reopen_python_roots([r for r in roots.split(":") if r])
+    if TIER == "bwrap" and not IS_PID1:
+        raise SystemExit("bwrap tier: the zygote is not PID 1 of the sandbox")
+    if TIER == "unshare":
+        if not (IS_PID1 and os.geteuid() == 0):
+            raise SystemExit("unshare tier: the zygote is not PID 1 / root of its namespaces")
+        roots = [r for r in os.environ.get("ALIGN_SBX_ROOTS", "").split(":") if r]
+        _scratch.private_tmp(roots, SCRATCH_MB, HOST_TMP_DIRS, as_root=DROP_UID >= 0)
+        if DROP_UID < 0:  # a user namespace: the program owns what the trainer's user owns, so make it read-only
+            _scratch.readonly_host(HOST_TMP_DIRS)
+    elif TIER == "rlimits" and (not os.environ.get("ALIGN_SBX_SCRATCH") or SCRATCH_ROOT in HOST_TMP_DIRS):
+        raise SystemExit("rlimits tier: ALIGN_SBX_SCRATCH must name a private directory (it is emptied after each run)")
+    SCRATCH_KEEP.update(os.listdir(SCRATCH_ROOT))
     if not IS_PID1:
         try:  # adopt orphaned grandchildren so they can be killed after each run
             import ctypes

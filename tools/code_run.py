@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from align.tools.base import Tool, ToolError
-from align.tools.sandbox import ExecResult, get_sandbox
+from align.tools.sandbox import ExecResult
+from align.tools.tier_policy import require_tier, required_sandbox
 
 SAME_AS_ANSWER = "same as the answer"
 
@@ -29,8 +30,13 @@ class CodeRun(Tool):
     name = "code_run"
     description = "Run Python code against the sample's test cases and report the pass rate."
 
-    def __init__(self, timeout_s: float = 10.0, per_test_timeout_s: float = 3.0, memory_mb: int | None = None):
+    def __init__(self, timeout_s: float = 10.0, per_test_timeout_s: float = 3.0, memory_mb: int | None = None,
+                 isolation: str | None = None):
+        """isolation: None pins the strongest tier the machine starts at first use (never rlimits); a weaker
+        tier only by name. The pinned tier never degrades (see align.tools.tier_policy)."""
         self.timeout_s, self.per_test_timeout_s, self.memory_mb = timeout_s, per_test_timeout_s, memory_mb
+        self.isolation = isolation
+        self._tier: str | None = None  # resolved lazily: the tool catalog builds a CodeRun at import time
 
     def run(self, input: str, context: dict) -> str:
         code = input
@@ -43,7 +49,9 @@ class CodeRun(Tool):
             raise ToolError("code_run needs the sample's 'test_list' in the context")
         setup = context.get("test_setup_code") or ""
         program = f"{setup}\n{code}" if setup else code
-        res = get_sandbox().run(program, [str(t) for t in tests], timeout_s=self.timeout_s,
+        if self._tier is None:
+            self._tier = require_tier(self.isolation, who="code_run")
+        res = required_sandbox(self._tier).run(program, [str(t) for t in tests], timeout_s=self.timeout_s,
                                 memory_mb=self.memory_mb, per_test_timeout_s=self.per_test_timeout_s)
         if res.status == "sandbox_error":
             raise ToolError(f"sandbox failure: {res.error}")

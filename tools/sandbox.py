@@ -1,15 +1,15 @@
 """Run untrusted Python with per-test grading: `run_code(code, tests) -> ExecResult`.
 
-Tiers, strongest first (the reached tier is reported on every result as `isolation`):
-  "bwrap"   : bubblewrap with new PID / network / IPC / UTS namespaces, read-only binds of /usr, /lib and the
-              Python install only (host files such as /etc/passwd or the repo are absent), a tmpfs /tmp,
-              cleared environment, all capabilities dropped for the program.
-  "unshare" : util-linux `unshare` with new PID / network / IPC / mount namespaces (host files stay visible).
-  "rlimits" : a plain child process with rlimits, a new session, process-group kill and a subreaper sweep
-              (no network isolation: loopback services are reachable).
-In every tier, when we run as root the program runs as an unprivileged uid of its own per worker (61000+k),
-so RLIMIT_NPROC is enforced and root-owned files and processes are out of its reach. In the PID-namespace
-tiers the zygote is PID 1 and kills everything else in the namespace after each run.
+Tiers, strongest first (docs/security.md#sandbox-tiers says what each isolates and does not):
+  "bwrap"   : bubblewrap: new PID / network / IPC / UTS / mount namespaces, only /usr, /lib and the Python install
+              bound read-only, a size-limited tmpfs /tmp as the only writable place, all capabilities dropped.
+  "unshare" : util-linux `unshare`: new PID / network / IPC / mount namespaces; host files stay visible, but one
+              private size-limited tmpfs covers /tmp, /var/tmp, /dev/shm and /run/lock.
+  "rlimits" : a plain child with rlimits, a new session and a subreaper sweep; a private host scratch directory
+              measured while the program runs; no namespaces (/proc, host files and loopback stay reachable).
+As root the program runs as an unprivileged uid of its own per worker (61000+k). A Sandbox's tier is chosen once
+(`detect_isolation`, which logs and records why any stronger tier failed) and never changes: a worker that can
+no longer start at it raises SandboxUnavailableError. The reached tier is on every result as `isolation`.
 A warm interpreter (`tools/_zygote.py`) lives inside ONE long-lived sandbox per worker and forks a fresh
 child per run, which is what makes >= 60 runs/s possible on 2 cores (a bwrap + python spawn per run does ~22/s).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import math
 import os
 import queue
@@ -25,22 +26,15 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from align.errors import UserError
+from align.tools._tiers import TIERS, SandboxUnavailableError, command
 from align.tools.grading import IN_SANDBOX, OUTSIDE, TestPlan, grade, plan
 
-TIERS = ("rlimits", "unshare", "bwrap")  # weakest -> strongest
-_ZYGOTE = Path(__file__).with_name("_zygote.py")
-_WIRE = Path(__file__).with_name("_grading_wire.py")  # loaded by the zygote from its own folder
-
-
-class SandboxUnavailableError(UserError, RuntimeError):
-    """The machine cannot provide the configured minimum isolation tier."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,7 +42,10 @@ class SandboxConfig:
     """Limits for one sandboxed run and for the worker pool.
 
     min_isolation: refuse to run below this tier ("rlimits" < "unshare" < "bwrap").
-    prefer: the strongest tier to try ("bwrap" tries all three).
+    prefer: the strongest tier to try ("bwrap" tries all three). prefer == min_isolation requires that tier.
+    scratch_mb: the program's writable scratch space. bwrap / unshare: a tmpfs of exactly this size whose RAM
+    is taken out of memory_mb (the address-space limit is memory_mb - scratch_mb); rlimits: a private host
+    directory, per file capped by file_mb only.
     """
 
     timeout_s: float = 5.0
@@ -61,6 +58,7 @@ class SandboxConfig:
     workers: int = field(default_factory=lambda: max(1, min(8, os.cpu_count() or 2)))
     min_isolation: str = "rlimits"
     prefer: str = "bwrap"
+    scratch_mb: int = 64
 
     def __post_init__(self):
         for key in ("min_isolation", "prefer"):
@@ -74,6 +72,15 @@ class SandboxConfig:
             raise ValueError("SandboxConfig.memory_mb and file_mb must be >= 0 (0 disables the memory cap)")
         if self.workers < 1:
             raise ValueError(f"SandboxConfig.workers must be >= 1, got {self.workers}")
+        if self.scratch_mb < 1:
+            raise ValueError(f"SandboxConfig.scratch_mb must be >= 1, got {self.scratch_mb}")
+        _check_memory(self.memory_mb, self.scratch_mb)
+
+
+def _check_memory(memory_mb: int, scratch_mb: int) -> None:
+    if memory_mb and memory_mb < scratch_mb + 64:
+        raise ValueError(f"memory_mb={memory_mb} leaves the program under 64 MB once the scratch_mb={scratch_mb} "
+                         "tmpfs is taken out of it; raise memory_mb or lower SandboxConfig.scratch_mb")
 
 
 @dataclass
@@ -135,104 +142,54 @@ class ExecResult:
         return seen
 
 
-# --------------------------------------------------------------------------------------------------- tiers
-def _python_roots() -> list[str]:
-    roots = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
-    exe_dir = os.path.dirname(os.path.realpath(sys.executable))
-    if not any(exe_dir.startswith(r + os.sep) for r in roots):
-        roots.add(exe_dir)
-    return sorted(roots)
-
-
-def _is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def _world_traversable(path: str) -> bool:
-    p = Path(path)
-    for part in [p, *p.parents]:
-        try:
-            if not part.stat().st_mode & 0o001:
-                return False
-        except OSError:
-            return False
-    return True
-
-
-_uid_counter = iter(range(10**9))
-_UID_BASE, _UID_SPAN = 61000, 2000
-
-
-def _command(tier: str) -> tuple[list[str], dict[str, str]]:
-    """argv and environment that start a zygote at `tier`."""
-    python = sys.executable
-    # As root, the program runs as an unprivileged uid of its own per worker (61000 + k): RLIMIT_NPROC then
-    # applies and counts only that worker's processes, and host files and processes are out of reach. In the
-    # unshare tier the zygote first re-mounts a closed python install (e.g. under /root 0700) open.
-    uid = _UID_BASE + next(_uid_counter) % _UID_SPAN if _is_root() else -1
-    env = {"ALIGN_SBX_DROP_UID": str(uid), "ALIGN_SBX_DROP_GID": str(uid)}
-    if _is_root() and tier == "unshare":
-        closed = [r for r in _python_roots() if not _world_traversable(r)]
-        if closed:
-            env["ALIGN_SBX_REOPEN"] = ":".join(closed)
-    if tier == "bwrap":
-        argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-        if not _is_root():
-            argv += ["--unshare-user"]
-        argv += ["--as-pid-1", "--die-with-parent", "--new-session", "--clearenv"]
-        for k, v in env.items():
-            argv += ["--setenv", k, v]
-        for d in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/etc/alternatives", "/etc/ld.so.cache"):
-            argv += ["--ro-bind-try", d, d]
-        # /tmp first: a Python install (a venv) that lives under /tmp must be bound on top of the tmpfs
-        argv += ["--tmpfs", "/tmp"]
-        made: set[str] = set()
-        for root in _python_roots():
-            for parent in reversed(Path(root).parents):  # bwrap makes missing parents 0700: open them up
-                if str(parent) != "/" and str(parent) not in made:
-                    made.add(str(parent))
-                    argv += ["--perms", "0755", "--dir", str(parent)]
-            argv += ["--ro-bind", root, root]
-        argv += ["--ro-bind", str(_ZYGOTE), "/sandbox/zygote.py", "--ro-bind", str(_WIRE), "/sandbox/_grading_wire.py",
-                 "--proc", "/proc", "--dev", "/dev",
-                 "--chdir", "/tmp", "--cap-drop", "ALL"]
-        if _is_root():  # the zygote keeps what it needs to drop the program to its own uid and clean up after it
-            for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
-                argv += ["--cap-add", cap]
-        return argv + [python, "-I", "/sandbox/zygote.py"], {}
-    base = [python, "-I", str(_ZYGOTE)]
-    full_env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **env}
-    if tier == "unshare":
-        flags = ["--pid", "--net", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc"]
-        if not _is_root():
-            flags.insert(0, "--map-root-user")
-        return ["unshare", *flags, *base], full_env
-    return base, full_env
-
-
 _tier_cache: dict[str, str] = {}
+_tier_failures: dict[str, str] = {}  # tier -> why its probe failed (first failure on this machine)
 _tier_lock = threading.Lock()
 
 
 def detect_isolation(prefer: str = "bwrap") -> str:
-    """The strongest tier (up to `prefer`) whose zygote starts and answers a probe on this machine."""
+    """The strongest tier (up to `prefer`) whose zygote starts and answers a probe on this machine.
+
+    A stronger tier that fails is never skipped silently: why it failed is logged as a warning and kept in
+    `isolation_failures()` (and in `Sandbox.isolation_failures`)."""
     with _tier_lock:
         if prefer in _tier_cache:
             return _tier_cache[prefer]
+        chosen = "none"
         for tier in reversed(TIERS[: TIERS.index(prefer) + 1]):
-            if tier != "rlimits" and shutil.which(tier if tier == "bwrap" else "unshare") is None:
-                continue
-            try:
-                worker = _spawn(tier)
-                probe = worker.request(_request("print(1)", ["assert True"], SandboxConfig(timeout_s=5)), 15)
-                worker.close()
-                if probe.get("tests") == [[0, True, None]] and probe.get("stdout") == "1\n":
-                    _tier_cache[prefer] = tier
-                    return tier
-            except Exception:
-                continue
-        _tier_cache[prefer] = "none"
-        return "none"
+            why = _probe(tier)
+            if why is None:
+                chosen = tier
+                break
+            _tier_failures.setdefault(tier, why)
+            log.warning("sandbox: the %s tier is unavailable (%s); trying a weaker one", tier, why)
+        _tier_cache[prefer] = chosen
+        return chosen
+
+
+def isolation_failures() -> dict[str, str]:
+    """Tier -> why it failed its probe in this process (empty when every tried tier worked)."""
+    with _tier_lock:
+        return dict(_tier_failures)
+
+
+def _probe(tier: str) -> str | None:
+    """None when a zygote starts at `tier` and grades a trivial program; else the reason, in one line."""
+    if tier != "rlimits" and shutil.which(tier if tier == "bwrap" else "unshare") is None:
+        return f"{'bwrap' if tier == 'bwrap' else 'unshare'} is not installed"
+    try:
+        worker = _spawn(tier, SandboxConfig().scratch_mb)
+    except Exception as exc:
+        return f"the zygote did not start: {exc}"
+    try:
+        probe = worker.request(_request("print(1)", ["assert True"], SandboxConfig(timeout_s=5)), 15)
+    except Exception as exc:
+        return f"the probe got no answer: {exc!r}; {worker.stderr_tail()}"
+    finally:
+        worker.close()
+    if probe.get("tests") == [[0, True, None]] and probe.get("stdout") == "1\n":
+        return None
+    return f"the probe answered {str(probe)[:300]}"
 
 
 # --------------------------------------------------------------------------------------------------- workers
@@ -255,14 +212,36 @@ def _request(code: str, tests: list[str] | None, cfg: SandboxConfig, **over) -> 
 class _Worker:
     """One zygote process (inside its own sandbox) speaking the length-prefixed JSON protocol."""
 
-    def __init__(self, tier: str):
+    def __init__(self, tier: str, scratch_mb: int):
         self.tier = tier
-        argv, env = _command(tier)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=env, start_new_session=True, cwd="/", close_fds=True)
-        hello = self._recv(20.0)
+        # rlimits: no mount namespace, so the scratch root is a private host directory (0711: the dropped uid
+        # may enter only its own per-run directory inside); we remove it when the worker goes.
+        self.scratch_root = None
+        if tier == "rlimits":
+            self.scratch_root = tempfile.mkdtemp(prefix="align-sbx-")
+            os.chmod(self.scratch_root, 0o711)
+        argv, env = command(tier, scratch_mb, self.scratch_root)
+        self._err = tempfile.TemporaryFile()  # the zygote's own stderr: why it failed to start, if it did
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+                                         env=env, start_new_session=True, cwd="/", close_fds=True)
+            hello = self._recv(20.0)
+        except Exception as exc:
+            tail = self.stderr_tail() if hasattr(self, "proc") else ""
+            self.close()
+            raise RuntimeError(f"{tier} zygote did not start: {exc!r} {tail}".strip()) from None
         if not hello.get("ready"):
+            self.close()
             raise RuntimeError(f"{tier} zygote did not start: {hello}")
+
+    def stderr_tail(self) -> str:
+        """The last line the zygote (not a program: theirs goes to per-run pipes) wrote to stderr."""
+        try:
+            self._err.seek(0)
+            lines = self._err.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+            return lines[-1][:300] if lines else ""
+        except (OSError, ValueError):
+            return ""
 
     def _recv(self, timeout: float) -> dict:
         fd = self.proc.stdout.fileno()
@@ -290,6 +269,11 @@ class _Worker:
         return self._recv(timeout)
 
     def close(self) -> None:
+        if not hasattr(self, "proc"):  # Popen itself failed
+            self._err.close()
+            if self.scratch_root is not None:
+                os.rmdir(self.scratch_root)
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except OSError:
@@ -299,11 +283,15 @@ class _Worker:
             self.proc.wait(timeout=5)
         except Exception:
             pass
-        for stream in (self.proc.stdin, self.proc.stdout):
+        for stream in (self.proc.stdin, self.proc.stdout, self._err):
             try:
                 stream.close()
             except Exception:
                 pass
+        if self.scratch_root is not None:
+            from align.tools._scratch import remove_tree
+
+            remove_tree(self.scratch_root)
 
 
 # bwrap --die-with-parent is a parent-death signal, which fires when the *thread* that started the worker
@@ -312,7 +300,7 @@ _spawner = None
 _spawner_lock = threading.Lock()
 
 
-def _spawn(tier: str) -> "_Worker":
+def _spawn(tier: str, scratch_mb: int) -> "_Worker":
     global _spawner
     from concurrent.futures import ThreadPoolExecutor
 
@@ -321,28 +309,49 @@ def _spawn(tier: str) -> "_Worker":
             _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
             _spawner._align_pid = os.getpid()
         spawner = _spawner
-    return spawner.submit(_Worker, tier).result()
+    return spawner.submit(_Worker, tier, scratch_mb).result()
 
 
 class Sandbox:
-    """A pool of warm zygote workers at the strongest available tier; thread-safe."""
+    """A pool of warm zygote workers, all at ONE tier chosen at start-up; thread-safe.
+
+    The tier never changes afterwards: when a fresh worker cannot be started at it, `run` raises
+    SandboxUnavailableError (the caller's run fails) instead of grading at a weaker tier."""
 
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
         self.isolation = detect_isolation(self.config.prefer)
+        # why each tier stronger than the chosen one failed (empty when the strongest wanted tier works)
+        failures = isolation_failures()
+        self.isolation_failures = {t: failures[t] for t in TIERS[: TIERS.index(self.config.prefer) + 1]
+                                   if t in failures and (self.isolation == "none" or TIERS.index(t) > TIERS.index(self.isolation))}
         if self.isolation == "none" or TIERS.index(self.isolation) < TIERS.index(self.config.min_isolation):
+            why = "; ".join(f"{t}: {w}" for t, w in self.isolation_failures.items())
             raise SandboxUnavailableError(
-                f"sandbox tier {self.isolation!r} is below min_isolation={self.config.min_isolation!r}; install "
+                f"sandbox tier {self.isolation!r} is below min_isolation={self.config.min_isolation!r} ({why}); install "
                 "bubblewrap (apt-get install bubblewrap) or allow user namespaces, or lower min_isolation")
         self._idle: queue.Queue[_Worker | None] = queue.Queue()
         for _ in range(self.config.workers):
             self._idle.put(None)  # started lazily
         self._closed = False
 
+    def _fresh_worker(self) -> _Worker:
+        last: Exception | None = None
+        for _ in range(2):  # one retry: a transient fork / pipe failure is not a lost tier
+            try:
+                return _spawn(self.isolation, self.config.scratch_mb)
+            except Exception as exc:  # noqa: BLE001 - reported below as the tier being gone
+                last = exc
+        raise SandboxUnavailableError(
+            f"the sandbox's {self.isolation!r} tier no longer starts ({last}); refusing to run weaker: fix the "
+            f"machine or configure a weaker tier by name") from None
+
     def run(self, code: str, tests: list[str] | None = None, *, timeout_s: float | None = None,
             memory_mb: int | None = None, per_test_timeout_s: float | None = None) -> ExecResult:
         if not isinstance(code, str):
             return ExecResult("sandbox_error", isolation=self.isolation, error="code must be a str")
+        if memory_mb is not None and self.isolation != "rlimits":
+            _check_memory(memory_mb, self.config.scratch_mb)
         tests = [str(t) for t in (tests or [])]
         plans = [plan(t) for t in tests]  # parsed here: expected values stay in this process
         req = _request(code, [p.wire() for p in plans], self.config, timeout_s=timeout_s, memory_mb=memory_mb,
@@ -354,7 +363,7 @@ class Sandbox:
                     worker.close()  # died while idle: replace it silently
                     worker = None
                 if worker is None:
-                    worker = _spawn(self.isolation)
+                    worker = self._fresh_worker()
                 try:
                     resp = worker.request(req, req["timeout_s"] + 10.0)
                     break
@@ -363,6 +372,11 @@ class Sandbox:
                         raise
                     worker.close()
                     worker = None
+            if resp.get("scratch_left"):  # something in its scratch resisted removal: a new worker, new tmpfs
+                worker.close()
+                worker = None
+        except SandboxUnavailableError:
+            raise
         except Exception as exc:
             if worker is not None:
                 worker.close()
@@ -480,4 +494,4 @@ def run_code(code: str, tests: list[str] | None = None, timeout_s: float | None 
 
 
 __all__ = ["ExecResult", "TestOutcome", "Sandbox", "SandboxConfig", "SandboxUnavailableError", "TIERS",
-           "detect_isolation", "get_sandbox", "run_code"]
+           "detect_isolation", "get_sandbox", "isolation_failures", "run_code"]

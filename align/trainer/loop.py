@@ -31,6 +31,7 @@ from align.rollouts.engine import RolloutEngine
 from align.rollouts.params import SamplingParams
 from align.trainer.algorithm import make_algorithm
 from align.trainer.forward import chunked, position_ids_from_mask, response_forward
+from align.trainer.reward_metrics import sandbox_tier_counts
 from align.trainer.state import StepData
 
 
@@ -218,7 +219,7 @@ class Trainer:
                 "reward/max": float(good.max()), "reward/min": float(good.min()),
                 "reward/errors": float(sum(e is not None for e in out.errors)),
                 "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors))),
-                **overlong}
+                **sandbox_tier_counts(out.info), **overlong}
 
     def _overlong_penalty(self, step: StepData) -> dict[str, float]:
         """reward.overlong_buffer: DAPO's soft over-long punishment added to the valid samples' scores."""

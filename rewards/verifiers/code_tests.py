@@ -59,9 +59,16 @@ class CodeTests(RewardFunction):
 
     def __init__(self, timeout_s: float = 10.0, memory_mb: int = 512, partial_credit: bool = True,
                  require_block: bool = False, tests_column: str = "tests", max_workers: int = 2,
-                 strict: bool = True):
+                 strict: bool = True, isolation: str | None = None):
+        """isolation: None requires the strongest sandbox tier this machine starts now (refusing "rlimits");
+        "unshare" / "rlimits" accept that weaker tier by name. The tier is pinned: if it stops starting later,
+        scoring raises SandboxUnavailableError (the run fails) rather than grading weaker. Each sample's info
+        names the tier ("isolation")."""
+        from align.tools.tier_policy import require_tier
+
         if timeout_s <= 0:
             raise ValueError(f"code_tests: timeout_s must be > 0, got {timeout_s}")
+        self.isolation = require_tier(isolation, who="code_tests")
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.partial_credit = partial_credit
@@ -85,6 +92,9 @@ class CodeTests(RewardFunction):
             code = completion
         if code is None or not code.strip():
             return 0.0, None, {"reason": "no code"}
+        from align.tools.sandbox import SandboxUnavailableError
+        from align.tools.tier_policy import required_sandbox
+
         test_list = [tests] if isinstance(tests, str) else [str(t) for t in tests]
         if self.strict:
             for i, t in enumerate(test_list):
@@ -93,7 +103,10 @@ class CodeTests(RewardFunction):
                     return None, (f"code_tests strict=True refuses test {i} ({p.why}): {t.strip()[:80]!r}; write it "
                                   "as `assert f(...) == <literal>` or set strict=false to grade it in_sandbox"), {}
         try:
-            result = run_code(code, tests=test_list, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+            result = run_code(code, tests=test_list, timeout_s=self.timeout_s, memory_mb=self.memory_mb,
+                              sandbox=required_sandbox(self.isolation))
+        except SandboxUnavailableError:
+            raise  # the pinned tier is gone: fail the run, never grade at a weaker tier
         except Exception as err:  # noqa: BLE001 - the sandbox itself failed: infrastructure, not a wrong answer
             return None, f"sandbox failed: {type(err).__name__}: {err}"[:300], {}
         status = str(getattr(result, "status", "")).lower()
