@@ -29,7 +29,6 @@ import time
 import traceback
 
 
-
 def _load_sibling(name):
     """A stdlib-only helper module from this file's folder (bound next to us in bwrap), loaded before forking
     by path, so the program cannot import our folder's other files by plain name."""
