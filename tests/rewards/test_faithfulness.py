@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align import algos
 from align.rewards.curiosity import CuriosityModule
 from align.rewards.understanding import UnderstandingReward
+from align.rollouts import RolloutEngine, SamplingParams
 from align.testing import make_tiny_model
 from align.trainer.forward import position_ids_from_mask, response_forward
-from align.rollouts import RolloutEngine, SamplingParams
 
 
 @pytest.fixture(scope="module")
