@@ -146,8 +146,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(job["out"]) / f"seed{job['seed']}" / f"eta{job['eta']:g}"
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    result = align.train(ppo_config(job["sft_dir"], job["prompts"], run_dir, job["seed"], job["eta"], job["steps"],
-                                    job["prompts_per_step"], job["kl_coef"], job["icm_lr"], job["lr"], job["every"]))
+    try:
+        result = align.train(ppo_config(job["sft_dir"], job["prompts"], run_dir, job["seed"], job["eta"], job["steps"],
+                                        job["prompts_per_step"], job["kl_coef"], job["icm_lr"], job["lr"], job["every"]))
+    except Exception as err:  # a diverged run is a result to report, not a reason to lose the other runs
+        return {"eta": job["eta"], "seed": job["seed"], "error": f"{type(err).__name__}: {err}"}
     train_s = time.perf_counter() - t0
     checkpoints = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
@@ -159,9 +162,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "curiosity/error_mean", "curiosity/seq_bonus_std", "curiosity/seq_bonus_absmean")
     history = [{k: h.get(k) for k in keep if h.get(k) is not None} | {"step": h["step"]} for h in result.history]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the numbers are kept; the weights are not needed
-    return {"eta": job["eta"], "seed": job["seed"], "train_seconds": train_s,
-            "eval_seconds": time.perf_counter() - t0 - train_s, "final": checkpoints[-1], "checkpoints": checkpoints,
-            "history": history}
+    record = {"eta": job["eta"], "seed": job["seed"], "train_seconds": train_s,
+              "eval_seconds": time.perf_counter() - t0 - train_s, "final": checkpoints[-1], "checkpoints": checkpoints,
+              "history": history}
+    (run_dir / "result.json").write_text(json.dumps(record))  # survives a later failure of the whole experiment
+    return record
 
 
 def _sft_eval(item: dict[str, Any], n: int, sentbert: bool) -> dict[str, Any]:
@@ -176,9 +181,9 @@ def _map(fn, items: Sequence[Any], jobs: int) -> list[Any]:
         return list(pool.map(fn, items))
 
 
-def run_experiment(out: Path, seeds: Sequence[int], etas: Sequence[float] = ETAS, steps: int = 120,
-                   prompts_per_step: int = 16, n_samples: int = 10, sentbert: bool = True, sft_epochs: int = 2,
-                   n_sft: int = 2000, kl_coef: float = 0.05, icm_lr: float = 1e-4, lr: float = 7e-4,
+def run_experiment(out: Path, seeds: Sequence[int], etas: Sequence[float] = ETAS, steps: int = 560,
+                   prompts_per_step: int = 16, n_samples: int = 10, sentbert: bool = True, sft_epochs: int = 8,
+                   n_sft: int = 2000, kl_coef: float = 0.05, icm_lr: float = 1e-4, lr: float = 5e-4,
                    n_checkpoints: int = 4, jobs: int = 1) -> dict[str, Any]:
     import functools
 
@@ -192,8 +197,12 @@ def run_experiment(out: Path, seeds: Sequence[int], etas: Sequence[float] = ETAS
     jobs_list = [{"out": str(out), "seed": s["seed"], "eta": float(e), "sft_dir": s["sft_dir"], "prompts": s["prompts"],
                   "steps": steps, "prompts_per_step": prompts_per_step, "kl_coef": kl_coef, "icm_lr": icm_lr, "lr": lr,
                   "every": every, "n": n_samples, "sentbert": sentbert} for s in sfts for e in etas]
-    runs = []
+    runs, failed = [], []
     for r in _map(run_one, jobs_list, jobs):
+        if "error" in r:
+            print(f"eta={r['eta']:g} seed={r['seed']}: FAILED {r['error']}", flush=True)
+            failed.append(r)
+            continue
         f = r["final"]
         print(f"eta={r['eta']:g} seed={r['seed']}: reward {f['reward']:+.3f}  diversity {f['diversity']:.4f}  "
               f"favourites {f['favourite_share']:.2f}  ({r['train_seconds']:.0f} s)  e.g. {f['example'][:2]}", flush=True)
@@ -203,7 +212,7 @@ def run_experiment(out: Path, seeds: Sequence[int], etas: Sequence[float] = ETAS
                "prompts_per_step": prompts_per_step, "n_samples": n_samples,
                "eval_prompts": len(task.PROMPTS) * EVAL_REPEATS, "kl_coef": kl_coef, "icm_lr": icm_lr, "lr": lr,
                "sft_epochs": sft_epochs, "n_sft": n_sft, "sft_seconds": sft_s, "sft_models": sft_evals,
-               "oracles": refs, "runs": runs, "wall_seconds": time.perf_counter() - t0,
+               "oracles": refs, "runs": runs, "failed_runs": failed, "wall_seconds": time.perf_counter() - t0,
                "reward_margin": report.REWARD_MARGIN}
     results["comparison"] = report.compare(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -218,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--etas", type=float, nargs="+", default=list(ETAS), help="0 is always added")
     parser.add_argument("--eta", type=float, default=None, help="shorthand for --etas 0 ETA")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=560)
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--n", type=int, default=10, help="samples per evaluation prompt (24 prompts)")
-    parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--sft-epochs", type=int, default=8)
     parser.add_argument("--n-sft", type=int, default=2000)
     parser.add_argument("--kl-coef", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=5e-4, help="PPO learning rate")
     parser.add_argument("--icm-lr", type=float, default=1e-4)
     parser.add_argument("--checkpoints", type=int, default=4, help="evaluated checkpoints per run")
     parser.add_argument("--jobs", type=int, default=1, help="processes at once (one torch thread each)")
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(e < 0 for e in etas):
         parser.error("--etas must be >= 0")
     results = run_experiment(Path(args.out), args.seeds, etas, args.steps, args.prompts_per_step, args.n,
-                             not args.no_sentbert, args.sft_epochs, args.n_sft, args.kl_coef, args.icm_lr,
+                             not args.no_sentbert, args.sft_epochs, args.n_sft, args.kl_coef, args.icm_lr, args.lr,
                              n_checkpoints=args.checkpoints, jobs=args.jobs)
     print(report.format_tables(results))
     print(f"total {results['wall_seconds']:.0f} s (SFT {results['sft_seconds']:.0f} s)")
