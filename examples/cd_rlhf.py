@@ -214,7 +214,16 @@ def run_experiment(out: Path, seeds: Sequence[int], etas: Sequence[float] = ETAS
                "sft_epochs": sft_epochs, "n_sft": n_sft, "sft_seconds": sft_s, "sft_models": sft_evals,
                "oracles": refs, "runs": runs, "failed_runs": failed, "wall_seconds": time.perf_counter() - t0,
                "reward_margin": report.REWARD_MARGIN}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return write_report(out)
+
+
+def write_report(out: Path) -> dict[str, Any]:
+    """Statistics, table.md and the plot from OUT/results.json (also `--report-only`: no training)."""
+    results = json.loads((out / "results.json").read_text())
     results["comparison"] = report.compare(results)
+    results["comparison_excluding_diverged"] = report.compare(results, exclude_diverged=True)
+    results["matched_reward"] = report.matched_reward_gain(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(report.format_tables(results))
     report.plot(results, out / "cd_rlhf.png")
@@ -238,12 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=int, default=4, help="evaluated checkpoints per run")
     parser.add_argument("--jobs", type=int, default=1, help="processes at once (one torch thread each)")
     parser.add_argument("--no-sentbert", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="recompute statistics, table and plot from OUT/results.json")
     parser.add_argument("--docs", default=None, help="copy the plot cd_rlhf.png into this directory")
     args = parser.parse_args(argv)
     etas = [0.0, args.eta] if args.eta is not None else args.etas
     etas = sorted({0.0, *(float(e) for e in etas)})
     if any(e < 0 for e in etas):
         parser.error("--etas must be >= 0")
+    if args.report_only:
+        results = write_report(Path(args.out))
+        print(report.format_tables(results))
+        return 0
     results = run_experiment(Path(args.out), args.seeds, etas, args.steps, args.prompts_per_step, args.n,
                              not args.no_sentbert, args.sft_epochs, args.n_sft, args.kl_coef, args.icm_lr, args.lr,
                              n_checkpoints=args.checkpoints, jobs=args.jobs)

@@ -54,9 +54,18 @@ def collapse(div: float, oracles: dict[str, dict[str, float]]) -> float:
     return (hi - div) / (hi - lo)
 
 
-def compare(results: dict[str, Any]) -> dict[str, Any]:
-    """Paired (by seed) differences eta - 0 of the final checkpoints' metrics, with the acceptance verdict."""
-    by = {(r["eta"], r["seed"]): r["final"] for r in results["runs"]}
+DIVERGED_REWARD = -1.9  # a final evaluation this low means (nearly) every sample broke the five-word format
+
+
+def diverged(run: dict[str, Any]) -> bool:
+    return run["final"]["reward"] <= DIVERGED_REWARD
+
+
+def compare(results: dict[str, Any], exclude_diverged: bool = False) -> dict[str, Any]:
+    """Paired (by seed) differences eta - 0 of the final checkpoints' metrics, with the acceptance verdict.
+
+    exclude_diverged: drop the pairs where either run diverged (a secondary analysis, chosen after the runs)."""
+    by = {(r["eta"], r["seed"]): r["final"] for r in results["runs"] if not (exclude_diverged and diverged(r))}
     out: dict[str, Any] = {}
     for eta in results["etas"]:
         seeds = [s for s in results["seeds"] if (0.0, s) in by and (eta, s) in by]  # pairs whose both runs finished
@@ -84,6 +93,32 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def matched_reward_gain(results: dict[str, Any], margin: float = REWARD_MARGIN) -> dict[str, Any]:
+    """Pareto check per seed: eta's final Diversity minus the highest Diversity of any eta = 0 checkpoint (or the
+    SFT start) whose reward is at least eta's final reward - margin. Positive: plain PPO never reached that
+    reward with that much diversity. Pairs where no such eta = 0 checkpoint exists are counted apart."""
+    sft = {m["seed"]: m for m in results["sft_models"]}
+    base = {r["seed"]: [sft[r["seed"]]] + r["checkpoints"] for r in results["runs"] if r["eta"] == 0}
+    out = {}
+    for eta in results["etas"]:
+        if eta == 0:
+            continue
+        diffs, unmatched = [], 0
+        for r in results["runs"]:
+            if r["eta"] != eta or r["seed"] not in base:
+                continue
+            f = r["final"]
+            cands = [c["diversity"] for c in base[r["seed"]] if c["reward"] >= f["reward"] - margin
+                     and c["reward"] > DIVERGED_REWARD]
+            if cands:
+                diffs.append(f["diversity"] - max(cands))
+            else:
+                unmatched += 1
+        mean, lo, hi = t_interval(diffs) if diffs else (math.nan, math.nan, math.nan)
+        out[f"{eta:g}"] = {"mean": mean, "low": lo, "high": hi, "n": len(diffs), "unmatched": unmatched}
+    return out
+
+
 def _ms(values: Sequence[float]) -> str:
     m = statistics.fmean(values)
     s = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -99,24 +134,42 @@ def format_tables(results: dict[str, Any]) -> str:
     lines.append("| SFT start | " + " | ".join(_ms([m[k] for m in sft]) if k in sft[0] else "-" for k in keys)
                  + f" | {_ms([collapse(m['diversity'], results['oracles']) for m in sft])} |")
     for eta in results["etas"]:
-        rows = [r["final"] for r in results["runs"] if r["eta"] == eta]
-        lines.append(f"| eta = {eta:g} | " + " | ".join(_ms([r[k] for r in rows]) for k in keys)
-                     + f" | {_ms([collapse(r['diversity'], results['oracles']) for r in rows])} |")
+        runs = [r for r in results["runs"] if r["eta"] == eta]
+        for label, subset in ((f"eta = {eta:g}", runs), (f"eta = {eta:g} without diverged",
+                                                        [r for r in runs if not diverged(r)])):
+            if not subset or (label.endswith("diverged") and len(subset) == len(runs)):
+                continue
+            rows = [r["final"] for r in subset]
+            lines.append(f"| {label} | " + " | ".join(_ms([r[k] for r in rows]) for k in keys)
+                         + f" | {_ms([collapse(r['diversity'], results['oracles']) for r in rows])} |")
     for name, ref in results["oracles"].items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(f"{ref[k]:.4f}" if k in ref else "-" for k in keys)
                      + f" | {collapse(ref['diversity'], results['oracles']):.2f} |")
-    comp = results.get("comparison") or {}
-    if comp:
+    bad = [f"eta = {r['eta']:g} seed {r['seed']}" for r in results["runs"] if diverged(r)]
+    lines += ["", f"Diverged runs (final evaluation reward <= {DIVERGED_REWARD}): " + (", ".join(bad) or "none")]
+    for title, key in (("all pairs", "comparison"), ("pairs without a diverged run (secondary, chosen after the runs)",
+                                                     "comparison_excluding_diverged")):
+        comp = results.get(key) or {}
+        if not comp:
+            continue
         ks = [k for k in ("reward", "diversity", "ead", "self_bleu", "sentbert", "favourite_share", "collapse")
               if k in next(iter(comp.values()))]
-        lines += ["", "Paired difference eta - 0 (mean [95% t-interval]); * = better shown, ! = worse shown; "
-                  f"reward not lower = interval above -{REWARD_MARGIN}:", "",
-                  "| eta | " + " | ".join(ks) + " | reward not lower | accepted |", "|" + "---|" * (len(ks) + 3)]
+        lines += ["", f"Paired difference eta - 0, {title} (mean [95% t-interval]); * = better shown, ! = worse "
+                  f"shown; reward not lower = interval above -{REWARD_MARGIN}:", "",
+                  "| eta | pairs | " + " | ".join(ks) + " | reward not lower | accepted |", "|" + "---|" * (len(ks) + 4)]
         for eta, row in comp.items():
             cells = [f"{row[k]['mean']:+.4f} [{row[k]['low']:+.4f}, {row[k]['high']:+.4f}]"
                      + ("*" if row[k]["better_shown"] else "!" if row[k]["worse_shown"] else "") for k in ks]
-            lines.append(f"| {eta} | " + " | ".join(cells) + f" | {'yes' if row['reward_not_lower'] else 'no'} | "
+            lines.append(f"| {eta} | {row['n_pairs']} | " + " | ".join(cells) + f" | {'yes' if row['reward_not_lower'] else 'no'} | "
                          f"{'yes' if row['accepted'] else 'no'} |")
+    matched = results.get("matched_reward") or {}
+    if matched:
+        lines += ["", "Pareto check: eta's final Diversity minus the best Diversity of any eta = 0 checkpoint (or the SFT "
+                  f"start) of the same seed with reward >= eta's final reward - {REWARD_MARGIN} (mean [95% t-interval]):",
+                  "", "| eta | pairs matched | no eta = 0 checkpoint that high | Diversity gain at matched reward |",
+                  "|---|---|---|---|"]
+        for eta, m in matched.items():
+            lines.append(f"| {eta} | {m['n']} | {m['unmatched']} | {m['mean']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}] |")
     lines += ["", "Curiosity measurements per run (mean over seeds; per-step means over the run):", "",
               "| eta | gate rate | ICM loss first -> last | bonus per sequence (std) | score std | bonus / score std |",
               "|---|---|---|---|---|---|"]
@@ -134,11 +187,11 @@ def format_tables(results: dict[str, Any]) -> str:
         bonus, score = avg("curiosity/seq_bonus_std"), avg("reward/std")
         lines.append(f"| {eta:g} | {avg('curiosity/gate_rate'):.3f} | {first:.3f} -> {last:.3f} | {bonus:.4f} | "
                      f"{score:.4f} | {bonus / score if score else float('nan'):.3f} |")
-    lines += ["", "Pareto view: mean over seeds at each evaluated checkpoint (reward / Diversity):", "",
+    lines += ["", "Pareto view: mean over seeds (diverged runs left out) at each evaluated checkpoint (reward / Diversity):", "",
               "| eta | " + " | ".join(f"step {c['step']}" for c in results["runs"][0]["checkpoints"]) + " |",
               "|" + "---|" * (len(results["runs"][0]["checkpoints"]) + 1)]
     for eta in results["etas"]:
-        runs = [r for r in results["runs"] if r["eta"] == eta]
+        runs = [r for r in results["runs"] if r["eta"] == eta and not diverged(r)]
         cells = []
         for i in range(len(runs[0]["checkpoints"])):
             rew = statistics.fmean(r["checkpoints"][i]["reward"] for r in runs)
@@ -165,7 +218,9 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     start = (statistics.fmean(m["reward"] for m in sft), statistics.fmean(m["diversity"] for m in sft))
     ax = axes[0]
     for i, eta in enumerate(etas):
-        runs = [r for r in results["runs"] if r["eta"] == eta]
+        runs = [r for r in results["runs"] if r["eta"] == eta and not diverged(r)]
+        if not runs:
+            continue
         pts = [start] + [(statistics.fmean(r["checkpoints"][j]["reward"] for r in runs),
                           statistics.fmean(r["checkpoints"][j]["diversity"] for r in runs))
                          for j in range(len(runs[0]["checkpoints"]))]
@@ -177,20 +232,26 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         ax.scatter([ref["reward"]], [ref["diversity"]], marker=marker, s=80, color="tab:red", label=name.replace("_", " "))
     ax.set_xlabel("reward (higher = better)")
     ax.set_ylabel("Diversity (released counting)")
-    ax.set_title("Diversity vs reward over checkpoints")
+    gone = [f"eta={r['eta']:g} seed {r['seed']}" for r in results["runs"] if diverged(r)]
+    ax.set_title("Diversity vs reward over checkpoints (dots: final, per seed)\n"
+                 + (f"diverged, not drawn: {', '.join(gone)}" if gone else ""), fontsize=8)
     ax.legend(fontsize=6)
     for ax, key, title in ((axes[1], "reward/mean", "train reward"), (axes[2], "curiosity/gate_rate", "gate rate"),
                            (axes[3], "curiosity/icm_loss", "ICM loss")):
         for i, eta in enumerate(etas):
-            hs = [r["history"] for r in results["runs"] if r["eta"] == eta]
+            hs = [r["history"] for r in results["runs"] if r["eta"] == eta and not diverged(r)]
+            if not hs:
+                continue
             steps = [h["step"] for h in hs[0]]
             vals = [[h.get(key) for h in hist] for hist in hs]
             if any(v is None for row in vals for v in row):
                 continue
             mean = [statistics.fmean(row[t] for row in vals) for t in range(min(map(len, vals)))]
+            width = 20  # a trailing 20-step mean: the per-step batch mean is noisy
+            mean = [statistics.fmean(mean[max(0, t - width + 1):t + 1]) for t in range(len(mean))]
             color = "black" if eta == 0 else cmap(i / max(len(etas) - 1, 1))
             ax.plot(steps[:len(mean)], mean, color=color, label=f"eta={eta:g}")
-        ax.set_title(title + " (mean over seeds)")
+        ax.set_title(title + " (mean over seeds, 20-step mean)", fontsize=9)
         ax.set_xlabel("PPO step")
         ax.legend(fontsize=6)
     fig.suptitle(f"CD-RLHF toy: {len(results['seeds'])} seeds, {results['steps']} PPO steps, kl_coef "

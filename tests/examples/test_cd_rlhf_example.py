@@ -66,6 +66,22 @@ def test_compare_accepts_only_shown_gains_at_a_reward_not_lower():
     assert not report.compare({"etas": [0.0, 0.1], "seeds": [0, 1, 2], "runs": runs, "oracles": oracles})["0.1"]["accepted"]
 
 
+def test_matched_reward_gain_and_diverged_pairs_by_hand():
+    sft = [{"seed": 0, "reward": 0.3, "diversity": 0.6}]
+    base = {"eta": 0.0, "seed": 0, "final": {"reward": 1.9, "diversity": 0.1},
+            "checkpoints": [{"reward": 1.2, "diversity": 0.45}, {"reward": 1.6, "diversity": 0.3},
+                            {"reward": 1.9, "diversity": 0.1}]}
+    cur = {"eta": 0.1, "seed": 0, "final": {"reward": 1.62, "diversity": 0.4}, "checkpoints": []}
+    high = {"eta": 0.2, "seed": 0, "final": {"reward": 2.2, "diversity": 0.2}, "checkpoints": []}
+    results = {"etas": [0.0, 0.1, 0.2], "sft_models": sft, "runs": [base, cur, high]}
+    m = report.matched_reward_gain(results)
+    # eta 0.1 at reward 1.62: eta = 0 points with reward >= 1.57 are (1.6, 0.3) and (1.9, 0.1) -> 0.4 - 0.3 = +0.1
+    assert m["0.1"]["n"] == 1 and m["0.1"]["mean"] == pytest.approx(0.1)
+    # eta 0.2 at reward 2.2: no eta = 0 point reaches 2.15 -> unmatched
+    assert m["0.2"]["n"] == 0 and m["0.2"]["unmatched"] == 1
+    assert report.diverged({"final": {"reward": -2.0}}) and not report.diverged({"final": {"reward": -1.5}})
+
+
 @pytest.mark.slow
 def test_quick_mode_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
