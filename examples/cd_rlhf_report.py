@@ -192,6 +192,9 @@ def format_tables(results: dict[str, Any]) -> str:
               "|" + "---|" * (len(results["runs"][0]["checkpoints"]) + 1)]
     for eta in results["etas"]:
         runs = [r for r in results["runs"] if r["eta"] == eta and not diverged(r)]
+        if not runs:
+            lines.append(f"| {eta:g} | every run diverged |")
+            continue
         cells = []
         for i in range(len(runs[0]["checkpoints"])):
             rew = statistics.fmean(r["checkpoints"][i]["reward"] for r in runs)
