@@ -158,7 +158,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         final = step == job["steps"]
         m = evaluate(ckpt / "policy", job["n"], job["seed"], job["sentbert"] and final)
         checkpoints.append({"step": step, **m})
-    keep = ("reward/mean", "reward/std", "kl/mean_seq", "curiosity/gate_rate", "curiosity/icm_loss",
+    keep = ("reward/mean", "reward/std", "kl/mean_seq", "rollout/response_length", "rollout/truncated", "policy/entropy",
+            "curiosity/gate_rate", "curiosity/icm_loss",
             "curiosity/error_mean", "curiosity/seq_bonus_std", "curiosity/seq_bonus_absmean")
     history = [{k: h.get(k) for k in keep if h.get(k) is not None} | {"step": h["step"]} for h in result.history]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the numbers are kept; the weights are not needed

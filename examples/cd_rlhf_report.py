@@ -127,7 +127,7 @@ def _ms(values: Sequence[float]) -> str:
 
 def format_tables(results: dict[str, Any]) -> str:
     keys = [k for k in ("reward", "diversity", "ead", "self_bleu", "sentbert", "distinct_1", "favourite_share",
-                        "allowed_share") if k in results["runs"][0]["final"]]
+                        "allowed_share", "invalid_share") if k in results["runs"][0]["final"]]
     lines = ["Final checkpoint, mean ± sample std over seeds " + ", ".join(map(str, results["seeds"])) + ":", "",
              "| setting | " + " | ".join(keys) + " | collapse |", "|" + "---|" * (len(keys) + 2)]
     sft = results["sft_models"]

@@ -32,11 +32,41 @@ _VOWELS = "aeiou"
 SYLLABLES = tuple(c + v for c in _CONSONANTS for v in _VOWELS)  # 70 pieces of two letters
 
 
+def _loops(words: Sequence[str]) -> bool:
+    """True when some continuation piece can follow itself through a chain of words' piece transitions."""
+    follows: dict[str, set[str]] = {}
+    for w in words:
+        pieces = [w[i:i + 2] for i in range(0, len(w), 2)]
+        for a, b in zip(pieces[1:], pieces[2:]):
+            follows.setdefault(a, set()).add(b)
+    state: dict[str, int] = {}  # depth-first search for a cycle: 1 = on the current path, 2 = done
+
+    def cyclic(p: str) -> bool:
+        state[p] = 1
+        for q in follows.get(p, ()):
+            if state.get(q) == 1 or (q not in state and cyclic(q)):
+                return True
+        state[p] = 2
+        return False
+
+    return any(p not in state and cyclic(p) for p in list(follows))
+
+
 def _make_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Words with no repeated syllable and no cycle among continuation pieces: the first version had "sinono"
+    (##no after ##no), and the one diverged plain-PPO run broke down into "##no ##no ##no ..." loops, a
+    repetition the valid words themselves had taught (docs/experiments/cd_rlhf.md, "The divergence")."""
     rng = random.Random(20250111)  # fixed: the task is the same for every seed
     n = N_ALLOWED + N_OTHER
     firsts = rng.sample(SYLLABLES, n)
-    words = ["".join([first] + [rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))]) for first in firsts]
+    words: list[str] = []
+    for first in firsts:
+        while True:  # redraw a word's continuations until the word set stays loop-free
+            rest = [rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))]
+            word = "".join([first] + rest)
+            if len({first, *rest}) == len(rest) + 1 and not _loops(words + [word]):
+                break
+        words.append(word)
     return tuple(words[:N_ALLOWED]), tuple(words[N_ALLOWED:])
 
 
@@ -113,8 +143,12 @@ def oracle_groups(words: Sequence[str], n_groups: int, n: int, seed: int) -> lis
 
 
 def word_shares(groups: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Share of word slots holding a favourite / an allowed word, over all samples."""
-    words = [w for g in groups for text in g for w in text.split()]
+    """Share of word slots holding a favourite / an allowed word / no word of the task at all (broken
+    word pieces), over all samples; and the share of samples that are empty."""
+    texts = [text for g in groups for text in g]
+    words = [w for text in texts for w in text.split()]
     n = max(len(words), 1)
     return {"favourite_share": sum(w in FAVOURITES for w in words) / n,
-            "allowed_share": sum(w in ALLOWED for w in words) / n}
+            "allowed_share": sum(w in ALLOWED for w in words) / n,
+            "invalid_share": sum(w not in WORDS for w in words) / n,
+            "empty_share": sum(not t.split() for t in texts) / max(len(texts), 1)}

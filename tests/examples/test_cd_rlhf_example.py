@@ -34,6 +34,32 @@ def test_piece_tokenizer_splits_words_into_several_pieces_and_decodes_back():
     assert len({task.word_pieces(w)[0] for w in task.WORDS}) == len(task.WORDS)
 
 
+def test_no_chain_of_continuation_pieces_can_loop():
+    # The diverged plain-PPO run (seed 2, eta 0) broke down into "##no ##no ##no ..." loops: "sinono" taught
+    # the policy that "##no" may follow "##no". No valid word may make a continuation piece reachable from
+    # itself (brute force: follow every chain of "##" pieces seen inside words; none may come back).
+    follows: dict[str, set[str]] = {}
+    for word in task.WORDS:
+        pieces = [word[i:i + 2] for i in range(0, len(word), 2)]
+        assert len(set(pieces)) == len(pieces), f"{word} repeats a syllable"
+        for a, b in zip(pieces[1:], pieces[2:]):
+            follows.setdefault(a, set()).add(b)
+    for start in follows:
+        seen, frontier = set(), set(follows[start])
+        while frontier:
+            assert start not in frontier, f"##{start} can follow itself through other words"
+            seen |= frontier
+            frontier = {c for p in frontier for c in follows.get(p, ())} - seen
+
+
+def test_word_shares_count_invalid_words():
+    f, o = task.FAVOURITES[0], task.OTHER[0]
+    shares = task.word_shares([[f"{f} {o} {f}zz", ""], [f"{f} {f}"]])
+    # 5 word slots: 3 favourites, 1 other, 1 that is no word at all; the empty text has no slot
+    assert shares == pytest.approx({"favourite_share": 3 / 5, "allowed_share": 3 / 5, "invalid_share": 1 / 5,
+                                    "empty_share": 1 / 3})
+
+
 def test_t_interval_and_collapse_by_hand():
     # diffs 1, 2, 3: mean 2, sd 1, t_{0.975, 2} = 4.3026527297 (t table, 2 degrees of freedom) -> half width 4.3027 / sqrt(3) = 2.48414
     mean, lo, hi = report.t_interval([1.0, 2.0, 3.0])
