@@ -8,7 +8,7 @@
    adapter-disabled model, beta 0.03, G = 8, temperature 1.0, min_p 0.03) through `align.Trainer`,
    for several seeds; measure again; write results.json, a markdown table and before / after PNG grids.
 
-    python examples/gvu_toy.py --out runs/gvu/policy-kl0.03 --base runs/gvu/base-umm --seeds 0 1 2
+    python examples/gvu_toy.py --out runs/gvu/policy-kl0.03 --base runs/gvu/base-opt --seeds 0 1 2 3 4
     python examples/gvu_toy.py --out /tmp/gvu_smoke --quick --ignore-gate   # a one-minute smoke run
 
 Before GRPO the base model must pass the pre-RL gate (examples/gvu_gate.py): the reward discriminates within a
@@ -143,7 +143,7 @@ def build_base(args, base: Path) -> None:
     print(f"pre-training the toy UMM ({args.recipe}) for {args.pretrain_steps} steps -> {base}", flush=True)
     common = dict(steps=args.pretrain_steps, seed=0, hidden_size=32 if args.quick else 128, log_every=max(1, args.pretrain_steps // 6))
     if args.recipe == "discriminative":
-        gc.make_discriminative_umm(base, **common)
+        gc.make_discriminative_umm(base, arch=args.arch, position_share=args.position_share, **common)
     else:
         tw.make_toy_umm(base, counting_scenes=args.counting_scenes, **common)
 
@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recipe", choices=["discriminative", "plain"], default="discriminative",
                     help="base pre-training: captions that state counts and clutter + unlikelihood (examples/gvu_captions.py), "
                          "or the first page's plain recipe")
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 3000 (discriminative), 1500 (plain)")
+    ap.add_argument("--arch", choices=["opt", "llama"], default="opt",
+                    help="discriminative recipe: OPT (learned positions) or Llama (rotary; never learned positions here)")
+    ap.add_argument("--position-share", type=float, default=0.3,
+                    help="discriminative recipe: share of true-caption rows that state a relation where one holds")
     ap.add_argument("--counting-scenes", type=float, default=0.0,
                     help="plain recipe: share of understanding pre-training scenes with 2-4 objects of one shape")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -171,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny pre-training, 2 GRPO steps, one seed")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     args = ap.parse_args(argv)
+    if args.pretrain_steps is None:
+        args.pretrain_steps = 3000 if args.recipe == "discriminative" else 1500
     if args.quick:
         args.pretrain_steps, args.seeds, args.steps, args.samples, args.understanding_n = 20, args.seeds[:1], 2, 2, 24
     torch.set_num_threads(1)  # the machine is shared: one thread per process
