@@ -8,8 +8,13 @@
    adapter-disabled model, beta 0.03, G = 8, temperature 1.0, min_p 0.03) through `align.Trainer`,
    for several seeds; measure again; write results.json, a markdown table and before / after PNG grids.
 
-    python examples/gvu_toy.py --out runs/gvu_toy --seeds 0 1 2 --steps 40 --images docs/experiments/gvu
-    python examples/gvu_toy.py --out /tmp/gvu_smoke --quick        # a one-minute smoke run
+    python examples/gvu_toy.py --out runs/gvu/policy-kl0.03 --base runs/gvu/base-opt --seeds 0 1 2 3 4
+    python examples/gvu_toy.py --out /tmp/gvu_smoke --quick --ignore-gate   # a one-minute smoke run
+
+Before GRPO the base model must pass the pre-RL gate (examples/gvu_gate.py): the reward discriminates within a
+prompt; otherwise the script stops after printing the gate table. The base is pre-trained with captions that
+state counts and clutter plus unlikelihood on near-miss captions (examples/gvu_captions.py); `--recipe plain`
+is the first page's recipe.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))  # the toy world (examples/toyworld.py) is an example, not the library
 
+import gvu_captions as gc  # noqa: E402
+import gvu_gate as gate_lib  # noqa: E402
+import gvu_stats  # noqa: E402
 import toyworld as tw  # noqa: E402
 
 import align  # noqa: E402
@@ -69,50 +77,30 @@ def evaluate(umm: CausalLMUMM, samples: int, seed: int, understanding_n: int) ->
 
 
 def reward_agreement(umm: CausalLMUMM, images: list[list[int]], samples: int) -> dict:
-    """How well the GvU reward separates images the checker accepts from those it rejects (AUC)."""
+    """How well the GvU reward separates images the checker accepts from those it rejects (AUC), across all
+    prompts and within a prompt (all that GRPO's group-normalised advantage sees; per task)."""
     specs = [s for s in all_eval_specs() for _ in range(samples)]
-    ids = torch.tensor([[umm.image_token_ids[v] for v in img] for img in images])
-    lps = []
-    for lo in range(0, len(specs), 256):
-        lps += umm.score_text(ids[lo:lo + 256], [s.caption() for s in specs[lo:lo + 256]])
-    rewards = [float(lp.double().mean().exp()) for lp in lps]
+    rewards = reward_scorer(umm)(images, [s.caption() for s in specs])
     ok = [tw.check(s, img, umm.layout["grid_size"]) for s, img in zip(specs, images)]
     pos = [r for r, o in zip(rewards, ok) if o]
     neg = [r for r, o in zip(rewards, ok) if not o]
-    auc = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / max(1, len(pos) * len(neg))
-    # Within a prompt (all that GRPO's group-normalised advantage sees): per task, over (right, wrong) pairs.
-    within: dict[str, list[float]] = {}
-    for i in range(0, len(specs), samples):
-        r, o = rewards[i:i + samples], ok[i:i + samples]
-        within.setdefault(specs[i].task, []).extend(
-            (p > q) + 0.5 * (p == q) for p, a in zip(r, o) if a for q, b in zip(r, o) if not b)
-    return {"reward_auc": auc, "reward_mean_correct": statistics.fmean(pos) if pos else float("nan"),
+    within = gate_lib.within_prompt_auc(specs, images, rewards, samples, umm.layout["grid_size"])
+    return {"reward_auc": gate_lib.auc([(p, q) for p in pos for q in neg]) if pos and neg else float("nan"),
+            "reward_mean_correct": statistics.fmean(pos) if pos else float("nan"),
             "reward_mean_wrong": statistics.fmean(neg) if neg else float("nan"),
-            "reward_auc_within_prompt": {t: statistics.fmean(v) for t, v in within.items() if v}}
+            "reward_auc_within_prompt": {t: v["auc"] for t, v in within.items() if v["auc"] is not None}}
 
 
-def count_diagnostic(umm: CausalLMUMM, per_cell: int = 12, seed: int = 0) -> dict:
-    """Mean GvU reward of "two <shape>s" / "three <shape>s" on scenes holding k = 1..4 objects of that shape
-    (plus, half the time, one other object): does the understanding reward peak at the right count?"""
-    rng = __import__("random").Random(seed)
-    rows = []
-    for n in (2, 3):
-        for shape in tw.SHAPES:
-            for k in range(1, 5):
-                for _ in range(per_cell):
-                    values = [0] * 9
-                    cells = rng.sample(range(9), k + 1)
-                    for c in cells[:k]:
-                        values[c] = tw.cell_value(rng.choice(tw.COLORS), shape)
-                    if rng.random() < 0.5:
-                        values[cells[k]] = tw.cell_value(rng.choice(tw.COLORS), rng.choice([s for s in tw.SHAPES if s != shape]))
-                    rows.append((n, k, f"{tw.NUMBERS[n]} {shape}s", values))
-    ids = torch.tensor([[umm.image_token_ids[v] for v in r[3]] for r in rows])
-    lps = umm.score_text(ids, [r[2] for r in rows])
-    out: dict = {}
-    for (n, k, _, _), lp in zip(rows, lps):
-        out.setdefault(f"caption count {n}", {}).setdefault(f"{k} objects", []).append(float(lp.double().mean().exp()))
-    return {cap: {k: statistics.fmean(v) for k, v in ks.items()} for cap, ks in out.items()}
+def reward_scorer(umm: CausalLMUMM):
+    """(image cell values, captions) -> GvU rewards exp(mean log p), in batches of 256 (the gate's Scorer)."""
+    def score(images: list[list[int]], texts: list[str]) -> list[float]:
+        ids = torch.tensor([[umm.image_token_ids[v] for v in img] for img in images])
+        out: list[float] = []
+        with torch.no_grad():
+            for lo in range(0, len(texts), 256):
+                out += [float(lp.double().mean().exp()) for lp in umm.score_text(ids[lo:lo + 256], texts[lo:lo + 256])]
+        return out
+    return score
 
 
 def grid_png(rows: list[tuple[str, list[list[int]], list[list[int]]]], grid_size: int, path: Path, cell_px: int = 22) -> None:
@@ -151,43 +139,75 @@ def summarise(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def build_base(args, base: Path) -> None:
+    print(f"pre-training the toy UMM ({args.recipe}) for {args.pretrain_steps} steps -> {base}", flush=True)
+    common = dict(steps=args.pretrain_steps, seed=0, hidden_size=32 if args.quick else 128, log_every=max(1, args.pretrain_steps // 6))
+    if args.recipe == "discriminative":
+        gc.make_discriminative_umm(base, arch=args.arch, position_share=args.position_share, **common)
+    else:
+        tw.make_toy_umm(base, counting_scenes=args.counting_scenes, **common)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/gvu_toy")
+    ap.add_argument("--out", default="runs/gvu/policy-kl0.03")
     ap.add_argument("--base", default="", help="a pre-trained toy UMM to reuse (default: OUT/base-umm, built if missing)")
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
+    ap.add_argument("--recipe", choices=["discriminative", "plain"], default="discriminative",
+                    help="base pre-training: captions that state counts and clutter + unlikelihood (examples/gvu_captions.py), "
+                         "or the first page's plain recipe")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 3000 (discriminative), 1500 (plain)")
+    ap.add_argument("--arch", choices=["opt", "llama"], default="opt",
+                    help="discriminative recipe: OPT (learned positions) or Llama (rotary; never learned positions here)")
+    ap.add_argument("--position-share", type=float, default=0.3,
+                    help="discriminative recipe: share of true-caption rows that state a relation where one holds")
     ap.add_argument("--counting-scenes", type=float, default=0.0,
-                    help="share of understanding pre-training scenes with 2-4 objects of one shape")
+                    help="plain recipe: share of understanding pre-training scenes with 2-4 objects of one shape")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=40, help="GRPO steps per seed")
     ap.add_argument("--lr", type=float, default=None, help="override train.lr of the config")
+    ap.add_argument("--kl", type=float, default=None, help="override algo.kl_coef (beta) of the config (0.03)")
     ap.add_argument("--scorer", choices=["policy", "teacher"], default="policy")
     ap.add_argument("--samples", type=int, default=8, help="images per caption for the GenEval-style score")
     ap.add_argument("--understanding-n", type=int, default=240)
     ap.add_argument("--images", default="", help="write before/after PNG grids to this folder")
+    ap.add_argument("--gate-only", action="store_true", help="stop after the pre-RL gate")
+    ap.add_argument("--ignore-gate", action="store_true", help="run GRPO even when the gate fails")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny pre-training, 2 GRPO steps, one seed")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     args = ap.parse_args(argv)
+    if args.pretrain_steps is None:
+        args.pretrain_steps = 3000 if args.recipe == "discriminative" else 1500
     if args.quick:
         args.pretrain_steps, args.seeds, args.steps, args.samples, args.understanding_n = 20, args.seeds[:1], 2, 2, 24
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # the machine is shared: one thread per process
     out = Path(args.out)
     base = Path(args.base) if args.base else out / "base-umm"
     t0 = time.time()
     if not (base / "config.json").exists():
-        print(f"pre-training the toy UMM for {args.pretrain_steps} steps -> {base}", flush=True)
-        tw.make_toy_umm(base, steps=args.pretrain_steps, seed=0, hidden_size=32 if args.quick else 128,
-                        log_every=max(1, args.pretrain_steps // 6), counting_scenes=args.counting_scenes)
+        build_base(args, base)
     prompts_path = out / "prompts.jsonl"
     n_prompts = write_prompts(prompts_path)
 
     base_umm = CausalLMUMM.from_pretrained(base)
     grid_size = base_umm.layout["grid_size"]
-    results: dict = {"base": str(base), "prompts": n_prompts, "steps": args.steps, "scorer": args.scorer,
+    cfg0 = yaml.safe_load(CONFIG.read_text())
+    beta = args.kl if args.kl is not None else cfg0["algo"]["kl_coef"]
+    results: dict = {"base": str(base), "recipe": json.loads((base / "pretrain.json").read_text()) if (base / "pretrain.json").exists() else {},
+                     "prompts": n_prompts, "steps": args.steps, "scorer": args.scorer, "kl_coef": beta,
                      "samples_per_caption": args.samples, "seeds": {}, "command": "python examples/gvu_toy.py " + " ".join(argv or sys.argv[1:])}
+    # The pre-RL gate, on the base's own samples (those of seed 0's "before" evaluation) and perturbations of them.
+    specs = [s for s in all_eval_specs() for _ in range(args.samples)]
+    _, gate_images = tw.evaluate_generation(base_umm, all_eval_specs(), samples_per_prompt=args.samples, seed=10_000, **SAMPLING)
+    results["gate"] = gate_lib.gate(reward_scorer(base_umm), specs, gate_images, args.samples, grid_size)
+    print(gate_lib.gate_table(results["gate"]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.gate_only or not (results["gate"]["passed"] or args.ignore_gate):
+        if not results["gate"]["passed"]:
+            print("gate failed: " + "; ".join(results["gate"]["failures"]) + (" (no GRPO; --ignore-gate runs it)" if not args.gate_only else ""))
+        results["total_s"] = time.time() - t0
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return results
     before_grid = grid_images(base_umm, 4, seed=999)
-    with torch.no_grad():
-        results["count_diagnostic_base"] = count_diagnostic(base_umm)
     for seed in args.seeds:
         eval_seed = 10_000 + seed
         before, images = evaluate(base_umm, args.samples, eval_seed, args.understanding_n)
@@ -195,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = yaml.safe_load(CONFIG.read_text())
         cfg["model"]["path"] = str(base)
         cfg["data"]["path"] = str(prompts_path)
+        cfg["algo"]["kl_coef"] = beta
         cfg["train"] |= {"seed": seed, "steps": args.steps} | ({"lr": args.lr} if args.lr is not None else {})
         cfg["logging"] |= {"run_dir": f"{out}/{{name}}", "name": f"grpo-seed{seed}"}
         cfg["reward"]["functions"][0]["kwargs"]["scorer"] = args.scorer
@@ -209,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["seeds"][seed] = {"before": before, "after": after, "train_s": time.time() - t,
                                   "reward_first": history[0]["reward/mean"], "reward_last": history[-1]["reward/mean"],
                                   "reward_curve": [h["reward/mean"] for h in history],
-                                  "kl_last": history[-1].get("kl/mean")}
+                                  "kl_curve": [h.get("loss/kl") for h in history],
+                                  "kl_last": history[-1].get("loss/kl")}
         print(f"seed {seed}: GenEval {before['generation']['overall']:.3f} -> {after['generation']['overall']:.3f}, "
               f"understanding {before['understanding']['overall']:.3f} -> {after['understanding']['overall']:.3f}, "
               f"reward {history[0]['reward/mean']:.3f} -> {history[-1]['reward/mean']:.3f} ({time.time() - t:.0f} s)", flush=True)
@@ -217,28 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
             with torch.no_grad():
                 after_grid = grid_images(tuned, 4, seed=999)
             grid_png([(c, b, a) for c, b, a in zip(GRID_CAPTIONS, before_grid, after_grid)], grid_size,
-                     Path(args.images) / f"before_after_{args.scorer}.png")
+                     Path(args.images) / f"before_after_{args.scorer}_kl{beta:g}.png")
     results["table"] = table(results)
     results["total_s"] = time.time() - t0
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(results["table"])
     return results
 
 
 def table(results: dict) -> str:
-    seeds = list(results["seeds"].values())
-    lines = ["| metric | before | after |", "|---|---|---|"]
-    for part in ("generation", "understanding"):
-        for key in ["overall", *tw.TASKS] + (["objects_per_image"] if part == "generation" else []):
-            b = [s["before"][part][key] for s in seeds]
-            a = [s["after"][part][key] for s in seeds]
-            lines.append(f"| {part} {key} | {summarise(b)} | {summarise(a)} |")
-    for key in ("reward_auc", "reward_mean_correct", "reward_mean_wrong"):
-        lines.append(f"| {key} | {summarise([s['before'][key] for s in seeds])} | {summarise([s['after'][key] for s in seeds])} |")
-    lines.append(f"| training reward (first / last step) | {summarise([s['reward_first'] for s in seeds])} | "
-                 f"{summarise([s['reward_last'] for s in seeds])} |")
-    return "\n".join(lines)
+    """Before / after per skill with the paired (by seed) difference and its 95% t-interval (examples/gvu_stats.py)."""
+    return gvu_stats.tables([results])
 
 
 if __name__ == "__main__":

@@ -311,10 +311,12 @@ def image_token(k: int) -> str:
     return f"<img_{k}>"
 
 
-def build_tokenizer():
-    """A word-level tokenizer built locally: caption words, the instruction, <boi>/<eoi> and <img_k> tokens."""
+def build_tokenizer(extra_words: Sequence[str] = ()):
+    """A word-level tokenizer built locally: caption words, the instruction, <boi>/<eoi> and <img_k> tokens.
+    `extra_words`: more caption words (e.g. the larger counts and the clutter caption of examples/gvu_captions.py)."""
     words = ["a", "and", "of", "left", "right", "above", "below", "describe", "the", "image", "in", "detail", "."]
     words += list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(NUMBERS.values())
+    words += [w for w in extra_words if w not in words]
     return make_umm_tokenizer(words, [image_token(k) for k in range(NUM_VALUES)], boi=BOI, eoi=EOI)
 
 
@@ -325,9 +327,10 @@ def umm_layout(tokenizer, grid_size: int) -> dict:
                            grid_size=grid_size)
 
 
-def build_toy_umm(grid_size: int = 3, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+def build_toy_umm(grid_size: int = 3, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+                  extra_words: Sequence[str] = ()):
     """A fresh (random) toy UMM: (LlamaForCausalLM with config.umm set, tokenizer)."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(extra_words)
     model = tiny_umm(tokenizer, umm_layout(tokenizer, grid_size), hidden_size=hidden_size, num_layers=num_layers,
                      num_heads=num_heads, seed=seed)
     return model, tokenizer

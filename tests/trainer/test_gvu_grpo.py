@@ -33,6 +33,18 @@ def test_example_config_loads_and_validates():
     assert cfg.algo.kl_coef == 0.03 and cfg.algo.kl_estimator == "k3" and cfg.rollout.min_p == 0.03
 
 
+def test_example_config_reward_imports_outside_the_repository_root(tmp_path):
+    """`python examples/gvu_toy.py` puts examples/, not the repo root, on sys.path: the reward's import path
+    must be the installed one (align.rewards...), not the source folder's name."""
+    import subprocess
+    import sys
+
+    name = yaml.safe_load((ROOT / "examples" / "configs" / "gvu_toy.yaml").read_text())["reward"]["functions"][0]["name"]
+    code = f"from align.rewards.registry import get_reward; print(type(get_reward({name!r})).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "UnderstandingReward", out.stderr[-300:]
+
+
 def test_grpo_over_image_tokens_with_the_understanding_reward(toy_umm_path, tmp_path):
     import align
 
@@ -60,10 +72,22 @@ def test_grpo_over_image_tokens_with_the_understanding_reward(toy_umm_path, tmp_
 def test_example_script_quick_run(tmp_path):
     from examples import gvu_toy
 
-    results = gvu_toy.main(["--out", str(tmp_path / "out"), "--quick", "--images", str(tmp_path / "img")])
+    results = gvu_toy.main(["--out", str(tmp_path / "out"), "--quick", "--ignore-gate", "--images", str(tmp_path / "img")])
     seed = results["seeds"][0]
     for when in ("before", "after"):
         assert 0.0 <= seed[when]["generation"]["overall"] <= 1.0 and 0.0 <= seed[when]["understanding"]["overall"] <= 1.0
-    assert (tmp_path / "img" / "before_after_policy.png").stat().st_size > 0
-    assert "| generation overall |" in results["table"]
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["steps"] == 2
+    assert (tmp_path / "img" / "before_after_policy_kl0.03.png").stat().st_size > 0
+    assert "| **GenEval-style overall** |" in results["table"] and "95% CI" in results["table"]
+    gate = results["gate"]  # computed before GRPO on the base's own samples
+    assert set(gate) >= {"within_prompt", "perturbed", "count_curve", "passed", "failures"}
+    assert gate["passed"] == (not gate["failures"])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["steps"] == 2 and saved["kl_coef"] == 0.03 and len(saved["seeds"]["0"]["kl_curve"]) == 2
+
+
+def test_example_script_stops_when_the_gate_fails(tmp_path):
+    from examples import gvu_toy
+
+    # 20 pre-training steps of a 32-wide model: its reward cannot discriminate, so no GRPO runs.
+    results = gvu_toy.main(["--out", str(tmp_path / "out"), "--quick"])
+    assert not results["gate"]["passed"] and results["gate"]["failures"] and results["seeds"] == {}
