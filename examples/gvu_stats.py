@@ -5,7 +5,8 @@ t with n - 1 degrees of freedom. A skill is "below its before-value beyond its C
 entirely below 0.
 
     python examples/gvu_stats.py runs/gvu/policy-kl0.03 runs/gvu/teacher-kl0.03 ... --out runs/gvu/summary
-writes summary.json and summary.md (the before/after per-skill table per run and the beta sweep).
+writes summary.json, summary.md (the before/after per-skill table per run and the beta sweep) and a plot
+(gvu.png, or --plot PATH; skipped with a message without matplotlib).
 """
 from __future__ import annotations
 
@@ -92,10 +93,62 @@ def tables(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(runs: Sequence[dict], path: Path) -> Path | None:
+    """Left: per-skill GenEval-style accuracy before / after for each beta-0.03 run; right: the overall gain
+    (after - before, 95% t-interval) against beta per scorer. None (with a message) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sums = [(r, run_summary(r)) for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    keys = ("overall", *TASKS)
+    base = [r for r in sums if abs(r[0]["kl_coef"] - min(x[0]["kl_coef"] for x in sums)) < 1e-12]
+    width = 0.8 / (1 + len(base))
+    xs = range(len(keys))
+    before = [statistics.fmean(base[0][1][k]["before"]) for k in keys]
+    left.bar([x - 0.4 + width / 2 for x in xs], before, width, label="before", color="0.6")
+    for j, (r, s) in enumerate(base, start=1):
+        after = [statistics.fmean(s[k]["after"]) for k in keys]
+        lo = [s[k]["diff"]["mean"] - s[k]["diff"]["lo"] for k in keys]
+        left.bar([x - 0.4 + width / 2 + j * width for x in xs], after, width, yerr=lo, capsize=2,
+                 label=f"after ({label(r)})")
+    left.set_xticks(list(xs), keys, rotation=30, ha="right")
+    left.set_ylabel("GenEval-style accuracy (mean over seeds)")
+    left.set_ylim(0, 1.05)
+    left.legend(fontsize=8)
+    left.set_title("per skill; error bar = half the 95% t-interval of after - before", fontsize=9)
+    for scorer in sorted({r["scorer"] for r, _ in sums}):
+        pts = sorted((r["kl_coef"], s["overall"]["diff"]) for r, s in sums if r["scorer"] == scorer)
+        betas = [b for b, _ in pts]
+        means = [d["mean"] for _, d in pts]
+        err = [[d["mean"] - d["lo"] for _, d in pts], [d["hi"] - d["mean"] for _, d in pts]]
+        right.errorbar(betas, means, yerr=err, marker="o", capsize=3, label=f"scorer {scorer}")
+    right.axhline(0, color="0.5", lw=0.8)
+    right.set_xscale("log")
+    betas_all = sorted({r["kl_coef"] for r, _ in sums})
+    right.set_xticks(betas_all, [f"{b:g}" for b in betas_all])
+    right.minorticks_off()
+    right.set_xlabel("beta (KL coefficient)")
+    right.set_ylabel("overall after - before (95% t-interval)")
+    right.legend(fontsize=8)
+    right.set_title("the cost of a larger beta", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders of examples/gvu_toy.py (each with results.json)")
     ap.add_argument("--out", default="runs/gvu/summary")
+    ap.add_argument("--plot", default=None, help="also write the plot here (default: OUT/gvu.png)")
     args = ap.parse_args(argv)
     runs = [json.loads((Path(p) / "results.json").read_text()) for p in args.runs]
     runs = [r for r in runs if r.get("seeds")]
@@ -105,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {label(r): run_summary(r) for r in runs}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(text + "\n")
+    plot(runs, Path(args.plot) if args.plot else out / "gvu.png")
     print(text)
     return summary
 

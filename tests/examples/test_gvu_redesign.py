@@ -143,3 +143,25 @@ def test_paired_ci_by_hand():
     assert gvu_stats.verdict(ci) == "n.s." and gvu_stats.verdict(gvu_stats.paired_ci([0, 0, 0], [0.2, 0.21, 0.19])) == "up (shown)"
     with pytest.raises(ValueError):
         gvu_stats.paired_ci([0.1], [0.2, 0.3])
+
+
+def _fake_run(scorer, kl, before, after):
+    """A results.json shape as examples/gvu_toy.py writes it: every metric equal to `before` / `after`."""
+    gen = lambda v: {k: v for k in ("overall", *gvu_stats.TASKS, "objects_per_image")}  # noqa: E731
+    seeds = {str(i): {"before": {"generation": gen(before + 0.01 * i), "understanding": {"overall": 0.9}},
+                      "after": {"generation": gen(after + 0.02 * i), "understanding": {"overall": 0.9}},
+                      "kl_last": 0.05, "reward_first": 0.5, "reward_last": 0.6} for i in range(3)}
+    return {"scorer": scorer, "kl_coef": kl, "seeds": seeds}
+
+
+def test_stats_main_writes_tables_json_and_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, run in {"p": _fake_run("policy", 0.03, 0.5, 0.6), "t": _fake_run("teacher", 0.1, 0.5, 0.55)}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(__import__("json").dumps(run))
+    summary = gvu_stats.main([str(tmp_path / "p"), str(tmp_path / "t"), "--out", str(tmp_path / "out")])
+    # overall d = (0.6 + 0.02 i) - (0.5 + 0.01 i) = 0.1 + 0.01 i for i = 0, 1, 2: mean 0.11
+    assert summary["scorer policy, beta 0.03"]["overall"]["diff"]["mean"] == pytest.approx(0.11)
+    png = (tmp_path / "out" / "gvu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "up (shown)" in (tmp_path / "out" / "summary.md").read_text()
