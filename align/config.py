@@ -55,7 +55,7 @@ class ModelConfig(Section):
 
 @dataclass
 class DataConfig(Section):
-    path: str = ""  # a .jsonl/.json file, a saved `datasets` directory, or a hub dataset name
+    path: str = ""  # .jsonl/.json/.parquet/.csv file, saved `datasets` dir or dir of data files, hub name
     split: str = "train"
     prompt_key: str = "prompt"
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
