@@ -126,3 +126,16 @@ def test_stream_sampler_epochs_and_resume():
     assert state == {"epoch": 1, "index": 4} and s2.next(5) == b
     plain = StreamSampler(ds, seed=3, shuffle=False)
     assert [r["id"] for r in plain.next(9)] == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+
+
+def test_dataset_object_as_data_path_is_one_line():
+    import datasets
+
+    import align
+    from align.errors import ConfigError
+
+    ds = datasets.Dataset.from_list(ROWS * 20)
+    with pytest.raises(ConfigError) as err:
+        align.GRPOConfig(model={"path": "m"}, data={"path": ds}, reward={"functions": ["math_verify"]})
+    assert str(err.value) == ("data.path = <Dataset> must be a string; pass a dataset object as "
+                              "align.train(config, dataset=...)")
