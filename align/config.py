@@ -55,7 +55,7 @@ class ModelConfig(Section):
 
 @dataclass
 class DataConfig(Section):
-    path: str = ""  # a .jsonl/.json file, a saved `datasets` directory, or a hub dataset name
+    path: str = ""  # .jsonl/.json/.parquet/.csv file, saved `datasets` dir or dir of data files, hub name
     split: str = "train"
     prompt_key: str = "prompt"
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
@@ -413,9 +413,8 @@ class _RunConfig(Section):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
-        for key, bad in (("model.path", self.model.path), ("data.path", self.data.path)):
-            if bad == "<unset>":
-                raise ConfigError(f"{key} is required")
+        if self.model.path == "<unset>":  # data.path is checked by the trainer: align.train(cfg, dataset=...) may give it
+            raise ConfigError("model.path is required")
         if self.reward.functions == ["<unset>"]:
             raise ConfigError("reward.functions is required (e.g. [math_verify]) unless reward.remote_url is set")
         if self.algo.loss_norm_length is None:  # Dr. GRPO's L defaults to the longest allowed response

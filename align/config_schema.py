@@ -114,7 +114,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} = {value!r} must be a string")
+        # a Dataset's repr is many lines: name the type (and, for data.path, where an object goes)
+        shown = repr(value) if len(repr(value)) <= 80 and "\n" not in repr(value) else f"<{type(value).__name__}>"
+        is_dataset = type(value).__module__.startswith("datasets.")
+        hint = "; pass a dataset object as align.train(config, dataset=...)" if is_dataset else ""
+        raise ConfigError(f"{key} = {shown} must be a string{hint}")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{key} = {value!r} must be {_type_name(tp)}")
     return value

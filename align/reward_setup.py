@@ -5,7 +5,7 @@ from typing import Any
 
 from align.config import RewardConfig
 from align.errors import UserError
-from align.rewards.base import RewardFunction
+from align.rewards.base import RewardFunction, RewardInputError
 
 
 def build_reward(cfg: RewardConfig) -> RewardFunction:
@@ -36,3 +36,15 @@ def bind_policy(reward: RewardFunction, policy, tokenizer, disable_adapters=None
     for component in getattr(reward, "rewards", [reward]):
         if hasattr(component, "bind_policy"):
             component.bind_policy(policy, tokenizer, disable_adapters=disable_adapters)
+
+
+def check_reward_columns(reward: RewardFunction, columns: list[str], prompt_key: str) -> None:
+    """Refuse at start-up a reward whose required column the data lacks (one line, not a step-1 traceback)."""
+    present = set(columns) - {prompt_key}  # the prompt reaches rewards as `prompts`, not as a column
+    for component in getattr(reward, "rewards", [reward]):
+        for options in component.required_columns():
+            if not present.intersection(options):
+                need = " / ".join(repr(c) for c in options)
+                raise RewardInputError(f"reward {getattr(component, 'name', type(component).__name__)!r} needs a "
+                                       f"{need} column; the data has {', '.join(sorted(columns)) or 'none'}: add "
+                                       "the column to the data (or rename one to it)")

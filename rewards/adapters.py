@@ -87,6 +87,9 @@ class VerlReward(RewardFunction):
         self.name = name or getattr(compute_score, "__name__", "compute_score")
         self.default_data_source = default_data_source
 
+    def required_columns(self) -> list[tuple[str, ...]]:
+        return [("ground_truth", "label", "answer", "reward_model")]
+
     @staticmethod
     def _ground_truths(columns: dict[str, Any], n: int) -> list[Any]:
         for key in ("ground_truth", "label", "answer"):

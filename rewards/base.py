@@ -87,6 +87,11 @@ class RewardInputError(UserError, ValueError):
     """The reward asks for something the data does not have (e.g. a missing dataset column): a user's fix."""
 
 
+# what the trainer (TRL's keyword set) passes to rewards itself: never a dataset column to ask for
+TRAINER_KEYWORDS = frozenset({"prompts", "completions", "completion_ids", "stop_reason", "trainer_state",
+                              "log_metric", "log_extra"})
+
+
 class RewardFunction(ABC):
     """Base class for batched rewards. Subclasses implement `score`; `__call__` is TRL-compatible."""
 
@@ -98,6 +103,11 @@ class RewardFunction(ABC):
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
         return self.score(prompts, completions, **columns).scores
+
+    def required_columns(self) -> list[tuple[str, ...]]:
+        """Dataset columns this reward cannot score without, checked at start-up: each entry names
+        alternatives (any one will do)."""
+        return []
 
     def close(self) -> None:
         """Release resources (pools, servers, models)."""
@@ -120,6 +130,16 @@ class CallableReward(RewardFunction):
             raise ValueError(f"reward {self.name!r} returned {len(values)} scores for {len(completions)} completions")
         return RewardOutput(scores=[None if v is None else float(v) for v in values])
 
+
+    def required_columns(self) -> list[tuple[str, ...]]:
+        """The function's parameters without a default, less what the trainer passes itself."""
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):  # builtins / C callables: nothing to check
+            return []
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [(p.name,) for p in params if p.kind in kinds and p.default is inspect.Parameter.empty
+                and p.name not in TRAINER_KEYWORDS]
 
     def _check_arguments(self, columns: dict[str, Any]) -> None:
         """A missing dataset column is the user's to fix: say which one, before calling."""

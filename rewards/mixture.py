@@ -146,6 +146,9 @@ class RewardMixture(RewardFunction):
         return [None if s is None else (s - stats[g].mean) / (stats[g].std + self.eps)
                 for s, g in zip(out.scores, groups)]
 
+    def required_columns(self) -> list[tuple[str, ...]]:
+        return [c for reward in self.rewards for c in reward.required_columns()]
+
     def score(self, prompts, completions, **columns) -> RewardOutput:
         n = len(completions)
         outs = []

@@ -21,11 +21,11 @@ from align import algos
 from align import checkpoint as ckpt_io
 from align.algos.schedule import lambda_lr
 from align.config import as_config
-from align.data import PromptDataset, PromptSampler, columns_of
+from align.data import PromptDataset, columns_of, make_sampler, resolve_data_config
 from align.errors import CheckpointError, UserError
 from align.metrics import MetricsLogger
 from align.models import hidden_size_of, load_models, needs_full_logits, resolve_device
-from align.reward_setup import bind_policy, build_reward
+from align.reward_setup import bind_policy, build_reward, check_reward_columns
 from align.rollouts.batch import RolloutBatch
 from align.rollouts.engine import RolloutEngine
 from align.rollouts.params import SamplingParams
@@ -50,8 +50,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None):
-        self.cfg = cfg = as_config(config, overrides)
+    def __init__(self, config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None,
+                 dataset: Any = None):
+        self.cfg = cfg = resolve_data_config(as_config(config, overrides), dataset)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.algo = make_algorithm(cfg)
@@ -64,8 +65,9 @@ class Trainer:
         self.reward = build_reward(cfg.reward)
         bind_policy(self.reward, self.models.policy, self.tokenizer,
                     disable_adapters=self.models.policy.disable_adapter if self.models.lora else None)
-        self.dataset = PromptDataset(cfg.data, self.tokenizer)
-        self.sampler = PromptSampler(self.dataset, cfg.train.seed, cfg.data.shuffle)
+        self.dataset = PromptDataset(cfg.data, self.tokenizer, source=dataset)
+        check_reward_columns(self.reward, self.dataset.columns, cfg.data.prompt_key)  # at start-up, not at step 1
+        self.sampler = make_sampler(self.dataset, cfg.train.seed, cfg.data.shuffle)
         self.params = self._sampling_params()
         # the policy being optimised is the one that samples: softmax(logits / T) (greedy rollouts: T = 1)
         self.logprob_temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
@@ -521,9 +523,11 @@ def _progress(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None) -> TrainResult:
-    """Run PPO or GRPO as configured; returns the final metrics, the history and the checkpoint path."""
-    trainer = Trainer(config, overrides, resume_from)
+def train(config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None, *,
+          dataset: Any = None) -> TrainResult:
+    """Run PPO or GRPO as configured; returns the final metrics, the history and the checkpoint path.
+    dataset: a `datasets.Dataset` / `IterableDataset` / `DatasetDict` (data.split) instead of data.path."""
+    trainer = Trainer(config, overrides, resume_from, dataset=dataset)
     try:
         return trainer.train()
     finally:

@@ -128,6 +128,9 @@ class CodeTests(RewardFunction):
             return passed / total, None, info
         return (1.0 if failed == 0 and passed == total else 0.0), None, info
 
+    def required_columns(self) -> list[tuple[str, ...]]:
+        return [(self.tests_column, "test_list")]
+
     def score(self, prompts, completions, **columns) -> RewardOutput:
         tests = _column(columns, (self.tests_column, "test_list"), len(completions), self.name)
         texts = [_completion_text(c) for c in completions]

@@ -112,6 +112,9 @@ class MathVerify(RewardFunction):
         return (self.correct_score if equal else self.wrong_score), None, {
             **info, "reason": "match" if equal else "mismatch", "method": "sympy"}
 
+    def required_columns(self) -> list[tuple[str, ...]]:
+        return [tuple(self.label_columns)]
+
     def score(self, prompts, completions, **columns) -> RewardOutput:
         labels = _column(columns, self.label_columns, len(completions), self.name)
         results = [self.verify(_completion_text(c), y) for c, y in zip(completions, labels)]
