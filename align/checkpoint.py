@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from align.errors import CheckpointError
+from align.redact import redact_secrets
 
 TRAINER_FILE = "trainer.pt"
 
@@ -96,7 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: 
     policy.save_pretrained(tmp / "policy")  # with LoRA: the adapters only
     tokenizer.save_pretrained(tmp / "policy")
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_FILE)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    (tmp / "config.json").write_text(json.dumps(redact_secrets(config), indent=2, default=str))  # no tokens on disk
     _fsync_tree(tmp)  # contents on disk before the rename makes them the checkpoint
     stale = root / f".old-step-{step:06d}"
     if final.exists():  # re-saving a step: keep the old copy until the new one is in place and named

@@ -8,6 +8,7 @@ match suggestions for unknown keys and ConfigError. align.rewards.training recei
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -129,6 +130,9 @@ class ServeSettings(Section):
     host: Union[str, None] = None  # default 127.0.0.1; any other host needs a token
     port: Union[int, None] = None  # default 8000
     token: Union[str, None] = None  # default $ALIGN_REWARD_TOKEN
+    # off loopback without a token, for clients that send no header (OpenRLHF); warns at start-up
+    no_auth: Union[bool, None] = None
+    on_error: Union[str, None] = None  # /get_reward: "fail" (default: an errored sample fails the batch) | "value:X"
     max_batch_size: Union[int, None] = None
     max_wait_ms: Union[float, None] = None
     max_body_bytes: Union[int, None] = None
@@ -162,6 +166,9 @@ class ServeSettings(Section):
                 self.check(getattr(self, key) >= 0, key, "must be >= 0")
         if self.port is not None:
             self.check(0 <= self.port <= 65535, "port", "use a port in 0..65535")
+        if self.on_error is not None:
+            self.check(self.on_error == "fail" or (self.on_error.startswith("value:") and _finite(self.on_error[6:])),
+                       "on_error", "use 'fail' or 'value:X' with X a finite number, e.g. value:0")
 
     def given(self) -> dict[str, Any]:
         """The settings that are set (not null)."""
@@ -185,6 +192,13 @@ class ServeRewardsConfig(Section):
             raise ConfigError("the 'reward' section needs 'name' (and optional 'kwargs') or 'functions'")
         elif reward is not None and not isinstance(reward, (str, dict, RewardConfig)):
             raise ConfigError(f"reward = {reward!r}: give a reward name, {{name, kwargs}} or {{functions: [...]}}")
+
+
+def _finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 SERVE_SECTIONS = ("reward", "serve")  # a training config's other sections (model, data, ...) are ignored

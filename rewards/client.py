@@ -9,24 +9,31 @@ leaves the reward empty after its retries).
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from typing import Any
 
-from align.errors import AlignError
+from align.errors import AlignError, UserError
 from align.rewards.base import RewardFunction, RewardOutput
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+TOKEN_ENV = "ALIGN_REWARD_TOKEN"
 
 
 class RemoteRewardError(AlignError, RuntimeError):
     """The reward service could not score a batch (after retries, or it rejected the request)."""
 
 
+class RemoteRewardAuthError(UserError, RemoteRewardError):
+    """The service refused the token (401): a setting the user fixes, so one line, no traceback."""
+
+
 class RemoteReward(RewardFunction):
-    """Scores with a remote reward service: `RemoteReward("http://127.0.0.1:8000", token="...")`.
+    """Scores with a remote reward service: `RemoteReward("http://127.0.0.1:8000", token="...")`; without a
+    token, `$ALIGN_REWARD_TOKEN` is used when set.
 
     url: the service's base URL (`/score` is appended). Dataset columns go as `metadata` (except
     `drop_columns`, by default the trainer's `completion_ids`). Batches over
@@ -44,7 +51,8 @@ class RemoteReward(RewardFunction):
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or batch_size < 1:
             raise ValueError("RemoteReward: need timeout_s > 0, max_retries >= 0, backoff_s >= 0 and batch_size >= 1")
         self.url = url.rstrip("/")
-        self.token = token
+        # no token given: $ALIGN_REWARD_TOKEN, the variable `align serve-rewards` reads too (keeps it out of configs)
+        self.token = token or os.environ.get(TOKEN_ENV) or None
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -107,7 +115,12 @@ class RemoteReward(RewardFunction):
                 elif resp.status_code in RETRY_STATUSES:
                     last = f"HTTP {resp.status_code}: {_detail(resp)}"
                     retry_after = resp.headers.get("Retry-After")
-                else:  # the request itself is wrong (401, 400, 413, 422): retrying cannot help
+                elif resp.status_code == 401:  # one line naming the fix, printed as such by the CLI
+                    raise RemoteRewardAuthError(
+                        f"reward service {self.url} refused the bearer token (HTTP 401: "
+                        f"{'no token was sent' if not self.token else 'the token is wrong'}); set reward.remote_token "
+                        f"or ${TOKEN_ENV} to the token the service was started with")
+                else:  # the request itself is wrong (400, 413, 422): retrying cannot help
                     raise RemoteRewardError(f"reward service {self.url}{path} rejected the request: "
                                             f"HTTP {resp.status_code}: {_detail(resp)}")
             if attempt < self.max_retries:
@@ -172,4 +185,4 @@ def _detail(resp) -> str:
     return str(detail)[:300]
 
 
-__all__ = ["RemoteReward", "RemoteRewardError"]
+__all__ = ["RemoteReward", "RemoteRewardAuthError", "RemoteRewardError"]

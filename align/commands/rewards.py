@@ -28,7 +28,11 @@ def _serve_rewards(args: argparse.Namespace) -> int:
             settings["token"] = Path(args.token_file).read_text().strip()
         except OSError as err:
             raise UserError(f"cannot read --token-file {args.token_file}: {err.strerror}") from None
-    settings.setdefault("token", os.environ.get("ALIGN_REWARD_TOKEN") or None)
+    no_auth = bool(settings.pop("no_auth", False))
+    if no_auth and settings.get("token"):
+        raise UserError("--no-auth and a token (--token / --token-file / serve.token) were both given; drop one")
+    # --no-auth is asked for by name: a token in the environment does not silently switch auth back on
+    settings.setdefault("token", None if no_auth else os.environ.get("ALIGN_REWARD_TOKEN") or None)
     settings.setdefault("host", "127.0.0.1")
     settings.setdefault("port", 8000)
     try:
@@ -41,7 +45,7 @@ def _serve_rewards(args: argparse.Namespace) -> int:
     if spec is None:
         raise UserError("no reward to serve; pass --reward NAME (e.g. math_verify) or a CONFIG with a 'reward' key")
     try:
-        check_bind(settings["host"], settings.get("token"))
+        check_bind(settings["host"], settings.get("token"), no_auth)
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -58,7 +62,8 @@ def _serve_rewards(args: argparse.Namespace) -> int:
         raise UserError(f"cannot build reward {spec!r}: {err}") from None
     host, port, token = settings.pop("host"), int(settings.pop("port")), settings.pop("token")
     try:
-        serve(reward, host=host, port=port, token=token, log_level=args.log_level, reward_factory=build, **settings)
+        serve(reward, host=host, port=port, token=token, no_auth=no_auth, log_level=args.log_level,
+              reward_factory=build, **settings)
     except ValueError as err:
         raise UserError(str(err)) from None
     return 0
@@ -68,7 +73,7 @@ def register_serve_rewards(subparsers) -> None:
     p = subparsers.add_parser(
         "serve-rewards", help="serve a reward function over HTTP (POST /score, /get_reward)",
         description="Serve a reward over HTTP: POST /score, POST /get_reward (OpenRLHF), GET /health, GET /metrics. "
-                    "Binds 127.0.0.1 by default; any other host needs a bearer token.")
+                    "Binds 127.0.0.1 by default; any other host needs a bearer token (or --no-auth).")
     p.add_argument("config", nargs="?", help="YAML/JSON with 'reward: NAME | {name, kwargs}' (or a training config's "
                                              "'reward: {functions: [...]}') and an optional 'serve:' section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -80,6 +85,12 @@ def register_serve_rewards(subparsers) -> None:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--token", help="bearer token clients must send (default: $ALIGN_REWARD_TOKEN); required off loopback")
     p.add_argument("--token-file", help="read the bearer token from this file (keeps it out of the process list)")
+    p.add_argument("--no-auth", action="store_true", default=None,
+                   help="serve a non-loopback --host without a token, for clients that send no auth header "
+                        "(OpenRLHF); trusted networks only, warns at start-up")
+    p.add_argument("--on-error", metavar="fail|value:X",
+                   help="/get_reward: an errored sample fails the batch with 500 (fail, the default) or gets X "
+                        "(counted in extra_logs.reward_error)")
     p.add_argument("--max-batch-size", type=int, help="samples merged into one scoring batch (default 64)")
     p.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 5)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body; bigger gets 413 (default 8 MiB)")

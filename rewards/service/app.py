@@ -16,6 +16,7 @@ from align.rewards.base import RewardOutput, as_reward_function
 from align.rewards.service.batching import DynamicBatcher, QueueFull, ScoringFailed, _Metrics
 from align.rewards.service.cache import _Idempotency
 from align.rewards.service.gate import _Gate
+from align.rewards.service.openrlhf import get_reward_body, parse_on_error, split_queries
 from align.rewards.service.settings import ServiceSettings
 from align.rewards.service.wire import (
     _ERROR_RESPONSES,
@@ -45,6 +46,7 @@ def create_app(reward: Any, *, reward_factory: Callable[[], Any] | None = None, 
                              settings.max_queue_samples, metrics, settings.reward_timeout_s, reward_factory)
     idempotency = _Idempotency(settings.idempotency_cache_size, settings.idempotency_cache_bytes)
     counters = {"in_flight": 0, "body_bytes": 0}
+    fill = parse_on_error(settings.on_error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,18 +114,22 @@ def create_app(reward: Any, *, reward_factory: Callable[[], Any] | None = None, 
     async def get_reward(body: GetRewardRequest):
         """OpenRLHF remote reward model: rewards for `query` (prompt + response)."""
         request_id = body.request_id or uuid.uuid4().hex
-        if body.prompts is not None:
-            prompts = list(body.prompts)
-            completions = [q[len(p):] for q, p in zip(body.query, body.prompts)]
-        else:
-            prompts, completions = [""] * len(body.query), list(body.query)
+        prompts, completions, split_errors = split_queries(body.query, body.prompts)
         columns = {} if body.labels is None else {"label": list(body.labels)}
 
         async def make() -> dict[str, Any]:
-            out = await _run_scoring(prompts, completions, columns)
-            return {"rewards": out.scores, "scores": out.scores,
-                    "extra_logs": {"reward_error": [0.0 if e is None else 1.0 for e in out.errors]},
-                    "errors": out.errors, "request_id": request_id}
+            # a query without its prompt in it is not scored: it is an errored sample (on_error says what then)
+            keep = [i for i, e in enumerate(split_errors) if e is None]
+            out = await _run_scoring([prompts[i] for i in keep], [completions[i] for i in keep],
+                                     {k: [v[i] for i in keep] for k, v in columns.items()})
+            scores: list[float | None] = [None] * len(split_errors)
+            errors = list(split_errors)
+            for j, i in enumerate(keep):
+                scores[i], errors[i] = out.scores[j], out.errors[j]
+            reply = get_reward_body(scores, errors, fill, request_id)
+            if isinstance(reply, tuple):
+                raise _HTTPReply(*reply)
+            return reply
 
         return await _idempotent("/get_reward", body.request_id, make)
 

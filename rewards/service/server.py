@@ -28,11 +28,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to expose the service beyond loopback without a token (one line, names the fix)."""
-    if not is_loopback(host) and not token:
-        raise ValueError(f"refusing to serve rewards on {host} without a token; pass --token TOKEN "
-                         "(or bind --host 127.0.0.1)")
+def check_bind(host: str, token: str | None, no_auth: bool = False) -> None:
+    """Refuse to expose the service beyond loopback without a token unless `no_auth` asks for exactly that
+    (one line, names the fix). A token together with no_auth is a contradiction, refused too."""
+    if no_auth and token:
+        raise ValueError("--no-auth and a token were both given; drop --no-auth (clients send "
+                         "'Authorization: Bearer <token>') or the token")
+    if not is_loopback(host) and not token and not no_auth:
+        raise ValueError(f"refusing to serve rewards on {host} without a token; pass --token TOKEN (or "
+                         "--token-file), bind --host 127.0.0.1, or, for clients that send no header (OpenRLHF) on "
+                         "a trusted network, --no-auth")
 
 
 def ensure_fd_limit(settings: ServiceSettings) -> None:
@@ -109,13 +114,18 @@ class ServerThread:
 
 
 def serve(reward: Any, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, *,
-          log_level: str = "info", access_log: bool = False, reward_factory: Callable[[], Any] | None = None,
+          no_auth: bool = False, log_level: str = "info", access_log: bool = False, reward_factory: Callable[[], Any] | None = None,
           **app_kwargs: Any) -> None:
     """Serve `reward` with uvicorn until interrupted. app_kwargs are ServiceSettings fields (`create_app`);
-    `reward_factory` builds a replacement reward when a call is stuck."""
+    `reward_factory` builds a replacement reward when a call is stuck. Off loopback a token is required unless
+    `no_auth` (then a warning at start-up)."""
     import uvicorn
 
-    check_bind(host, token)
+    check_bind(host, token, no_auth)
+    if no_auth and not is_loopback(host):
+        # asked for by name, still said at every start: anyone who can reach the port can score and read /metrics
+        log.warning("serving rewards on %s WITHOUT authentication (--no-auth): anyone who can reach port %d can "
+                    "score and read /metrics; use it only on a trusted network", host, port)
     reward = as_reward_function(reward)
     app = create_app(reward, token=token, reward_factory=reward_factory, **app_kwargs)
     settings = app.state.settings

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from align.rewards.service.openrlhf import parse_on_error
+
 MIB = 1024 * 1024
 
 
@@ -32,6 +34,8 @@ class ServiceSettings:
     log_lines_per_interval: int = 20  # log lines of one kind (logger + message template) per interval ...
     log_interval_s: float = 10.0  # ... the rest are counted and summarised in the next line of that kind
     token: str | None = None
+    # /get_reward (OpenRLHF): an errored sample fails the batch with 500 ("fail") or is filled ("value:X")
+    on_error: str = "fail"
 
     def __post_init__(self) -> None:
         for key in ("max_batch_size", "max_body_bytes", "max_concurrency", "max_samples_per_request",
@@ -54,6 +58,7 @@ class ServiceSettings:
                              f"max_body_bytes ({self.max_body_bytes}); no body of the largest size could be read")
         if self.max_queue_samples is None:
             self.max_queue_samples = max(16 * self.max_batch_size, self.max_samples_per_request)
+        parse_on_error(self.on_error)  # refuses anything but fail / value:X at start-up
         if self.token is not None and not self.token.strip():
             raise ValueError("service: token is empty; pass a non-empty --token or none on loopback")
 

@@ -53,7 +53,8 @@ class ScoreResponse(BaseModel):
 
 class GetRewardRequest(BaseModel):
     """OpenRLHF's remote reward-model request: `query` = prompt + response; `prompts` (optional) lets the
-    service split the response off; `labels` reach the reward as the `label` column."""
+    service split the response off (by the prefix rule of align.rewards.service.openrlhf: a BOS before the
+    prompt or a truncated prompt is tolerated); `labels` reach the reward as the `label` column."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -68,19 +69,18 @@ class GetRewardRequest(BaseModel):
         if self.prompts is not None:
             if len(self.prompts) != n:
                 raise ValueError(f"prompts has {len(self.prompts)} items and query {n}")
-            for i, (q, p) in enumerate(zip(self.query, self.prompts)):
-                if not q.startswith(p):
-                    raise ValueError(f"query[{i}] does not start with prompts[{i}]; send query = prompt + response")
         if self.labels is not None and len(self.labels) != n:
             raise ValueError(f"labels has {len(self.labels)} items and query {n}")
         return self
 
 
 class GetRewardResponse(BaseModel):
-    rewards: list[float | None]
-    scores: list[float | None]
-    extra_logs: dict[str, list[float]]
+    rewards: list[float] = Field(description="Numbers only: an errored sample fails the batch (500) unless the "
+                                             "service runs with on_error value:X, which fills X.")
+    scores: list[float]
+    extra_logs: dict[str, list[float]] = Field(description="reward_error: 1.0 for each filled sample")
     errors: list[str | None]
+    errors_filled: int = Field(description="How many samples errored and were filled with on_error's value")
     request_id: str
 
 
@@ -90,7 +90,8 @@ class ErrorResponse(BaseModel):
 
 _ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in {
     400: "Malformed JSON", 401: "Missing or wrong bearer token", 413: "Body or batch too large",
-    422: "Invalid request (types, lengths)", 429: "Too many requests in flight", 503: "Batching queue full",
+    422: "Invalid request (types, lengths)", 429: "Too many requests in flight",
+    500: "The reward raised, or (/get_reward, on_error fail) a sample errored", 503: "Batching queue full",
     504: "Scoring timed out"}.items()}
 
 

@@ -77,7 +77,7 @@ def test_get_reward_openrlhf_shape(url):
     body = r.json()
     # responses " hello" (6 chars) + 1 and " yy" (3 chars) + 2
     assert body["rewards"] == [7.0, 5.0] and body["scores"] == [7.0, 5.0]
-    assert body["extra_logs"] == {"reward_error": [0.0, 0.0]}
+    assert body["extra_logs"] == {"reward_error": [0.0, 0.0]} and body["errors_filled"] == 0
     r = post(url, "/get_reward", {"query": ["abcd"]})  # no prompts: the whole query is scored
     assert r.json()["rewards"] == [4.0]
 
@@ -87,13 +87,14 @@ def test_nan_score_is_a_sample_error_not_a_500(url):
     assert r.status_code == 200
     body = r.json()
     assert body["scores"] == [None, 2.0] and "non-finite" in body["errors"][0] and body["errors"][1] is None
-    r = post(url, "/get_reward", {"query": ["nan"]})
-    assert r.status_code == 200 and r.json()["rewards"] == [None] and r.json()["extra_logs"]["reward_error"] == [1.0]
+    # /get_reward holds numbers only: an errored sample fails the batch (OpenRLHF's torch.tensor(rewards))
+    r = post(url, "/get_reward", {"query": ["nan", "ok"]})
+    assert r.status_code == 500 and "sample 0" in r.json()["detail"] and "--on-error" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("case, status", [
     ("malformed_json", 400), ("wrong_lengths", 422), ("metadata_length", 422), ("bad_column", 422),
-    ("unknown_field", 422), ("query_prefix", 422), ("oversized_body", 413), ("too_many_samples", 413),
+    ("unknown_field", 422), ("query_lengths", 422), ("oversized_body", 413), ("too_many_samples", 413),
     ("missing_token", 401), ("wrong_token", 401), ("wrong_scheme", 401),
 ])
 def test_bad_requests_get_the_right_4xx_and_the_server_keeps_serving(url, case, status):
@@ -108,8 +109,8 @@ def test_bad_requests_get_the_right_4xx_and_the_server_keeps_serving(url, case, 
         r = post(url, "/score", {**good, "metadata": {"prompts": ["x"]}})
     elif case == "unknown_field":
         r = post(url, "/score", {**good, "completion": ["typo"]})
-    elif case == "query_prefix":
-        r = post(url, "/get_reward", {"query": ["abc"], "prompts": ["xyz"]})
+    elif case == "query_lengths":
+        r = post(url, "/get_reward", {"query": ["abc"], "prompts": ["a", "b"]})
     elif case == "oversized_body":
         r = post(url, "/score", {"prompts": ["a"], "completions": ["b" * 200_000]})
     elif case == "too_many_samples":
@@ -283,7 +284,7 @@ def test_cli_builds_the_reward_and_settings_from_config_flags_and_env(tmp_path, 
     fresh = kw.pop("reward_factory")()  # the replacement for a stuck reward: a new object built the same way
     assert isinstance(fresh, RewardMixture) and fresh is not reward and fresh.weights == [2.0, 1.0]
     fresh.close()
-    assert kw == {"host": "0.0.0.0", "port": 9001, "token": "from-env", "log_level": "info", "max_batch_size": 8,
+    assert kw == {"host": "0.0.0.0", "port": 9001, "token": "from-env", "no_auth": False, "log_level": "info", "max_batch_size": 8,
                   "max_wait_ms": 7.0}
     assert main(["serve-rewards", "--reward", "math_verify", "--reward-kwargs", '{"timeout_s": 3}']) == 0
     assert calls[-1][0].timeout_s == 3 and calls[-1][1]["port"] == 8000 and calls[-1][1]["host"] == "127.0.0.1"
@@ -302,7 +303,8 @@ def test_cli_set_overrides_and_typo_suggestions(tmp_path, monkeypatch, capsys):
     cfg.write_text("reward: format\nserve:\n  port: 9001\nmodel: {path: ignored}\n")  # other sections are ignored
     assert main(["serve-rewards", str(cfg), "--set", "serve.port=9100", "--set", "serve.max_wait_ms=3"]) == 0
     assert callable(calls[-1][1].pop("reward_factory"))
-    assert calls[-1][1] == {"host": "127.0.0.1", "port": 9100, "token": None, "log_level": "info", "max_wait_ms": 3.0}
+    assert calls[-1][1] == {"host": "127.0.0.1", "port": 9100, "token": None, "no_auth": False, "log_level": "info",
+                            "max_wait_ms": 3.0}
     calls[-1][0].close()
     assert main(["serve-rewards", "--reward", "format", "--set", "serve.prot=1"]) == 2
     assert "did you mean 'serve.port'" in capsys.readouterr().err
