@@ -42,7 +42,7 @@ PEER_KEYS: dict[str, tuple[str, str]] = {
     "max_grad_norm": ("TRL", "train.max_grad_norm"),
     "gradient_checkpointing": ("TRL", "model.gradient_checkpointing"),
     "mask_truncated_completions": ("TRL", "algo.mask_truncated_completions"),
-    # TRL's PPOConfig
+    # TRL's PPOConfig (older TRL releases; 1.16 ships none)
     "num_ppo_epochs": ("TRL", "algo.epochs"),
     "cliprange": ("TRL", "algo.clip_low"),
     "cliprange_value": ("TRL", "algo.value_clip"),

@@ -117,3 +117,15 @@ def test_an_existing_local_path_and_a_tilde_path_still_load(tiny_model_path, mon
     tok = load_tokenizer(ModelConfig(path=f"~/{tiny_model_path.name}"))
     model = load_causal_lm(f"~/{tiny_model_path.name}", ModelConfig(path="x"), torch.device("cpu"))
     assert type(model).__name__ == "LlamaForCausalLM" and tok.pad_token_id is not None
+
+
+def test_trl_names_are_trl_fields():
+    """Every name labelled TRL is a field of the installed TRL's GRPOConfig, ModelConfig or ScriptArguments,
+    except those of TRL's PPOConfig, which TRL 1.16 no longer ships (kept for users of older TRL)."""
+    import trl
+
+    fields = {f.name for cls in (trl.GRPOConfig, trl.ModelConfig, trl.ScriptArguments) for f in dataclasses.fields(cls)}
+    old_ppo = {"num_ppo_epochs", "cliprange", "cliprange_value", "kl_coef", "vf_coef", "lam", "response_length"}
+    trl_names = {peer for peer, (who, _) in PEER_KEYS.items() if who == "TRL"}
+    assert trl_names - old_ppo <= fields, sorted(trl_names - old_ppo - fields)
+    assert old_ppo <= trl_names
