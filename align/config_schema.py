@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 from align.errors import ConfigError
+from align.key_names import peer_hint
 from align.tools.registry import suggest
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,8 +140,9 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"config key {where!r} was removed: {removed[key]}")
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
-            close = suggest(str(key), names)
-            if close and prefix:
+            # a TRL / OpenRLHF / verl name first (a typo of ours is the closest match only when it is not one)
+            close = peer_hint(where, data[key], names, prefix) or suggest(str(key), names)
+            if close and prefix and "`" not in close:
                 close = close.replace("'", f"'{prefix}.", 1)
             raise ConfigError(f"unknown config key {where!r}{close} (valid keys here: {', '.join(names)})")
     try:

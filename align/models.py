@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from align.config import ModelConfig
-from align.errors import UserError
+from align.errors import MissingFileError, UserError
 
 
 def quiet_transformers() -> None:
@@ -52,11 +52,36 @@ def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return DTYPES[cfg.dtype]
 
 
+def _local_or_hub(path: str | Path, key: str) -> str:
+    """`path` as given, unless it can only mean a local directory that is not there: then one line naming it.
+
+    A string that is not a valid hub repo id (absolute or ./ ../ ~ paths, more than one `/`, a backslash, ...)
+    can only be a local path; without this check a missing one surfaces as the hub client's
+    "Repo id must be in the form 'repo_name' ..." message, which names neither the key nor the fix."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = str(path)
+    local = Path(text).expanduser()
+    if local.exists():
+        return str(local)
+    looks_local = isinstance(path, Path) or text.startswith(("./", "../", "~", "/", ".\\", "..\\"))
+    if not looks_local:
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            looks_local = True
+    if looks_local:
+        raise MissingFileError(f"{key} = {text!r}: no such directory (give a model directory with config.json, "
+                               f"or a hub name like 'Qwen/Qwen2.5-0.5B-Instruct')")
+    return text
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    path = cfg.tokenizer_path or cfg.path
+    path = _local_or_hub(cfg.tokenizer_path or cfg.path, "model.tokenizer_path" if cfg.tokenizer_path else "model.path")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
@@ -69,9 +94,10 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device) -> nn.Module:
+def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device, key: str = "model.path") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    path = _local_or_hub(path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
@@ -169,7 +195,8 @@ def load_models(cfg: ModelConfig, device: torch.device, *, need_reference: bool,
     if critic == "value_head":
         value_head = ValueHead(hidden_size_of(policy)).to(device)
     elif critic == "separate":
-        backbone = load_causal_lm(cfg.critic_path or cfg.path, cfg, device).get_decoder()
+        backbone = load_causal_lm(cfg.critic_path or cfg.path, cfg, device,
+                                  "model.critic_path" if cfg.critic_path else "model.path").get_decoder()
         separate = SeparateCritic(backbone, hidden_size_of(policy)).to(device)
     return PolicyModels(policy=policy, tokenizer=tokenizer, reference=reference, value_head=value_head,
                         critic=separate, device=device, lora=cfg.lora.enabled)

@@ -56,6 +56,7 @@ from torch import nn
 
 from align.algos.positions import position_ids_from_mask
 from align.rollouts.batch import STOP_EOS, STOP_LENGTH, STOP_STRING, RolloutBatch
+from align.rollouts.hf_cache import cache_keyword
 from align.rollouts.noise import sample_keys
 from align.rollouts.params import SamplingParams
 from align.rollouts.sampler import ScalarSampler, _Sampler, counter_gumbel, gumbel_from_uniform  # noqa: F401
@@ -154,6 +155,7 @@ class RolloutEngine:
         self._tensor_steps = False  # tests: run the graph-safe (device-counter) step eagerly
         self._pad_shapes = False  # tests: pad rows and prompt width as the graph path does, without graphs
         self.last_stats: dict[str, float] = {}
+        self._cache_kw = cache_keyword(model)
 
     # ---------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -233,8 +235,11 @@ class RolloutEngine:
         return next(self.model.parameters()).dtype
 
     def _forward(self, input_ids, mask, position_ids, cache) -> torch.Tensor:
+        # `cache` (transformers >= 5.24) or `past_key_values` (older 5.x), read off the forward's signature;
+        # the keyword is a Python constant per model class, so CUDA-graph capture and replay see one call shape
+        kw = {self._cache_kw: cache}
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **kw)
         return out.logits[:, -1]
 
     def _generate_micro(self, prompts: list[list[int]], params: SamplingParams, sample_ids: torch.Tensor,
