@@ -99,3 +99,30 @@ def test_remote_reward_inside_trl_grpo_trainer(service):
     # score = len(prompt text) + 10 * len(completion text) + label; trainer_state / log_* never sent as columns
     assert rewards[:, 0].tolist() == [2 + 10 * 1 + 1, 3 + 10 * 2 + 2]
     assert remote.__name__ == "remote"  # what TRL's GRPOTrainer.__init__ reads to name (and log) the function
+
+
+class LogsLength:
+    """A picklable TRL-style reward that logs the batch's mean completion length and the global step."""
+
+    __name__ = "logs_length"
+
+    def __call__(self, prompts, completions, trainer_state, log_metric, **kwargs):
+        log_metric("mean_len", sum(len(c) for c in completions) / len(completions))
+        log_metric("step", float(trainer_state.global_step))
+        return [1.0] * len(completions)
+
+
+def test_logged_metrics_survive_the_reward_worker_and_shard_merge():
+    """The Ray path: RewardWorker (with its sample-id cache) keeps them; shards average as TRL's processes do."""
+    from align.backends.ray.dispatch import concat_outputs
+    from align.rewards.trl_kwargs import RewardTrainerState
+    from align.rewards.worker import RewardWorker
+
+    worker = RewardWorker(LogsLength())
+    state = RewardTrainerState(global_step=7)
+    shards = [worker.score({"prompts": ["p"] * 2, "completions": ["ab", "abcd"], "sample_ids": [0, 1],
+                            "columns": {"trainer_state": [state] * 2}}),
+              worker.score({"prompts": ["p"], "completions": ["abcdef"], "sample_ids": [2],
+                            "columns": {"trainer_state": [state]}})]
+    assert [s.metrics for s in shards] == [{"mean_len": 3.0, "step": 7.0}, {"mean_len": 6.0, "step": 7.0}]
+    assert concat_outputs(shards).metrics == {"mean_len": (3.0 + 6.0) / 2, "step": 7.0}
