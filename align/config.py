@@ -58,7 +58,7 @@ class DataConfig(Section):
     path: str = ""  # .jsonl/.json/.parquet/.csv file, saved `datasets` dir or dir of data files, hub name
     split: str = "train"
     prompt_key: str = "prompt"
-    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    chat_template: bool | None = None  # unset: template on message-list prompts; true: strings too; false: text only
     max_prompt_length: int = 256
     shuffle: bool = True
 

@@ -157,6 +157,9 @@ class PromptDataset:
 
     def prompt_text(self, record: dict[str, Any]) -> str:
         prompt = record[self.cfg.prompt_key]
+        if isinstance(prompt, list) and self.cfg.chat_template is False:
+            raise UserError("data.chat_template is false but a prompt is a list of chat messages; remove "
+                            "data.chat_template (or set it true) so the tokenizer's chat template renders it")
         if isinstance(prompt, list) or self.cfg.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):

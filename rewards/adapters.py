@@ -10,11 +10,23 @@ All adapters are callable classes (not closures), so they pickle and ship to Ray
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import logging
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from align.rewards.base import CallableReward, RewardFunction, RewardOutput, as_reward_function, completion_text
+from align.errors import UserError
+from align.rewards.base import (
+    CallableReward,
+    RewardFunction,
+    RewardInputError,
+    RewardOutput,
+    as_reward_function,
+    completion_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +109,8 @@ class VerlReward(RewardFunction):
                 return list(columns[key])
         if columns.get("reward_model") is not None:
             return [rm.get("ground_truth") if isinstance(rm, dict) else None for rm in columns["reward_model"]]
-        raise ValueError("a verl compute_score needs a 'ground_truth' (or 'label' / 'answer' / 'reward_model') column")
+        raise RewardInputError("a verl compute_score needs a 'ground_truth' (or 'label' / 'answer' / 'reward_model') "
+                               "column; add it to the dataset")
 
     def score(self, prompts, completions, **columns) -> RewardOutput:
         n = len(completions)
@@ -134,6 +147,47 @@ def from_verl(compute_score: Callable[..., Any], name: str | None = None, defaul
     return VerlReward(compute_score, name=name, default_data_source=default_data_source)
 
 
+def is_verl_compute_score(fn: Any) -> bool:
+    """Whether `fn` has verl's compute_score signature (solution_str and ground_truth, no completions), so a
+    plain function listed in reward.functions is scored verl's way instead of being called TRL's way."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "solution_str" in params and "ground_truth" in params and "completions" not in params
+
+
+def load_compute_score(spec: Any) -> Callable[..., Any]:
+    """A callable as is; "package.module:attr"; or verl's custom_reward_function as "path/to/file.py:attr"."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or ":" not in spec:
+        raise UserError(f"reward 'verl': compute_score must be 'module:function' or 'file.py:function', got {spec!r}")
+    where, _, attr = spec.rpartition(":")
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise UserError(f"reward 'verl': {where!r} does not exist; give the path of the file defining {attr}")
+        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"reward 'verl': {where} has no function {attr!r}; name the compute_score function after ':'")
+    return fn
+
+
+def verl_reward(compute_score: Any = "", default_data_source: str = "default", name: str | None = None) -> VerlReward:
+    """The `verl` reward kind: `{"name": "verl", "kwargs": {"compute_score": "my_reward.py:compute_score"}}`."""
+    if not compute_score:
+        raise UserError("reward 'verl' needs kwargs.compute_score: 'module:function' or 'file.py:function'")
+    return VerlReward(load_compute_score(compute_score), name=name, default_data_source=default_data_source)
+
+
+verl_reward.__align_reward_factory__ = True  # the registry calls it with the kwargs (align.rewards.registry)
+
+
 class VerlComputeScore:
     """verl's `compute_score(data_source, solution_str, ground_truth, extra_info=None) -> dict` built on a
     RewardFunction: {"score": float, **info}. The ground truth goes in as the `label` column, data_source and
@@ -160,4 +214,5 @@ def to_verl(reward: Any) -> VerlComputeScore:
     return VerlComputeScore(reward)
 
 
-__all__ = ["CallableReward", "TRLRewardFunc", "VerlReward", "VerlComputeScore", "from_trl", "to_trl", "from_verl", "to_verl"]
+__all__ = ["CallableReward", "TRLRewardFunc", "VerlReward", "VerlComputeScore", "from_trl", "to_trl", "from_verl", "to_verl",
+           "is_verl_compute_score", "load_compute_score", "verl_reward"]

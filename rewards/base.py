@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from align.errors import UserError
+from align.rewards.trl_kwargs import (
+    PROMPT_MESSAGES,
+    TRAINER_STATE,
+    TRL_CALL_KEYS,
+    conversational,
+    is_async_callable,
+    prompt_text,
+    run_awaitables,
+)
 
 
 @dataclass
@@ -30,6 +39,7 @@ class RewardOutput:
     errors: list[str | None] = field(default_factory=list)
     info: list[dict[str, Any]] = field(default_factory=list)
     token_rewards: list[list[float]] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # batch scalars a reward logged (TRL's log_metric)
 
     def __post_init__(self) -> None:
         n = len(self.scores)
@@ -101,8 +111,19 @@ class RewardFunction(ABC):
     def score(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardOutput:
         """Score N (prompt, completion) pairs; dataset columns arrive as lists of length N."""
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float | None]:
-        return self.score(prompts, completions, **columns).scores
+    @property
+    def __name__(self) -> str:  # TRL's GRPOTrainer names (and logs) each reward function by its __name__
+        return self.name
+
+    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (),
+                 **kwargs: Any) -> list[float | None]:
+        """TRL-compatible: usable as one of GRPOTrainer's reward_funcs. TRL's call context (trainer_state,
+        log_metric, log_extra, environments) is not data and is dropped; conversational prompts and completions
+        are reduced to text (a completion's last message's content)."""
+        columns = {k: v for k, v in kwargs.items() if k not in TRL_CALL_KEYS}
+        texts = [completion_text(c) for c in completions]
+        prompts = [prompt_text(p) for p in prompts] if prompts is not None else [""] * len(texts)
+        return self.score(prompts, texts, **columns).scores
 
     def required_columns(self) -> list[tuple[str, ...]]:
         """Dataset columns this reward cannot score without, checked at start-up: each entry names
@@ -123,13 +144,60 @@ class CallableReward(RewardFunction):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
 
-    def score(self, prompts, completions, **columns) -> RewardOutput:
-        self._check_arguments(columns)
-        values = list(self.fn(prompts=list(prompts), completions=list(completions), **columns))
-        if len(values) != len(completions):
-            raise ValueError(f"reward {self.name!r} returned {len(values)} scores for {len(completions)} completions")
-        return RewardOutput(scores=[None if v is None else float(v) for v in values])
+    @property
+    def is_async(self) -> bool:
+        return is_async_callable(self.fn)
 
+    def score(self, prompts, completions, **columns) -> RewardOutput:
+        kwargs, sink = self.call_kwargs(prompts, completions, columns)
+        values = self.fn(**kwargs)
+        if inspect.isawaitable(values):
+            values = run_awaitables([values])[0]
+        return self.output(values, len(completions), sink)
+
+    def call_kwargs(self, prompts, completions, columns: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """TRL's keyword set for one call: prompts / completions (message lists for conversational rows),
+        the data columns, completion_ids, and trainer_state / log_metric / log_extra where the function takes
+        them (by name or **kwargs). Returns the kwargs and the sink log_metric / log_extra write into."""
+        columns = dict(columns)
+        messages = columns.pop(PROMPT_MESSAGES, None)
+        states = columns.pop(TRAINER_STATE, None)
+        prompts, completions = conversational(list(prompts), list(completions), messages)
+        sink: dict[str, Any] = {"metrics": {}, "extra": {}}
+
+        def log_metric(name: str, value: float) -> None:
+            sink["metrics"][str(name)] = float(value)
+
+        def log_extra(column: str, values: list) -> None:
+            sink["extra"][str(column)] = list(values)
+
+        context = {"trainer_state": states[0] if states else None, "log_metric": log_metric, "log_extra": log_extra}
+        accepts = self._accepted(context)
+        self._check_arguments(columns, accepts)
+        return {"prompts": prompts, "completions": completions, **columns,
+                **{k: v for k, v in context.items() if k in accepts}}, sink
+
+    def output(self, values, n: int, sink: dict[str, Any]) -> RewardOutput:
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"reward {self.name!r} returned {len(values)} scores for {n} completions")
+        info: list[dict[str, Any]] = [{} for _ in range(n)]
+        for column, col in sink["extra"].items():
+            if len(col) != n:
+                raise ValueError(f"reward {self.name!r}: log_extra({column!r}) got {len(col)} values for {n} samples")
+            for i, v in enumerate(col):
+                info[i][column] = v
+        return RewardOutput(scores=[None if v is None else float(v) for v in values], info=info,
+                            metrics=dict(sink["metrics"]))
+
+    def _accepted(self, names: dict[str, Any]) -> set[str]:
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            return set()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return set(names)
+        return {k for k in names if k in params}
 
     def required_columns(self) -> list[tuple[str, ...]]:
         """The function's parameters without a default, less what the trainer passes itself."""
@@ -141,18 +209,35 @@ class CallableReward(RewardFunction):
         return [(p.name,) for p in params if p.kind in kinds and p.default is inspect.Parameter.empty
                 and p.name not in TRAINER_KEYWORDS]
 
-    def _check_arguments(self, columns: dict[str, Any]) -> None:
+    def _check_arguments(self, columns: dict[str, Any], context: set[str] = frozenset()) -> None:
         """A missing dataset column is the user's to fix: say which one, before calling."""
         try:
             signature = inspect.signature(self.fn)
         except (TypeError, ValueError):  # builtins / C callables: nothing to check
             return
         try:
-            signature.bind(prompts=None, completions=None, **{k: None for k in columns})
+            signature.bind(prompts=None, completions=None, **{k: None for k in (*columns, *context)})
         except TypeError as err:
             raise RewardInputError(f"reward {self.name!r} cannot be called with the data's columns "
                                    f"({', '.join(sorted(columns)) or 'none'}): {err}; add the column to the dataset "
                                    "or give the function a default / **kwargs") from None
+
+
+def score_all(rewards: Sequence[RewardFunction], prompts, completions, **columns: Any) -> list[RewardOutput]:
+    """Each reward's output, in order; `async def` TRL-style rewards are awaited together (asyncio.gather)."""
+    outs: list[RewardOutput | None] = [None] * len(rewards)
+    pending = []
+    for k, reward in enumerate(rewards):
+        if isinstance(reward, CallableReward) and reward.is_async:
+            kwargs, sink = reward.call_kwargs(prompts, completions, columns)
+            pending.append((k, reward.fn(**kwargs), sink))
+        else:
+            outs[k] = reward.score(prompts, completions, **columns)
+    if pending:
+        results = run_awaitables([coro for _, coro, _ in pending])
+        for (k, _, sink), values in zip(pending, results):
+            outs[k] = rewards[k].output(values, len(completions), sink)
+    return outs  # type: ignore[return-value]
 
 
 def as_reward_function(obj: Any, name: str | None = None) -> RewardFunction:

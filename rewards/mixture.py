@@ -14,7 +14,7 @@ import math
 import threading
 from typing import Any, Sequence
 
-from align.rewards.base import RewardFunction, RewardOutput, as_reward_function, finite_in_float32
+from align.rewards.base import RewardFunction, RewardOutput, as_reward_function, finite_in_float32, score_all
 
 
 class RunningMeanStd:
@@ -152,8 +152,7 @@ class RewardMixture(RewardFunction):
     def score(self, prompts, completions, **columns) -> RewardOutput:
         n = len(completions)
         outs = []
-        for reward in self.rewards:
-            out = reward.score(prompts, completions, **columns)
+        for reward, out in zip(self.rewards, score_all(self.rewards, prompts, completions, **columns)):
             if len(out) != n:
                 raise ValueError(f"reward {reward.name!r} returned {len(out)} scores for {n} completions")
             outs.append(out)
@@ -212,7 +211,8 @@ class RewardMixture(RewardFunction):
         for i, row in enumerate(token_rewards or []):
             if not all(finite_in_float32(v) for v in row) and errors[i] is None:
                 scores[i], errors[i] = None, "non-finite token reward (NaN, inf, or beyond the float32 range)"
-        return RewardOutput(scores=scores, errors=errors, info=infos, token_rewards=token_rewards)
+        metrics = {k: v for o in outs for k, v in o.metrics.items()}  # each component's log_metric values
+        return RewardOutput(scores=scores, errors=errors, info=infos, token_rewards=token_rewards, metrics=metrics)
 
     def _token_rewards(self, outs: list[RewardOutput], errors: list[str | None]) -> list[list[float]] | None:
         """Weighted sum of the components' token rewards (unnormalised), where any component has them."""

@@ -65,6 +65,10 @@ def _instantiate(entry: Any, name: str, kwargs: dict[str, Any]) -> RewardFunctio
         if kwargs:
             raise TypeError(f"reward {name!r} is a plain function fn(prompts, completions, **columns) and takes no "
                             f"arguments (got {sorted(kwargs)})")
+        from align.rewards.adapters import VerlReward, is_verl_compute_score
+
+        if is_verl_compute_score(entry):  # verl's compute_score(data_source, solution_str, ground_truth, extra_info)
+            return VerlReward(entry, name=name)
         return CallableReward(entry, name=name)
     raise TypeError(f"reward {name!r} is registered as a {type(entry).__name__}; expected a RewardFunction class, "
                     "a factory or a callable")
@@ -112,6 +116,7 @@ def _register_builtins() -> None:
     register_reward("math_verify", MathVerify, aliases=("math",))
     register_reward("code_tests", CodeTests, aliases=("code",))
     register_reward("format", FormatReward)
+    register_reward("verl", LazyReward("align.rewards.adapters:verl_reward"))  # kwargs: compute_score
     # reward models: torch / transformers are imported only when one is asked for
     register_reward("themis", LazyReward("align.rewards.themis:ThemisRewardModel"))
     register_reward("classifier_rm", LazyReward("align.rewards.classifier:ClassifierRewardModel"), aliases=("classifier",))

@@ -107,7 +107,8 @@ class RewardWorker:
         if has_tokens and any(t is None for t, e in zip(tokens, errors) if e is None):
             raise ValueError(f"reward {self.reward.name!r} gave token rewards for some samples only")
         return RewardOutput(scores=scores, errors=errors, info=infos,
-                            token_rewards=[t or [] for t in tokens] if has_tokens else None)
+                            token_rewards=[t or [] for t in tokens] if has_tokens else None,
+                            metrics=dict(fresh.metrics) if fresh is not None else {})
 
     def health(self) -> dict[str, Any]:
         return {"reward": self.reward.name, "pid": os.getpid(), "cached": len(self._cache),

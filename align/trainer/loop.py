@@ -26,6 +26,7 @@ from align.errors import CheckpointError, UserError
 from align.metrics import MetricsLogger
 from align.models import hidden_size_of, load_models, needs_full_logits, resolve_device
 from align.reward_setup import bind_policy, build_reward, check_reward_columns
+from align.rewards.trl_kwargs import PROMPT_MESSAGES, TRAINER_STATE, RewardTrainerState
 from align.rollouts.batch import RolloutBatch
 from align.rollouts.engine import RolloutEngine
 from align.rollouts.params import SamplingParams
@@ -184,6 +185,9 @@ class Trainer:
         records = self.sampler.next(self.cfg.train.prompts_per_step)
         prompts = [self.dataset.prompt_text(r) for r in records for _ in range(g)]
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in columns_of(records, self.cfg.data.prompt_key).items()}
+        raw = [r[self.cfg.data.prompt_key] for r in records]
+        if any(isinstance(m, list) for m in raw):  # conversations: TRL-style rewards get the message lists back
+            columns[PROMPT_MESSAGES] = [m if isinstance(m, list) else None for m in raw for _ in range(g)]
         # Per-sample random streams keyed by a global sample index: sharding never changes what is drawn.
         sample_ids = torch.arange(self.samples_seen, self.samples_seen + len(prompts))
         self.samples_seen += len(prompts)
@@ -197,8 +201,9 @@ class Trainer:
 
     def phase_score(self, step: StepData) -> dict[str, float]:
         """Reward every sample; errored or non-applicable samples are excluded, never scored 0."""
-        out = self.backend.score(step.batch)
         n = len(step.batch)
+        step.batch.columns[TRAINER_STATE] = [self._reward_trainer_state()] * n  # TRL's trainer_state keyword
+        out = self.backend.score(step.batch)
         if len(out.scores) != n:
             raise RuntimeError(f"the reward returned {len(out.scores)} scores for {n} samples")
         scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
@@ -217,11 +222,19 @@ class Trainer:
         if out.token_rewards is not None:
             step.reward_token_rewards = self._token_reward_tensor(out.token_rewards, step.batch.mask)
         good = step.scores[valid]
-        return {"reward/mean": float(good.mean()), "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
+        return {**out.metrics, "reward/mean": float(good.mean()), "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
                 "reward/max": float(good.max()), "reward/min": float(good.min()),
                 "reward/errors": float(sum(e is not None for e in out.errors)),
                 "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors))),
                 **sandbox_tier_counts(out.info), **overlong}
+
+    def _reward_trainer_state(self) -> RewardTrainerState:
+        """TRL TrainerState's fields for reward shaping, with TRL's meaning at scoring time: optimizer steps done
+        so far, and the fractional epochs they make (steps x prompts_per_step / number of prompts)."""
+        n, per_step = len(self.dataset), self.cfg.train.prompts_per_step
+        return RewardTrainerState(global_step=self.step, max_steps=self.cfg.train.steps,
+                                  epoch=self.step * per_step / n,
+                                  num_train_epochs=math.ceil(self.cfg.train.steps * per_step / n))
 
     def _overlong_penalty(self, step: StepData) -> dict[str, float]:
         """reward.overlong_buffer: DAPO's soft over-long punishment added to the valid samples' scores."""

@@ -28,8 +28,14 @@ def concat_outputs(outs: list[RewardOutput]) -> RewardOutput:
     tokens = None
     if has_tokens:
         tokens = [row for o in outs for row in (o.token_rewards if o.token_rewards is not None else [[] for _ in o.scores])]
+    logged: dict[str, list[float]] = {}
+    for o in outs:
+        for k, v in o.metrics.items():
+            logged.setdefault(k, []).append(v)
+    # a log_metric value per shard, averaged across shards as TRL averages it across processes
     return RewardOutput(scores=[s for o in outs for s in o.scores], errors=[e for o in outs for e in o.errors],
-                        info=[i for o in outs for i in o.info], token_rewards=tokens)
+                        info=[i for o in outs for i in o.info], token_rewards=tokens,
+                        metrics={k: sum(v) / len(v) for k, v in logged.items()})
 
 
 def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
