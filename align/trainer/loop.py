@@ -230,8 +230,13 @@ class Trainer:
 
     def _reward_trainer_state(self) -> RewardTrainerState:
         """TRL TrainerState's fields for reward shaping, with TRL's meaning at scoring time: optimizer steps done
-        so far, and the fractional epochs they make (steps x prompts_per_step / number of prompts)."""
-        n, per_step = len(self.dataset), self.cfg.train.prompts_per_step
+        so far, and the fractional epochs they make (steps x prompts_per_step / number of prompts; a streamed
+        dataset has no length, so there epoch / num_train_epochs stay 0)."""
+        per_step = self.cfg.train.prompts_per_step
+        try:
+            n = len(self.dataset)
+        except TypeError:
+            return RewardTrainerState(global_step=self.step, max_steps=self.cfg.train.steps)
         return RewardTrainerState(global_step=self.step, max_steps=self.cfg.train.steps,
                                   epoch=self.step * per_step / n,
                                   num_train_epochs=math.ceil(self.cfg.train.steps * per_step / n))
