@@ -49,11 +49,21 @@ class MetricsLogger:
                 raise UserError("logging.report_to has tensorboard, which needs the tensorboard package: "
                                 "pip install tensorboard") from None
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self._wandb_args = None
         if "wandb" in reporters:
-            from align.wandb_run import WandbRun
+            self._wandb_args = wandb or {"project": "align", "name": self.run_dir.name, "config": {}, "timeout_s": 90.0}
+            self._open_wandb(resume)
 
-            self.wandb = WandbRun(self.run_dir, resume=resume, **(wandb or {"project": "align", "name": self.run_dir.name,
-                                                                         "config": {}, "timeout_s": 90.0}))
+    def _open_wandb(self, resume: bool) -> None:
+        from align.wandb_run import WandbRun
+
+        self.wandb = WandbRun(self.run_dir, resume=resume, **self._wandb_args)
+
+    def _wandb(self):
+        """The wandb run; after close() (Trainer.train ends, a time-boxed job calls it again) the same run resumes."""
+        if self.wandb is None and self._wandb_args is not None:
+            self._open_wandb(resume=True)
+        return self.wandb
 
     @classmethod
     def for_run(cls, run_dir: Path, logging_cfg: Any, config: dict[str, Any], resume: bool = False) -> MetricsLogger:
@@ -69,8 +79,8 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, float(v), step)
-        if self.wandb is not None:
-            self.wandb.log(step, metrics)
+        if self._wandb_args is not None:
+            self._wandb().log(step, metrics)
 
     def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
         """One completions table: a line per row in completions.jsonl, TensorBoard text, a wandb Table."""
@@ -79,9 +89,9 @@ class MetricsLogger:
                 f.write(json.dumps({"step": step, **row}) + "\n")
         if self.writer is not None:
             self.writer.add_text("completions", completions_markdown(rows), step)
-        if self.wandb is not None:
+        if self._wandb_args is not None:
             columns = list(dict.fromkeys(k for row in rows for k in _flat(row)))
-            self.wandb.log_table(step, "completions", columns, [[_flat(row).get(c) for c in columns] for row in rows])
+            self._wandb().log_table(step, "completions", columns, [[_flat(row).get(c) for c in columns] for row in rows])
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint (they will be re-run)."""

@@ -163,6 +163,30 @@ def test_wandb_offline_run_logs_and_cleans_up(tiny_model_path, arithmetic_data, 
     assert not [p for p in children if "wandb" in _cmdline(p)]
 
 
+def test_wandb_run_continues_across_time_boxed_train_calls(tiny_model_path, arithmetic_data, tmp_path, monkeypatch):
+    """Trainer.train(max_steps=1) twice: the second call resumes the same wandb run (train() finished it)."""
+    wandb = pytest.importorskip("wandb", reason="wandb is an optional extra (pip install wandb)")
+    from align.trainer.loop import Trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_run_config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", length_reward,
+                          train={"steps": 2}, logging={"run_dir": str(tmp_path / "run"), "progress": False,
+                                                       "print_every": 0, "report_to": ["wandb"]})
+    trainer = Trainer(cfg)
+    try:
+        trainer.train(max_steps=1)
+        trainer.train(max_steps=1)
+    finally:
+        trainer.close()
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    logs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and all(p.name == f"run-{run_id}.wandb" for p in logs)
+    assert all(b"rewards/length_reward/mean" in p.read_bytes() for p in logs)
+    assert wandb.run is None
+
+
 def _parent(pid: str) -> int:
     try:
         return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
