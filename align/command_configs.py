@@ -151,6 +151,7 @@ class ServeSettings(Section):
     idempotency_cache_bytes: Union[int, None] = None  # ... and their JSON bytes (default 64 MiB); 0 turns it off
     log_lines_per_interval: Union[int, None] = None  # log lines of one kind per interval (default 20) ...
     log_interval_s: Union[float, None] = None  # ... (default 10 s); the rest are counted, not written
+    trace_chars: Union[int, None] = None  # /get_reward: each sample's reward trace in extra_logs.trace (default 0: off)
 
     _POSITIVE = ("max_batch_size", "max_body_bytes", "max_concurrency", "max_samples_per_request",
                  "max_buffered_body_bytes", "max_connections", "backlog", "log_lines_per_interval",
@@ -161,7 +162,7 @@ class ServeSettings(Section):
         for key in self._POSITIVE:
             if getattr(self, key) is not None:
                 self.check(getattr(self, key) > 0, key, "must be > 0")
-        for key in ("idempotency_cache_size", "idempotency_cache_bytes", "max_wait_ms"):
+        for key in ("idempotency_cache_size", "idempotency_cache_bytes", "max_wait_ms", "trace_chars"):
             if getattr(self, key) is not None:
                 self.check(getattr(self, key) >= 0, key, "must be >= 0")
         if self.port is not None:

@@ -376,16 +376,35 @@ class ClusterConfig(Section):
         self.check(self.placement_timeout_s > 0, "placement_timeout_s", "must be > 0")
 
 
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
+
+
 @dataclass
 class LoggingConfig(Section):
     run_dir: str = "runs/{name}"
     name: str = "run"
     progress: bool = True
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as adding "tensorboard" to report_to
     print_every: int = 1
+    # where step metrics go: jsonl (RUN_DIR/metrics.jsonl), tensorboard (RUN_DIR/tb), wandb (pip install wandb)
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    completions_every: int = 0  # steps between completions tables (RUN_DIR/completions.jsonl); 0 = off
+    completions_rows: int = 8  # samples per table (the first rows of the step)
+    wandb_project: str = "align"
+    wandb_init_timeout_s: float = 90.0  # wandb.init waits this long for its service process, then fails
 
     def validate(self) -> None:
         self.check(self.print_every >= 0, "print_every", "must be >= 0 (0 = quiet)")
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        self.check(not unknown, "report_to", f"unknown {unknown}; pick from {list(REPORT_TO)}")
+        self.check(self.completions_every >= 0, "completions_every", "must be >= 0 (0 = off)")
+        self.check(self.completions_rows >= 1, "completions_rows", "must be >= 1")
+        self.check(self.wandb_init_timeout_s > 0, "wandb_init_timeout_s", "must be > 0")
+
+    @property
+    def reporters(self) -> list[str]:
+        """report_to with the older `tensorboard: true` folded in."""
+        return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.tensorboard else [])]))
 
 
 @dataclass

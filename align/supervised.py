@@ -124,7 +124,7 @@ def sft(config: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     optim = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = lambda_lr(optim, total, cfg.train.warmup_steps, cfg.train.lr_scheduler)
     out_dir = Path(cfg.output_dir)
-    logger = MetricsLogger(out_dir, cfg.logging.tensorboard)
+    logger = MetricsLogger.for_run(out_dir, cfg.logging, cfg.to_dict())
     model.train()
     step, loss_value, t0 = 0, float("nan"), time.perf_counter()
     epochs = math.ceil(total / steps_per_epoch)

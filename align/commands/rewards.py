@@ -91,6 +91,10 @@ def register_serve_rewards(subparsers) -> None:
     p.add_argument("--on-error", metavar="fail|value:X",
                    help="/get_reward: an errored sample fails the batch with 500 (fail, the default) or gets X "
                         "(counted in extra_logs.reward_error)")
+    p.add_argument("--trace-chars", type=int, metavar="N",
+                   help="/get_reward: add each sample's reward trace (Themis) to extra_logs.trace, cut to N chars "
+                        "(default 0: off; OpenRLHF's client makes tensors of extra_logs, so only for clients "
+                        "that read text)")
     p.add_argument("--max-batch-size", type=int, help="samples merged into one scoring batch (default 64)")
     p.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 5)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body; bigger gets 413 (default 8 MiB)")

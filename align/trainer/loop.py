@@ -32,6 +32,7 @@ from align.rollouts.engine import RolloutEngine
 from align.rollouts.params import SamplingParams
 from align.trainer.algorithm import make_algorithm
 from align.trainer.forward import chunked, position_ids_from_mask, response_forward
+from align.trainer.reporting import log_completions, reward_function_metrics
 from align.trainer.reward_metrics import sandbox_tier_counts
 from align.trainer.state import StepData
 
@@ -83,7 +84,7 @@ class Trainer:
         self.samples_seen = 0
         self.run_dir = cfg.run_dir
         resume = resume_from or cfg.checkpoint.resume_from
-        self.logger = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resume=bool(resume))
+        self.logger = MetricsLogger.for_run(self.run_dir, cfg.logging, cfg.to_dict(), resume=bool(resume))
         if resume:
             self._resume(resume)
 
@@ -169,6 +170,7 @@ class Trainer:
         if self.algo.select_groups(step) is not None:
             step, refill = timed("refill", self.phase_refill, step)
             metrics |= refill
+        log_completions(self.logger, self.cfg.logging, self.step + 1, step)  # self.step counts finished steps
         metrics |= timed("logprobs", self.phase_logprobs, step)
         metrics |= timed("advantages", self.phase_advantages, step)
         metrics |= timed("update", self.phase_update, step)
@@ -226,7 +228,7 @@ class Trainer:
                 "reward/max": float(good.max()), "reward/min": float(good.min()),
                 "reward/errors": float(sum(e is not None for e in out.errors)),
                 "reward/not_applicable": float(sum(s is None and e is None for s, e in zip(out.scores, out.errors))),
-                **sandbox_tier_counts(out.info), **overlong}
+                **sandbox_tier_counts(out.info), **reward_function_metrics(out.info), **overlong}
 
     def _reward_trainer_state(self) -> RewardTrainerState:
         """TRL TrainerState's fields for reward shaping, with TRL's meaning at scoring time: optimizer steps done
@@ -483,6 +485,7 @@ class Trainer:
 
     def close(self) -> None:
         self.backend.close()
+        self.logger.close()  # a Trainer never trained still ends its wandb run
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from align.rewards.base import RewardOutput, as_reward_function
 from align.rewards.service.batching import DynamicBatcher, QueueFull, ScoringFailed, _Metrics
 from align.rewards.service.cache import _Idempotency
 from align.rewards.service.gate import _Gate
-from align.rewards.service.openrlhf import get_reward_body, parse_on_error, split_queries
+from align.rewards.service.openrlhf import get_reward_body, parse_on_error, split_queries, trace_texts
 from align.rewards.service.settings import ServiceSettings
 from align.rewards.service.wire import (
     _ERROR_RESPONSES,
@@ -124,9 +124,11 @@ def create_app(reward: Any, *, reward_factory: Callable[[], Any] | None = None, 
                                      {k: [v[i] for i in keep] for k, v in columns.items()})
             scores: list[float | None] = [None] * len(split_errors)
             errors = list(split_errors)
+            infos: list[Any] = [None] * len(split_errors)
             for j, i in enumerate(keep):
-                scores[i], errors[i] = out.scores[j], out.errors[j]
-            reply = get_reward_body(scores, errors, fill, request_id)
+                scores[i], errors[i], infos[i] = out.scores[j], out.errors[j], out.info[j]
+            traces = trace_texts(infos, settings.trace_chars) if settings.trace_chars else None
+            reply = get_reward_body(scores, errors, fill, request_id, traces)
             if isinstance(reply, tuple):
                 raise _HTTPReply(*reply)
             return reply

@@ -75,9 +75,30 @@ def split_queries(queries: list[str], prompts: list[str] | None) -> tuple[list[s
     return list(prompts), completions, errors
 
 
+def trace_texts(infos: list[Any], limit: int) -> list[str]:
+    """Each sample's trace (info["trace"], or a mixture component's), cut to `limit` chars; "" when none."""
+    out = []
+    for info in infos:
+        text = _trace_of(info) or ""
+        out.append(text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]")
+    return out
+
+
+def _trace_of(info: Any) -> str | None:
+    if not isinstance(info, dict):
+        return None
+    if isinstance(info.get("trace"), str):
+        return info["trace"]
+    for sub in (info.get("component_info") or {}).values():
+        if (found := _trace_of(sub)) is not None:
+            return found
+    return None
+
+
 def get_reward_body(scores: list[float | None], errors: list[str | None], fill: float | None,
-                    request_id: str) -> dict[str, Any] | tuple[int, str]:
-    """The 200 body, or (status, detail) when a sample errored and `fill` is None (on_error: fail)."""
+                    request_id: str, traces: list[str] | None = None) -> dict[str, Any] | tuple[int, str]:
+    """The 200 body, or (status, detail) when a sample errored and `fill` is None (on_error: fail).
+    `traces` (serve --trace-chars N) adds extra_logs.trace, one text per sample."""
     bad = [i for i, (s, e) in enumerate(zip(scores, errors)) if e is not None or s is None]
     if bad and fill is None:
         i = bad[0]
@@ -90,5 +111,8 @@ def get_reward_body(scores: list[float | None], errors: list[str | None], fill: 
     flags = [1.0 if i in bad_set else 0.0 for i in range(len(scores))]
     errors = [e if e is not None or i not in bad_set else "the reward gave no score" for i, e in enumerate(errors)]
     # extra_logs values are per-sample lists: OpenRLHF concatenates them across requests and splits per sample
-    return {"rewards": rewards, "scores": rewards, "extra_logs": {"reward_error": flags},
+    extra_logs: dict[str, list[Any]] = {"reward_error": flags}
+    if traces is not None:
+        extra_logs["trace"] = traces
+    return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs,
             "errors": errors, "errors_filled": len(bad), "request_id": request_id}

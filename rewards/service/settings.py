@@ -36,13 +36,16 @@ class ServiceSettings:
     token: str | None = None
     # /get_reward (OpenRLHF): an errored sample fails the batch with 500 ("fail") or is filled ("value:X")
     on_error: str = "fail"
+    # /get_reward: the reward's per-sample trace text (Themis) in extra_logs.trace, at most this many chars each;
+    # 0 = off, because OpenRLHF turns every extra_logs list into a tensor and a list of text would break it
+    trace_chars: int = 0
 
     def __post_init__(self) -> None:
         for key in ("max_batch_size", "max_body_bytes", "max_concurrency", "max_samples_per_request",
                     "max_buffered_body_bytes", "max_connections", "backlog", "log_lines_per_interval"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"service: {key} must be >= 1, got {getattr(self, key)}")
-        for key in ("idempotency_cache_size", "idempotency_cache_bytes"):
+        for key in ("idempotency_cache_size", "idempotency_cache_bytes", "trace_chars"):
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"service: {key} must be >= 0 (0 turns the cache off), got {getattr(self, key)}")
         if self.max_wait_ms < 0:

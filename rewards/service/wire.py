@@ -78,7 +78,9 @@ class GetRewardResponse(BaseModel):
     rewards: list[float] = Field(description="Numbers only: an errored sample fails the batch (500) unless the "
                                              "service runs with on_error value:X, which fills X.")
     scores: list[float]
-    extra_logs: dict[str, list[float]] = Field(description="reward_error: 1.0 for each filled sample")
+    extra_logs: dict[str, list[float] | list[str]] = Field(
+        description="reward_error: 1.0 for each filled sample; trace (serve --trace-chars N): each sample's "
+                    "reward trace, at most N chars")
     errors: list[str | None]
     errors_filled: int = Field(description="How many samples errored and were filled with on_error's value")
     request_id: str
