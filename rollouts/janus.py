@@ -22,6 +22,7 @@ Training forwards (no cache) are never guided: GRPO optimises the raw conditiona
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ class JanusImageLM(nn.Module):
         janus.config.umm = self.layout  # the trainer, the reward and the sampling spec read it from the config
         self.offset = int(self.layout["image_id_offset"])
         self.guidance_scale = 1.0
-        self._uncond_cache = None
+        self._uncond_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine cache -> uncond cache
         object.__setattr__(self, "_head", _OffsetHead(janus.model.generation_head.vision_head, self.offset))
         object.__setattr__(self, "_decoder", _ImageDecoder(self))
         self._lm_cache_kw = cache_keyword(janus.model.language_model)
@@ -216,15 +217,20 @@ class JanusImageLM(nn.Module):
         # A prefill (more than one new token: a Janus image prompt holds at least text + boi) starts a fresh
         # unconditional cache of the engine's kind; decode steps feed it the same image token as the
         # conditional branch. Host-side shapes only, so a captured CUDA-graph step replays the same ops.
-        if input_ids.shape[1] > 1 or self._uncond_cache is None:
+        # A static cache is reused (reset) per engine cache: a captured graph holds its buffers' addresses.
+        if input_ids.shape[1] > 1 or cache not in self._uncond_caches:
             from transformers import DynamicCache, StaticCache
 
             if isinstance(cache, StaticCache):
-                self._uncond_cache = StaticCache(config=self.config, max_cache_len=cache.max_cache_len)
+                uncond = self._uncond_caches.get(cache)
+                if uncond is None:
+                    uncond = StaticCache(config=self.config, max_cache_len=cache.get_max_length())
+                uncond.reset()
             else:
-                self._uncond_cache = DynamicCache(config=self.config)
+                uncond = DynamicCache(config=self.config)
+            self._uncond_caches[cache] = uncond
             input_ids = self.unconditional_ids(input_ids)
-        return self._decode(input_ids, attention_mask, position_ids, cache=self._uncond_cache,
+        return self._decode(input_ids, attention_mask, position_ids, cache=self._uncond_caches[cache],
                             use_cache=True).last_hidden_state
 
     # --- understanding (the GvU reward) ---------------------------------------------------------------

@@ -58,7 +58,7 @@ def _janus_scores(janus, ids: list[int], image: list[int]) -> torch.Tensor:
 
 
 def test_image_lm_logits_are_janus_generation_head_and_guidance_follows_janus_recipe(image_lm):
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     from align.rollouts.janus import TEXT_LOGIT
 
@@ -69,9 +69,12 @@ def test_image_lm_logits_are_janus_generation_head_and_guidance_follows_janus_re
     cond = _janus_scores(janus, prompt, image)
     # Janus' unconditional prompt keeps BOS and boi and pads the rest (modeling_janus.generate)
     uncond = _janus_scores(janus, [2] + [0] * (len(prompt) - 2) + [boi], image)
-    for s in (1.0, 3.0):
+    static = StaticCache(config=image_lm.config, max_cache_len=16)
+    # dynamic caches, then one static cache used twice (the engine resets and reuses its state; so must CFG)
+    for s, cache in ((1.0, DynamicCache(config=image_lm.config)), (3.0, DynamicCache(config=image_lm.config)),
+                     (3.0, static), (3.0, static)):
         image_lm.set_guidance_scale(s)
-        cache = DynamicCache(config=image_lm.config)
+        cache.reset()
         steps = [image_lm(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]]
         for t in image:  # decode steps feed the sampled image token (as the offset id V + code)
             steps.append(image_lm(input_ids=torch.tensor([[V + t]]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1])
