@@ -82,8 +82,13 @@ class RolloutConfig(Section):
     # Use the rollout's own log-probs as old_logprobs (skips one forward pass). Valid when the rollout runs
     # the trainer's weights in the trainer's dtype; see docs/engine.md "Log-prob agreement".
     use_rollout_logprobs: bool = False
+    # Classifier-free guidance for image tokens (model.kind umm, native Janus): uncond + s * (cond - uncond); 1 = off
+    guidance_scale: float = 1.0
 
     def validate(self) -> None:
+        self.check(self.guidance_scale > 0.0, "guidance_scale", "must be > 0 (1 disables guidance)")
+        self.check(self.guidance_scale == 1.0 or not self.use_rollout_logprobs, "guidance_scale",
+                   "guided rollouts record guided log-probs; set use_rollout_logprobs: false")
         self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         self.check(self.temperature >= 0.0, "temperature", "must be >= 0 (0 = greedy)")
         self.check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables top-k)")
@@ -440,6 +445,9 @@ class _RunConfig(Section):
             # a copy: an algo section object passed in (maybe shared by several run configs) stays unresolved
             self.algo = dataclasses.replace(self.algo, loss_norm_length=self.rollout.max_new_tokens)
             object.__setattr__(self.algo, "_loss_norm_length_from_rollout", True)  # see as_config
+        if self.rollout.guidance_scale != 1.0 and self.model.kind != "umm":
+            raise ConfigError(f"rollout.guidance_scale = {self.rollout.guidance_scale}: guidance is for image tokens; "
+                              "set model.kind: umm (a native Janus checkpoint) or guidance_scale: 1")
         ob = self.reward.overlong_buffer
         if ob.enable:
             if self.model.kind == "umm":

@@ -98,6 +98,11 @@ def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device, key
     from transformers import AutoModelForCausalLM
 
     path = _local_or_hub(path, key)
+    if cfg.kind == "umm":
+        from align.rollouts.janus import is_janus, load_janus_image_lm
+
+        if is_janus(path):  # HF's native Janus format: image tokens from the generation head
+            return load_janus_image_lm(path, _dtype(cfg, device), device, cfg.gradient_checkpointing)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
     except OSError as err:

@@ -124,17 +124,29 @@ def tiny_umm(tokenizer, layout: dict, hidden_size: int = 128, num_layers: int = 
     return LlamaForCausalLM(config)
 
 
+# JanusProcessor's image placeholder, image start (boi) and image end (eoi) tokens
+JANUS_IMAGE_TOKENS = ("<image_placeholder>", "<begin_of_image>", "<end_of_image>")
+
+
 def make_tiny_janus(path: str | Path, seed: int = 0) -> Path:
-    """Write a random `JanusForConditionalGeneration` (4 image tokens per image: 16 px images, 8 px patches)
-    and its word-level tokenizer (with <image>, <boi>, <eoi>) to `path`; returns the path."""
+    """Write a random `JanusForConditionalGeneration` (4 image tokens per image: 16 px images, 8 px patches,
+    a 32-code VQ codebook) in Hugging Face's native Janus format, as a converted Janus-Pro checkpoint has it:
+    config.json with model_type janus, a word-level tokenizer with JanusProcessor's <image_placeholder>,
+    <begin_of_image>, <end_of_image>, and generation_config.json with generation_kwargs.boi_token_id. Returns the path."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        JanusConfig,
+        JanusForConditionalGeneration,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["<pad>", "<unk>", "<bos>", "<eos>", "describe", "the", "image", "in", "detail", ".", "a", "red",
              "circle", "cat", "dog", "on", "mat"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens([AddedToken(t, normalized=False) for t in ("<image>", "<boi>", "<eoi>")])
+    tk.add_special_tokens([AddedToken(t, normalized=False) for t in JANUS_IMAGE_TOKENS])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
     H = 32
     cfg = JanusConfig(
@@ -146,11 +158,15 @@ def make_tiny_janus(path: str | Path, seed: int = 0) -> Path:
                            projection_dim=H, num_image_tokens=4, depth=1),
         vq_config=dict(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
                        num_res_blocks=1, projection_dim=H, image_token_embed_dim=H, num_hidden_layers=1),
-        image_token_id=tok.convert_tokens_to_ids("<image>"))
+        image_token_id=tok.convert_tokens_to_ids(JANUS_IMAGE_TOKENS[0]))
     torch.manual_seed(seed)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    JanusForConditionalGeneration(cfg).save_pretrained(path)
+    model = JanusForConditionalGeneration(cfg)
+    model.generation_config = GenerationConfig(
+        bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        generation_kwargs={"boi_token_id": tok.convert_tokens_to_ids(JANUS_IMAGE_TOKENS[1])})
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

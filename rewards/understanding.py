@@ -141,8 +141,13 @@ class UnderstandingReward(RewardFunction):
         self.model.eval()
         out: list[torch.Tensor] = []
         try:
+            # a policy that reads images itself (align.rollouts.janus.JanusImageLM: Janus' vision encoder)
+            own = getattr(self.model, "score_text", None)
             with torch.no_grad(), self._scoring_context():
                 for lo in range(0, len(rows), self.batch_size):
+                    if own is not None:
+                        out += [t.float() for t in own(list(image_ids)[lo:lo + self.batch_size], list(texts)[lo:lo + self.batch_size])]
+                        continue
                     out += understanding_logprobs(self.model, rows[lo:lo + self.batch_size], starts[lo:lo + self.batch_size],
                                                   self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         finally:

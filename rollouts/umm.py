@@ -45,12 +45,17 @@ class ImageTokens:
 
 
 def umm_layout(model_or_config_or_path: Any) -> dict:
-    """The `umm` section of a UMM's config (a model, its config, or a saved model directory)."""
+    """The `umm` section of a UMM's config (a model, its config, or a saved model directory); a native Janus
+    directory (model_type: janus, no `umm` section) gets its layout from align.rollouts.janus.janus_layout."""
     cfg = model_or_config_or_path
     if isinstance(cfg, (str, bytes)) or hasattr(cfg, "__fspath__"):
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(cfg)
+        from align.rollouts.janus import is_janus, janus_layout_from_path
+
+        path, cfg = cfg, AutoConfig.from_pretrained(cfg)
+        if is_janus(cfg) and not isinstance(getattr(cfg, "umm", None), dict):  # HF's native Janus format
+            return janus_layout_from_path(path)
     cfg = getattr(cfg, "config", cfg)
     layout = getattr(cfg, "umm", None)
     if not isinstance(layout, dict):

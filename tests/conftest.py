@@ -103,10 +103,10 @@ def tiny_janus(tmp_path_factory):
     """(JanusForConditionalGeneration, tokenizer, ids) with 4 image tokens per image, random weights."""
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-    from align.testing import make_tiny_janus
+    from align.testing import JANUS_IMAGE_TOKENS, make_tiny_janus
 
     path = make_tiny_janus(tmp_path_factory.mktemp("janus"), seed=0)
     tok = AutoTokenizer.from_pretrained(path)
     model = JanusForConditionalGeneration.from_pretrained(path).eval()
-    ids = {k: tok.convert_tokens_to_ids(k) for k in ("<boi>", "<eoi>", "<image>")}
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in zip(("<image>", "<boi>", "<eoi>"), JANUS_IMAGE_TOKENS)}
     return model, tok, ids

@@ -97,6 +97,12 @@ class Trainer:
             from align.rollouts.umm import umm_generation_spec
 
             spec = umm_generation_spec(self.cfg.model.path, self.tokenizer)
+            if r.guidance_scale != 1.0:  # CFG runs inside the policy's cached forward (align.rollouts.janus)
+                set_guidance = getattr(self.models.policy, "set_guidance_scale", None)
+                if set_guidance is None:
+                    raise UserError("rollout.guidance_scale needs a native Janus checkpoint (model_type: janus); "
+                                    "set rollout.guidance_scale: 1 for this model")
+                set_guidance(r.guidance_scale)
             extra |= dict(allowed_token_ids=spec["allowed_token_ids"], min_new_tokens=spec["num_image_tokens"],
                           ignore_eos=True)
             r_max = spec["num_image_tokens"]
