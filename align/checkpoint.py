@@ -191,9 +191,8 @@ def _first_line(err: BaseException) -> str:
 
 def model_dir(ckpt: Path) -> Path:
     """The folder holding a checkpoint's model: the checkpoint itself, or policy/ in one of an earlier version."""
-    legacy = Path(ckpt) / "policy"
-    return legacy if legacy.is_dir() and not (Path(ckpt) / "config.json").is_file() and not (
-        Path(ckpt) / "adapter_config.json").is_file() else Path(ckpt)
+    legacy = Path(ckpt) / "policy"  # the old layout's top-level config.json was the run config, not the model's
+    return legacy if (legacy / "config.json").is_file() or (legacy / "adapter_config.json").is_file() else Path(ckpt)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -161,3 +161,35 @@ def test_cli_overwrite_flag(tiny_model_path, arithmetic_data, tmp_path, capsys):
     assert cli_main(["train", str(path), "--overwrite"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]
+
+
+def test_resume_reads_a_checkpoint_of_the_earlier_policy_layout(tiny_model_path, arithmetic_data, tmp_path):
+    """Checkpoints written before this layout kept the model in policy/ and the run config in config.json."""
+    import shutil
+
+    cfg = config(tiny_model_path, arithmetic_data["prompts"], tmp_path / "run")
+    ckpt = align.train(cfg).checkpoint
+    (ckpt / "policy").mkdir()
+    for f in list(ckpt.iterdir()):
+        if f.name not in ("policy", "trainer.pt", "align_config.json"):
+            shutil.move(str(f), ckpt / "policy" / f.name)
+    (ckpt / "align_config.json").rename(ckpt / "config.json")
+    weights = (ckpt / "policy" / "model.safetensors").read_bytes()
+    (ckpt / "policy" / "model.safetensors").write_bytes(weights[:100])  # truncated: resume must read this file
+    cfg["train"]["steps"] = 2
+    with pytest.raises(align.CheckpointError, match=r"step-000001/policy are corrupt"):
+        align.train(cfg, resume_from=tmp_path / "run")
+    (ckpt / "policy" / "model.safetensors").write_bytes(weights)
+    assert [h["step"] for h in align.train(cfg, resume_from=tmp_path / "run").history] == [2]
+
+
+def test_export_follows_the_confined_latest_rule(tmp_path, capsys):
+    run = tmp_path / "run"
+    (tmp_path / "other" / "step-000001").mkdir(parents=True)
+    (tmp_path / "other" / "step-000001" / "trainer.pt").write_bytes(b"x")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("../../other/step-000001")
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot export" in err[0] and "outside" in err[0]
+    assert not (tmp_path / "o").exists()
