@@ -35,7 +35,8 @@ from align.redact import redact_secrets
 
 TRAINER_FILE = "trainer.pt"
 RUN_CONFIG_FILE = "align_config.json"  # not config.json: that name is the model's (from_pretrained reads it)
-RUN_FILES = ("metrics.jsonl", "checkpoints", "tb")  # what a run writes into its run directory
+# what a run writes into its run directory (the logging sinks of logging.report_to included)
+RUN_FILES = ("metrics.jsonl", "completions.jsonl", "checkpoints", "tb", "wandb", "wandb_run_id")
 
 
 def rng_state() -> dict[str, Any]:

@@ -193,3 +193,18 @@ def test_export_follows_the_confined_latest_rule(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot export" in err[0] and "outside" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("left", ["completions.jsonl", "tb", "wandb"])
+def test_any_logging_output_marks_a_used_run_dir(left, tiny_model_path, arithmetic_data, tmp_path):
+    """A run logged only to TensorBoard / wandb / the completions table (no metrics.jsonl) is a run too."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")  # the user's own file: neither a run nor removed by --overwrite
+    (run / left).mkdir() if "." not in left else (run / left).write_text("{}\n")
+    cfg = config(tiny_model_path, arithmetic_data["prompts"], run, checkpoint={"save_final": False})
+    with pytest.raises(align.UserError, match=f"already holds a run \\({left}\\)"):
+        align.Trainer(cfg)
+    cfg["checkpoint"]["overwrite"] = True
+    align.Trainer(cfg).close()
+    assert not (run / left).exists() and (run / "notes.txt").read_text() == "mine"
