@@ -1,10 +1,14 @@
 """Atomic checkpoints and exact resume.
 
-Layout: RUN_DIR/checkpoints/step-000004/{policy/, trainer.pt, config.json} and RUN_DIR/checkpoints/latest
-(a text file naming the newest complete checkpoint). A checkpoint is written to a temporary directory, every
-file and folder of it fsynced, renamed into place and the parent directory fsynced; `latest` is replaced the
-same way after that, so neither a crash nor a power loss leaves a half-written checkpoint that resume would
-pick up. Resume refuses a missing or corrupt checkpoint (never a fresh start).
+Layout: RUN_DIR/checkpoints/step-000004/ is a Hugging Face model directory (config.json + model.safetensors +
+tokenizer files; with LoRA adapter_config.json + adapter_model.safetensors), so `from_pretrained(step_dir)`
+loads it directly, with the trainer state beside the model: trainer.pt and align_config.json (the run config,
+secrets redacted). RUN_DIR/checkpoints/latest is a text file naming the newest complete checkpoint.
+Checkpoints of earlier versions kept the model under policy/; resume still reads them.
+
+A checkpoint is written to a temporary directory, every file and folder of it fsynced, renamed into place and
+the parent directory fsynced; `latest` is replaced the same way after that, so neither a crash nor a power loss
+leaves a half-written checkpoint that resume would pick up. Resume refuses a missing or corrupt checkpoint (never a fresh start).
 
 Safe loads: `trainer.pt` holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None;
 RNG states are converted to these when saving) and is read with `torch.load(weights_only=True)`, so a crafted
@@ -26,10 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from align.errors import CheckpointError
+from align.errors import CheckpointError, UserError
 from align.redact import redact_secrets
 
 TRAINER_FILE = "trainer.pt"
+RUN_CONFIG_FILE = "align_config.json"  # not config.json: that name is the model's (from_pretrained reads it)
+# what a run writes into its run directory (the logging sinks of logging.report_to included)
+RUN_FILES = ("metrics.jsonl", "completions.jsonl", "checkpoints", "tb", "wandb", "wandb_run_id")
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,10 +101,10 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: 
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    policy.save_pretrained(tmp / "policy")  # with LoRA: the adapters only
-    tokenizer.save_pretrained(tmp / "policy")
+    policy.save_pretrained(tmp)  # with LoRA: the adapters only (adapter_config.json names the base model)
+    tokenizer.save_pretrained(tmp)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_FILE)
-    (tmp / "config.json").write_text(json.dumps(redact_secrets(config), indent=2, default=str))  # no tokens on disk
+    (tmp / RUN_CONFIG_FILE).write_text(json.dumps(redact_secrets(config), indent=2, default=str))  # no tokens on disk
     _fsync_tree(tmp)  # contents on disk before the rename makes them the checkpoint
     stale = root / f".old-step-{step:06d}"
     if final.exists():  # re-saving a step: keep the old copy until the new one is in place and named
@@ -167,7 +174,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"cannot resume: {file} holds {found.group(1)}, which is not a tensor or plain data, so it was not "
                 "loaded (weights_only=True refuses pickled code); resume only from checkpoints written by align "
-                ">= 0.2.0, or start a new run with model.path set to this checkpoint's policy/ folder") from None
+                ">= 0.2.0, or start a new run with model.path set to this checkpoint's directory") from None
         raise CheckpointError(f"cannot resume: {file} is corrupt ({_first_line(err)})") from None
     except Exception as err:  # truncated or overwritten file
         raise CheckpointError(f"cannot resume: {file} is corrupt ({type(err).__name__}: {_first_line(err)})") from None
@@ -183,11 +190,35 @@ def _first_line(err: BaseException) -> str:
     return (text or (lines[0] if lines else type(err).__name__))[:200]
 
 
+def model_dir(ckpt: Path) -> Path:
+    """The folder holding a checkpoint's model: the checkpoint itself, or policy/ in one of an earlier version."""
+    legacy = Path(ckpt) / "policy"  # the old layout's top-level config.json was the run config, not the model's
+    return legacy if (legacy / "config.json").is_file() or (legacy / "adapter_config.json").is_file() else Path(ckpt)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an old one (its metrics.jsonl would be emptied and its checkpoints left
+    beside the new ones, `latest` naming whichever wrote last); `overwrite` removes what the old run wrote."""
+    run_dir = Path(run_dir)
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume or not found:
+        return
+    if not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with --resume {run_dir} "
+                        "(checkpoint.resume_from) or replace it with --overwrite (checkpoint.overwrite: true)")
+    for name in found:  # only what align writes: run_dir may be shared with the user's own files
+        target = run_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
 def load_policy_weights(policy, ckpt: Path, lora: bool) -> None:
     """Load the checkpoint's policy (or adapter) weights into the already-built `policy`."""
     from safetensors.torch import load_file
 
-    folder = ckpt / "policy"
+    folder = model_dir(ckpt)
     if lora:
         from peft import set_peft_model_state_dict
 

@@ -10,6 +10,7 @@ from align.errors import UserError
 
 COMMAND_MODULES = (
     "align.commands.train",      # train, sft, plot
+    "align.commands.export",     # export
     "align.commands.rewards",    # train-rm, eval-rm, serve-rewards
     "align.commands.diversity",  # eval-diversity
     "align.commands.submit",     # submit (Ray Jobs)

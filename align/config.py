@@ -418,6 +418,9 @@ class CheckpointConfig(Section):
     keep_last: int = 2
     save_final: bool = True
     resume_from: str = ""  # a run directory or a checkpoint directory
+    # false: no optimizer state in checkpoints (smaller; resume then restarts the optimizer's moments, with a warning)
+    save_optimizer: bool = True
+    overwrite: bool = False  # start a new run in a run directory that holds one (its metrics and checkpoints removed)
 
     def validate(self) -> None:
         self.check(self.every >= 0, "every", "must be >= 0")

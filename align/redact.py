@@ -1,5 +1,5 @@
 """Secrets never reach disk: `redact_secrets` replaces the value of every secret-like key (token, secret,
-password, api key, credential, ...) in a config before it is saved (checkpoints/step-N/config.json).
+password, api key, credential, ...) in a config before it is saved (checkpoints/step-N/align_config.json).
 
 A resumed run takes its secrets from its own config or the environment ($ALIGN_REWARD_TOKEN), never from a
 checkpoint, so nothing needs them back.

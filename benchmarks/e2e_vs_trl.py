@@ -203,7 +203,7 @@ def run_align(job: Job) -> dict:
                   "max_grad_norm": job.max_grad_norm, "lr_scheduler": "constant", "seed": job.seed,
                   "device": job.device},
         "logging": {"run_dir": str(Path(job.work_dir) / "align_run"), "progress": False, "print_every": 0},
-        "checkpoint": {"every": 0, "save_final": False},
+        "checkpoint": {"every": 0, "save_final": False, "overwrite": True},  # repeated runs share the work dir
     }
     trainer = Trainer(config)
     if job.fixed_length:

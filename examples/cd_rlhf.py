@@ -94,7 +94,7 @@ def ppo_config(model: str, prompts: str, run_dir: Path, seed: int, eta: float, s
         "train": {"steps": steps, "prompts_per_step": prompts_per_step, "mini_batch_size": max(1, prompts_per_step // 2),
                   "micro_batch_size": max(1, prompts_per_step // 2), "lr": lr, "seed": seed, "device": "cpu"},
         "logging": {"name": run_dir.name, "run_dir": str(run_dir), "progress": False, "print_every": 0},
-        "checkpoint": {"every": every, "keep_last": 1000, "save_final": True},
+        "checkpoint": {"every": every, "keep_last": 1000, "save_final": True, "overwrite": True},  # a rerun recomputes
     }
 
 
@@ -156,7 +156,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
         step = int(ckpt.name.split("-")[1])
         final = step == job["steps"]
-        m = evaluate(ckpt / "policy", job["n"], job["seed"], job["sentbert"] and final)
+        m = evaluate(ckpt, job["n"], job["seed"], job["sentbert"] and final)
         checkpoints.append({"step": step, **m})
     keep = ("reward/mean", "reward/std", "kl/mean_seq", "rollout/response_length", "rollout/truncated", "policy/entropy",
             "curiosity/gate_rate", "curiosity/icm_loss",

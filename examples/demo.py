@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         "train": {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "micro_batch_size": 128, "lr": args.lr,
                   "warmup_steps": args.warmup, "lr_scheduler": "cosine", "seed": args.seed},
         "logging": {"run_dir": str(out / "grpo"), "progress": False, "print_every": 5},
-        "checkpoint": {"every": 0},
+        "checkpoint": {"every": 0, "overwrite": True},  # `make demo` rebuilds everything: replace the last run
     })
     rewards = [h["reward/mean"] for h in result.history]
     k = max(1, min(10, len(rewards) // 4))

@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg["algo"]["kl_coef"] = beta
         cfg["train"] |= {"seed": seed, "steps": args.steps} | ({"lr": args.lr} if args.lr is not None else {})
         cfg["logging"] |= {"run_dir": f"{out}/{{name}}", "name": f"grpo-seed{seed}"}
+        cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "overwrite": True}  # a rerun recomputes each seed
         cfg["reward"]["functions"][0]["kwargs"]["scorer"] = args.scorer
         trainer = align.Trainer(cfg, overrides=args.set)
         t = time.time()

@@ -82,7 +82,10 @@ def read_prompts(path: str | Path, key: str, limit: int | None = None) -> list[A
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The folder holding the weights: the path itself, its `policy/`, or the latest checkpoint's `policy/`."""
+    """The folder holding the weights: the path itself (a model or a checkpoint), the `policy/` of an
+    earlier version's checkpoint, or the model of a run's latest checkpoint."""
+    from align.checkpoint import model_dir
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint or model directory")
@@ -91,16 +94,14 @@ def resolve_model_dir(path: str | Path) -> Path:
         full = (p / "config.json").is_file() and any(p.glob("*.safetensors"))
         return full or (p / "adapter_config.json").is_file()
 
-    if is_model(path) and not (path / "trainer.pt").is_file():
-        return path
-    if is_model(path / "policy"):
-        return path / "policy"
     latest = path / "checkpoints" / "latest"
+    candidates = [path, model_dir(path)]
     if latest.is_file():
-        candidate = path / "checkpoints" / latest.read_text().strip() / "policy"
+        candidates.append(model_dir(path / "checkpoints" / latest.read_text().strip()))
+    for candidate in candidates:
         if is_model(candidate):
             return candidate
-    raise UserError(f"{path}: not a model directory (config.json + weights), a checkpoint with policy/, "
+    raise UserError(f"{path}: not a model directory (config.json + weights), a checkpoint, "
                     "or a run directory with checkpoints/latest")
 
 

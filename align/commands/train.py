@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR (or a checkpoint dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds a run (checkpoint.overwrite: true)")
     p.set_defaults(func=run_train)
 
     s = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion pairs")
@@ -28,7 +30,7 @@ def run_train(args) -> int:
     from align.config import load_config
     from align.trainer.loop import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + (["checkpoint.overwrite=true"] if args.overwrite else []))
     result = train(config, resume_from=args.resume)
     summary = {k: round(v, 5) for k, v in result.metrics.items() if k.startswith(("reward/", "kl/", "loss/"))}
     print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), **summary}, indent=2))

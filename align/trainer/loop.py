@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class Trainer:
     def __init__(self, config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None,
                  dataset: Any = None):
         self.cfg = cfg = resolve_data_config(as_config(config, overrides), dataset)
+        # before anything is loaded or written: a new run never silently lands on an old one
+        ckpt_io.prepare_run_dir(cfg.run_dir, bool(resume_from or cfg.checkpoint.resume_from), cfg.checkpoint.overwrite)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.algo = make_algorithm(cfg)
@@ -499,6 +502,8 @@ class Trainer:
                  "sampler": self.sampler.state_dict(), "samples_seen": self.samples_seen,
                  "update_generator": self.update_generator.get_state(), "algo": self.algo.state_dict(),
                  "algorithm": self.algo.name}
+        if not self.cfg.checkpoint.save_optimizer:
+            del state["optimizer"]
         if self.models.value_head is not None:
             state["value_head"] = self.models.value_head.state_dict()
         if self.models.critic is not None:
@@ -519,7 +524,12 @@ class Trainer:
         if state.get("algorithm") != self.algo.name:
             raise UserError(f"checkpoint {ckpt} was written by a {state.get('algorithm')} run, this config is {self.algo.name}")
         ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # checkpoint.save_optimizer: false; the rest (step, data order, RNG, lr schedule) is exact
+            warnings.warn(f"checkpoint {ckpt} holds no optimizer state (checkpoint.save_optimizer: false): the "
+                          "optimizer's moments restart from zero, so this resume is not an exact continuation",
+                          UserWarning, stacklevel=2)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.samples_seen = state["samples_seen"]

@@ -57,12 +57,12 @@ def test_a_run_with_remote_token_writes_it_nowhere(tiny_model_path, arithmetic_d
         "checkpoint": {"save_final": True},
     })
     files = [p for p in run.rglob("*") if p.is_file()]
-    assert any(p.name == "config.json" and p.parent.name.startswith("step-") for p in files)
+    assert any(p.name == "align_config.json" and p.parent.name.startswith("step-") for p in files)
     leaked = [str(p.relative_to(run)) for p in files if TOKEN.encode() in p.read_bytes()]
     assert leaked == []
     import json
 
-    saved = json.loads(next(p for p in files if p.name == "config.json" and p.parent.name.startswith("step-")).read_text())
+    saved = json.loads(next(p for p in files if p.name == "align_config.json" and p.parent.name.startswith("step-")).read_text())
     assert saved["reward"]["remote_token"] == "<redacted>" and saved["reward"]["remote_url"] == url
 
 

@@ -39,7 +39,7 @@ def test_train_takes_a_dataset_object(tiny_model_path, arithmetic_data, tmp_path
     assert len(result.history) == 1
     answers = {r["answer"] for r in rows(arithmetic_data)}
     assert reward.seen and set(reward.seen[0]["answer"]) <= answers  # the dataset's columns reached the reward
-    saved = json.loads((result.checkpoint / "config.json").read_text())
+    saved = json.loads((result.checkpoint / "align_config.json").read_text())
     assert saved["data"]["path"] == "<dataset argument>"  # says where the data came from, never a repr
     streamed = align.train(cfg | {"logging": {**cfg["logging"], "run_dir": str(tmp_path / "run2")}},
                            dataset=ds.to_iterable_dataset())

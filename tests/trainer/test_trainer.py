@@ -155,7 +155,7 @@ def test_lora_reference_is_adapter_disabled_policy(tiny_model_path, arithmetic_d
     trainer = align.Trainer(cfg)
     assert trainer.models.reference is None  # no second copy
     result = trainer.train()
-    assert (result.checkpoint / "policy" / "adapter_model.safetensors").is_file()
+    assert (result.checkpoint / "adapter_model.safetensors").is_file()
     assert result.metrics["kl/mean"] != 0.0  # adapters moved the policy away from the reference
 
 
@@ -182,6 +182,7 @@ def test_reward_errors_are_excluded_not_zeroed(tiny_model_path, arithmetic_data,
     assert m["reward/errors"] == 4.0 and m["train/samples"] == 12.0
     assert m["reward/min"] == 1.0  # the errored samples did not become 0
 
+    cfg["checkpoint"]["overwrite"] = True  # the same run directory again, on purpose
     cfg["reward"]["functions"] = [lambda prompts, completions, **k: [float("nan")] * len(completions)]
     with pytest.raises(RuntimeError, match="no sample of this step could be scored"):
         align.train(cfg)
