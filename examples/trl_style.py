@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--tiny", action="store_true", help="build a tiny random model under OUT/tiny-model instead")
     ap.add_argument("--out", default="runs/trl_style")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (TRL: overwrite_output_dir)")
     args = ap.parse_args(argv)
     if bool(args.model) == args.tiny:
         ap.error("give exactly one of --model PATH and --tiny")
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None):
         model = make_tiny_model(Path(args.out) / "tiny-model", seed=0)
         cfg = make_config(model, args.out, args.steps, group_size=2, prompts_per_step=2, max_new_tokens=4)
         cfg["checkpoint"] = {"save_final": False}
+    cfg.setdefault("checkpoint", {})["overwrite"] = args.overwrite
     result = align.train(cfg, dataset=build_dataset())
     last = result.history[-1]
     print(f"{len(result.history)} steps; last step reward/mean {last['reward/mean']:.3f}")
