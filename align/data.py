@@ -174,7 +174,19 @@ class SamplerState:
     index: int = 0
 
 
-class PromptSampler:
+class _Resumable:
+    """A sampler's resume state: (epoch, index into that epoch's order)."""
+
+    state: SamplerState
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.state.epoch, "index": self.state.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = SamplerState(int(state["epoch"]), int(state["index"]))
+
+
+class PromptSampler(_Resumable):
     """Yields prompts epoch by epoch in a seeded order; `state` is all that resume needs."""
 
     def __init__(self, dataset: PromptDataset, seed: int, shuffle: bool = True):
@@ -200,14 +212,8 @@ class PromptSampler:
             self.state.index += 1
         return out
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "index": self.state.index}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = SamplerState(int(state["epoch"]), int(state["index"]))
-
-
-class StreamSampler:
+class StreamSampler(_Resumable):
     """PromptSampler's contract over a `datasets.IterableDataset`: epoch e reads the stream shuffled with
     seed + e (datasets' buffer shuffle), and resume skips the `index` records already drawn in that epoch."""
 
@@ -242,11 +248,8 @@ class StreamSampler:
             self.state.index += 1
         return out
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "index": self.state.index}
-
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = SamplerState(int(state["epoch"]), int(state["index"]))
+        super().load_state_dict(state)
         self._it = None
 
 
