@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from align.algos.schedule import lambda_lr
 from align.errors import MissingFileError
+from align.rewards.preference_format import preference_texts
 from align.rewards.tara import (
     TOOL_FAILED_OBSERVATION,
     TaraItem,
@@ -55,10 +56,8 @@ def _pair_from_record(rec: dict[str, Any], default_group: str) -> PreferencePair
     if "pos_answer" in rec:
         item = parse_item(rec, rec.get("group", default_group))
         return PreferencePair(item.question, item.pos.answer, item.neg.answer, item.group, item.context, item)
-    prompt = rec.get("prompt", rec.get("question"))
-    if prompt is None or "chosen" not in rec or "rejected" not in rec:
-        raise ValueError(f"a preference record needs prompt (or question), chosen and rejected; got keys {sorted(rec)}")
-    return PreferencePair(str(prompt), str(rec["chosen"]), str(rec["rejected"]), str(rec.get("group", rec.get("tool", default_group))),
+    prompt, chosen, rejected = preference_texts(rec)  # TRL's explicit or implicit prompt, text or messages
+    return PreferencePair(prompt, chosen, rejected, str(rec.get("group", rec.get("tool", default_group))),
                           rec.get("context"))
 
 

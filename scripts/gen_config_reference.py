@@ -5,7 +5,8 @@
 
 Every key of every section is listed with its type, its default and the comment written beside the field in
 the source (`field: type = default  # comment`). Sections are walked from the run configs (PPOConfig,
-GRPOConfig) and the SFT config, nested sections included (model.lora, reward.curiosity, ...).
+GRPOConfig), the SFT config and the train-rm / serve-rewards / eval-diversity configs, nested sections
+included (model.lora, reward.curiosity, ...).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ A run config is YAML or JSON with a top-level `algorithm: ppo | grpo` and the se
 is optional unless its note says otherwise; unknown keys are rejected with a close-match suggestion.
 Override any key from the command line with `--set section.key=value` (e.g. `--set train.lr=1e-5`) or from
 Python with `align.load_config(path, overrides=[...])`. Types: `A | B` means either; `list of X` is
-written `[a, b]` in YAML. The SFT config (`align sft`) is at the end.
+written `[a, b]` in YAML. The SFT, reward-model training, scoring service and diversity evaluation configs follow.
 """
 
 
@@ -97,7 +98,8 @@ def default_text(f: dataclasses.Field) -> str:
     if dataclasses.is_dataclass(value):
         return "(section)"
     if isinstance(value, str):
-        return f'`"{value}"`' if value not in ("<unset>",) else "required"
+        shown = value.replace("\n", "\\n")  # a newline would break the table row
+        return f'`"{shown}"`' if value not in ("<unset>",) else "required"
     if value is None:
         return "`null`"
     if isinstance(value, bool):
@@ -193,6 +195,7 @@ def render_sections(title: str, cls: type, intro: str = "", only: tuple[str, ...
 
 
 def render() -> str:
+    from align.command_configs import DiversityEvalConfig, RMTrainConfig, ServeRewardsConfig
     from align.config import GRPOConfig, PPOConfig
     from align.supervised import SFTConfig
 
@@ -209,6 +212,17 @@ def render() -> str:
         "SFT (`align sft CONFIG`, `align.sft(config)`)", SFTConfig,
         "Supervised fine-tuning on prompt/completion pairs (the warm start before RL). `model` and `logging` "
         "are the sections above.", only=("data", "train", "output_dir"), label=" (SFT)")
+    lines += render_sections(
+        "Reward-model training (`align train-rm CONFIG`)", RMTrainConfig,
+        "`align.command_configs.RMTrainConfig`: a classifier or Themis reward model trained on preference pairs "
+        "(`prompt` / `chosen` / `rejected`, or TRL's implicit-prompt `chosen` / `rejected`, strings or chat "
+        "messages).", label=" (RM)")
+    lines += render_sections(
+        "Scoring service (`align serve-rewards`)", ServeRewardsConfig,
+        "`align.command_configs.ServeRewardsConfig`; limits and authentication: docs/security.md.", label=" (serve)")
+    lines += render_sections(
+        "Diversity evaluation (`align eval-diversity`)", DiversityEvalConfig,
+        "`align.command_configs.DiversityEvalConfig`.", label=" (diversity)")
     text = "\n".join(lines).rstrip() + "\n"
     return re.sub(r"\n{3,}", "\n\n", text)
 

@@ -166,9 +166,12 @@ def _keys(cls, prefix=""):
 
 def test_config_reference_lists_every_key_with_its_default():
     text = (DOCS / "config_reference.md").read_text()
-    for cls in (align.PPOConfig, align.GRPOConfig):
+    from align.command_configs import DiversityEvalConfig, RMTrainConfig, ServeRewardsConfig
+
+    for cls in (align.PPOConfig, align.GRPOConfig, RMTrainConfig, ServeRewardsConfig, DiversityEvalConfig):
         for key in _keys(cls):
             assert f"| `{key}` |" in text or f"### {key}" in text, key
+    assert '| `model.template` | str | `"{prompt}\\n{completion}"` |' in text  # one table row, newline escaped
     # defaults quoted as written in the dataclasses (checked against the instances, not the generator)
     cfg = align.GRPOConfig(model={"path": "m"}, data={"path": "d"}, reward={"functions": ["x"]})
     assert f"| `train.lr` | float | `{cfg.train.lr}` |" in text
