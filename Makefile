@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup test test-all lint demo bench clean
+.PHONY: setup test test-floor test-all lint demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: setup
 lint: setup
 	@# both checks run, so one log shows every problem; either failing fails the target
 	@rc=0; $(BIN)/ruff check . || rc=1; $(BIN)/python scripts/check_layers.py || rc=1; exit $$rc
+
+# The oldest transformers we support (pyproject: transformers>=5.17, the GPU images' version), overlaid on the
+# venv in .floor/ (with the huggingface_hub it needs): the engine, cache-keyword and trainer tests run on it.
+FLOOR_PKGS ?= transformers==5.17.0 "huggingface-hub>=1.5,<2.0"
+FLOOR_TESTS ?= tests/rollouts/test_cache_keyword.py tests/rollouts/test_engine.py tests/rollouts/test_engine_fast.py \
+	tests/rollouts/test_stop_reasons.py tests/trainer/test_rl_math_end_to_end.py tests/trainer/test_checkpoint_hf.py
+test-floor: setup
+	@[ -d .floor/transformers ] || $(BIN)/python -m pip install -q --target .floor --no-deps $(FLOOR_PKGS)
+	@PYTHONPATH=$(CURDIR)/.floor $(BIN)/python -c "import transformers as t; assert t.__version__ == '5.17.0', t.__version__; print('floor: transformers', t.__version__)"
+	PYTHONPATH=$(CURDIR)/.floor TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider $(FLOOR_TESTS)
 
 test-all: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
