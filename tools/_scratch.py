@@ -275,6 +275,8 @@ def private_tmp(roots, size_mb, tmp_dirs, as_root):
         parts = root.strip("/").split("/")
         for k in range(1, len(parts)):
             anc = "/" + "/".join(parts[:k])
+            if not os.path.exists(anc):
+                break  # under our fresh /tmp tmpfs: makedirs below creates it (and what follows) 0755
             if anc in covered or os.stat(anc).st_mode & 0o001:
                 continue
             _mount("tmpfs", anc, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
