@@ -122,6 +122,10 @@ class RewardFunction(ABC):
         are reduced to text (a completion's last message's content)."""
         columns = {k: v for k, v in kwargs.items() if k not in TRL_CALL_KEYS}
         texts = [completion_text(c) for c in completions]
+        if prompts is not None and any(isinstance(p, list) for p in prompts):
+            # the original messages travel as the context column, so TRL-style rewards behind this one (a
+            # RemoteReward's service, a mixture) get them back as message lists
+            columns.setdefault(PROMPT_MESSAGES, [p if isinstance(p, list) else None for p in prompts])
         prompts = [prompt_text(p) for p in prompts] if prompts is not None else [""] * len(texts)
         return self.score(prompts, texts, **columns).scores
 

@@ -45,7 +45,7 @@ class RemoteReward(RewardFunction):
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0, max_retries: int = 3,
                  backoff_s: float = 0.5, max_backoff_s: float = 10.0, batch_size: int = 256, name: str | None = None,
-                 drop_columns: tuple[str, ...] = ("completion_ids", "trainer_state", "prompt_messages")):
+                 drop_columns: tuple[str, ...] = ("completion_ids", "trainer_state")):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward: url must start with http:// or https://, got {url!r}")
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or batch_size < 1:

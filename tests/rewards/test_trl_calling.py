@@ -126,3 +126,21 @@ def test_logged_metrics_survive_the_reward_worker_and_shard_merge():
                             "columns": {"trainer_state": [state]}})]
     assert [s.metrics for s in shards] == [{"mean_len": 3.0, "step": 7.0}, {"mean_len": 6.0, "step": 7.0}]
     assert concat_outputs(shards).metrics == {"mean_len": (3.0 + 6.0) / 2, "step": 7.0}
+
+
+def chat_reward(prompts, completions, **kwargs):
+    """A TRL-style reward hosted by the service: it reads message lists, as TRL hands them."""
+    return [float(len(p[-1]["content"]) + 10 * len(c[0]["content"])) for p, c in zip(prompts, completions)]
+
+
+def test_conversational_prompts_reach_a_served_trl_reward_as_messages():
+    with ServerThread(create_app(chat_reward, token=TOKEN, max_batch_size=8, max_wait_ms=1)) as url:
+        remote = RemoteReward(url, token=TOKEN)
+        prompts = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}],
+                   [{"role": "user", "content": "xyz"}]]
+        completions = [[{"role": "assistant", "content": "c"}], [{"role": "assistant", "content": "dd"}]]
+        # as TRL calls it: message-list prompts and completions; last user turn + 10 x completion length
+        assert remote(prompts=prompts, completions=completions) == [2 + 10 * 1, 3 + 10 * 2]
+        # as align's trainer calls it: rendered prompt text plus the messages as the context column
+        out = remote.score(["system: be brief\nuser: ab\n", "user: xyz\n"], ["c", "dd"], prompt_messages=prompts)
+        assert out.scores == [12.0, 23.0] and out.errors == [None, None]
