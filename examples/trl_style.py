@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None):
     args = ap.parse_args(argv)
     if bool(args.model) == args.tiny:
         ap.error("give exactly one of --model PATH and --tiny")
-    model = args.model
-    cfg = make_config(model or "", args.out, args.steps)
     if args.tiny:
         from align.testing import make_tiny_model
 
         model = make_tiny_model(Path(args.out) / "tiny-model", seed=0)
         cfg = make_config(model, args.out, args.steps, group_size=2, prompts_per_step=2, max_new_tokens=4)
-        cfg["checkpoint"] = {"save_final": False}
-    cfg.setdefault("checkpoint", {})["overwrite"] = args.overwrite
+        cfg["checkpoint"] = {"overwrite": args.overwrite}
+    else:
+        cfg = make_config(args.model, args.out, args.steps)
+        cfg["checkpoint"] = {"overwrite": args.overwrite}
     result = align.train(cfg, dataset=build_dataset())
     last = result.history[-1]
     print(f"{len(result.history)} steps; last step reward/mean {last['reward/mean']:.3f}")

@@ -80,10 +80,7 @@ class CodeTests(RewardFunction):
         self.strict = strict
 
     def verify(self, completion: str, tests: Any) -> tuple[float | None, str | None, dict[str, Any]]:
-        try:
-            from align.tools import run_code
-        except ImportError:  # older tools builds export it from the sandbox module only
-            from align.tools.sandbox import run_code
+        from align.tools import run_code  # imported per call: align.tools loads lazily, and tests patch it
 
         if tests is None or (isinstance(tests, (list, tuple)) and not tests) or (isinstance(tests, str) and not tests.strip()):
             return None, "no tests for this sample", {}

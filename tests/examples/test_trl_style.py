@@ -36,4 +36,6 @@ def test_the_script_runs_with_align_train(tmp_path, monkeypatch):
         assert all(m[0]["role"] == "assistant" and isinstance(m[0]["content"], str) for m in c["completions"])
         assert c["trainer_state"].max_steps == 2 and len(c["answer"]) == len(c["completions"]) == 4
     assert [c["trainer_state"].global_step for c in calls if c["fn"] == "brevity_reward"] == [0, 1]
-    assert trl_style.make_config("m", "out", 1)["model"]["lora"]["enabled"] is True  # TRL's peft_config
+    # TRL's peft_config: the final checkpoint is a peft adapter directory, not full weights
+    assert (result.checkpoint / "adapter_config.json").is_file()
+    assert not (result.checkpoint / "model.safetensors").exists()
