@@ -1,0 +1,145 @@
+"""The learning half of a training step: log-probs, advantages, the update.
+
+A mixin of `align.trainer.loop.Trainer`. Micro-batches accumulate gradients with the minibatch's denominators, so
+the result equals one pass over the whole minibatch; the RL math itself is in `align.algos` and the algorithm's hooks.
+"""
+from __future__ import annotations
+
+import torch
+
+from align import algos
+from align.trainer.forward import chunked, position_ids_from_mask, response_forward
+from align.trainer.state import StepData
+
+
+class LearnPhases:
+    @torch.no_grad()
+    def phase_logprobs(self, step: StepData) -> dict[str, float]:
+        """Old-policy log-probs (unless the rollout's are used or one update makes them free), reference
+        log-probs when a KL term needs them, critic values (PPO), reference states (curiosity)."""
+        b, mb = step.batch, self.cfg.train.micro_batch_size
+        n, t = b.response_ids.shape
+        want_old = self._needs_old_logprobs() and not self.cfg.rollout.use_rollout_logprobs
+        old, ref, values, hidden = [], [], [], []
+        self.models.policy.eval()
+        for rows in chunked(n, mb):
+            ids, att = b.input_ids[rows], b.attention_mask[rows]
+            if want_old or self.algo.uses_critic:
+                fwd = response_forward(self.models.policy, ids, att, t, value_head=self.models.value_head,
+                                       temperature=self.logprob_temperature)
+                old.append(fwd.logprobs)
+                values.append(fwd.values)
+            if self.models.critic is not None:
+                values[-1] = self.models.critic(ids, att, position_ids_from_mask(att))[:, -t - 1:-1]
+            if self.algo.needs_reference or self.curiosity is not None:
+                with self.models.reference_mode() as ref_model:
+                    fwd = response_forward(ref_model, ids, att, t, return_hidden=self.curiosity is not None,
+                                           temperature=self.logprob_temperature)
+                ref.append(fwd.logprobs)
+                hidden.append(fwd.hidden)
+        self.models.policy.train()
+        step.old_logprobs = torch.cat(old) if want_old else (b.logprobs if self.cfg.rollout.use_rollout_logprobs else None)
+        step.ref_logprobs = torch.cat(ref) if ref else None
+        step.values = torch.cat(values) if self.algo.uses_critic else None
+        step.ref_hidden = torch.cat(hidden) if self.curiosity is not None else None
+        metrics: dict[str, float] = {}
+        if step.ref_logprobs is not None:
+            base = step.old_logprobs if step.old_logprobs is not None else b.logprobs
+            kl = torch.where(b.mask.bool(), base - step.ref_logprobs, torch.zeros_like(base))
+            metrics["kl/mean"] = float(kl.sum() / b.mask.sum().clamp(min=1))
+        if want_old and self.logprob_temperature == 1.0:  # rollout log-probs are at temperature 1
+            diff = (step.old_logprobs - b.logprobs).abs()[b.mask.bool()]
+            metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+        correction = self.cfg.algo.rollout_correction
+        if correction.mode != "none":  # the config guarantees temperature 1 and trainer-computed old log-probs
+            step.rollout_weights, m = algos.rollout_correction(step.old_logprobs, b.logprobs, b.mask, correction.mode,
+                                                               **correction.bounds())
+            metrics |= {f"rollout_corr/{k}": float(v) for k, v in m.items()}
+        return metrics
+
+    def _needs_old_logprobs(self) -> bool:
+        # With a single optimizer step per batch the policy is unchanged when the loss runs, so the old
+        # log-probs equal the current ones (detached): TRL skips the extra forward the same way. A rollout
+        # correction compares them with the rollout's before the update, so it always computes them (TRL too).
+        return (self._updates_per_step() > 1 or self.algo.uses_critic
+                or self.cfg.algo.rollout_correction.mode != "none")
+
+    def phase_advantages(self, step: StepData) -> dict[str, float]:
+        """The algorithm's reward shaping hook (PPO: token rewards, curiosity update), then its advantages."""
+        metrics = self.algo.shape_rewards(step, self.curiosity, self.models.policy.get_input_embeddings())
+        metrics |= self.algo.compute_advantages(step)
+        if self.cfg.algo.mask_truncated_completions:  # zero loss weight for rows that hit max_new_tokens
+            step.train_rows = step.train_rows[~step.batch.truncated[step.train_rows]]
+        metrics["train/samples"] = float(step.train_rows.numel())
+        return metrics
+
+    def phase_update(self, step: StepData) -> dict[str, float]:
+        """Epochs of shuffled minibatches; micro-batches accumulate gradients with the minibatch's
+        denominators, so the result equals one pass over the whole minibatch."""
+        cfg, rows_all = self.cfg, step.train_rows
+        sums: dict[str, float] = {}
+        count = 0
+        if rows_all.numel() == 0:
+            return {"train/skipped": 1.0}
+        for _ in range(cfg.algo.epochs):
+            order = rows_all[torch.randperm(rows_all.numel(), generator=self.update_generator).to(rows_all.device)]
+            for mini in order.split(self._mini_batch_size()):
+                metrics = self._optimizer_step(step, mini)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        self.algo.after_step(self._kl_per_seq(step), len(step.batch))
+        out = {k: v / count for k, v in sums.items()}
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _optimizer_step(self, step: StepData, mini: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        mask = step.mask[mini]
+        t = mask.shape[1]
+        denom = self._denominator(mask)
+        vf_denom = float(mask.sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in mini.split(cfg.train.micro_batch_size):
+            b = step.batch
+            fwd = response_forward(self.models.policy, b.input_ids[micro], b.attention_mask[micro], t,
+                                   value_head=self.models.value_head, with_entropy=True,
+                                   temperature=self.logprob_temperature)
+            if self.models.critic is not None:
+                att = b.attention_mask[micro]
+                fwd.values = self.models.critic(b.input_ids[micro], att, position_ids_from_mask(att))[:, -t - 1:-1]
+            old = step.old_logprobs[micro] if step.old_logprobs is not None else fwd.logprobs.detach()
+            loss, metrics = self.algo.loss(fwd, step, micro, old, denom, vf_denom)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {self.step}: the loss is {float(loss)}; no optimizer step was taken")
+            loss.backward()
+            share = micro.numel() / mini.numel()
+            metrics["policy/entropy"] = (fwd.entropy * step.mask[micro]).sum() / step.mask[micro].sum().clamp(min=1)
+            for k, v in metrics.items():
+                # loss/* already use the minibatch's denominators (partial sums); other metrics are means
+                weight = 1.0 if k.startswith("loss/") else share
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) * weight
+        params = self.models.trainable_parameters() + self.models.critic_parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"step {self.step}: non-finite gradient norm; no optimizer step was taken")
+        self.optimizer.step()
+        self.scheduler.step()
+        sums["train/grad_norm"] = float(grad_norm)
+        return sums
+
+    def _denominator(self, mask: torch.Tensor) -> float:
+        agg = self.cfg.algo.loss_agg
+        if agg == "token-mean":
+            return float(mask.sum())
+        if agg == "seq-mean-token-mean":
+            return float((mask.sum(-1) > 0).sum())
+        return float(mask.shape[0])
+
+    def _kl_per_seq(self, step: StepData) -> float:
+        if step.ref_logprobs is None or step.old_logprobs is None:
+            return 0.0
+        kl = torch.where(step.mask.bool(), step.old_logprobs - step.ref_logprobs, torch.zeros_like(step.ref_logprobs))
+        return float(kl.sum(-1).mean())

@@ -1,0 +1,68 @@
+"""Checkpoints of a training run: what a resume needs to continue exactly, and the resume itself.
+
+A mixin of `align.trainer.loop.Trainer`; the files (atomic writes, confinement, safe loading) are `align.checkpoint`.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from align import checkpoint as ckpt_io
+from align.errors import CheckpointError, UserError
+
+
+class CheckpointPhases:
+    def trainer_state(self) -> dict[str, Any]:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict(), "samples_seen": self.samples_seen,
+                 "update_generator": self.update_generator.get_state(), "algo": self.algo.state_dict(),
+                 "algorithm": self.algo.name}
+        if not self.cfg.checkpoint.save_optimizer:
+            del state["optimizer"]
+        if self.models.value_head is not None:
+            state["value_head"] = self.models.value_head.state_dict()
+        if self.models.critic is not None:
+            state["critic"] = self.models.critic.state_dict()
+        if self.curiosity is not None:
+            state["curiosity"] = self.curiosity.state_dict()
+        if hasattr(self.reward, "state_dict"):
+            state["reward"] = self.reward.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        return ckpt_io.save_checkpoint(self.run_dir, self.step, self.models.policy, self.tokenizer,
+                                       self.trainer_state(), self.cfg.to_dict(), self.cfg.checkpoint.keep_last)
+
+    def _resume(self, where: str | Path) -> None:
+        ckpt = ckpt_io.find_checkpoint(where)
+        state = ckpt_io.load_trainer_state(ckpt)
+        if state.get("algorithm") != self.algo.name:
+            raise UserError(f"checkpoint {ckpt} was written by a {state.get('algorithm')} run, this config is {self.algo.name}")
+        ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # checkpoint.save_optimizer: false; the rest (step, data order, RNG, lr schedule) is exact
+            warnings.warn(f"checkpoint {ckpt} holds no optimizer state (checkpoint.save_optimizer: false): the "
+                          "optimizer's moments restart from zero, so this resume is not an exact continuation",
+                          UserWarning, stacklevel=2)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.samples_seen = state["samples_seen"]
+        self.update_generator.set_state(state["update_generator"])
+        self.algo.load_state_dict(state["algo"])
+        if "value_head" in state:
+            self.models.value_head.load_state_dict(state["value_head"])
+        if "critic" in state:
+            self.models.critic.load_state_dict(state["critic"])
+        if self.curiosity is not None:
+            if "curiosity" not in state:
+                raise CheckpointError(f"checkpoint {ckpt} has no curiosity state (it was trained with "
+                                      "reward.curiosity.eta = 0); resume with eta = 0 or start a new run")
+            self.curiosity.load_state_dict(state["curiosity"])
+        if "reward" in state and hasattr(self.reward, "load_state_dict"):
+            self.reward.load_state_dict(state["reward"])
+        ckpt_io.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.logger.truncate_after(self.step)
+        self.backend.sync(self.step)
