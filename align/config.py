@@ -331,6 +331,9 @@ class TrainConfig(Section):
     prompts_per_step: int = 8
     mini_batch_size: int = 0  # samples per optimizer step; 0 = the whole step's batch
     micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation)
+    # token budget of a micro-batch instead of micro_batch_size rows (0 = off); a longer sample gets its own
+    max_tokens_per_micro_batch: int = 0
+    pack_sequences: bool = False  # several samples per row in the trainer's forwards (no attention across samples)
     lr: float = 1e-5
     critic_lr: float = 0.0  # a separate critic's lr (0 = lr); a value head trains with the policy at lr
     weight_decay: float = 0.0
@@ -345,6 +348,8 @@ class TrainConfig(Section):
         self.check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         self.check(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 = whole batch)")
         self.check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        self.check(self.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch",
+                   "must be >= 0 (0 = micro_batch_size rows per micro-batch)")
         self.check(self.lr > 0.0 and math.isfinite(self.lr), "lr", "must be a positive number")
         self.check(self.max_grad_norm > 0.0, "max_grad_norm", "must be > 0")
         self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

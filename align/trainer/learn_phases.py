@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 from align import algos
-from align.trainer.forward import chunked, position_ids_from_mask, response_forward
+from align.trainer.forward import response_forward
+from align.trainer.micro_batches import in_row_order, metric_weight, micro_batches
+from align.trainer.packing import critic_values, maybe_packed
 from align.trainer.state import StepData
 
 
@@ -17,31 +19,34 @@ class LearnPhases:
     def phase_logprobs(self, step: StepData) -> dict[str, float]:
         """Old-policy log-probs (unless the rollout's are used or one update makes them free), reference
         log-probs when a KL term needs them, critic values (PPO), reference states (curiosity)."""
-        b, mb = step.batch, self.cfg.train.micro_batch_size
+        b, mb, tc = step.batch, self.cfg.train.micro_batch_size, self.cfg.train
         n, t = b.response_ids.shape
+        pack = tc.pack_sequences
+        plan = micro_batches(torch.arange(n, device=b.input_ids.device), b.attention_mask, mb,
+                             tc.max_tokens_per_micro_batch, pack)
         want_old = self._needs_old_logprobs() and not self.cfg.rollout.use_rollout_logprobs
         old, ref, values, hidden = [], [], [], []
         self.models.policy.eval()
-        for rows in chunked(n, mb):
+        for rows in plan:
             ids, att = b.input_ids[rows], b.attention_mask[rows]
             if want_old or self.algo.uses_critic:
-                fwd = response_forward(self.models.policy, ids, att, t, value_head=self.models.value_head,
-                                       temperature=self.logprob_temperature)
+                fwd = response_forward(maybe_packed(self.models.policy, pack), ids, att, t,
+                                       value_head=self.models.value_head, temperature=self.logprob_temperature)
                 old.append(fwd.logprobs)
                 values.append(fwd.values)
             if self.models.critic is not None:
-                values[-1] = self.models.critic(ids, att, position_ids_from_mask(att))[:, -t - 1:-1]
+                values[-1] = critic_values(self.models.critic, ids, att, t, pack)
             if self.algo.needs_reference or self.curiosity is not None:
                 with self.models.reference_mode() as ref_model:
-                    fwd = response_forward(ref_model, ids, att, t, return_hidden=self.curiosity is not None,
+                    fwd = response_forward(maybe_packed(ref_model, pack), ids, att, t, return_hidden=self.curiosity is not None,
                                            temperature=self.logprob_temperature)
                 ref.append(fwd.logprobs)
                 hidden.append(fwd.hidden)
         self.models.policy.train()
-        step.old_logprobs = torch.cat(old) if want_old else (b.logprobs if self.cfg.rollout.use_rollout_logprobs else None)
-        step.ref_logprobs = torch.cat(ref) if ref else None
-        step.values = torch.cat(values) if self.algo.uses_critic else None
-        step.ref_hidden = torch.cat(hidden) if self.curiosity is not None else None
+        step.old_logprobs = in_row_order(old, plan) if want_old else (b.logprobs if self.cfg.rollout.use_rollout_logprobs else None)
+        step.ref_logprobs = in_row_order(ref, plan) if ref else None
+        step.values = in_row_order(values, plan) if self.algo.uses_critic else None
+        step.ref_hidden = in_row_order(hidden, plan) if self.curiosity is not None else None
         metrics: dict[str, float] = {}
         if step.ref_logprobs is not None:
             base = step.old_logprobs if step.old_logprobs is not None else b.logprobs
@@ -101,24 +106,27 @@ class LearnPhases:
         vf_denom = float(mask.sum())
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for micro in mini.split(cfg.train.micro_batch_size):
+        pack = cfg.train.pack_sequences
+        for micro in micro_batches(mini, step.batch.attention_mask, cfg.train.micro_batch_size,
+                                   cfg.train.max_tokens_per_micro_batch, pack):
             b = step.batch
-            fwd = response_forward(self.models.policy, b.input_ids[micro], b.attention_mask[micro], t,
+            fwd = response_forward(maybe_packed(self.models.policy, pack), b.input_ids[micro], b.attention_mask[micro], t,
                                    value_head=self.models.value_head, with_entropy=True,
                                    temperature=self.logprob_temperature)
             if self.models.critic is not None:
-                att = b.attention_mask[micro]
-                fwd.values = self.models.critic(b.input_ids[micro], att, position_ids_from_mask(att))[:, -t - 1:-1]
+                fwd.values = critic_values(self.models.critic, b.input_ids[micro], b.attention_mask[micro], t, pack)
             old = step.old_logprobs[micro] if step.old_logprobs is not None else fwd.logprobs.detach()
             loss, metrics = self.algo.loss(fwd, step, micro, old, denom, vf_denom)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {self.step}: the loss is {float(loss)}; no optimizer step was taken")
             loss.backward()
-            share = micro.numel() / mini.numel()
+            share = metric_weight(step.mask[micro], mask)  # token means: the micro-batch's share of the tokens
             metrics["policy/entropy"] = (fwd.entropy * step.mask[micro]).sum() / step.mask[micro].sum().clamp(min=1)
             for k, v in metrics.items():
                 # loss/* already use the minibatch's denominators (partial sums); other metrics are means
                 weight = 1.0 if k.startswith("loss/") else share
+                if weight == 0.0:  # a micro-batch without response tokens has no token means (0 / 0)
+                    continue
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) * weight
         params = self.models.trainable_parameters() + self.models.critic_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
