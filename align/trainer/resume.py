@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from align import checkpoint as ckpt_io
+from align.distributed import checkpoint as shards
+from align.distributed import get_context
 from align.errors import CheckpointError, UserError
 
 
@@ -31,6 +33,12 @@ class CheckpointPhases:
         return state
 
     def save_checkpoint(self) -> Path:
+        ctx = getattr(self, "dist", None) or get_context()
+        if ctx.enabled:  # N ranks: DCP shards + a gathered export, one atomic folder (align.distributed.checkpoint)
+            optimizer = self.optimizer if self.cfg.checkpoint.save_optimizer else None
+            return shards.save_sharded_checkpoint(self.run_dir, self.step, self.models, self.tokenizer, optimizer,
+                                                  self.trainer_state(), self.cfg.to_dict(),
+                                                  self.cfg.checkpoint.keep_last, ctx)
         return ckpt_io.save_checkpoint(self.run_dir, self.step, self.models.policy, self.tokenizer,
                                        self.trainer_state(), self.cfg.to_dict(), self.cfg.checkpoint.keep_last)
 
@@ -39,10 +47,17 @@ class CheckpointPhases:
         state = ckpt_io.load_trainer_state(ckpt)
         if state.get("algorithm") != self.algo.name:
             raise UserError(f"checkpoint {ckpt} was written by a {state.get('algorithm')} run, this config is {self.algo.name}")
-        ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
+        sharded = state.get("sharded")  # a multi-rank run's: models and optimizer are DCP shards, any world size
+        if sharded is not None:
+            shards.load_sharded_checkpoint(ckpt, self.models, self.optimizer if sharded["optimizer"] else None)
+        elif (getattr(self, "dist", None) or get_context()).enabled:
+            raise CheckpointError(f"cannot resume {ckpt} at several ranks: it was written by a one-process run; "
+                                  "resume it in one process, or start a new run with model.path set to it")
+        else:
+            ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        else:  # checkpoint.save_optimizer: false; the rest (step, data order, RNG, lr schedule) is exact
+        elif sharded is None or not sharded["optimizer"]:  # checkpoint.save_optimizer: false; the rest is exact
             warnings.warn(f"checkpoint {ckpt} holds no optimizer state (checkpoint.save_optimizer: false): the "
                           "optimizer's moments restart from zero, so this resume is not an exact continuation",
                           UserWarning, stacklevel=2)
