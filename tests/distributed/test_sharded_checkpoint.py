@@ -168,16 +168,17 @@ def test_crafted_metadata_is_refused_before_it_runs(tmp_path):
 
     with pytest.raises(CheckpointError) as err:
         shards.read_metadata(metadata_file)
+    assert not marker.exists(), "the crafted .metadata ran its code"
     message = str(err.value)
     assert "\n" not in message and str(metadata_file) in message and "builtins.exec" in message
-    assert not marker.exists()
 
     target = torch.nn.Linear(3, 2)
     with pytest.raises(CheckpointError, match="builtins.exec"):  # the load path refuses it too, with one line
         shards.load_shards(tmp_path / "ckpt", target, None)
+    assert not marker.exists(), "the crafted .metadata ran its code"
     with pytest.raises(CheckpointException, match="builtins.exec"):  # and the reader when DCP drives it directly
         dcp.load({"model": target.state_dict()}, storage_reader=shards.SafeFileSystemReader(tmp_path / "ckpt"))
-    assert not marker.exists()
+    assert not marker.exists(), "the crafted .metadata ran its code"
 
 
 def test_corrupt_metadata_is_a_one_line_error(tmp_path):
