@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
@@ -102,6 +104,30 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but its non-tensor entries (optimizer hyper-parameters, ...) are read with
+    `torch.load(weights_only=True)`: torch 2.13's `DefaultLoadPlanner.load_bytes` uses weights_only=False, so a
+    crafted shard file could otherwise run code too."""
+
+    def __init__(self, source: Path, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.source = source
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what = found.group(1) if found else "an object that is not plain data"
+            raise CheckpointError(f"cannot resume: entry {fqn!r} of the shards in {self.source} holds {what}, so it was "
+                                  "not loaded (it could run code); resume only from checkpoints align wrote") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
 def model_container(policy: nn.Module, value_head: nn.Module | None = None,
                     critic: nn.Module | None = None) -> nn.ModuleDict:
     """One module over everything the optimizer steps, so one `get_state_dict` names every parameter and its
@@ -129,7 +155,7 @@ def load_shards(folder: Path, container: nn.Module, optimizer: torch.optim.Optim
         model_sd, optim_sd = get_state_dict(container, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(folder))
+        dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=SafeLoadPlanner(Path(folder)))
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # CheckpointException (a BaseException) gathers every rank's

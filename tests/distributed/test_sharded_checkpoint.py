@@ -188,3 +188,42 @@ def test_corrupt_metadata_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt") as err:
         shards.read_metadata(metadata_file)
     assert "\n" not in str(err.value) and str(metadata_file) in str(err.value)
+
+
+def test_a_crafted_non_tensor_entry_in_a_shard_file_is_refused_before_it_runs(tmp_path):
+    """DCP stores non-tensor values (the optimizer's lr, betas, ...) as torch.save blobs in the shard files and
+    its default planner reads them with weights_only=False; a crafted blob is refused, a genuine one loads."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.125)
+    module(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "shards"
+    shards.save_shards(folder, module, optimizer)
+
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    shards.load_shards(folder, fresh, fresh_opt)  # genuine: loads, hyper-parameters included
+    assert fresh_opt.param_groups[0]["lr"] == 0.125 and torch.equal(fresh.weight, module.weight)
+
+    marker = tmp_path / "code-ran"
+    blob = io.BytesIO()
+    torch.save(_RunsCode(marker), blob)
+    metadata = shards.read_metadata(folder / ".metadata")
+    index = next(i for i in metadata.storage_data if i.fqn == "optim.param_groups.0.lr")
+    info = metadata.storage_data[index]
+    shard_file = folder / info.relative_path
+    offset = shard_file.stat().st_size
+    with shard_file.open("ab") as f:  # the crafted blob appended, the entry pointed at it
+        f.write(blob.getvalue())
+    metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(blob.getvalue()))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+    with pytest.raises(CheckpointError) as err:
+        shards.load_shards(folder, fresh, torch.optim.AdamW(fresh.parameters(), lr=0.5))
+    assert not marker.exists(), "the crafted shard entry ran its code"
+    message = str(err.value)
+    assert "\n" not in message and "optim.param_groups.0.lr" in message and "exec" in message
+    assert str(folder) in message
