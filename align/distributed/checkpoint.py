@@ -250,6 +250,59 @@ def load_sharded_checkpoint(ckpt: Path, models: Any, optimizer: torch.optim.Opti
     load_shards(Path(ckpt) / SHARDS_DIR, model_container(models.policy, models.value_head, models.critic), optimizer)
 
 
+def load_into_run(ckpt: Path, state: dict[str, Any], models: Any,
+                  optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], bool]:
+    """Models and optimizer of a sharded checkpoint, or of a one-process one loaded into this run's (sharded)
+    ranks. Returns the trainer state without the entries consumed here, and whether the optimizer was restored."""
+    sharded = state.get("sharded")
+    rest = {k: v for k, v in state.items() if k not in ("optimizer", "value_head", "critic")}
+    if sharded is not None:
+        load_sharded_checkpoint(ckpt, models, optimizer if sharded["optimizer"] else None)
+        return rest, bool(sharded["optimizer"])
+    load_full_checkpoint(ckpt, state, models, optimizer)
+    return rest, "optimizer" in state
+
+
+def load_full_checkpoint(ckpt: Path, state: dict[str, Any], models: Any, optimizer: torch.optim.Optimizer) -> None:
+    """A one-process checkpoint (full safetensors, trainer.pt's value head / critic / optimizer) into this run's
+    modules, each rank keeping its shard (`set_state_dict(full_state_dict=True)`). The optimizer state of
+    `torch.optim.Optimizer.state_dict()` numbers parameters in param-group order, which `_make_optimizer` builds
+    the same way at any world size, so the numbers map to this run's parameter names."""
+    from safetensors.torch import load_file
+
+    from align import checkpoint as ckpt_io
+
+    if models.lora:
+        raise CheckpointError(f"cannot resume {ckpt} at several ranks: it was written by a one-process LoRA run; "
+                              "resume it in one process, or start a new run with model.path set to it")
+    folder = ckpt_io.model_dir(ckpt)
+    container = model_container(models.policy, models.value_head, models.critic)
+    full: dict[str, torch.Tensor] = {}
+    try:
+        for file in sorted(folder.glob("*.safetensors")):
+            full.update({f"policy.{k}": v for k, v in load_file(str(file)).items()})
+    except Exception as err:
+        raise CheckpointError(f"cannot resume: policy weights in {folder} are corrupt ({_first_line(err)})") from None
+    for part in ("value_head", "critic"):
+        if part in state:
+            full.update({f"{part}.{k}": v for k, v in state[part].items()})
+    expected = set(get_model_state_dict(container))
+    tied = getattr(models.policy.config, "tie_word_embeddings", False)
+    missing = {k for k in expected - set(full) if not (tied and "lm_head" in k)}
+    if missing or set(full) - expected:
+        raise CheckpointError(f"cannot resume: {ckpt} does not match the model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(set(full) - expected)[:3]})")
+    optim_sd: dict[str, Any] = {}
+    if "optimizer" in state:
+        names = {id(p): n for n, p in container.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        saved = state["optimizer"]
+        optim_sd = {"state": {order[i]: moments for i, moments in saved["state"].items()},
+                    "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(container, optimizer, model_state_dict=full, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 __all__ = ["SHARDS_DIR", "SafeFileSystemReader", "check_global_state", "describe", "export_pretrained",
-           "is_sharded", "load_sharded_checkpoint", "load_shards", "model_container", "read_metadata",
+           "is_sharded", "load_full_checkpoint", "load_into_run", "load_sharded_checkpoint", "load_shards", "model_container", "read_metadata",
            "save_sharded_checkpoint", "save_shards"]

@@ -47,17 +47,14 @@ class CheckpointPhases:
         state = ckpt_io.load_trainer_state(ckpt)
         if state.get("algorithm") != self.algo.name:
             raise UserError(f"checkpoint {ckpt} was written by a {state.get('algorithm')} run, this config is {self.algo.name}")
-        sharded = state.get("sharded")  # a multi-rank run's: models and optimizer are DCP shards, any world size
-        if sharded is not None:
-            shards.load_sharded_checkpoint(ckpt, self.models, self.optimizer if sharded["optimizer"] else None)
-        elif (getattr(self, "dist", None) or get_context()).enabled:
-            raise CheckpointError(f"cannot resume {ckpt} at several ranks: it was written by a one-process run; "
-                                  "resume it in one process, or start a new run with model.path set to it")
+        restored = False  # DCP shards (saved at any world size), or a one-process checkpoint onto several ranks:
+        if "sharded" in state or (getattr(self, "dist", None) or get_context()).enabled:
+            state, restored = shards.load_into_run(ckpt, state, self.models, self.optimizer)
         else:
             ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        elif sharded is None or not sharded["optimizer"]:  # checkpoint.save_optimizer: false; the rest is exact
+        elif not restored:  # checkpoint.save_optimizer: false; the rest (step, data order, RNG, lr schedule) is exact
             warnings.warn(f"checkpoint {ckpt} holds no optimizer state (checkpoint.save_optimizer: false): the "
                           "optimizer's moments restart from zero, so this resume is not an exact continuation",
                           UserWarning, stacklevel=2)

@@ -91,8 +91,13 @@ def main(model_dir: str, out: Path) -> None:
     lora_logits = logits(lora.policy)
     ctx.barrier()
     shards.export_pretrained(out / "lora-export", lora.policy, lora.tokenizer, ctx)
+    try:  # a data cursor that differs between ranks cannot be stored once: the save refuses it
+        shards.check_global_state({"step": 1, "sampler": {"epoch": 0, "index": 2 + ctx.rank}}, ctx)
+        refused = ""
+    except Exception as err:
+        refused = str(err)
     if ctx.is_main:
-        torch.save({"reference": reference, "before": before, "loaded_at_2": loaded, "logits": policy_logits,
+        torch.save({"refused": refused, "reference": reference, "before": before, "loaded_at_2": loaded, "logits": policy_logits,
                     "lora_logits": lora_logits, "checkpoint": str(ckpt)}, out / "rank0.pt")
     ctx.barrier()
 

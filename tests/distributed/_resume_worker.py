@@ -55,16 +55,22 @@ def run(model: str, data: str, run_dir: Path, out: Path, ctx, resume: Path | Non
     ctx.barrier()
 
 
-def main(model: str, data: str, root: Path) -> None:
-    """root/run: 2 steps, checkpointed; then (one launch, to start the ranks once) a fresh Trainer per rank
-    resumes a copy of it, root/resumed-at-2, for the last step."""
+def resume_copy(model: str, data: str, source: Path, name: str, root: Path, ctx) -> None:
+    """A fresh Trainer per rank resumes a copy of `source` (so each resume writes only its own run)."""
+    if ctx.is_main:
+        shutil.copytree(source, root / name)
+    ctx.barrier()
+    run(model, data, root / name, root / f"{name}.pt", ctx, resume=root / name)
+
+
+def main(model: str, data: str, root: Path, one_process_run: Path) -> None:
+    """root/run: 2 steps, checkpointed; then, in the same launch (to start the ranks once), the last step
+    resumed from a copy of it and from a copy of `one_process_run` (a one-process run's step-2 checkpoint)."""
     ctx = init_from_env(timeout_s=120, backend="gloo")
     run(model, data, root / "run", root / "first.pt", ctx)
-    if ctx.is_main:
-        shutil.copytree(root / "run", root / "resumed-at-2")
-    ctx.barrier()
-    run(model, data, root / "resumed-at-2", root / "resumed-at-2.pt", ctx, resume=root / "resumed-at-2")
+    resume_copy(model, data, root / "run", "resumed-at-2", root, ctx)
+    resume_copy(model, data, one_process_run, "one-process-resumed-at-2", root, ctx)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))

@@ -4,7 +4,8 @@ The ranks are launched as `torchrun --nproc_per_node 2 -m align.cli train cfg.ya
 WORLD_SIZE / MASTER_* in the environment; `align.distributed.init_from_env()`, then a Trainer per rank): a PPO
 run (policy + value head + AdamW) trains 2 of 3 steps at 2 ranks and checkpoints (DCP shards); the checkpoint is
 resumed for the last step in one process and at 2 ranks (a fresh Trainer per rank, in the same launch), and
-each must equal one process's uninterrupted 3 steps.
+each must equal one process's uninterrupted 3 steps; so must the uninterrupted run's own (one-process) step-2
+checkpoint resumed at 2 ranks.
 """
 from __future__ import annotations
 
@@ -28,15 +29,17 @@ def uninterrupted(tiny_model_path, arithmetic_data, tmp_path_factory):
     trainer = align.Trainer(run_config(str(tiny_model_path), str(arithmetic_data["prompts"]), str(run_dir)))
     try:
         result = trainer.train()
-        return result.history, final_weights(trainer)
+        return result.history, final_weights(trainer), run_dir
     finally:
         trainer.close()
 
 
 @pytest.fixture(scope="module")
-def saved_at_two_ranks(tiny_model_path, arithmetic_data, tmp_path_factory):
+def saved_at_two_ranks(tiny_model_path, arithmetic_data, tmp_path_factory, uninterrupted):
     root = tmp_path_factory.mktemp("two-ranks")
-    launch([WORKER, str(tiny_model_path), str(arithmetic_data["prompts"]), str(root)], world_size=2, timeout_s=400)
+    one_process_run = uninterrupted[2]  # its checkpoint of step 2 (checkpoint.every) is a one-process one
+    launch([WORKER, str(tiny_model_path), str(arithmetic_data["prompts"]), str(root), str(one_process_run)],
+           world_size=2, timeout_s=400)
     return root, torch.load(root / "first.pt", weights_only=True)
 
 
@@ -64,7 +67,7 @@ def resumed_copy(root: Path, name: str) -> Path:
 @pytest.mark.timeout(600)
 def test_two_rank_run_until_the_checkpoint_matches_one_process(saved_at_two_ranks, uninterrupted):
     _, first = saved_at_two_ranks
-    history, _ = uninterrupted
+    history, _, _ = uninterrupted
     assert first["world_size"] == 2
     assert_steps_match(first["history"], history[:SAVED_AT])
     state = align.checkpoint.load_trainer_state(Path(saved_at_two_ranks[0]) / "run" / "checkpoints" / f"step-{SAVED_AT:06d}")
@@ -75,7 +78,7 @@ def test_two_rank_run_until_the_checkpoint_matches_one_process(saved_at_two_rank
 def test_saved_at_two_ranks_resumed_in_one_process_matches_the_uninterrupted_run(saved_at_two_ranks, uninterrupted,
                                                                                  tiny_model_path, arithmetic_data):
     root, _ = saved_at_two_ranks
-    history, weights = uninterrupted
+    history, weights, _ = uninterrupted
     run_dir = resumed_copy(root, "resumed-at-1")
     trainer = align.Trainer(run_config(str(tiny_model_path), str(arithmetic_data["prompts"]), str(run_dir)),
                             resume_from=run_dir)
@@ -91,7 +94,17 @@ def test_saved_at_two_ranks_resumed_in_one_process_matches_the_uninterrupted_run
 @pytest.mark.timeout(600)
 def test_saved_at_two_ranks_resumed_at_two_ranks_matches_the_uninterrupted_run(saved_at_two_ranks, uninterrupted):
     root, _ = saved_at_two_ranks
-    history, weights = uninterrupted
+    history, weights, _ = uninterrupted
     resumed = torch.load(root / "resumed-at-2.pt", weights_only=True)  # resumed by the fixture's launch
+    assert_steps_match(resumed["history"], history[SAVED_AT:STEPS])
+    assert_weights_match(resumed["weights"], weights)
+
+
+@pytest.mark.timeout(600)
+def test_saved_in_one_process_resumed_at_two_ranks_matches_the_uninterrupted_run(saved_at_two_ranks, uninterrupted):
+    root, _ = saved_at_two_ranks
+    history, weights, run_dir = uninterrupted
+    assert "sharded" not in align.checkpoint.load_trainer_state(run_dir / "checkpoints" / f"step-{SAVED_AT:06d}")
+    resumed = torch.load(root / "one-process-resumed-at-2.pt", weights_only=True)  # by the fixture's launch
     assert_steps_match(resumed["history"], history[SAVED_AT:STEPS])
     assert_weights_match(resumed["weights"], weights)

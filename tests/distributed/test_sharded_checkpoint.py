@@ -126,6 +126,12 @@ def test_the_sharded_checkpoint_is_published_atomically(sharded_run):
     assert "optimizer" not in state and "critic" not in state  # those are in the shards, stored once
 
 
+@pytest.mark.timeout(300)
+def test_ranks_that_disagree_on_the_stored_once_state_cannot_save(sharded_run):
+    result, _, _ = sharded_run
+    assert "rank(s) [1] differ from rank 0's" in result["refused"] and "\n" not in result["refused"]
+
+
 # ------------------------------------------------------------------------------------ the metadata pickle
 
 class _RunsCode:
