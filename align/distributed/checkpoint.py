@@ -217,10 +217,6 @@ def describe(ctx: DistContext, optimizer: bool) -> dict[str, Any]:
     return {"world_size": ctx.world_size, "optimizer": optimizer, "dir": SHARDS_DIR, "format": "torch.distributed.checkpoint"}
 
 
-def is_sharded(ckpt: Path) -> bool:
-    return (Path(ckpt) / SHARDS_DIR / METADATA_FILE).is_file()
-
-
 def save_sharded_checkpoint(run_dir: Path, step: int, models: Any, tokenizer: Any,
                             optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any],
                             config: dict[str, Any], keep_last: int, ctx: DistContext) -> Path:
@@ -304,5 +300,5 @@ def load_full_checkpoint(ckpt: Path, state: dict[str, Any], models: Any, optimiz
 
 
 __all__ = ["SHARDS_DIR", "SafeFileSystemReader", "check_global_state", "describe", "export_pretrained",
-           "is_sharded", "load_full_checkpoint", "load_into_run", "load_sharded_checkpoint", "load_shards", "model_container", "read_metadata",
+           "load_full_checkpoint", "load_into_run", "load_sharded_checkpoint", "load_shards", "model_container", "read_metadata",
            "save_sharded_checkpoint", "save_shards"]
