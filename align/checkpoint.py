@@ -93,16 +93,30 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: dict[str, Any],
                     config: dict[str, Any], keep_last: int) -> Path:
+    tmp = begin_checkpoint(run_dir, step)
+    policy.save_pretrained(tmp)  # with LoRA: the adapters only (adapter_config.json names the base model)
+    tokenizer.save_pretrained(tmp)
+    return publish_checkpoint(tmp, step, trainer_state, config, keep_last)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """An empty temporary folder for step `step`'s checkpoint (a leftover of an interrupted save removed)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         root.mkdir(parents=True, exist_ok=True)
         _fsync(root.parent)
-    final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    policy.save_pretrained(tmp)  # with LoRA: the adapters only (adapter_config.json names the base model)
-    tokenizer.save_pretrained(tmp)
+    return tmp
+
+
+def publish_checkpoint(tmp: Path, step: int, trainer_state: dict[str, Any], config: dict[str, Any],
+                       keep_last: int) -> Path:
+    """Add the trainer state and run config to `tmp` (the model is in it), fsync it all, then rename it into
+    place and point `latest` at it: a crash at any point leaves the previous checkpoint the latest."""
+    root = tmp.parent
+    final = root / f"step-{step:06d}"
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_FILE)
     (tmp / RUN_CONFIG_FILE).write_text(json.dumps(redact_secrets(config), indent=2, default=str))  # no tokens on disk
     _fsync_tree(tmp)  # contents on disk before the rename makes them the checkpoint

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from align import checkpoint as ckpt_io
+from align.distributed import checkpoint as shards
+from align.distributed import get_context
 from align.errors import CheckpointError, UserError
 
 
@@ -31,6 +33,12 @@ class CheckpointPhases:
         return state
 
     def save_checkpoint(self) -> Path:
+        ctx = getattr(self, "dist", None) or get_context()
+        if ctx.enabled:  # N ranks: DCP shards + a gathered export, one atomic folder (align.distributed.checkpoint)
+            optimizer = self.optimizer if self.cfg.checkpoint.save_optimizer else None
+            return shards.save_sharded_checkpoint(self.run_dir, self.step, self.models, self.tokenizer, optimizer,
+                                                  self.trainer_state(), self.cfg.to_dict(),
+                                                  self.cfg.checkpoint.keep_last, ctx)
         return ckpt_io.save_checkpoint(self.run_dir, self.step, self.models.policy, self.tokenizer,
                                        self.trainer_state(), self.cfg.to_dict(), self.cfg.checkpoint.keep_last)
 
@@ -39,10 +47,14 @@ class CheckpointPhases:
         state = ckpt_io.load_trainer_state(ckpt)
         if state.get("algorithm") != self.algo.name:
             raise UserError(f"checkpoint {ckpt} was written by a {state.get('algorithm')} run, this config is {self.algo.name}")
-        ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
+        restored = False  # DCP shards (saved at any world size), or a one-process checkpoint onto several ranks:
+        if "sharded" in state or (getattr(self, "dist", None) or get_context()).enabled:
+            state, restored = shards.load_into_run(ckpt, state, self.models, self.optimizer)
+        else:
+            ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        else:  # checkpoint.save_optimizer: false; the rest (step, data order, RNG, lr schedule) is exact
+        elif not restored:  # checkpoint.save_optimizer: false; the rest (step, data order, RNG, lr schedule) is exact
             warnings.warn(f"checkpoint {ckpt} holds no optimizer state (checkpoint.save_optimizer: false): the "
                           "optimizer's moments restart from zero, so this resume is not an exact continuation",
                           UserWarning, stacklevel=2)
