@@ -44,12 +44,13 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     tokens = input_ids[:, start:]
     decoder, head = decoder_and_head(model)
     if needs_full_logits(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
         hidden = None
         out = kernels.token_logprobs(logits[:, start - 1:length - 1], tokens, temperature=temperature,
                                      with_entropy=with_entropy)
     else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=False).last_hidden_state  # no KV cache in teacher-forced passes
         h = hidden[:, start - 1:length - 1].reshape(n * response_len, -1)
         if n * response_len * head.weight.shape[0] <= SMALL_LOGITS:
             # small vocab x tokens: one matmul beats the chunked path's recompute, and memory is no issue
