@@ -109,7 +109,7 @@ def _count_gt(xrow, x_ref, V: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _sample_plain_kernel(x_ptr, stride, inv_t_ptr, noise_ptr, nstride, seed_ptr,
                          tok_ptr, lp_ptr, slp_ptr, rank_ptr,
-                         V: tl.constexpr, BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, RETURN_RANK: tl.constexpr,
+                         V: tl.constexpr, BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, RANK_MODE: tl.constexpr,
                          UNIT_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride
@@ -175,7 +175,9 @@ def _sample_plain_kernel(x_ptr, stride, inv_t_ptr, noise_ptr, nstride, seed_ptr,
     lp = (x_tok - mx) - tl.log(sx)  # subtract the max first: exact, keeps huge logits accurate
     slp = tl.where(greedy, 0.0, (x_tok * inv_t - mz) - tl.log(sz))
     rank = 0
-    if RETURN_RANK:
+    if RANK_MODE == 1:  # only "rank >= 1?": the token is not the row maximum, which the pass already has
+        rank = (x_tok < mx).to(tl.int32)
+    if RANK_MODE == 2:
         if valid:
             rank = _count_gt(xrow, x_tok, V, Q)
     tl.store(tok_ptr + row, tl.where(valid, tok, -1).to(tl.int64))
@@ -239,7 +241,7 @@ def _mass_ge(xrow, inv_t, zmax, thr, V: tl.constexpr, BLOCK: tl.constexpr):
 def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noise_ptr, nstride, seed_ptr,
                             cx_ptr, ci_ptr, tok_ptr, lp_ptr, slp_ptr, rank_ptr,
                             V: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr, KC: tl.constexpr,
-                            PIVOT_ROUNDS: tl.constexpr, HAS_NOISE: tl.constexpr, RETURN_RANK: tl.constexpr):
+                            PIVOT_ROUNDS: tl.constexpr, HAS_NOISE: tl.constexpr, RANK_MODE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride
     nrow = row * nstride
@@ -380,7 +382,10 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
             x_tok = tl.reduce(tl.where(is_tok, cx, float("-inf")), 0, _MAX)
             s_keep = tl.reduce(tl.where(keep, tl.exp(cz - zmax), 0.0), 0, _SUM)
             slp = (z_tok - zmax) - tl.log(s_keep)
-            rank = tl.reduce((cm & (cx > x_tok)).to(tl.int32), 0, _SUM)
+            if RANK_MODE == 1:
+                rank = (x_tok < mx).to(tl.int32)
+            if RANK_MODE == 2:  # tokens above x_tok have z above the threshold: all are candidates
+                rank = tl.reduce((cm & (cx > x_tok)).to(tl.int32), 0, _SUM)
         else:
             # full-row path: exact thresholds by bisection on ordered bit patterns, one pass per round
             t_k = float("-inf")
@@ -440,7 +445,9 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
             tok = _first_argmax(best, besti, V)
             x_tok = tl.load(xrow + tok).to(tl.float32)
             slp = (x_tok * inv_t - zmax) - tl.log(s_keep)
-            if RETURN_RANK:
+            if RANK_MODE == 1:
+                rank = (x_tok < mx).to(tl.int32)
+            if RANK_MODE == 2:
                 rank = _count_gt(xrow, x_tok, V, BLOCK)
     tok = tl.minimum(tok, V - 1)
     x_tok = tl.load(xrow + tok).to(tl.float32)
@@ -449,6 +456,15 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
     tl.store(lp_ptr + row, tl.where(valid, lp, float("nan")))
     tl.store(slp_ptr + row, tl.where(valid, slp, float("nan")))
     tl.store(rank_ptr + row, tl.where(valid, rank, -1).to(tl.int64))
+
+
+def rank_pass_mode(return_rank: bool, rank_cap: int | None) -> int:
+    """The kernels' RANK_MODE: 0 no rank, 1 only whether rank >= 1 (free), 2 the full count (a row pass)."""
+    if rank_cap is not None and (isinstance(rank_cap, bool) or int(rank_cap) != rank_cap or rank_cap < 0):
+        raise ValueError(f"sample: rank_cap={rank_cap!r} must be None or an integer >= 0")
+    if not return_rank or rank_cap == 0:
+        return 0
+    return 1 if rank_cap == 1 else 2
 
 
 def _seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -464,8 +480,14 @@ def sample_triton(
     return_rank: bool = True,
     cap: int | None = None,
     block: int | None = None,
+    rank_cap: int | None = None,
 ) -> SampleOutput:
-    """Launch the Triton sampler on logits [B, V] with normalised per-row `params`; returns SampleOutput."""
+    """Launch the Triton sampler on logits [B, V] with normalised per-row `params`; returns SampleOutput.
+
+    rank: the full count with return_rank and no rank_cap; min(rank, rank_cap) with one (rank_cap 1 costs no
+    extra pass: rank >= 1 iff the token is below the row maximum); 0 for valid rows without return_rank.
+    """
+    rank_mode = rank_pass_mode(return_rank, rank_cap)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     b, v = logits.shape
@@ -491,7 +513,7 @@ def sample_triton(
         blk = block or max(16, min(2048, next_pow2(v)))  # [4, 512] tiles: 94 registers on sm_90, 2 programs per SM
         _sample_plain_kernel[(b,)](
             logits, logits.stride(0), params.inv_t, nbuf, nstride, seed, tok, lp, slp, rank,
-            V=v, BLOCK=blk, HAS_NOISE=noise is not None, RETURN_RANK=return_rank, UNIT_T=params.unit_temperature,
+            V=v, BLOCK=blk, HAS_NOISE=noise is not None, RANK_MODE=rank_mode, UNIT_T=params.unit_temperature,
             num_warps=8, enable_fp_fusion=False)
     else:
         blk = block or max(16, min(1024, next_pow2(v)))
@@ -507,7 +529,9 @@ def sample_triton(
             logits, logits.stride(0), params.inv_t, params.top_k, params.top_p, params.log_min_p, nbuf, nstride,
             seed, cx, ci, tok, lp, slp, rank,
             V=v, BLOCK=blk, CAP=cap, KC=min(blk, cap // 2), PIVOT_ROUNDS=PIVOT_ROUNDS,
-            HAS_NOISE=noise is not None, RETURN_RANK=return_rank, num_warps=8, enable_fp_fusion=False)
+            HAS_NOISE=noise is not None, RANK_MODE=rank_mode, num_warps=8, enable_fp_fusion=False)
+    if rank_mode == 2 and rank_cap is not None:
+        rank = rank.clamp_(max=rank_cap)
     return SampleOutput(tok, lp, slp, rank)
 
 
@@ -522,6 +546,7 @@ def sample(
     noise: torch.Tensor | None = None,
     return_details: bool = False,
     check: bool = False,
+    rank_cap: int | None = None,
 ):
     """Sample one token per row of logits [B, V] (fp32 / bf16 / fp16).
 
@@ -534,14 +559,18 @@ def sample(
     noise the "triton" and "torch" backends return identical tokens.
     Returns (tokens int64 [B], logprobs fp32 [B]) with logprobs = log_softmax(logits.float())[token], or with
     return_details=True a SampleOutput(tokens, logprobs, sampling_logprobs, rank).
+    rank_cap: with return_details, report min(rank, rank_cap) and skip the work beyond it: 0 computes no rank
+    (a caller that needs none), 1 reads it off the row maximum the sampler already has (no second pass over
+    the row), None or > 1 counts the larger logits (a second pass on the unfiltered and full-row paths).
     Rows with NaN / +inf or all -inf give token -1 and NaN log-probs (check=True raises; it syncs the host).
     """
     which = resolve_backend(backend, logits, "sample")
     if which == "torch":
         return sample_reference(logits, temperature, top_k, top_p, min_p, generator=generator, noise=noise,
-                                return_details=return_details, check=check)
+                                return_details=return_details, check=check, rank_cap=rank_cap)
     params = row_params(logits, temperature, top_k, top_p, min_p)
-    out = sample_triton(logits, params, generator=generator, noise=noise, return_rank=return_details)
+    out = sample_triton(logits, params, generator=generator, noise=noise, return_rank=return_details,
+                        rank_cap=rank_cap)
     if check:
         raise_on_invalid(out.tokens)
     if return_details:
