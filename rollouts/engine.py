@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from align.algos.positions import position_ids_from_mask
+from align.kernels.health import startup_backend
 from align.rollouts.batch import STOP_EOS, STOP_LENGTH, STOP_STRING, RolloutBatch
 from align.rollouts.hf_cache import cache_keyword
 from align.rollouts.noise import sample_keys
@@ -126,7 +127,7 @@ class RolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.sampler_backend = sampler_backend
+        self.sampler_backend = startup_backend(sampler_backend, self.device)  # F7: Triton launch probe on CUDA
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size = {micro_batch_size}: must be >= 1")
         self.micro_batch_size = micro_batch_size
