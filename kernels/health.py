@@ -19,10 +19,6 @@ FIX = ("point Triton at the system CUDA's ptxas (TRITON_PTXAS_BLACKWELL_PATH=/us
 _RESULT: dict[tuple[str, int], str | None] = {}  # (device type, index) -> None (launch works) or the error
 
 
-class TritonLaunchError(RuntimeError):
-    """Triton kernels cannot launch on this device (a toolchain / driver mismatch, not a bug in the caller)."""
-
-
 def _probe(device: torch.device) -> None:
     """Compile and launch one tiny kernel on `device`; raise if it fails or writes wrong values."""
     import triton
@@ -53,14 +49,15 @@ def launch_error(device: torch.device) -> str | None:
 
 
 def check_triton(device: torch.device, explicit: bool, fn: str) -> bool:
-    """True when Triton may run on CUDA `device`. A failed probe: explicit -> TritonLaunchError (one line);
-    auto -> one warning per device, False (the caller runs the PyTorch reference)."""
+    """True when Triton may run on CUDA `device`. A failed probe: explicit -> RuntimeError (one line);
+    auto -> one warning per device, False (the caller runs the PyTorch reference). A RuntimeError, like the
+    dispatcher's other errors: align.kernels imports only torch and triton (no align.errors)."""
     err = launch_error(device)
     if err is None:
         return True
     where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     if explicit:
-        raise TritonLaunchError(f"{fn}: backend='triton' but Triton kernels cannot launch on {where} ({err}); {FIX}, "
+        raise RuntimeError(f"{fn}: backend='triton' but Triton kernels cannot launch on {where} ({err}); {FIX}, "
                                 f"or use backend / sampler_backend 'torch'")
     if (device.type, where) not in _WARNED:
         _WARNED.add((device.type, where))

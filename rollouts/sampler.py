@@ -154,12 +154,16 @@ class _Sampler:
             self.scalar = ScalarSampler(vocab, params.temperature, params.top_k, params.top_p, params.min_p, dev,
                                         rank_cap=engine.gate_top_k)
         self.noise_chunk: tuple[int, torch.Tensor] | None = None  # (first step, [b, S, V]) on the host path
+        # counter noise drawn inside the Triton kernel (align.kernels.counter: the same numbers, no [b, V]
+        # int64 temporaries and no noise tensor); the PyTorch paths take it materialised
+        b = engine.sampler_backend
+        self.fused_noise = b == "triton" or (b == "auto" and dev.type == "cuda")
         self.signature = (params.temperature, params.top_k, params.top_p, params.min_p, tuple(stop_ids),
                           params.min_new_tokens, tuple(params.allowed_token_ids or ()), engine.sampler_backend,
                           engine.gate_top_k, engine.pad_id)
 
     def _noise(self, state: _DecodeState, logits: torch.Tensor, t: int | None) -> torch.Tensor | None:
-        if state.keys is None or self.greedy:
+        if state.keys is None or self.greedy or self.fused_noise:
             return None
         if t is None:
             return counter_gumbel(state.keys, state.step, state.cols)[:, 0]
@@ -184,9 +188,11 @@ class _Sampler:
         if self.scalar is not None:
             out = self.scalar(sampling_logits, noise, self.generator)
         else:
+            fused = self.fused_noise and state.keys is not None and not self.greedy
             out = kernels.sample(sampling_logits, p.temperature, p.top_k, p.top_p, p.min_p, generator=self.generator,
                                  noise=noise, return_details=True, backend=self.engine.sampler_backend,
-                                 rank_cap=self.engine.gate_top_k)  # topk_hit = rank < gate_top_k; 0: none
+                                 rank_cap=self.engine.gate_top_k,  # topk_hit = rank < gate_top_k; 0: none
+                                 counter=(state.keys, state.step) if fused else None)
         token, raw_logp = out.tokens, out.logprobs
         if sampling_logits is not logits:  # the raw policy is the unmasked distribution
             lf = logits.float()

@@ -49,13 +49,13 @@ def test_auto_falls_back_with_one_warning_and_probes_once(broken):
 
 @pytest.mark.parametrize("broken", FAILURES, indirect=True, ids=["invalid-image", "ptxas"])
 def test_explicit_triton_raises_one_line_naming_the_fix(broken, request):
-    with pytest.raises(health.TritonLaunchError) as err:
+    with pytest.raises(RuntimeError) as err:
         health.startup_backend("triton", GPU0)
     msg = str(err.value)
     assert "\n" not in msg and "cuda:0" in msg and "TRITON_PTXAS_BLACKWELL_PATH=/usr/local/cuda/bin/ptxas" in msg
     error = request.node.callspec.params["broken"]
     assert f"{type(error).__name__}: {str(error).splitlines()[0]}" in msg  # the error's first line is quoted
-    with pytest.raises(health.TritonLaunchError, match="backend='triton'"):
+    with pytest.raises(RuntimeError, match="backend='triton'"):
         _common.resolve_backend("triton", types.SimpleNamespace(is_cuda=True, device=GPU0), "token_logprobs")
 
 
