@@ -200,7 +200,7 @@ def _sample_plain_kernel(x_ptr, stride, inv_t_ptr, noise_ptr, nstride, seed_ptr,
         rank = (x_tok < mx).to(tl.int32)
     if RANK_MODE == 2:
         if valid:
-            rank = _count_gt(xrow, x_tok, V, Q)
+            rank = _count_gt(xrow, x_tok, V, BLOCK)  # full tiles: half the block reductions
     tl.store(tok_ptr + row, tl.where(valid, tok, -1).to(tl.int64))
     tl.store(lp_ptr + row, tl.where(valid, lp, float("nan")))
     tl.store(slp_ptr + row, tl.where(valid, slp, float("nan")))

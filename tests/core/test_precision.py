@@ -121,3 +121,15 @@ def test_tf32_is_switched_on_only_when_resolved():
 def test_fp16_is_refused_by_the_resolver_too():
     with pytest.raises(ConfigError, match="float16 would train without a GradScaler"):
         resolve_precision("float16", True, CUDA)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_loads_fp32_masters_bf16_reference_and_decode_copy(tiny_model_path):
+    m = load_models(ModelConfig(path=str(tiny_model_path)), CUDA, need_reference=True, critic="separate")
+    assert {p.dtype for p in m.policy.parameters()} == {F32}
+    assert {p.dtype for p in m.reference.parameters()} == {BF16}
+    assert {p.dtype for p in m.decode_model.parameters()} == {BF16}
+    assert {p.dtype for p in m.critic.parameters()} == {F32}
+    ids = torch.randint(3, m.policy.config.vocab_size, (2, 6), device="cuda")
+    out = response_forward(m.policy, ids, torch.ones_like(ids), 3, with_entropy=True)
+    assert out.logprobs.dtype == F32 and torch.isfinite(out.logprobs).all()
