@@ -39,6 +39,8 @@ def launch_error(device: torch.device) -> str | None:
     """None when Triton kernels launch on `device` (checked once per device and process), else the error line."""
     key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
     if key not in _RESULT:
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None  # a first launch inside CUDA-graph capture: probing would sync; the capture itself will tell
         try:
             _probe(device)
             _RESULT[key] = None

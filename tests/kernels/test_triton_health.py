@@ -74,3 +74,10 @@ def test_probe_kernel_runs_and_checks_its_output(monkeypatch):
     """The real probe, in the interpreter on a CPU tensor: it launches and its output check passes."""
     monkeypatch.setattr(health, "_RESULT", {})
     assert health.launch_error(torch.device("cpu", 0)) is None
+
+
+@pytest.mark.gpu
+def test_gpu_probe_passes_on_a_working_device(monkeypatch):
+    monkeypatch.setattr(health, "_RESULT", {})
+    assert health.launch_error(torch.device("cuda", torch.cuda.current_device())) is None
+    assert health.startup_backend("auto", torch.device("cuda", 0)) == "auto"
