@@ -32,3 +32,14 @@ def test_trainer_forward_builds_no_kv_cache(tiny_model_path):
     assert _caches_seen(model.train(), with_entropy=True) == [None]
     with torch.no_grad():
         assert _caches_seen(model.eval(), return_hidden=True) == [None]
+
+
+def test_trainer_forward_emits_no_cache_deprecation(tiny_qwen_path):
+    """F11's trainer side: with no cache at all the forwards take neither `cache` nor `past_key_values`."""
+    import warnings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _caches_seen(model.train(), with_entropy=True)
+    assert [str(w.message) for w in caught if "past_key_values" in str(w.message) or "cache" in str(w.message)] == []
