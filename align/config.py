@@ -41,7 +41,9 @@ class ModelConfig(Section):
     # umm: a unified multimodal model whose checkpoint config.json carries an `umm` section (image token ids,
     # image length, instruction); GRPO then samples image tokens (see docs/experiments/gvu.md)
     kind: Literal["causal_lm", "umm"] = "causal_lm"
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # auto: fp32 masters + bf16 autocast + TF32 + bf16 reference and decode copy on CUDA, fp32 on CPU (align.precision);
+    # float16 is refused (training it needs a GradScaler)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     tokenizer_path: str = ""  # default: the model path
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -51,6 +53,8 @@ class ModelConfig(Section):
 
     def validate(self) -> None:
         self.check(bool(self.path), "path", "set model.path to a Hugging Face model name or a local checkpoint directory")
+        self.check(self.dtype != "float16", "dtype", "float16 would train without a GradScaler (fp16 gradients "
+                   "underflow); use auto (bf16 autocast on CUDA) or bfloat16")
 
 
 @dataclass

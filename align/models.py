@@ -19,6 +19,14 @@ from torch import nn
 
 from align.config import ModelConfig
 from align.errors import MissingFileError, UserError
+from align.precision import (
+    DecodeCopy,
+    Precision,
+    apply_matmul_precision,
+    autocast_for,
+    mark_autocast,
+    resolve_precision,
+)
 
 
 def quiet_transformers() -> None:
@@ -39,17 +47,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_precision(cfg: ModelConfig, device: torch.device) -> Precision:
+    """`align.precision.resolve_precision` for this config (its docstring says what `auto` means where)."""
+    return resolve_precision(cfg.dtype, cfg.lora.enabled, device)
+
+
 def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        # bf16 weights only where AdamW does not update them directly: with LoRA the frozen base is bf16 and the
-        # adapters train in fp32; full fine-tuning keeps fp32 weights (bf16 would round small updates away)
-        return torch.bfloat16 if device.type == "cuda" and cfg.lora.enabled else torch.float32
-    if cfg.dtype in ("bfloat16", "float16") and not cfg.lora.enabled:
+    """The policy's load dtype: with `auto`, bf16 only where AdamW does not update the weights (a LoRA run's
+    frozen base); full fine-tuning keeps fp32 masters (bf16 would round small updates away)."""
+    if cfg.dtype == "bfloat16" and not cfg.lora.enabled:
         import warnings
 
         warnings.warn(f"model.dtype = {cfg.dtype} without LoRA updates {cfg.dtype} weights in place (no fp32 master "
-                      "copy): small updates round away; prefer float32 or LoRA", stacklevel=2)
-    return DTYPES[cfg.dtype]
+                      "copy): small updates round away; prefer auto (fp32 masters + bf16 autocast on CUDA) or LoRA",
+                      stacklevel=2)
+    return model_precision(cfg, device).policy
 
 
 def _local_or_hub(path: str | Path, key: str) -> str:
@@ -94,17 +106,20 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device, key: str = "model.path") -> nn.Module:
+def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device, key: str = "model.path",
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """dtype: the load dtype (default: the policy's, `_dtype`)."""
     from transformers import AutoModelForCausalLM
 
     path = _local_or_hub(path, key)
+    dtype = dtype or _dtype(cfg, device)
     if cfg.kind == "umm":
         from align.rollouts.janus import is_janus, load_janus_image_lm
 
         if is_janus(path):  # HF's native Janus format: image tokens from the generation head
-            return load_janus_image_lm(path, _dtype(cfg, device), device, cfg.gradient_checkpointing)
+            return load_janus_image_lm(path, dtype, device, cfg.gradient_checkpointing)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
         raise UserError(f"cannot load a causal LM from {str(path)!r}: {str(err).splitlines()[0]} "
                         "(model.path must be a Hugging Face model name or a directory with config.json and weights)") from None
@@ -132,7 +147,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
-        return self.proj(hidden.float()).squeeze(-1)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32 values under a bf16 autocast
+            return self.proj(hidden.float()).squeeze(-1)
 
 
 class SeparateCritic(nn.Module):
@@ -144,7 +160,9 @@ class SeparateCritic(nn.Module):
         self.head = ValueHead(hidden_size)
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        with autocast_for(self):  # fp32 master weights, bf16 compute on CUDA (`align.precision`)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
         return self.head(hidden)
 
 
@@ -159,6 +177,18 @@ class PolicyModels:
     critic: SeparateCritic | None  # a separate critic
     device: torch.device
     lora: bool
+    precision: Precision | None = None
+    decode: DecodeCopy | None = None  # a bf16 copy the rollout engine decodes from (CUDA, fp32 masters)
+
+    @property
+    def decode_model(self) -> nn.Module:
+        """What the in-process rollout engine runs: the bf16 decode copy, or the policy itself."""
+        return self.decode.model if self.decode is not None else self.policy
+
+    def refresh_decode(self) -> None:
+        """Copy the current policy weights into the decode copy (in place; a no-op without one)."""
+        if self.decode is not None:
+            self.decode.refresh()
 
     @contextlib.contextmanager
     def reference_mode(self) -> Iterator[nn.Module]:
@@ -188,23 +218,31 @@ def hidden_size_of(model: nn.Module) -> int:
 
 def load_models(cfg: ModelConfig, device: torch.device, *, need_reference: bool, critic: str | None) -> PolicyModels:
     """Load the policy (+LoRA), the reference if needed, and a critic (`critic`: None | value_head | separate)."""
+    precision = model_precision(cfg, device)
+    apply_matmul_precision(precision)
     tokenizer = load_tokenizer(cfg)
     policy = load_causal_lm(cfg.path, cfg, device)
     reference = None
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg)
     elif need_reference:
-        reference = copy.deepcopy(policy).eval()
+        # frozen: no optimizer state, no master copy needed, so it is held in the reference dtype (bf16 on CUDA)
+        reference = copy.deepcopy(policy).eval().to(precision.reference)
         reference.requires_grad_(False)
+        mark_autocast(reference, precision.autocast)
+    mark_autocast(policy, precision.autocast)
     value_head = separate = None
     if critic == "value_head":
         value_head = ValueHead(hidden_size_of(policy)).to(device)
     elif critic == "separate":
+        # fully trained: fp32 master weights whatever the policy's dtype (F9), bf16 compute under the autocast
         backbone = load_causal_lm(cfg.critic_path or cfg.path, cfg, device,
-                                  "model.critic_path" if cfg.critic_path else "model.path").get_decoder()
-        separate = SeparateCritic(backbone, hidden_size_of(policy)).to(device)
+                                  "model.critic_path" if cfg.critic_path else "model.path",
+                                  dtype=precision.critic).get_decoder()
+        separate = mark_autocast(SeparateCritic(backbone, hidden_size_of(policy)).to(device), precision.autocast)
+    decode = DecodeCopy(policy, precision.decode) if precision.decode is not None else None
     return PolicyModels(policy=policy, tokenizer=tokenizer, reference=reference, value_head=value_head,
-                        critic=separate, device=device, lora=cfg.lora.enabled)
+                        critic=separate, device=device, lora=cfg.lora.enabled, precision=precision, decode=decode)
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from align.kernels.health import check_triton
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -29,8 +31,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor, fn: str) -> str:
         raise ValueError(f"{fn}: backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
-    if backend == "auto":
-        return "triton" if (tensor.is_cuda and triton_available()) else "torch"
+    if backend == "auto":  # on CUDA only once the start-up probe launched a kernel there (align.kernels.health)
+        return "triton" if (tensor.is_cuda and triton_available() and check_triton(tensor.device, False, fn)) else "torch"
     if not triton_available():
         raise RuntimeError(f"{fn}: backend='triton' needs the triton package; install it or use backend='torch'")
     if not tensor.is_cuda and not triton_interpreted():
@@ -38,7 +40,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor, fn: str) -> str:
             f"{fn}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton to run "
             f"the kernels on the CPU); use backend='torch' or 'auto' for CPU tensors"
         )
-    if not tensor.is_cuda and not _triton_lib_interpreted():
+    if tensor.is_cuda:
+        check_triton(tensor.device, True, fn)  # one line naming the ptxas / driver fix if kernels cannot launch
+    elif not _triton_lib_interpreted():
         raise RuntimeError(
             f"{fn}: TRITON_INTERPRET=1 was set after triton was imported, so triton's own library stayed compiled; "
             "set it in the environment (or at the very top of the root conftest.py) before anything imports triton"

@@ -28,6 +28,7 @@ def _chunks(n: int, chunk: int):
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under the forward's autocast state
     def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy, chunk, backend):
         n = hidden.shape[0]
         lp = torch.empty(n, device=hidden.device, dtype=torch.float32)
@@ -47,6 +48,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return lp, ent
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, tokens = ctx.saved_tensors
         temperature, with_entropy, chunk, backend = ctx.args

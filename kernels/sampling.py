@@ -33,6 +33,8 @@ counter, so it needs no host sync and is CUDA-graph safe (the seed is a device t
 `generator`). Injected noise (`noise=` [B, V] fp32 Gumbel g) reproduces the PyTorch reference bit for
 bit: both compute z = x * inv_t and z + g in fp32 (FMA contraction is disabled for these kernels) and take
 the first maximum.
+Counter noise (`counter=(keys, step)`): the counter-based Gumbel noise of `align.kernels.counter` is drawn
+in the kernel at the indices it needs, so the engine's sharding-invariant stream costs no [B, V] tensors.
 Invalid rows (NaN or +inf anywhere, or all -inf) return token -1, NaN log-probs and rank -1.
 """
 
@@ -46,6 +48,7 @@ from align.kernels._common import next_pow2, resolve_backend
 from align.kernels._tl import MAX as _MAX
 from align.kernels._tl import MIN as _MIN
 from align.kernels._tl import SUM as _SUM
+from align.kernels.counter import counter_gumbel
 from align.kernels.sampling_reference import (
     RowParams,
     SampleOutput,
@@ -82,12 +85,29 @@ def _gumbel(seed_row, idx):
 
 
 @triton.jit
-def _noise_at(noise_ptr, nrow, seed_row, idx, mask, HAS_NOISE: tl.constexpr):
-    if HAS_NOISE:
+def _noise_at(noise_ptr, nrow, seed_row, idx, mask, NOISE: tl.constexpr):
+    """NOISE 0: Philox keyed by (seed, row); 1: the injected [B, V] tensor; 2: counter noise, where seed_row
+    holds the row's sample key and nrow the decode step (see `_noise_args`)."""
+    if NOISE == 1:
         g = tl.load(noise_ptr + nrow + idx, mask=mask, other=0.0).to(tl.float32)
+    elif NOISE == 2:
+        g = counter_gumbel(seed_row, nrow, idx)
     else:
         g = _gumbel(seed_row, idx)
     return g
+
+
+@triton.jit
+def _noise_args(noise_ptr, nstride, seed_ptr, row, NOISE: tl.constexpr):
+    """(nrow, seed_row) for `_noise_at`. NOISE 2 passes the [B] int64 sample keys as noise_ptr and the [1]
+    int64 decode-step counter as seed_ptr (device tensors: graph-safe, no host values)."""
+    if NOISE == 2:
+        nrow = tl.load(seed_ptr)
+        seed_row = tl.load(noise_ptr + row)
+    else:
+        nrow = row * nstride
+        seed_row = tl.load(seed_ptr) + (row << 32)
+    return nrow, seed_row
 
 
 @triton.jit
@@ -109,16 +129,15 @@ def _count_gt(xrow, x_ref, V: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _sample_plain_kernel(x_ptr, stride, inv_t_ptr, noise_ptr, nstride, seed_ptr,
                          tok_ptr, lp_ptr, slp_ptr, rank_ptr,
-                         V: tl.constexpr, BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, RETURN_RANK: tl.constexpr,
+                         V: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr, RANK_MODE: tl.constexpr,
                          UNIT_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride
-    nrow = row * nstride
+    nrow, seed_row = _noise_args(noise_ptr, nstride, seed_ptr, row, NOISE)
     inv_t = tl.load(inv_t_ptr + row)
     greedy = inv_t == 0.0
     inv_t = tl.where(greedy, 1.0, inv_t)
     nscale = tl.where(greedy, 0.0, 1.0)
-    seed_row = tl.load(seed_ptr) + (row << 32)
     Q: tl.constexpr = BLOCK // 4
     lanes = tl.arange(0, Q)
     sub = tl.arange(0, 4)[:, None]
@@ -148,8 +167,10 @@ def _sample_plain_kernel(x_ptr, stride, inv_t_ptr, noise_ptr, nstride, seed_ptr,
             ms = tl.where(mz_new == float("-inf"), 0.0, mz_new)
             sz = sz * tl.exp(mz - ms) + tl.reduce(tl.reduce(tl.exp(z - ms), 1, _SUM), 0, _SUM)
             mz = mz_new
-        if HAS_NOISE:
+        if NOISE == 1:
             g = tl.load(noise_ptr + nrow + idx, mask=m, other=0.0).to(tl.float32)
+        elif NOISE == 2:
+            g = counter_gumbel(seed_row, nrow, idx)
         else:
             # one Philox call yields the uniforms of the 4 sub-tiles (counter = start / 4 + lane: unique per token)
             r0, r1, r2, r3 = tl.randint4x(seed_row, start // 4 + lanes)
@@ -175,9 +196,11 @@ def _sample_plain_kernel(x_ptr, stride, inv_t_ptr, noise_ptr, nstride, seed_ptr,
     lp = (x_tok - mx) - tl.log(sx)  # subtract the max first: exact, keeps huge logits accurate
     slp = tl.where(greedy, 0.0, (x_tok * inv_t - mz) - tl.log(sz))
     rank = 0
-    if RETURN_RANK:
+    if RANK_MODE == 1:  # only "rank >= 1?": the token is not the row maximum, which the pass already has
+        rank = (x_tok < mx).to(tl.int32)
+    if RANK_MODE == 2:
         if valid:
-            rank = _count_gt(xrow, x_tok, V, Q)
+            rank = _count_gt(xrow, x_tok, V, BLOCK)  # full tiles: half the block reductions
     tl.store(tok_ptr + row, tl.where(valid, tok, -1).to(tl.int64))
     tl.store(lp_ptr + row, tl.where(valid, lp, float("nan")))
     tl.store(slp_ptr + row, tl.where(valid, slp, float("nan")))
@@ -239,16 +262,15 @@ def _mass_ge(xrow, inv_t, zmax, thr, V: tl.constexpr, BLOCK: tl.constexpr):
 def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noise_ptr, nstride, seed_ptr,
                             cx_ptr, ci_ptr, tok_ptr, lp_ptr, slp_ptr, rank_ptr,
                             V: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr, KC: tl.constexpr,
-                            PIVOT_ROUNDS: tl.constexpr, HAS_NOISE: tl.constexpr, RETURN_RANK: tl.constexpr):
+                            PIVOT_ROUNDS: tl.constexpr, NOISE: tl.constexpr, RANK_MODE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride
-    nrow = row * nstride
+    nrow, seed_row = _noise_args(noise_ptr, nstride, seed_ptr, row, NOISE)
     cx_row = cx_ptr + row * CAP
     ci_row = ci_ptr + row * CAP
     inv_t = tl.load(inv_t_ptr + row)
     greedy = inv_t == 0.0
     inv_t = tl.where(greedy, 1.0, inv_t)
-    seed_row = tl.load(seed_ptr) + (row << 32)
     lanes = tl.arange(0, BLOCK)
     NEG_KEY: tl.constexpr = -2139095041  # key of -inf
 
@@ -371,7 +393,7 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
                 t_p = _unkey(lo)
             tau = tl.maximum(tl.maximum(t_k, t_p), zmax + lmp)
             keep = cm & (cz >= tau)
-            g = _noise_at(noise_ptr, nrow, seed_row, ci, cm, HAS_NOISE)
+            g = _noise_at(noise_ptr, nrow, seed_row, ci, cm, NOISE)
             s = tl.where(keep, cz + g, float("-inf"))
             top = tl.reduce(s, 0, _MAX)
             tok = tl.reduce(tl.where(keep & (s == top), ci, V), 0, _MIN)
@@ -380,7 +402,10 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
             x_tok = tl.reduce(tl.where(is_tok, cx, float("-inf")), 0, _MAX)
             s_keep = tl.reduce(tl.where(keep, tl.exp(cz - zmax), 0.0), 0, _SUM)
             slp = (z_tok - zmax) - tl.log(s_keep)
-            rank = tl.reduce((cm & (cx > x_tok)).to(tl.int32), 0, _SUM)
+            if RANK_MODE == 1:
+                rank = (x_tok < mx).to(tl.int32)
+            if RANK_MODE == 2:  # tokens above x_tok have z above the threshold: all are candidates
+                rank = tl.reduce((cm & (cx > x_tok)).to(tl.int32), 0, _SUM)
         else:
             # full-row path: exact thresholds by bisection on ordered bit patterns, one pass per round
             t_k = float("-inf")
@@ -427,8 +452,10 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
                 x = tl.load(xrow + idx, mask=m, other=float("-inf")).to(tl.float32)
                 z = x * inv_t
                 keep = m & (z >= tau)
-                if HAS_NOISE:
+                if NOISE == 1:
                     g = tl.load(noise_ptr + nrow + idx, mask=m, other=0.0).to(tl.float32)
+                elif NOISE == 2:
+                    g = counter_gumbel(seed_row, nrow, idx)
                 else:
                     u = tl.minimum(tl.maximum(tl.rand(seed_row, idx), 1.1754943508222875e-38), 0.99999994)
                     g = -0.6931471805599453 * tl.log2(-tl.log2(u))
@@ -440,7 +467,9 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
             tok = _first_argmax(best, besti, V)
             x_tok = tl.load(xrow + tok).to(tl.float32)
             slp = (x_tok * inv_t - zmax) - tl.log(s_keep)
-            if RETURN_RANK:
+            if RANK_MODE == 1:
+                rank = (x_tok < mx).to(tl.int32)
+            if RANK_MODE == 2:
                 rank = _count_gt(xrow, x_tok, V, BLOCK)
     tok = tl.minimum(tok, V - 1)
     x_tok = tl.load(xrow + tok).to(tl.float32)
@@ -449,6 +478,15 @@ def _sample_filtered_kernel(x_ptr, stride, inv_t_ptr, k_ptr, p_ptr, lmp_ptr, noi
     tl.store(lp_ptr + row, tl.where(valid, lp, float("nan")))
     tl.store(slp_ptr + row, tl.where(valid, slp, float("nan")))
     tl.store(rank_ptr + row, tl.where(valid, rank, -1).to(tl.int64))
+
+
+def rank_pass_mode(return_rank: bool, rank_cap: int | None) -> int:
+    """The kernels' RANK_MODE: 0 no rank, 1 only whether rank >= 1 (free), 2 the full count (a row pass)."""
+    if rank_cap is not None and (isinstance(rank_cap, bool) or int(rank_cap) != rank_cap or rank_cap < 0):
+        raise ValueError(f"sample: rank_cap={rank_cap!r} must be None or an integer >= 0")
+    if not return_rank or rank_cap == 0:
+        return 0
+    return 1 if rank_cap == 1 else 2
 
 
 def _seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -464,8 +502,18 @@ def sample_triton(
     return_rank: bool = True,
     cap: int | None = None,
     block: int | None = None,
+    rank_cap: int | None = None,
+    counter: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SampleOutput:
-    """Launch the Triton sampler on logits [B, V] with normalised per-row `params`; returns SampleOutput."""
+    """Launch the Triton sampler on logits [B, V] with normalised per-row `params`; returns SampleOutput.
+
+    counter: (keys [B] int64, step [1] int64) draws the counter-based noise of `align.kernels.counter` inside
+    the kernel (the same numbers as the PyTorch stream `align.rollouts.noise`; no [B, V] noise tensor).
+
+    rank: the full count with return_rank and no rank_cap; min(rank, rank_cap) with one (rank_cap 1 costs no
+    extra pass: rank >= 1 iff the token is below the row maximum); 0 for valid rows without return_rank.
+    """
+    rank_mode = rank_pass_mode(return_rank, rank_cap)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     b, v = logits.shape
@@ -476,14 +524,23 @@ def sample_triton(
     rank = torch.empty(b, device=dev, dtype=torch.int64)
     if b == 0:
         return SampleOutput(tok, lp, slp, rank)
-    if noise is not None:
+    mode = 0
+    if counter is not None:
+        if noise is not None:
+            raise ValueError("sample: pass noise= or counter=, not both")
+        keys, step = counter
+        if keys.shape != (b,) or keys.dtype != torch.int64 or step.numel() != 1 or step.dtype != torch.int64:
+            raise ValueError(f"sample: counter must be (keys int64 [{b}], step int64 [1]), got "
+                             f"({keys.dtype} {tuple(keys.shape)}, {step.dtype} {tuple(step.shape)})")
+        mode, nbuf, nstride, seed = 2, keys.contiguous(), 0, step.reshape(1)
+    elif noise is not None:
         if noise.shape != (b, v):
             raise ValueError(f"sample: noise must have the logits' shape {(b, v)}, got {tuple(noise.shape)}")
         noise = noise.to(device=dev, dtype=torch.float32)
         if noise.stride(-1) != 1:
             noise = noise.contiguous()
         seed = torch.zeros(1, device=dev, dtype=torch.int64)
-        nbuf, nstride = noise, noise.stride(0)
+        mode, nbuf, nstride = 1, noise, noise.stride(0)
     else:
         seed = _seed(dev, generator)
         nbuf, nstride = logits, 0
@@ -491,7 +548,7 @@ def sample_triton(
         blk = block or max(16, min(2048, next_pow2(v)))  # [4, 512] tiles: 94 registers on sm_90, 2 programs per SM
         _sample_plain_kernel[(b,)](
             logits, logits.stride(0), params.inv_t, nbuf, nstride, seed, tok, lp, slp, rank,
-            V=v, BLOCK=blk, HAS_NOISE=noise is not None, RETURN_RANK=return_rank, UNIT_T=params.unit_temperature,
+            V=v, BLOCK=blk, NOISE=mode, RANK_MODE=rank_mode, UNIT_T=params.unit_temperature,
             num_warps=8, enable_fp_fusion=False)
     else:
         blk = block or max(16, min(1024, next_pow2(v)))
@@ -507,7 +564,9 @@ def sample_triton(
             logits, logits.stride(0), params.inv_t, params.top_k, params.top_p, params.log_min_p, nbuf, nstride,
             seed, cx, ci, tok, lp, slp, rank,
             V=v, BLOCK=blk, CAP=cap, KC=min(blk, cap // 2), PIVOT_ROUNDS=PIVOT_ROUNDS,
-            HAS_NOISE=noise is not None, RETURN_RANK=return_rank, num_warps=8, enable_fp_fusion=False)
+            NOISE=mode, RANK_MODE=rank_mode, num_warps=8, enable_fp_fusion=False)
+    if rank_mode == 2 and rank_cap is not None:
+        rank = rank.clamp_(max=rank_cap)
     return SampleOutput(tok, lp, slp, rank)
 
 
@@ -522,6 +581,8 @@ def sample(
     noise: torch.Tensor | None = None,
     return_details: bool = False,
     check: bool = False,
+    rank_cap: int | None = None,
+    counter: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Sample one token per row of logits [B, V] (fp32 / bf16 / fp16).
 
@@ -534,14 +595,24 @@ def sample(
     noise the "triton" and "torch" backends return identical tokens.
     Returns (tokens int64 [B], logprobs fp32 [B]) with logprobs = log_softmax(logits.float())[token], or with
     return_details=True a SampleOutput(tokens, logprobs, sampling_logprobs, rank).
+    rank_cap: with return_details, report min(rank, rank_cap) and skip the work beyond it: 0 computes no rank
+    (a caller that needs none), 1 reads it off the row maximum the sampler already has (no second pass over
+    the row), None or > 1 counts the larger logits (a second pass on the unfiltered and full-row paths).
+    counter: (keys [B] int64, step [1] int64): counter-based noise drawn inside the Triton kernel (the numbers
+    of `align.rollouts.noise` for these sample keys and decode step); Triton backend only (the PyTorch path
+    takes that noise materialised as noise=).
     Rows with NaN / +inf or all -inf give token -1 and NaN log-probs (check=True raises; it syncs the host).
     """
     which = resolve_backend(backend, logits, "sample")
+    if which == "torch" and counter is not None:
+        raise ValueError("sample: counter= noise is drawn inside the Triton kernel; on the torch backend pass it "
+                         "materialised as noise= (align.rollouts.sampler.counter_gumbel)")
     if which == "torch":
         return sample_reference(logits, temperature, top_k, top_p, min_p, generator=generator, noise=noise,
-                                return_details=return_details, check=check)
+                                return_details=return_details, check=check, rank_cap=rank_cap)
     params = row_params(logits, temperature, top_k, top_p, min_p)
-    out = sample_triton(logits, params, generator=generator, noise=noise, return_rank=return_details)
+    out = sample_triton(logits, params, generator=generator, noise=noise, return_rank=return_details,
+                        rank_cap=rank_cap, counter=counter)
     if check:
         raise_on_invalid(out.tokens)
     if return_details:

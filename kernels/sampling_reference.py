@@ -34,6 +34,7 @@ class SampleOutput(NamedTuple):
     logprobs: torch.Tensor  # fp32, log-prob under the raw policy (temperature 1, no truncation)
     sampling_logprobs: torch.Tensor  # fp32, log-prob under the truncated, temperature-scaled distribution
     rank: torch.Tensor  # int64, number of vocabulary entries with strictly larger logit than the token
+    # (min(rank, rank_cap) when `sample` was given a rank_cap)
 
 
 class RowParams(NamedTuple):
@@ -141,6 +142,7 @@ def sample_reference(
     noise: torch.Tensor | None = None,
     return_details: bool = False,
     check: bool = False,
+    rank_cap: int | None = None,
 ):
     """PyTorch reference of `align.kernels.sample` (sort-based). logits [B, V] fp32/bf16/fp16 -> (tokens [B], logprobs [B])
     or SampleOutput. Formulas: see the module docstring (Gumbel-max: Gumbel 1954; top-p: Holtzman et al. 2020;
@@ -174,7 +176,11 @@ def sample_reference(
     mz = zk.amax(-1, keepdim=True)
     slp = ((zk.gather(1, idx) - mz) - torch.logsumexp(zk - mz, -1, keepdim=True)).squeeze(1)
     slp = torch.where(greedy, torch.zeros_like(slp), slp)
-    rank = (xs > xs.gather(1, idx)).sum(-1)
+    if return_details and rank_cap != 0:
+        rank = (xs > xs.gather(1, idx)).sum(-1)
+        rank = rank if rank_cap is None else rank.clamp_max(rank_cap)
+    else:  # nobody reads it: skip the [B, V] pass
+        rank = torch.zeros_like(tok)
     nan = torch.full_like(logprobs, float("nan"))
     tok = torch.where(bad, torch.full_like(tok, -1), tok)
     logprobs = torch.where(bad, nan, logprobs)

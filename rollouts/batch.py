@@ -62,7 +62,9 @@ class RolloutBatch:
     def reward_columns(self) -> dict[str, list[Any]]:
         """What a reward function receives as keyword arguments besides prompts and completions: the dataset
         columns, `completion_ids` (each response's token ids) and `stop_reason` (each row's stop reason name)."""
-        completion_ids = [row[m.bool()].tolist() for row, m in zip(self.response_ids, self.mask)]
+        # one device-to-host copy of each tensor, then Python slicing: no per-row GPU sync (2 per row before)
+        ids, mask = self.response_ids.tolist(), self.mask.tolist()
+        completion_ids = [[t for t, k in zip(row, m) if k] for row, m in zip(ids, mask)]
         out = {**self.columns, "completion_ids": completion_ids}
         if self.stop_reason is not None:
             out["stop_reason"] = self.stop_reasons

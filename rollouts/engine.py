@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from align.algos.positions import position_ids_from_mask
+from align.kernels.health import startup_backend
 from align.rollouts.batch import STOP_EOS, STOP_LENGTH, STOP_STRING, RolloutBatch
 from align.rollouts.hf_cache import cache_keyword
 from align.rollouts.noise import sample_keys
@@ -108,7 +109,8 @@ class RolloutEngine:
     device: where the model runs (default: its parameters' device). sampler_backend: "auto" (Triton on CUDA,
     ScalarSampler on CPU), "triton" or "torch" (kernels.sample with that backend).
     micro_batch_size: rows decoded together. max_prompt_length: keep only the last this-many prompt tokens.
-    gate_top_k: `topk_hit` = the sampled token is among the top-k of the sampling distribution.
+    gate_top_k: `topk_hit` = the sampled token is among the top-k of the sampling distribution (curiosity's
+        gate); 0 = nobody reads it (all False, and the sampler computes no rank); 1 costs nothing extra.
     counter_noise: per-sample counter-based noise (default: on for CPU, off for CUDA).
     cuda_graphs: capture the decode step in CUDA graphs (default: on CUDA when the model supports it).
     static_cache: StaticCache (True) or DynamicCache (False); default static on CUDA, dynamic on CPU; graphs
@@ -125,12 +127,14 @@ class RolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.sampler_backend = sampler_backend
+        self.sampler_backend = startup_backend(sampler_backend, self.device)  # F7: Triton launch probe on CUDA
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size = {micro_batch_size}: must be >= 1")
         self.micro_batch_size = micro_batch_size
         self.max_prompt_length = max_prompt_length
-        self.gate_top_k = gate_top_k
+        if isinstance(gate_top_k, bool) or int(gate_top_k) != gate_top_k or gate_top_k < 0:
+            raise ValueError(f"gate_top_k={gate_top_k!r} must be an integer >= 0 (0: no topk_hit)")
+        self.gate_top_k = int(gate_top_k)
         cuda = self.device.type == "cuda"
         self.counter_noise = (not cuda) if counter_noise is None else counter_noise
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

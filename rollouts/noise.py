@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
-_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_M2 = -7723592293110705685  # 0x94D049BB133111EB
+# one definition, shared with the Triton sampler's in-kernel draw (align.kernels.counter)
+from align.kernels.counter import GOLDEN as _GOLDEN
+from align.kernels.counter import M1 as _M1
+from align.kernels.counter import M2 as _M2
 
 
 def _shr(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -68,8 +68,9 @@ class ScalarSampler:
     """
 
     def __init__(self, vocab_size: int, temperature: float, top_k: int, top_p: float, min_p: float,
-                 device: torch.device):
+                 device: torch.device, rank_cap: int | None = None):
         f32 = dict(dtype=torch.float32, device=device)
+        self.rank_cap = rank_cap  # as kernels.sample's: min(rank, rank_cap); 0 skips the rank's [B, V] pass
         self.greedy = temperature == 0
         t = torch.tensor(temperature if temperature > 0 else 1.0, **f32)
         self.inv_t = None if temperature in (0, 1) else 1.0 / t  # x * 1.0 == x: skip the multiply
@@ -99,7 +100,11 @@ class ScalarSampler:
             idx = tok[:, None]
             logp = torch.log_softmax(x, -1).gather(1, idx).squeeze(1)
             slp = torch.log_softmax(z, -1).gather(1, idx).squeeze(1)
-        rank = (x > x.gather(1, tok[:, None])).sum(-1)
+        if self.rank_cap == 0:
+            rank = torch.zeros_like(tok)
+        else:
+            rank = (x > x.gather(1, tok[:, None])).sum(-1)
+            rank = rank if self.rank_cap is None else rank.clamp_max_(self.rank_cap)
         tok = tok.masked_fill_(torch.isnan(logp), -1)
         return kernels.SampleOutput(tok, logp, slp, rank)
 
@@ -146,14 +151,19 @@ class _Sampler:
         # CPU + "auto": the reference semantics with constants built once (ScalarSampler); else kernels.sample
         self.scalar = None
         if dev.type == "cpu" and engine.sampler_backend == "auto":
-            self.scalar = ScalarSampler(vocab, params.temperature, params.top_k, params.top_p, params.min_p, dev)
+            self.scalar = ScalarSampler(vocab, params.temperature, params.top_k, params.top_p, params.min_p, dev,
+                                        rank_cap=engine.gate_top_k)
         self.noise_chunk: tuple[int, torch.Tensor] | None = None  # (first step, [b, S, V]) on the host path
+        # counter noise drawn inside the Triton kernel (align.kernels.counter: the same numbers, no [b, V]
+        # int64 temporaries and no noise tensor); the PyTorch paths take it materialised
+        b = engine.sampler_backend
+        self.fused_noise = b == "triton" or (b == "auto" and dev.type == "cuda")
         self.signature = (params.temperature, params.top_k, params.top_p, params.min_p, tuple(stop_ids),
                           params.min_new_tokens, tuple(params.allowed_token_ids or ()), engine.sampler_backend,
                           engine.gate_top_k, engine.pad_id)
 
     def _noise(self, state: _DecodeState, logits: torch.Tensor, t: int | None) -> torch.Tensor | None:
-        if state.keys is None or self.greedy:
+        if state.keys is None or self.greedy or self.fused_noise:
             return None
         if t is None:
             return counter_gumbel(state.keys, state.step, state.cols)[:, 0]
@@ -178,8 +188,11 @@ class _Sampler:
         if self.scalar is not None:
             out = self.scalar(sampling_logits, noise, self.generator)
         else:
+            fused = self.fused_noise and state.keys is not None and not self.greedy
             out = kernels.sample(sampling_logits, p.temperature, p.top_k, p.top_p, p.min_p, generator=self.generator,
-                                 noise=noise, return_details=True, backend=self.engine.sampler_backend)
+                                 noise=noise, return_details=True, backend=self.engine.sampler_backend,
+                                 rank_cap=self.engine.gate_top_k,  # topk_hit = rank < gate_top_k; 0: none
+                                 counter=(state.keys, state.step) if fused else None)
         token, raw_logp = out.tokens, out.logprobs
         if sampling_logits is not logits:  # the raw policy is the unmasked distribution
             lf = logits.float()

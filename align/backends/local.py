@@ -1,7 +1,7 @@
 """Everything in one process: the rollout engine shares the trainer's model, so sync is free."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,13 +17,18 @@ def score_batch(reward: RewardFunction, batch: RolloutBatch) -> RewardOutput:
 
 
 class LocalBackend:
-    def __init__(self, engine: RolloutEngine, reward: RewardFunction):
+    def __init__(self, engine: RolloutEngine, reward: RewardFunction, refresh: Callable[[], None] | None = None):
         self.engine = engine
         self.reward = reward
         self.version = 0
+        # copies the trained weights into the engine's bf16 decode copy, if it has one (align.precision); run
+        # before every generate, so resumed or updated weights always reach it (an in-place copy: ~ms)
+        self.refresh = refresh
 
     def generate(self, prompts: list[str], columns: dict[str, list[Any]], sample_ids: torch.Tensor,
                  params: SamplingParams) -> RolloutBatch:
+        if self.refresh is not None:
+            self.refresh()
         batch = self.engine.generate(prompts, params, sample_ids=sample_ids, columns=columns)
         batch.weights_version = self.version
         return batch

@@ -14,6 +14,7 @@ from torch import nn
 from align import kernels
 from align.algos.positions import position_ids_from_mask
 from align.models import decoder_and_head, needs_full_logits
+from align.precision import autocast_forward
 
 # Below this many logits (4M, 16 MB in fp32) the full [N, V] matrix is cheaper than chunking.
 SMALL_LOGITS = 1 << 22
@@ -27,6 +28,7 @@ class ForwardOutput:
     hidden: torch.Tensor | None = None  # [N, T + 1, H] last-layer states before token t (t = 0..T)
 
 
+@autocast_forward  # bf16 autocast on CUDA with fp32 masters (align.precision); a no-op on CPU
 def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
                      value_head: nn.Module | None = None, with_entropy: bool = False,
                      return_hidden: bool = False, temperature: float = 1.0) -> ForwardOutput:
@@ -44,12 +46,13 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     tokens = input_ids[:, start:]
     decoder, head = decoder_and_head(model)
     if needs_full_logits(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
         hidden = None
         out = kernels.token_logprobs(logits[:, start - 1:length - 1], tokens, temperature=temperature,
                                      with_entropy=with_entropy)
     else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=False).last_hidden_state  # no KV cache in teacher-forced passes
         h = hidden[:, start - 1:length - 1].reshape(n * response_len, -1)
         if n * response_len * head.weight.shape[0] <= SMALL_LOGITS:
             # small vocab x tokens: one matmul beats the chunked path's recompute, and memory is no issue

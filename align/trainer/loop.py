@@ -72,9 +72,9 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         self.params = self._sampling_params()
         # the policy being optimised is the one that samples: softmax(logits / T) (greedy rollouts: T = 1)
         self.logprob_temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        self.engine = RolloutEngine(self.models.policy, self.tokenizer, sampler_backend=cfg.rollout.sampler_backend,
+        self.engine = RolloutEngine(self.models.decode_model, self.tokenizer, sampler_backend=cfg.rollout.sampler_backend,
                                     micro_batch_size=cfg.rollout.micro_batch_size, max_prompt_length=cfg.data.max_prompt_length,
-                                    gate_top_k=self.curiosity_cfg.top_k if self.curiosity_cfg else 1)
+                                    gate_top_k=self.curiosity_cfg.top_k if self.curiosity_cfg else 0)
         self.backend = self._make_backend()
         self.curiosity = self._make_curiosity()
         self.optimizer, self.scheduler = self._make_optimizer()
@@ -123,7 +123,7 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
             return RayBackend(self.cfg, self.models, self.reward, self.engine)
         from align.backends.local import LocalBackend
 
-        return LocalBackend(self.engine, self.reward)
+        return LocalBackend(self.engine, self.reward, refresh=self.models.refresh_decode)
 
     def _make_curiosity(self):
         if self.curiosity_cfg is None:
