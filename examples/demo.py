@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3, help="GRPO learning rate")
     ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=10, help="GRPO learning-rate warm-up steps")
+    ap.add_argument("--max-staleness", type=int, default=0, help="train.max_staleness (docs/async.md)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
         "reward": {"functions": [{"name": "math_verify", "kwargs": {"last_number": True}}]},
         "algo": {"group_size": 8, "clip_high": 0.28, "kl_coef": 0.0},
         "train": {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "micro_batch_size": 128, "lr": args.lr,
-                  "warmup_steps": args.warmup, "lr_scheduler": "cosine", "seed": args.seed},
+                  "warmup_steps": args.warmup, "lr_scheduler": "cosine", "seed": args.seed,
+                  "max_staleness": args.max_staleness},
         "logging": {"run_dir": str(out / "grpo"), "progress": False, "print_every": 5},
         "checkpoint": {"every": 0, "overwrite": True},  # `make demo` rebuilds everything: replace the last run
     })

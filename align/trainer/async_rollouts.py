@@ -295,15 +295,18 @@ class AsyncRollouts:
             self._publish(t.step)
         self.side.load(*self.side.latest)
 
-    def sync(self, version: int) -> None:
+    def sync(self, version: int) -> dict[str, float]:
         """phase_sync: the version boundary. Ray: the push waits for the generation in flight; local: publish."""
         t = self.trainer
+        t0 = time.perf_counter()
         if not self.local:
             for j in self.jobs:
                 self._wait(j.generated)
+        wait = time.perf_counter() - t0
         t.backend.sync(version)
         if self.local and self.side is not None:
             self._publish(version)
+        return {"async/sync_wait_s": wait}
 
     # ------------------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

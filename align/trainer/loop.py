@@ -199,7 +199,9 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
 
     def phase_sync(self) -> dict[str, float]:
         self.step += 1
-        (self._async.sync if self._async is not None else self.backend.sync)(self.step)
+        if self._async is not None:  # bounded staleness: the version boundary (align.trainer.async_rollouts)
+            return self._async.sync(self.step)
+        self.backend.sync(self.step)
         return {}
 
     # ------------------------------------------------------------------------------------------ running

@@ -199,3 +199,34 @@ def test_refusals(tiny_model_path, arithmetic_data, tmp_path):
         align.Trainer(cfg)
     with pytest.raises(ConfigError, match="max_staleness"):
         align.Trainer(config(tiny_model_path, arithmetic_data["prompts"], tmp_path / "c", -1))
+
+
+def test_stale_batch_carries_the_drawing_policys_logprobs(tiny_model_path, arithmetic_data, tmp_path):
+    """k = 1, step 1 trains on a batch drawn by version 0: its rollout log-probs are version 0's (teacher-forced
+    recomputation with the initial weights), not the trainer's; the correction weights see that gap."""
+    from align.trainer.forward import response_forward
+
+    cfg = config(tiny_model_path, arithmetic_data["prompts"], tmp_path / "a", 1, steps=2)
+    cfg["algo"] |= {"rollout_correction": {"mode": "token_tis"}}
+    t = align.Trainer(cfg)
+    try:
+        w0 = weights(t)
+        h = t.train(max_steps=1).history
+        step, m = t._async.take()
+        b = step.batch
+        assert b.versions.tolist() == [0] * 8 and t.step == 1
+        m |= t.phase_logprobs(step)
+        w1 = weights(t)
+        t.models.policy.load_state_dict(w0)
+        with torch.no_grad():
+            lp0 = response_forward(t.models.policy, b.input_ids, b.attention_mask, b.mask.shape[1]).logprobs
+        t.models.policy.load_state_dict(w1)
+        keep = b.mask.bool()
+        assert torch.allclose(b.logprobs[keep], lp0[keep], atol=1e-4)
+        # old log-probs are the trainer's (version 1): the correction compares them with version 0's
+        assert torch.allclose(step.old_logprobs[keep] - b.logprobs[keep], (step.old_logprobs - lp0)[keep], atol=1e-4)
+        assert float((step.old_logprobs - lp0)[keep].abs().max()) > 1e-3
+        assert h[0]["rollout_corr/ratio_max"] == pytest.approx(1.0, abs=1e-3)  # step 0: on-policy
+        assert abs(m["rollout_corr/ratio_max"] - 1.0) > 1e-3 or abs(m["rollout_corr/ratio_min"] - 1.0) > 1e-3
+    finally:
+        t.close()
