@@ -12,7 +12,7 @@ import align
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]  # ~45 s on a loaded 2-core machine
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
