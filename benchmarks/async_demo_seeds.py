@@ -51,9 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "async_demo_seeds.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
     import demo
+    import torch
 
     torch.set_num_threads(1)
     rows, t0 = [], time.perf_counter()
