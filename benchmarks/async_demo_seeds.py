@@ -38,7 +38,7 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
     m = statistics.fmean(diffs)
     if n < 2:
         return m, -math.inf, math.inf
-    half = t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
     return m, m - half, m + half
 
 
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=250, help="GRPO steps (the demo's default)")
     ap.add_argument("--margin", type=float, default=0.05)
+    ap.add_argument("--correction", default="none", help="algo.rollout_correction.mode of the k = 1 runs")
+    ap.add_argument("--reuse-k0", default=None, help="a previous run's JSON: take the k = 0 accuracies from it")
     ap.add_argument("--work", default=str(ROOT / "runs" / "async_demo_seeds"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "async_demo_seeds.json"))
     args = ap.parse_args(argv)
@@ -55,18 +57,28 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    reused = {}
+    if args.reuse_k0:
+        old = json.loads(Path(args.reuse_k0).read_text())
+        if old["steps"] != args.steps:
+            raise SystemExit(f"--reuse-k0 {args.reuse_k0}: it ran {old['steps']} steps, this run {args.steps}")
+        reused = {r["seed"]: r["k0"] for r in old["rows"]}
     rows, t0 = [], time.perf_counter()
     for seed in args.seeds:
         acc = {}
         for k in (0, 1):
-            out = Path(args.work) / f"seed{seed}-k{k}"
-            demo.main(["--seed", str(seed), "--steps", str(args.steps), "--out", str(out), "--max-staleness", str(k)])
+            if k == 0 and seed in reused:
+                acc[0] = reused[seed]
+                continue
+            out = Path(args.work) / f"seed{seed}-k{k}-{args.correction if k else 'none'}"
+            demo.main(["--seed", str(seed), "--steps", str(args.steps), "--out", str(out), "--max-staleness", str(k),
+                       "--rollout-correction", args.correction if k else "none"])
             acc[k] = final_accuracy(out / "grpo")
         rows.append({"seed": seed, "k0": acc[0], "k1": acc[1], "diff": acc[1] - acc[0]})
         print(f"seed {seed}: k=0 {acc[0]:.3f}  k=1 {acc[1]:.3f}  diff {acc[1] - acc[0]:+.3f}", flush=True)
     mean, lo, hi = paired_interval([r["diff"] for r in rows])
-    result = {"rows": rows, "mean_diff": mean, "ci95": [lo, hi], "margin": args.margin,
-              "non_inferior": lo > -args.margin, "steps": args.steps, "seconds": time.perf_counter() - t0,
+    result = {"rows": rows, "k1_correction": args.correction, "k0_reused_from": args.reuse_k0, "mean_diff": mean, "ci95": [lo, hi], "margin": args.margin,
+              "non_inferior": bool(lo > -args.margin), "steps": args.steps, "seconds": time.perf_counter() - t0,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_avg_1min": os.getloadavg()[0],
               "command": "python benchmarks/async_demo_seeds.py " + " ".join(argv or sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

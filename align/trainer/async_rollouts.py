@@ -75,6 +75,7 @@ class _LocalRolloutSide:
 
         cfg = trainer.cfg
         self.model = copy.deepcopy(trainer.models.policy).eval()
+        self.names = {k for k, _ in self.model.named_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.engine = RolloutEngine(self.model, trainer.tokenizer, sampler_backend=cfg.rollout.sampler_backend,
@@ -89,7 +90,10 @@ class _LocalRolloutSide:
 
     def load(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         if version != self.loaded:
-            self.model.load_state_dict(weights)
+            missing = set(weights) - set(self.names)
+            if missing:
+                raise RuntimeError(f"async rollouts: the snapshot has parameters the rollout copy lacks: {sorted(missing)[:3]}")
+            self.model.load_state_dict(weights, strict=False)
             self.loaded = version
             self.engine.clear_graphs()
 
@@ -156,6 +160,9 @@ class AsyncRollouts:
         self.cv = threading.Condition()
         self.closed = False
         self.generator_idle = 0.0
+        dev = torch.device(trainer.device)
+        # CUDA: the worker's kernels go to their own stream so they can run beside the trainer's (untested on GPU)
+        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" and self.local else None
 
     # ------------------------------------------------------------------------------------------ worker
     def _start(self) -> None:
@@ -183,6 +190,12 @@ class AsyncRollouts:
             self._do(job)
 
     def _do(self, job: _Job) -> None:
+        if self.stream is None:
+            return self._do_job(job)
+        with torch.cuda.stream(self.stream):
+            self._do_job(job)
+
+    def _do_job(self, job: _Job) -> None:
         view = self.view
         try:
             if self.local and self.side.partial:  # start from the newest weights (they may be past the job's)
@@ -198,6 +211,8 @@ class AsyncRollouts:
             t1 = time.perf_counter()
             metrics |= RolloutPhases.phase_score(view, step)
             metrics |= {"async/generate_s": gen_s, "async/score_s": time.perf_counter() - t1}
+            if self.stream is not None:  # the trainer reads the batch on its stream
+                self.stream.synchronize()
             job.result = (step, metrics)
         except BaseException as err:  # noqa: BLE001 - re-raised in the trainer's thread by take()
             job.error = err
@@ -207,7 +222,10 @@ class AsyncRollouts:
             job.done.set()
 
     def _publish(self, version: int) -> None:
-        state = {k: v.detach().clone() for k, v in self.trainer.models.policy.state_dict().items()}
+        # only what the optimizer changes (LoRA: the adapters); frozen weights are the copy's own
+        state = {k: p.detach().clone() for k, p in self.trainer.models.policy.named_parameters() if p.requires_grad}
+        if self.stream is not None:  # the worker reads the snapshot on its own stream
+            torch.cuda.current_stream(self.stream.device).synchronize()
         with self.side.lock:
             self.side.latest = (version, state)
 
@@ -236,7 +254,8 @@ class AsyncRollouts:
         if self.thread is None:
             self._start()
         n = t.step
-        while self.next_index <= n + self.k:
+        last = t.cfg.train.steps - 1  # no job for a step past the run's end
+        while self.next_index <= min(n + self.k, last) or self.next_index <= n:
             self._submit(self.next_index)
             self.next_index += 1
         depth = sum(j.done.is_set() for j in self.jobs)
