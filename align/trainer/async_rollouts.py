@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -148,6 +149,11 @@ class AsyncRollouts:
 
     def __init__(self, trainer):
         check_async_supported(trainer)
+        cfg = trainer.cfg
+        if cfg.algo.rollout_correction.mode == "none" and not cfg.rollout.use_rollout_logprobs:
+            warnings.warn(f"train.max_staleness = {cfg.train.max_staleness} without a rollout correction: samples drawn "
+                          "by older weights are trained as if on-policy (the demo loses 0.29 accuracy so); set "
+                          "algo.rollout_correction.mode: token_tis (docs/async.md)", UserWarning, stacklevel=3)
         self.trainer = trainer
         self.k = trainer.cfg.train.max_staleness
         self.local = trainer.cfg.cluster.backend != "ray"
