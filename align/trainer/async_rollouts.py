@@ -152,7 +152,7 @@ class AsyncRollouts:
         cfg = trainer.cfg
         if cfg.algo.rollout_correction.mode == "none" and not cfg.rollout.use_rollout_logprobs:
             warnings.warn(f"train.max_staleness = {cfg.train.max_staleness} without a rollout correction: samples drawn "
-                          "by older weights are trained as if on-policy (the demo loses 0.29 accuracy so); set "
+                          "by older weights are trained as if on-policy (the demo's k = 1 run lost 0.29 accuracy so); set "
                           "algo.rollout_correction.mode: token_tis (docs/async.md)", UserWarning, stacklevel=3)
         self.trainer = trainer
         self.k = trainer.cfg.train.max_staleness
@@ -204,11 +204,11 @@ class AsyncRollouts:
     def _do_job(self, job: _Job) -> None:
         view = self.view
         try:
-            if self.local and self.side.partial:  # start from the newest weights (they may be past the job's)
+            # partial rollouts start from the newest weights, which may be past the job's
+            if self.local and not (self.side.partial and self.side.loaded >= job.version):
                 self.side.load(job.version, job.weights)
+            if self.local and self.side.partial:
                 job.version = self.side._newest()
-            elif self.local:
-                self.side.load(job.version, job.weights)
             view.step, job.seen = job.version, view.samples_seen
             t0 = time.perf_counter()
             step, metrics = RolloutPhases.phase_generate(view)
