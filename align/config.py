@@ -88,6 +88,10 @@ class RolloutConfig(Section):
     use_rollout_logprobs: bool = False
     # Classifier-free guidance for image tokens (model.kind umm, native Janus): uncond + s * (cond - uncond); 1 = off
     guidance_scale: float = 1.0
+    # Partial rollouts (train.max_staleness >= 1, local backend): a response cut by a weight update continues
+    # under the new weights from (prompt + prefix), KV cache recomputed; docs/async.md
+    partial: bool = False
+    partial_chunk_tokens: int = 16  # partial rollouts: tokens decoded between checks for newer weights
 
     def validate(self) -> None:
         self.check(self.guidance_scale > 0.0, "guidance_scale", "must be > 0 (1 disables guidance)")
@@ -100,6 +104,7 @@ class RolloutConfig(Section):
         self.check(0.0 <= self.min_p < 1.0, "min_p", "must be in [0, 1) (0 disables min-p)")
         self.check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         self.check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]")
+        self.check(self.partial_chunk_tokens >= 1, "partial_chunk_tokens", "must be >= 1")
         if self.use_rollout_logprobs:
             self.check(self.temperature == 1.0, "temperature", "use_rollout_logprobs needs temperature 1 (the rollout "
                        "records temperature-1 log-probs; the trainer's are at the sampling temperature)")
@@ -346,9 +351,13 @@ class TrainConfig(Section):
     warmup_steps: int = 0
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Bounded staleness: generation runs up to this many weight versions ahead of training (0 = synchronous,
+    # today's loop bit for bit); no sample older than this many versions is trained on (docs/async.md)
+    max_staleness: int = 0
 
     def validate(self) -> None:
         self.check(self.steps >= 1, "steps", "must be >= 1")
+        self.check(self.max_staleness >= 0, "max_staleness", "must be >= 0 (0 = synchronous)")
         self.check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         self.check(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0 (0 = whole batch)")
         self.check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
@@ -469,6 +478,12 @@ class _RunConfig(Section):
                 raise ConfigError(f"reward.overlong_buffer.len = {ob.len}: must be <= rollout.max_new_tokens "
                                   f"({self.rollout.max_new_tokens}), the buffer is the end of the allowed length")
         self._validate_rollout_correction()
+        if self.rollout.partial and self.train.max_staleness < 1:
+            raise ConfigError("rollout.partial = True: only an asynchronous run cuts responses at weight updates; "
+                              "set train.max_staleness >= 1 or rollout.partial: false")
+        if self.rollout.partial and self.cluster.backend != "local":
+            raise ConfigError("rollout.partial = True is implemented for cluster.backend 'local' only; "
+                              "set rollout.partial: false with the Ray backend")
 
     def _validate_rollout_correction(self) -> None:
         mode = self.algo.rollout_correction.mode  # every run config has an algo section

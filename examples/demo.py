@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3, help="GRPO learning rate")
     ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=10, help="GRPO learning-rate warm-up steps")
+    ap.add_argument("--max-staleness", type=int, default=0, help="train.max_staleness (docs/async.md)")
+    ap.add_argument("--rollout-correction", default="none", help="algo.rollout_correction.mode (docs/async.md)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -55,9 +57,11 @@ def main(argv=None) -> int:
         "data": {"path": str(data["prompts"])},
         "rollout": {"max_new_tokens": 3, "temperature": 1.0},
         "reward": {"functions": [{"name": "math_verify", "kwargs": {"last_number": True}}]},
-        "algo": {"group_size": 8, "clip_high": 0.28, "kl_coef": 0.0},
+        "algo": {"group_size": 8, "clip_high": 0.28, "kl_coef": 0.0,
+                 "rollout_correction": {"mode": args.rollout_correction}},
         "train": {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "micro_batch_size": 128, "lr": args.lr,
-                  "warmup_steps": args.warmup, "lr_scheduler": "cosine", "seed": args.seed},
+                  "warmup_steps": args.warmup, "lr_scheduler": "cosine", "seed": args.seed,
+                  "max_staleness": args.max_staleness},
         "logging": {"run_dir": str(out / "grpo"), "progress": False, "print_every": 5},
         "checkpoint": {"every": 0, "overwrite": True},  # `make demo` rebuilds everything: replace the last run
     })

@@ -29,6 +29,9 @@ class RolloutBatch:
     prompts / completions: decoded text, N each
     columns:          dataset columns for the reward functions, each a list of N
     weights_version:  the policy version that generated the batch
+    versions:         [N] int64, the weights version that drew each sample (its oldest token's, for a partial
+                      rollout); None from a synchronous loop, where every sample is drawn by `weights_version`
+    token_versions:   [N, T] int64, the weights version that drew each response token (partial rollouts)
     """
 
     prompt_ids: torch.Tensor
@@ -43,6 +46,8 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list[Any]] = field(default_factory=dict)
     weights_version: int = 0
+    versions: torch.Tensor | None = None
+    token_versions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -126,6 +131,10 @@ class RolloutBatch:
                 out[name] = torch.cat([right(getattr(b, name), T, 0) for b in batches])
         if all(b.stop_reason is not None for b in batches):
             out["stop_reason"] = torch.cat([b.stop_reason for b in batches])
+        if all(b.versions is not None for b in batches):
+            out["versions"] = torch.cat([b.versions for b in batches])
+        if all(b.token_versions is not None for b in batches):
+            out["token_versions"] = torch.cat([right(b.token_versions, T, 0) for b in batches])
         out["prompts"] = [p for b in batches for p in b.prompts]
         out["completions"] = [c for b in batches for c in b.completions]
         keys = batches[0].columns.keys()

@@ -82,6 +82,7 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         self.step = 0
         self.samples_seen = 0
         self.run_dir = cfg.run_dir
+        self._async = self._make_async()  # train.max_staleness >= 1: generation runs ahead (before a resume fills it)
         resume = resume_from or cfg.checkpoint.resume_from
         self.logger = MetricsLogger.for_run(self.run_dir, cfg.logging, cfg.to_dict(), resume=bool(resume))
         if resume:
@@ -124,6 +125,13 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         from align.backends.local import LocalBackend
 
         return LocalBackend(self.engine, self.reward, refresh=self.models.refresh_decode)
+
+    def _make_async(self):
+        if self.cfg.train.max_staleness == 0:
+            return None
+        from align.trainer.async_rollouts import AsyncRollouts
+
+        return AsyncRollouts(self)
 
     def _make_curiosity(self):
         if self.curiosity_cfg is None:
@@ -170,8 +178,11 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
             timings[f"time/{name}"] = time.perf_counter() - t0
             return out
 
-        step, metrics = timed("generate", self.phase_generate)
-        metrics |= timed("score", self.phase_score, step)
+        if self._async is not None:  # generated and scored ahead (align.trainer.async_rollouts); time = the wait
+            step, metrics = timed("generate", self._async.take)
+        else:
+            step, metrics = timed("generate", self.phase_generate)
+            metrics |= timed("score", self.phase_score, step)
         if self.algo.select_groups(step) is not None:
             step, refill = timed("refill", self.phase_refill, step)
             metrics |= refill
@@ -183,11 +194,13 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         metrics |= timings
         metrics |= {f"backend/{k}": float(v) for k, v in getattr(self.backend, "stats", {}).items()}
         metrics["time/step"] = sum(timings.values())
-        metrics["rollout/tokens_per_s"] = metrics["rollout/tokens"] / max(timings["time/generate"], 1e-9)
+        metrics["rollout/tokens_per_s"] = metrics["rollout/tokens"] / max(metrics.get("async/generate_s", timings["time/generate"]), 1e-9)
         return metrics
 
     def phase_sync(self) -> dict[str, float]:
         self.step += 1
+        if self._async is not None:  # bounded staleness: the version boundary (align.trainer.async_rollouts)
+            return self._async.sync(self.step)
         self.backend.sync(self.step)
         return {}
 
@@ -224,6 +237,8 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
                            checkpoint=final_ckpt, run_dir=self.run_dir)
 
     def close(self) -> None:
+        if self._async is not None:
+            self._async.close()
         self.backend.close()
         self.logger.close()  # a Trainer never trained still ends its wandb run
 

@@ -16,6 +16,7 @@ from align.errors import CheckpointError, UserError
 
 class CheckpointPhases:
     def trainer_state(self) -> dict[str, Any]:
+        queued = self._async.state_dict() if self._async is not None else None  # first: it drains the queue
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "sampler": self.sampler.state_dict(), "samples_seen": self.samples_seen,
                  "update_generator": self.update_generator.get_state(), "algo": self.algo.state_dict(),
@@ -30,6 +31,8 @@ class CheckpointPhases:
             state["curiosity"] = self.curiosity.state_dict()
         if hasattr(self.reward, "state_dict"):
             state["reward"] = self.reward.state_dict()
+        if queued is not None:
+            state["async_queue"] = queued
         return state
 
     def save_checkpoint(self) -> Path:
@@ -75,6 +78,8 @@ class CheckpointPhases:
         if "reward" in state and hasattr(self.reward, "load_state_dict"):
             self.reward.load_state_dict(state["reward"])
         ckpt_io.set_rng_state(state["rng"])
+        if self._async is not None:
+            self._async.load_state_dict(state.get("async_queue"))
         self.step = int(state["step"])
         self.logger.truncate_after(self.step)
         self.backend.sync(self.step)
