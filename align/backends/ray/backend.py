@@ -23,6 +23,7 @@ ENV_OVERRIDES = {
     "ALIGN_RAY_PLACEMENT_TIMEOUT_S": "placement_timeout_s",
     "ALIGN_RAY_WEIGHT_SYNC": "weight_sync",
     "ALIGN_RAY_KEEP_WORKERS": "keep_workers",
+    "ALIGN_RAY_WEIGHT_SYNC_TIMEOUT_S": "weight_sync_timeout_s",
 }
 
 
