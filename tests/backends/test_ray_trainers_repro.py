@@ -21,18 +21,15 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REWARD_MODULE = '''
-class MeanCode:
+def mean_code(prompts, completions, **kwargs):
     """Mean character code / 128: a dense reward (any changed token changes the score)."""
-    __name__ = "mean_code"
-
-    def __call__(self, prompts, completions, **kwargs):
-        return [sum(map(ord, s)) / (128.0 * len(s)) if s else 0.0 for s in completions]
+    return [sum(map(ord, s)) / (128.0 * len(s)) if s else 0.0 for s in completions]
 '''
 
 
 def _config(model, data, run_dir):
     return {"algorithm": "grpo", "model": {"path": str(model)}, "data": {"path": str(data)},
-            "reward": {"functions": ["ray_repro_reward:MeanCode"]},
+            "reward": {"functions": ["ray_repro_reward:mean_code"]},
             "algo": {"group_size": 2, "kl_coef": 0.02},
             "rollout": {"max_new_tokens": 6, "temperature": 1.0, "micro_batch_size": 2},
             "train": {"steps": 3, "prompts_per_step": 4, "micro_batch_size": 2, "lr": 1e-2, "seed": 3, "device": "cpu"},
