@@ -11,8 +11,14 @@ import time
 import pytest
 import torch
 
-from align.rollouts.weight_buckets import (WeightChannel, WeightSyncError, distinct_tensors, plan_buckets, receive_buckets,
-                                           send_buckets)
+from align.rollouts.weight_buckets import (
+    WeightChannel,
+    WeightSyncError,
+    distinct_tensors,
+    plan_buckets,
+    receive_buckets,
+    send_buckets,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
