@@ -158,3 +158,81 @@ def test_receiver_refuses_a_mismatched_model():
     small = torch.nn.Linear(2, 2)
     with pytest.raises(WeightSyncError, match="has no tensor 'scale'"):
         receive_buckets(small.state_dict(), entries, plan_buckets(entries, 1024), channel=None)
+
+
+def _sharded_rank(rank: int, ports: tuple[int, int], out_dir: str, bucket_bytes: int) -> None:
+    """Ranks 0, 1: a trainer sharded with FSDP2 (DTensor parameters, gloo); rank 2: a rollout worker. Trainer
+    rank 0 sends, rank 1 only joins the per-tensor gathers; the worker starts from other weights."""
+    import datetime
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        # 7 and 5 output rows: uneven shards over 2 ranks
+        return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Linear(7, 5), torch.nn.Linear(5, 5, bias=False))
+
+    result = {}
+    try:
+        if rank < 2:
+            from torch.distributed.fsdp import fully_shard
+
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2,
+                                    timeout=datetime.timedelta(seconds=60))
+            m = model(0)
+            for layer in m:
+                fully_shard(layer)
+            fully_shard(m)
+            state = m.state_dict()
+            result["sharded"] = all(type(v).__name__ == "DTensor" for v in state.values())
+            entries, tensors = distinct_tensors(state)
+            buckets = plan_buckets(entries, bucket_bytes)
+            channel = WeightChannel("127.0.0.1", ports[1], 0, 2, "gloo", 60) if rank == 0 else None
+            result |= send_buckets(tensors, entries, buckets, channel, torch.device("cpu"))
+            if channel is not None:
+                channel.close()
+            dist.destroy_process_group()
+        else:
+            reference, target = model(0), model(1)
+            entries, _ = distinct_tensors(reference.state_dict())
+            channel = WeightChannel("127.0.0.1", ports[1], 1, 2, "gloo", 60)
+            result |= receive_buckets(target.state_dict(), entries, plan_buckets(entries, bucket_bytes), channel)
+            channel.close()
+            result["equal"] = {k: torch.equal(v, reference.state_dict()[k]) for k, v in target.state_dict().items()}
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        result["error"] = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+@pytest.mark.slow  # three spawned processes: ~40 s on 2 shared cores
+def test_sharded_trainer_sync_gathers_per_tensor(tmp_path):
+    """FSDP2-sharded weights (2 gloo ranks): the worker receives the full weights bitwise; the sender's buffers
+    stay within the bucket and a gathered tensor is one tensor at a time (the largest is the 7 x 6 fp32 weight here)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    bucket_bytes = 64
+    ctx = mp.get_context("spawn")
+    ports = (_port(), _port())
+    procs = [ctx.Process(target=_sharded_rank, args=(r, ports, str(tmp_path), bucket_bytes)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(90)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert not [g["error"] for g in got if "error" in g], got
+    assert got[0]["sharded"] and got[1]["sharded"]
+    assert all(got[2]["equal"].values()) and len(got[2]["equal"]) == 5
+    assert got[0]["bytes"] == 4 * (6 * 7 + 7 + 7 * 5 + 5 + 5 * 5)
+    assert 0 < got[0]["largest_buffer_bytes"] <= bucket_bytes and got[2]["largest_buffer_bytes"] <= bucket_bytes
+    assert got[0]["largest_gathered_bytes"] == 4 * 6 * 7 == got[1]["largest_gathered_bytes"]
