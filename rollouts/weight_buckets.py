@@ -141,7 +141,9 @@ class WeightChannel:
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
         elif backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
+            # NCCL's watchdog takes the whole process down when a collective outlives the group's timeout; give it
+            # a margin so that the poll in `broadcast` raises first and `close` aborts the communicator
+            opts._timeout = timeout + datetime.timedelta(seconds=60)
             self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size, opts)
         else:
             raise ValueError(f"backend = {backend!r}: use 'gloo' or 'nccl'")

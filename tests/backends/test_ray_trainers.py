@@ -123,3 +123,32 @@ class _Zero:
 
     def __call__(self, prompts, completions, **kwargs):
         return [0.0] * len(completions)
+
+
+def nccl_probe():
+    import torch
+
+    from align.distributed import init_from_env
+
+    ctx = init_from_env(timeout_s=60, backend="nccl")
+    t = torch.tensor([float(ctx.rank + 1)], device="cuda")
+    ctx.all_reduce_sum(t)
+    return {"sum": t.item(), "device": torch.cuda.current_device(), "local_rank": ctx.local_rank,
+            "uuid": str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)}
+
+
+@pytest.mark.gpu
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_trainer_actors_one_gpu_each(ray_local):
+    """2 GPUs: each trainer actor runs on its own GPU (cuda:LOCAL_RANK) and NCCL all-reduces across them."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("two trainer actors with a GPU each need two GPUs")
+    ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    got = launch(nccl_probe, (), num_workers=2, num_cpus=1, num_gpus=None)  # None: 1 GPU each on a GPU cluster
+    assert [g["sum"] for g in got] == [3.0, 3.0]
+    assert [g["device"] for g in got] == [g["local_rank"] for g in got] == [0, 1]
+    assert got[0]["uuid"] != got[1]["uuid"]

@@ -159,3 +159,85 @@ def test_lora_broadcast_sends_adapters_only(ray_local, tiny_model_path, arithmet
         _assert_workers_hold(trainer)  # adapters and the (unchanged) base weights
     finally:
         trainer.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_one_gpu_shared_with_the_trainer_syncs_through_the_object_store(ray_local, tiny_model_path, arithmetic_data, tmp_path):
+    """GPU_READINESS F1 on one GPU: two rollout workers at 0.5 GPU each share the trainer's device, so NCCL would
+    refuse the group ("Duplicate GPU detected"); the backend keeps the object store and the run trains."""
+    if torch.cuda.device_count() != 1:
+        pytest.skip("the one-GPU case: needs exactly one visible GPU")
+    if ray.cluster_resources().get("GPU", 0) < 1:  # this module's Ray was started before CUDA was checked
+        ray.shutdown()
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cfg = _config(tiny_model_path, arithmetic_data["prompts"], tmp_path / "gpu", weight_sync="auto", rollout_num_gpus=0.5)
+    cfg["train"]["device"] = "cuda"
+    trainer = align.Trainer(cfg)
+    try:
+        assert trainer.backend._group_backend is None  # no NCCL group across one device
+        trainer.train_step()
+        assert trainer.backend.stats["weight_pushes"] >= 2 and trainer.backend.stats["weight_broadcasts"] == 0
+        _assert_workers_hold(trainer)
+    finally:
+        trainer.close()
+
+
+def _nccl_rank(rank: int, port: int, out_dir: str) -> None:
+    """2 GPUs: rank 0 sends a tied model's weights over NCCL in 4 KB buckets, rank 1 receives into another copy."""
+    import json
+    import os
+
+    from align.rollouts.weight_buckets import (
+        WeightChannel,
+        distinct_tensors,
+        plan_buckets,
+        receive_buckets,
+        send_buckets,
+    )
+
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 32), torch.nn.Linear(32, 300, bias=False)).to(device, torch.bfloat16)
+    model[1].weight = model[0].weight
+    entries, tensors = distinct_tensors(model.state_dict())
+    buckets = plan_buckets(entries, 4096)
+    channel = WeightChannel("127.0.0.1", port, rank, 2, "nccl", 60, device)
+    if rank == 0:
+        out = send_buckets(tensors, entries, buckets, channel, device)
+    else:
+        out = receive_buckets(model.state_dict(), entries, buckets, channel)
+    torch.cuda.synchronize()
+    channel.close()
+    out["checksum"] = model[0].weight.float().sum().item()
+    out["first"] = model[0].weight.float().flatten()[:8].tolist()
+    with open(os.path.join(out_dir, f"nccl{rank}.json"), "w") as f:
+        json.dump(out, f)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_nccl_bucketed_broadcast_between_two_gpus(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL between two ranks needs two GPUs (one GPU is the object-store case above)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_nccl_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    got = [json.loads((tmp_path / f"nccl{r}.json").read_text()) for r in range(2)]
+    assert got[1]["first"] == got[0]["first"] and got[1]["checksum"] == got[0]["checksum"]
+    assert got[0]["bytes"] == 300 * 32 * 2  # the tied output layer is not sent again
+    assert got[0]["largest_buffer_bytes"] <= 4096 and got[1]["largest_buffer_bytes"] <= 4096
