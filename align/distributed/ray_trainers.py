@@ -10,7 +10,8 @@ actors compute what `torchrun --nproc_per_node N` computes. Rank 0's `TrainResul
 
 Failures end the run, never hang it: an actor that dies (or a rank that raises) ends the run with a one-line
 `TrainerRankError` naming the rank; the other actors are killed at once (they may be blocked in a collective).
-A rank that stalls without dying makes the others' collectives time out after `cluster.trainer_timeout_s`.
+A rank that stalls without dying makes the others' collectives time out after `cluster.trainer_timeout_s`, and
+ranks still running that long after one rank finished end the run as well.
 """
 from __future__ import annotations
 
@@ -123,10 +124,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def launch(fn: Callable, args: tuple = (), *, num_workers: int, num_cpus: float = 1.0, num_gpus: float | None = None,
-           address: str = "", placement_timeout_s: float = 120.0, run_timeout_s: float | None = None) -> list[Any]:
+           address: str = "", placement_timeout_s: float = 120.0, run_timeout_s: float | None = None,
+           straggler_timeout_s: float | None = None) -> list[Any]:
     """Run `fn(*args)` on `num_workers` trainer actors (rank r = actor r), each with torchrun's variables set;
     returns the results in rank order. A rank that dies or raises ends the launch with a `TrainerRankError`
-    naming it (the others are killed); `run_timeout_s` bounds the whole run (None: unbounded)."""
+    naming it (the others are killed); `run_timeout_s` bounds the whole run (None: unbounded), and
+    `straggler_timeout_s` how long the others may run on once one rank has finished."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -159,7 +162,7 @@ def launch(fn: Callable, args: tuple = (), *, num_workers: int, num_cpus: float 
         nodes = ray.get([a.node.remote() for a in actors], timeout=placement_timeout_s)
         ray.get([a.setup.remote(env) for a, env in zip(actors, rank_envs(nodes))], timeout=placement_timeout_s)
         refs = [a.run.remote(fn, args) for a in actors]
-        return _gather(ray, refs, run_timeout_s)
+        return _gather(ray, refs, run_timeout_s, straggler_timeout_s)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
@@ -168,19 +171,18 @@ def launch(fn: Callable, args: tuple = (), *, num_workers: int, num_cpus: float 
             ray.shutdown()
 
 
-def _gather(ray, refs: list, run_timeout_s: float | None) -> list[Any]:
+def _gather(ray, refs: list, run_timeout_s: float | None, straggler_timeout_s: float | None = None) -> list[Any]:
     rank_of = {ref: r for r, ref in enumerate(refs)}
     results: dict[int, Any] = {}
     failures: dict[int, BaseException] = {}
     pending = list(refs)
     deadline = None if run_timeout_s is None else time.monotonic() + run_timeout_s
+    why = f"the Ray trainer ranks did not finish within {run_timeout_s} s"
     grace_end = None
     while pending:
         now = time.monotonic()
-        wait = None if deadline is None else max(0.0, deadline - now)
-        if grace_end is not None:
-            wait = max(0.0, grace_end - now) if wait is None else min(wait, max(0.0, grace_end - now))
-        ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
+        ends = [t for t in (deadline, grace_end) if t is not None]
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(ends) - now) if ends else None)
         for ref in ready:
             try:
                 results[rank_of[ref]] = ray.get(ref)
@@ -188,12 +190,17 @@ def _gather(ray, refs: list, run_timeout_s: float | None) -> list[Any]:
                 failures[rank_of[ref]] = err
         if failures and grace_end is None:
             grace_end = time.monotonic() + _GRACE_S
+        if results and pending and straggler_timeout_s is not None and "finished" not in why:
+            # the ranks run the same steps: one still running this long after another finished is stuck
+            end = time.monotonic() + straggler_timeout_s
+            if deadline is None or end < deadline:
+                deadline = end
+                why = f"rank {min(results)} finished, the others did not within {straggler_timeout_s:g} s"
         if not ready:
             if grace_end is not None and time.monotonic() >= grace_end:
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                raise TrainerRankError(f"the Ray trainer ranks did not finish within {run_timeout_s:g} s "
-                                       f"(still running: ranks {sorted(rank_of[r] for r in pending)})")
+                raise TrainerRankError(f"{why} (still running: ranks {sorted(rank_of[r] for r in pending)})")
     if failures:
         died = [r for r, e in sorted(failures.items()) if isinstance(e, ray.exceptions.RayActorError)]
         rank = died[0] if died else min(failures)
@@ -228,7 +235,7 @@ def train_on_actors(cfg, resume_from: str | Path | None, dataset: Any):
     resume = str(Path(resume_from).resolve()) if resume_from else None
     results = launch(_train_rank, (cfg, None, resume, dataset, cc.trainer_timeout_s), num_workers=cc.num_trainer_workers,
                      num_cpus=cc.trainer_num_cpus, num_gpus=cc.trainer_num_gpus, address=cc.address,
-                     placement_timeout_s=cc.placement_timeout_s)
+                     placement_timeout_s=cc.placement_timeout_s, straggler_timeout_s=cc.trainer_timeout_s)
     return results[0]
 
 

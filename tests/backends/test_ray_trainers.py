@@ -51,7 +51,8 @@ def ray_local():
 
 def spmd_probe(fault: str):
     """Join the group from torchrun's variables, all-reduce (rank + 1), report what the rank saw; `fault`
-    makes rank 1 kill itself (SIGKILL) or raise after joining, while rank 0 waits in a collective."""
+    makes rank 1 kill itself (SIGKILL) or raise after joining, while rank 0 waits in a collective, or hang
+    while rank 0 returns."""
     import torch
     import torch.distributed as dist
 
@@ -62,6 +63,10 @@ def spmd_probe(fault: str):
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "raise" and ctx.rank == 1:
         raise ValueError("injected rank failure")
+    if fault == "straggle":  # rank 0 finishes; rank 1 is stuck outside any collective (no group timeout fires)
+        if ctx.rank == 1:
+            time.sleep(120)
+        return {}
     t = torch.tensor([float(ctx.rank + 1)])
     ctx.all_reduce_sum(t)
     out = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -96,6 +101,12 @@ def test_launcher_ranks_join_one_group_and_faults_end_it(ray_local):
         launch(spmd_probe, ("raise",), num_workers=2, num_cpus=1, num_gpus=0)
     message = str(info.value)
     assert message == "Ray trainer rank 1 failed: ValueError: injected rank failure", message
+
+    t0 = time.monotonic()
+    with pytest.raises(TrainerRankError) as info:
+        launch(spmd_probe, ("straggle",), num_workers=2, num_cpus=1, num_gpus=0, straggler_timeout_s=3)
+    assert time.monotonic() - t0 < 45
+    assert str(info.value) == "rank 0 finished, the others did not within 3 s (still running: ranks [1])"
     deadline = time.monotonic() + 20  # every launch frees its actors and placement group (asynchronously)
     while ray.available_resources().get("CPU", 0) < 4:
         assert time.monotonic() < deadline, f"trainer actors left holding {ray.available_resources()}"
