@@ -390,6 +390,15 @@ class ClusterConfig(Section):
     # (NCCL between GPUs, gloo on CPUs); auto: collective when the trainer and the rollout workers have GPUs;
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"  # env ALIGN_RAY_WEIGHT_SYNC
     keep_workers: bool = False  # park warm rollout workers at close for the next run in this driver; env ALIGN_RAY_KEEP_WORKERS=1 / 0
+    # weight sync by broadcast: buckets of at most this many MB (the largest extra buffer either side builds)
+    weight_sync_bucket_mb: float = 256.0
+    weight_sync_timeout_s: float = 300.0  # a broadcast sync that fails or stalls longer raises / falls back; env ALIGN_RAY_WEIGHT_SYNC_TIMEOUT_S
+    # Ray trainer actors (docs/ray.md): N > 1 runs N SPMD trainer ranks in a placement group, rollouts and
+    # rewards colocated on each rank (the local backend inside each actor); 1 = the single-controller trainer
+    num_trainer_workers: int = 1
+    trainer_num_cpus: float = 1.0  # per trainer actor; its torch threads are pinned to this share
+    trainer_num_gpus: float | None = None  # per trainer actor; null: 1 when the Ray cluster has GPUs, else 0
+    trainer_timeout_s: float = 300.0  # process-group timeout of the trainer ranks: a stalled rank ends the run
 
     def validate(self) -> None:
         self.check(self.num_rollout_workers >= 1, "num_rollout_workers", "must be >= 1")
@@ -397,6 +406,14 @@ class ClusterConfig(Section):
         self.check(self.score_timeout_s > 0, "score_timeout_s", "must be > 0")
         self.check(self.generate_timeout_s > 0, "generate_timeout_s", "must be > 0")
         self.check(self.placement_timeout_s > 0, "placement_timeout_s", "must be > 0")
+        self.check(self.weight_sync_bucket_mb > 0, "weight_sync_bucket_mb", "must be > 0")
+        self.check(self.weight_sync_timeout_s > 0, "weight_sync_timeout_s", "must be > 0")
+        self.check(self.num_trainer_workers >= 1, "num_trainer_workers", "must be >= 1")
+        self.check(self.num_trainer_workers == 1 or self.backend == "ray", "num_trainer_workers",
+                   "> 1 needs cluster.backend: ray (with the local backend, start the ranks with torchrun)")
+        self.check(self.trainer_num_cpus > 0, "trainer_num_cpus", "must be > 0")
+        self.check(self.trainer_num_gpus is None or self.trainer_num_gpus >= 0, "trainer_num_gpus", "must be >= 0 (or null)")
+        self.check(self.trainer_timeout_s > 0, "trainer_timeout_s", "must be > 0")
 
 
 REPORT_TO = ("jsonl", "tensorboard", "wandb")

@@ -16,7 +16,6 @@ and which rows share its batch never change the tokens drawn.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +85,7 @@ class RolloutWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self._group_device = torch.device("cpu")
+        self._channel = None  # the trainer's broadcast group, when joined
         self.samples_generated = 0
         self.reset(model_spec, tokenizer, engine_kwargs)
 
@@ -125,30 +124,47 @@ class RolloutWorker:
         return self.version
 
     # ------------------------------------------------------------------------------------ collective sync
-    def join_weight_group(self, init_method: str, world_size: int, rank: int, backend: str, timeout_s: float = 300) -> int:
-        """Join the trainer's torch.distributed group (rank 0 = trainer) for broadcast weight syncs:
-        NCCL between GPUs, gloo on CPUs."""
-        import datetime
+    def join_weight_group(self, host: str, port: int, world_size: int, rank: int, backend: str, timeout_s: float = 300) -> int:
+        """Join the trainer's private broadcast group (rank 0 = trainer; `align.rollouts.weight_buckets`):
+        NCCL between GPUs, gloo on CPUs. Not the default process group: this process stays free for others."""
+        from align.rollouts.weight_buckets import WeightChannel
 
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        self._group_device = self.device if backend == "nccl" else torch.device("cpu")
+        self.leave_weight_group()
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        self._channel = WeightChannel(host, port, rank, world_size, backend, timeout_s, device)
         return rank
 
     def leave_weight_group(self) -> None:
-        import torch.distributed as dist
+        channel, self._channel = getattr(self, "_channel", None), None
+        if channel is not None:
+            channel.close()
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def receive_weights(self, version: int, kind: str, entries: list, buckets: list) -> int:
+        """Receive the trainer's bucketed broadcast straight into this model's tensors (`kind` "full": the state
+        dict; "adapters": the LoRA adapters). Bounded by the group's timeout; a failed receive leaves the worker
+        holding no version (-1), so it refuses to sample until the trainer pushes the weights again."""
+        from align.rollouts.weight_buckets import receive_buckets
 
-    def receive_weights(self, version: int, kind: str, meta: list[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
-        """Receive the trainer's broadcast (one flat buffer per dtype, in `meta` order) and load it."""
-        state = receive_flat(meta, self._group_device)
-        return self.load_weights(state, version, kind)
+        if getattr(self, "_channel", None) is None:
+            raise RuntimeError("receive_weights: this worker is not in a weight group (join_weight_group first)")
+        if kind == "adapters":
+            if self.spec.lora is None:
+                raise ValueError("adapters were pushed to a rollout worker without LoRA; push kind='full'")
+            from peft import get_peft_model_state_dict
+
+            targets = get_peft_model_state_dict(self.model)  # views of the adapter parameters
+        else:
+            targets = self.model.state_dict()  # views of the parameters and buffers
+        self.version = -1  # partially written weights are no version
+        receive_buckets(targets, entries, buckets, self._channel)
+        self.version = int(version)
+        return self.version
+
+    def device_uuid(self) -> str:
+        """The GPU's uuid ("" on the CPU): two NCCL ranks on one GPU are refused ("Duplicate GPU detected")."""
+        if self.device.type != "cuda":
+            return ""
+        return str(torch.cuda.get_device_properties(self.device).uuid)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The worker's current weights (CPU copies), for checks that they equal the trainer's."""
@@ -175,37 +191,6 @@ class RolloutWorker:
                 "samples_generated": self.samples_generated}
 
 
-def _dtype_groups(meta: list[tuple[str, tuple[int, ...], torch.dtype]]) -> dict[torch.dtype, list[int]]:
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, (_name, _shape, dtype) in enumerate(meta):
-        groups.setdefault(dtype, []).append(i)
-    return groups
-
-
-def broadcast_flat(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Rank 0's side: broadcast `state` as one flat buffer per dtype (few large messages, not one per tensor)."""
-    import torch.distributed as dist
-
-    tensors = list(state.values())
-    meta = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
-    for dtype, idx in _dtype_groups(meta).items():
-        buf = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in idx])
-        dist.broadcast(buf, src=0)
-
-
-def receive_flat(meta: list[tuple[str, tuple[int, ...], torch.dtype]], device: torch.device) -> dict[str, torch.Tensor]:
-    import torch.distributed as dist
-
-    out: dict[str, torch.Tensor] = {}
-    for dtype, idx in _dtype_groups(meta).items():
-        sizes = [math.prod(meta[i][1]) for i in idx]
-        buf = torch.empty(sum(sizes), dtype=dtype, device=device)
-        dist.broadcast(buf, src=0)
-        for i, part in zip(idx, buf.split(sizes)):
-            out[meta[i][0]] = part.view(meta[i][1])
-    return {name: out[name] for name, _, _ in meta}
-
-
 def reward_payload(batch: RolloutBatch, sample_ids: torch.Tensor | list[int] | None) -> dict[str, Any]:
     """What `align.rewards.worker.RewardWorker.score` takes for `batch`; the columns, `completion_ids` and
     `stop_reason` reach the reward as keyword arguments exactly as in the in-process backend."""
@@ -214,5 +199,4 @@ def reward_payload(batch: RolloutBatch, sample_ids: torch.Tensor | list[int] | N
             "columns": batch.reward_columns()}
 
 
-__all__ = ["ModelSpec", "RolloutWorker", "StaleWeightsError", "broadcast_flat", "build_policy", "receive_flat",
-           "reward_payload"]
+__all__ = ["ModelSpec", "RolloutWorker", "StaleWeightsError", "build_policy", "reward_payload"]

@@ -118,7 +118,9 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         return ids[0] if len(ids) == 1 else None
 
     def _make_backend(self):
-        if self.cfg.cluster.backend == "ray":
+        from align.distributed.ray_trainers import rollouts_colocated
+
+        if self.cfg.cluster.backend == "ray" and not rollouts_colocated(self.cfg):  # a Ray trainer rank: local
             from align.backends.ray import RayBackend
 
             return RayBackend(self.cfg, self.models, self.reward, self.engine)
@@ -256,7 +258,12 @@ def train(config: Any, overrides: list[str] | None = None, resume_from: str | Pa
           dataset: Any = None) -> TrainResult:
     """Run PPO or GRPO as configured; returns the final metrics, the history and the checkpoint path.
     dataset: a `datasets.Dataset` / `IterableDataset` / `DatasetDict` (data.split) instead of data.path."""
-    trainer = Trainer(config, overrides, resume_from, dataset=dataset)
+    from align.distributed.ray_trainers import train_on_actors, wants_trainer_actors
+
+    cfg = as_config(config, overrides)
+    if wants_trainer_actors(cfg):  # cluster.num_trainer_workers > 1: SPMD ranks on Ray actors (docs/ray.md)
+        return train_on_actors(cfg, resume_from, dataset)
+    trainer = Trainer(cfg, None, resume_from, dataset=dataset)
     try:
         return trainer.train()
     finally:

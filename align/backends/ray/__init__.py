@@ -9,7 +9,9 @@ One step, as the loop drives it (`cluster.backend: ray`):
   scores shard k while shard k+1 is still generating, and the payload never passes through the driver.
 - score: gathers the per-shard `RewardOutput`s in shard order (the order of the samples is preserved).
 - sync: pushes the new weights once into the object store (LoRA adapters only when LoRA is on, else the full
-  state dict) and has every rollout worker load them; versions are checked on every generate call.
+  state dict) and has every rollout worker load them, or broadcasts them in bounded buckets in a private
+  gloo / NCCL group (`weight_sync`; a failed or stalled broadcast recovers through the object store); versions
+  are checked on every generate call.
 
 Sampling is keyed by global sample ids, so 1 or N rollout workers draw the same tokens as the local engine.
 

@@ -23,6 +23,7 @@ ENV_OVERRIDES = {
     "ALIGN_RAY_PLACEMENT_TIMEOUT_S": "placement_timeout_s",
     "ALIGN_RAY_WEIGHT_SYNC": "weight_sync",
     "ALIGN_RAY_KEEP_WORKERS": "keep_workers",
+    "ALIGN_RAY_WEIGHT_SYNC_TIMEOUT_S": "weight_sync_timeout_s",
 }
 
 
@@ -91,7 +92,7 @@ class RayBackend(_Actors, _WeightSync, _Dispatch):
         self.placement_timeout_s = cc.placement_timeout_s
         self.keep_workers = cc.keep_workers
         self.stats = {"weight_pushes": 0, "weight_broadcasts": 0, "resyncs": 0, "rollout_replacements": 0, "reward_replacements": 0,
-                      "score_retries": 0, "score_timeouts": 0, "score_errors": 0}
+                      "score_retries": 0, "score_timeouts": 0, "score_errors": 0, "sync_failures": 0}
         self._started_ray = False
         if not ray.is_initialized():
             try:
