@@ -37,6 +37,10 @@ def rank_env() -> dict[str, str]:
 
 
 def run_config(algorithm, model, data, run_dir, **extra):
+    """algorithm: grpo | ppo | grpo-lora (LoRA with the adapter-off reference, and gradient checkpointing)."""
+    if algorithm == "grpo-lora":
+        extra = {"model": {"lora": {"enabled": True, "r": 4}, "gradient_checkpointing": True}, **extra}
+        algorithm = "grpo"
     train = {"steps": 3, "prompts_per_step": 4, "lr": 1e-3, "micro_batch_size": 2, "device": "cpu",
              "max_grad_norm": 0.5}  # clipping is active: the global norm and the clip factor are checked too
     algo = {"group_size": 4, "kl_coef": 0.05} if algorithm == "grpo" else {"epochs": 2, "kl_coef": 0.05}
@@ -89,16 +93,17 @@ def close(a: float, b: float, rel: float = 1e-5, floor: float = 1e-7) -> bool:
     return abs(a - b) <= rel * abs(b) + floor
 
 
-KEYS = {"grpo": ["reward/mean", "reward/std", "loss/policy", "loss/kl", "train/grad_norm", "rollout/tokens", "kl/mean"],
+KEYS = {"grpo-lora": ["reward/mean", "loss/policy", "loss/kl", "train/grad_norm", "rollout/tokens", "kl/mean"],
+        "grpo": ["reward/mean", "reward/std", "loss/policy", "loss/kl", "train/grad_norm", "rollout/tokens", "kl/mean"],
         "ppo": ["reward/mean", "loss/policy", "loss/value", "train/grad_norm", "kl/mean", "rollout/tokens"]}
 
 
 @pytest.mark.timeout(420)
 def test_two_ranks_take_the_one_process_steps(tiny_model_path, arithmetic_data, tmp_path):
-    """3 GRPO steps (reference copy sharded, KL in the loss) and 3 PPO steps (value head, 2 epochs of 2-row
-    minibatches): per-step reward, loss and grad norm within 1e-5 relative, final weights within 1e-5."""
+    """3 GRPO steps (reference copy sharded, KL in the loss), 3 PPO steps (value head, 2 epochs of 2-row
+    minibatches), 3 GRPO steps with LoRA and gradient checkpointing: per-step reward, loss and grad norm within 1e-5 relative, final weights within 1e-5."""
     prompts = arithmetic_data["prompts"]
-    algorithms = ("grpo", "ppo")
+    algorithms = ("grpo", "ppo", "grpo-lora")
     refs = [one_process(run_config(a, tiny_model_path, prompts, tmp_path / f"{a}-1")) for a in algorithms]
     (tmp_path / "two").mkdir()
     gots = two_ranks([run_config(a, tiny_model_path, prompts, tmp_path / f"{a}-2") for a in algorithms], tmp_path / "two")
