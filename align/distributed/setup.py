@@ -92,3 +92,22 @@ def zero_weight_pass(trainer: Any, step: Any, response_len: int) -> None:
     old = step.old_logprobs[row] if step.old_logprobs is not None else fwd.logprobs.detach()
     loss, _ = trainer.algo.loss(fwd, step, row, old, 1.0, 1.0)
     (loss * 0.0).backward()
+
+
+@torch.no_grad()
+def idle_logprob_pass(trainer: Any, step: Any, want_old: bool) -> None:
+    """The logprobs phase's forwards (policy, critic, reference, as configured) on local row 0, outputs dropped:
+    a rank with fewer chunks than the busiest one (token-budget micro-batches) still joins every all-gather."""
+    from align.trainer.forward import position_ids_from_mask, response_forward
+
+    models, b = trainer.models, step.batch
+    t = b.response_ids.shape[1]
+    ids, att = b.input_ids[:1], b.attention_mask[:1]
+    if want_old or trainer.algo.uses_critic:
+        response_forward(models.policy, ids, att, t, value_head=models.value_head,
+                         temperature=trainer.logprob_temperature)
+    if models.critic is not None:
+        models.critic(ids, att, position_ids_from_mask(att))
+    if trainer.algo.needs_reference or trainer.curiosity is not None:
+        with models.reference_mode() as ref_model:
+            response_forward(ref_model, ids, att, t, temperature=trainer.logprob_temperature)

@@ -17,7 +17,7 @@ from align.distributed.batches import (
     owned_rows,
 )
 from align.distributed.fsdp import clip_grad_norm
-from align.distributed.setup import zero_weight_pass
+from align.distributed.setup import idle_logprob_pass, zero_weight_pass
 from align.trainer.forward import chunked, position_ids_from_mask, response_forward
 from align.trainer.state import StepData
 
@@ -32,7 +32,8 @@ class LearnPhases:
         want_old = self._needs_old_logprobs() and not self.cfg.rollout.use_rollout_logprobs
         old, ref, values, hidden = [], [], [], []
         self.models.policy.eval()
-        for rows in chunked(n, mb):
+        chunks = list(chunked(n, mb))
+        for rows in chunks:
             ids, att = b.input_ids[rows], b.attention_mask[rows]
             if want_old or self.algo.uses_critic:
                 fwd = response_forward(self.models.policy, ids, att, t, value_head=self.models.value_head,
@@ -47,6 +48,8 @@ class LearnPhases:
                                            temperature=self.logprob_temperature)
                 ref.append(fwd.logprobs)
                 hidden.append(fwd.hidden)
+        for _ in range(missing_passes(self.dist, len(chunks))):  # several ranks: FSDP's all-gathers line up
+            idle_logprob_pass(self, step, want_old)
         self.models.policy.train()
         step.old_logprobs = torch.cat(old) if want_old else (b.logprobs if self.cfg.rollout.use_rollout_logprobs else None)
         step.ref_logprobs = torch.cat(ref) if ref else None
