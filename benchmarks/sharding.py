@@ -54,15 +54,15 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
 def rank_main(rank: int, world: int, port: int, args: dict, out: dict) -> None:
     torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
+    if device.type == "cuda":  # before the process group: NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
     if world > 1:
         import torch.distributed as dist
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world)
-    if device.type == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
     model = tiny_llama(args["hidden"], args["layers"], args["vocab"]).to(device)
     if world > 1:
         from align.distributed.fsdp import shard_module
