@@ -33,7 +33,9 @@ def free_port() -> int:
 
 
 def rank_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}
+    # a PYTHONPATH already set (e.g. a pre-change checkout) comes before this checkout
+    path = [str(HERE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(REPO)]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
 
 
 def run_config(algorithm, model, data, run_dir, **extra):
