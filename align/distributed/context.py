@@ -83,6 +83,8 @@ def init_from_env(timeout_s: float = 300.0, backend: str | None = None, threads:
         _CONTEXT = DistContext()
         return _CONTEXT
     torch.set_num_threads(threads or rank_threads())
+    if torch.cuda.is_available():  # each rank its own GPU: "cuda" (train.device) then means cuda:LOCAL_RANK
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
         backend = None if backend in (None, "auto") else backend
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

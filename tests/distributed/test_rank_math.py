@@ -29,6 +29,18 @@ class TwoRanks(DistContext):
         return [obj, self.peer] if self.rank == 0 else [self.peer, obj]
 
 
+def test_ranks_split_the_cores_between_their_threads(monkeypatch):
+    import os
+
+    from align.distributed.context import rank_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert rank_threads() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))  # more ranks than cores: still one thread each
+    assert rank_threads() == 1
+
+
 def test_each_rank_takes_a_contiguous_share_of_whole_prompts():
     prompts = list(range(8))
     shares = [local_share(DistContext(rank=r, world_size=2), prompts) for r in (0, 1)]
