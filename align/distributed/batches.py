@@ -46,7 +46,7 @@ def global_sums(ctx: DistContext, *values: float) -> list[float]:
     """Each value summed over ranks (one collective; float64 so counts stay exact)."""
     if not ctx.enabled:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device(ctx))
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device(ctx))
     return ctx.all_reduce_sum(t).tolist()
 
 
@@ -71,7 +71,7 @@ def missing_passes(ctx: DistContext, passes: int) -> int:
     one: FSDP's all-gathers and reduce-scatters are collectives, a rank that skipped one would hang the others."""
     if not ctx.enabled:
         return 0
-    t = torch.tensor([passes], dtype=torch.int64, device=_device(ctx))
+    t = torch.tensor([passes], dtype=torch.int64, device=collective_device(ctx))
     return int(ctx.all_reduce_max(t)) - passes
 
 
@@ -107,11 +107,12 @@ def local_rows_of(ctx: DistContext, global_tensor: torch.Tensor, n_local: int, w
     return out[:, :width] if width is not None and out.dim() >= 2 else out
 
 
-def _device(ctx: DistContext) -> torch.device:
+def collective_device(ctx: DistContext) -> torch.device:
     import torch.distributed as dist
 
-    # NCCL reduces CUDA tensors only; gloo CPU ones
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    # NCCL alone reduces CUDA tensors only; with gloo beside it (or alone) CPU tensors work
+    backend = str(dist.get_backend()) if dist.is_initialized() else ""
+    if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -87,7 +87,8 @@ def init_from_env(timeout_s: float = 300.0, backend: str | None = None, threads:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
         backend = None if backend in (None, "auto") else backend
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        # auto on CUDA: NCCL for GPU tensors, gloo for CPU ones (offloaded shards, small bookkeeping tensors)
+        backend = backend or ("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
         try:
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, dist.DistError) as err:

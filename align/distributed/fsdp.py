@@ -124,7 +124,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, ctx: DistContext
     whole = [g for g in grads if not hasattr(g, "to_local")]
     for g in whole:
         ctx.all_reduce_sum(g)
-    sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    from align.distributed.batches import collective_device
+
+    sharded = torch.zeros((), dtype=torch.float64, device=collective_device(ctx))  # offloaded shards: CPU grads
     for g in grads:
         if hasattr(g, "to_local"):
             sharded += g.to_local().double().pow(2).sum().to(sharded.device)
