@@ -389,7 +389,7 @@ class DistributedConfig(Section):
     cpu_offload: bool = False  # shards of params, gradients and optimizer state live in CPU memory (GPU runs)
     reshard_after_forward: bool = True  # free gathered policy/critic layers after forward (memory) or keep (speed)
     timeout_s: float = 600.0  # bound on every collective: a dead or stalled rank ends the run within it
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, gloo on CPU
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl (+ gloo for CPU tensors) with CUDA, gloo on CPU
     threads_per_rank: int = 0  # torch threads of each rank; 0 = cores / local ranks (threads x ranks <= cores)
 
     def validate(self) -> None:
