@@ -107,6 +107,15 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
             m.set_reshard_after_forward(reshard, recurse=False)
 
 
+def gathered_if_scoring_uses(policy: nn.Module, reward: Any):
+    """`gathered(policy)` when a reward scores with the live policy (GvU's understanding reward: `bind_policy`),
+    whose forwards differ in number between ranks; otherwise nothing (scoring never touches the policy)."""
+    components = getattr(reward, "rewards", [reward])
+    if any(hasattr(c, "bind_policy") for c in components):
+        return gathered(policy)
+    return contextlib.nullcontext(policy)
+
+
 def _reshards(module: nn.Module) -> bool:
     groups = module._get_fsdp_state()._fsdp_param_groups
     return bool(groups[0]._reshard_after_forward) if groups else True

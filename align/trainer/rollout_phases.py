@@ -12,7 +12,7 @@ import torch
 from align import algos
 from align.data import columns_of
 from align.distributed.batches import local_share
-from align.distributed.fsdp import gathered
+from align.distributed.fsdp import gathered, gathered_if_scoring_uses
 from align.errors import UserError
 from align.rewards.trl_kwargs import PROMPT_MESSAGES, TRAINER_STATE, RewardTrainerState
 from align.rollouts.batch import RolloutBatch
@@ -48,7 +48,8 @@ class RolloutPhases:
         """Reward every sample; errored or non-applicable samples are excluded, never scored 0."""
         n = len(step.batch)
         step.batch.columns[TRAINER_STATE] = [self._reward_trainer_state()] * n  # TRL's trainer_state keyword
-        out = self.backend.score(step.batch)
+        with gathered_if_scoring_uses(self.models.policy, self.reward):  # a reward may run the (sharded) policy
+            out = self.backend.score(step.batch)
         if len(out.scores) != n:
             raise RuntimeError(f"the reward returned {len(out.scores)} scores for {n} samples")
         scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
