@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from align.errors import UserError
+from align.errors import DistributedError, UserError
 
 COMMAND_MODULES = (
     "align.commands.train",      # train, sft, plot
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # the one hierarchy (align.errors): unknown names, missing files, bad data included
         print(f"align {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DistributedError as err:  # a rank died or stalled: this rank's line says so; the run ends, never hangs
+        print(f"align {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

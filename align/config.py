@@ -416,6 +416,22 @@ class ClusterConfig(Section):
         self.check(self.trainer_timeout_s > 0, "trainer_timeout_s", "must be > 0")
 
 
+@dataclass
+class DistributedConfig(Section):
+    """Training across ranks (torchrun or Ray trainer actors; docs/distributed.md). Read only at world size > 1."""
+
+    mixed_precision: Literal["none", "bf16"] = "none"  # bf16: bf16 compute params, fp32 gradient reduction (GPU)
+    cpu_offload: bool = False  # shards of params, gradients and optimizer state live in CPU memory (GPU runs)
+    reshard_after_forward: bool = True  # free gathered policy/critic layers after forward (memory) or keep (speed)
+    timeout_s: float = 600.0  # bound on every collective: a dead or stalled rank ends the run within it
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl (+ gloo for CPU tensors) with CUDA, gloo on CPU
+    threads_per_rank: int = 0  # torch threads of each rank; 0 = cores / local ranks (threads x ranks <= cores)
+
+    def validate(self) -> None:
+        self.check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "timeout_s", "must be a positive number of seconds")
+        self.check(self.threads_per_rank >= 0, "threads_per_rank", "must be >= 0 (0 = cores / local ranks)")
+
+
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
 
 
@@ -471,6 +487,7 @@ class _RunConfig(Section):
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(functions=["<unset>"]))
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

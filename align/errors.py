@@ -6,6 +6,7 @@
         ConfigError            a bad config key or value
         CheckpointError        a missing or corrupt checkpoint
         MissingFileError       a path the user gave does not exist
+      DistributedError         a rank died or stalled past the process-group timeout; the CLI prints it, exit 1
 
 Classes that callers used to catch as a builtin (ValueError, KeyError, RuntimeError, FileNotFoundError) keep
 that builtin as a second base, so `except ValueError` still catches them.
@@ -30,3 +31,7 @@ class CheckpointError(UserError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the user named does not exist; the message says what to give instead."""
+
+
+class DistributedError(AlignError, RuntimeError):
+    """Another rank died or stalled past `distributed.timeout_s`, or the process group could not form. One line."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from align import algos
+from align.distributed.context import DistContext
 from align.trainer.forward import ForwardOutput
 from align.trainer.state import StepData
 
@@ -28,6 +29,7 @@ class Algorithm(ABC):
     group_size: int = 1
     uses_critic: bool = False
     accepts_token_rewards: bool = False
+    dist: DistContext = DistContext()  # the trainer sets its rank context: batch statistics are global over ranks
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -7,6 +7,7 @@ import torch
 
 from align import algos
 from align.config import GRPOAlgoConfig
+from align.distributed.batches import gather_padded, local_rows_of
 from align.registry import ADVANTAGES
 from align.trainer.algorithm import Algorithm
 from align.trainer.forward import ForwardOutput
@@ -33,13 +34,23 @@ class GRPOAlgorithm(Algorithm):
         return algos.nonzero_variance_groups(step.scores, self.group_size, step.valid)
 
     def compute_advantages(self, step: StepData) -> dict[str, float]:
+        """Advantages over the global batch: with several ranks every rank gathers the scores (and masks) of all
+        ranks, computes what one process would (batch std, zero-variance counts) and keeps its own rows."""
+        d, n, width = self.dist, len(step.scores), step.mask.shape[1]
+        adv, keep, metrics = self._global_advantages(gather_padded(d, step.scores), gather_padded(d, step.valid),
+                                                     gather_padded(d, step.mask))
+        step.advantages = local_rows_of(d, adv, n, width)
+        step.train_rows = local_rows_of(d, keep, n).nonzero().squeeze(-1)
+        return metrics
+
+    def _global_advantages(self, scores: torch.Tensor, valid: torch.Tensor,
+                           mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         cfg, g = self.cfg, self.group_size
-        scores, valid = step.scores, step.valid
         if cfg.advantage == "grpo":
             adv = algos.group_advantages(scores, g, scale=cfg.scale, eps=cfg.adv_eps, valid=valid)
         else:
             estimator = ADVANTAGES.get(cfg.advantage)  # [B], or [B, T] for a token-level one (reinforce_pp)
-            extra = {"mask": step.mask} if algos.is_token_level(estimator) else {}
+            extra = {"mask": mask} if algos.is_token_level(estimator) else {}
             adv = estimator(scores, g, valid=valid, **extra)
         keep = valid.clone()
         metrics: dict[str, float] = {}
@@ -50,15 +61,13 @@ class GRPOAlgorithm(Algorithm):
         # (all flat) batch, dropped here, so the update is skipped
         if cfg.filter_zero_variance or cfg.dynamic_sampling.enable:
             keep &= ~flat.repeat_interleave(g)
-        step.advantages = adv.float()
-        step.train_rows = keep.nonzero().squeeze(-1)
         if not keep.any():
             metrics["advantages/abs_mean"] = 0.0
         elif adv.dim() == 2:  # token-level: the mean over the response tokens of the kept rows
-            metrics["advantages/abs_mean"] = float(algos.masked_mean(adv[keep].abs(), step.mask[keep]))
+            metrics["advantages/abs_mean"] = float(algos.masked_mean(adv[keep].abs(), mask[keep]))
         else:
             metrics["advantages/abs_mean"] = float(adv[keep].abs().mean())
-        return metrics
+        return adv.float(), keep, metrics
 
     def loss(self, fwd: ForwardOutput, step: StepData, rows: torch.Tensor, old_logprobs: torch.Tensor,
              denom: float, vf_denom: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

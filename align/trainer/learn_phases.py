@@ -8,6 +8,16 @@ from __future__ import annotations
 import torch
 
 from align import algos
+from align.distributed.batches import (
+    global_mean,
+    global_ratio,
+    global_sums,
+    global_train_rows,
+    missing_passes,
+    owned_rows,
+)
+from align.distributed.fsdp import clip_grad_norm
+from align.distributed.setup import idle_logprob_pass, zero_weight_pass
 from align.trainer.forward import response_forward
 from align.trainer.micro_batches import in_row_order, metric_weight, micro_batches
 from align.trainer.packing import critic_values, maybe_packed
@@ -42,6 +52,8 @@ class LearnPhases:
                                            temperature=self.logprob_temperature)
                 ref.append(fwd.logprobs)
                 hidden.append(fwd.hidden)
+        for _ in range(missing_passes(self.dist, len(plan))):  # several ranks: FSDP's all-gathers line up
+            idle_logprob_pass(self, step, want_old)
         self.models.policy.train()
         step.old_logprobs = in_row_order(old, plan) if want_old else (b.logprobs if self.cfg.rollout.use_rollout_logprobs else None)
         step.ref_logprobs = in_row_order(ref, plan) if ref else None
@@ -51,7 +63,7 @@ class LearnPhases:
         if step.ref_logprobs is not None:
             base = step.old_logprobs if step.old_logprobs is not None else b.logprobs
             kl = torch.where(b.mask.bool(), base - step.ref_logprobs, torch.zeros_like(base))
-            metrics["kl/mean"] = float(kl.sum() / b.mask.sum().clamp(min=1))
+            metrics["kl/mean"] = global_ratio(self.dist, kl.sum(), b.mask.sum())
         if want_old and self.logprob_temperature == 1.0:  # rollout log-probs are at temperature 1
             diff = (step.old_logprobs - b.logprobs).abs()[b.mask.bool()]
             metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
@@ -81,7 +93,8 @@ class LearnPhases:
     def phase_update(self, step: StepData) -> dict[str, float]:
         """Epochs of shuffled minibatches; micro-batches accumulate gradients with the minibatch's
         denominators, so the result equals one pass over the whole minibatch."""
-        cfg, rows_all = self.cfg, step.train_rows
+        # several ranks: the global rows and minibatch order; each rank trains the rows of a minibatch it holds
+        cfg, rows_all, n_local = self.cfg, global_train_rows(self.dist, step.train_rows, len(step.batch)), len(step.batch)
         sums: dict[str, float] = {}
         count = 0
         if rows_all.numel() == 0:
@@ -89,11 +102,11 @@ class LearnPhases:
         for _ in range(cfg.algo.epochs):
             order = rows_all[torch.randperm(rows_all.numel(), generator=self.update_generator).to(rows_all.device)]
             for mini in order.split(self._mini_batch_size()):
-                metrics = self._optimizer_step(step, mini)
+                metrics = self._optimizer_step(step, owned_rows(self.dist, mini, n_local))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        self.algo.after_step(self._kl_per_seq(step), len(step.batch))
+        self.algo.after_step(self._kl_per_seq(step), len(step.batch) * self.dist.world_size)
         out = {k: v / count for k, v in sums.items()}
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         return out
@@ -102,13 +115,15 @@ class LearnPhases:
         cfg = self.cfg
         mask = step.mask[mini]
         t = mask.shape[1]
-        denom = self._denominator(mask)
-        vf_denom = float(mask.sum())
+        denom, vf_denom = global_sums(self.dist, self._denominator(mask), float(mask.sum()))  # global counts
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         pack = cfg.train.pack_sequences
-        for micro in micro_batches(mini, step.batch.attention_mask, cfg.train.micro_batch_size,
-                                   cfg.train.max_tokens_per_micro_batch, pack):
+        micros = [m for m in micro_batches(mini, step.batch.attention_mask, cfg.train.micro_batch_size,
+                                           cfg.train.max_tokens_per_micro_batch, pack) if m.numel()]  # a rank may own no rows
+        # several ranks: each runs as many forward/backward passes as the busiest (FSDP's collectives line up)
+        extra = missing_passes(self.dist, len(micros))
+        for micro in micros:
             b = step.batch
             fwd = response_forward(maybe_packed(self.models.policy, pack), b.input_ids[micro], b.attention_mask[micro], t,
                                    value_head=self.models.value_head, with_entropy=True,
@@ -128,8 +143,10 @@ class LearnPhases:
                 if weight == 0.0:  # a micro-batch without response tokens has no token means (0 / 0)
                     continue
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) * weight
+        for _ in range(extra):
+            zero_weight_pass(self, step, t)
         params = self.models.trainable_parameters() + self.models.critic_parameters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        grad_norm = clip_grad_norm(params, cfg.train.max_grad_norm, self.dist)  # over every rank's gradients
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"step {self.step}: non-finite gradient norm; no optimizer step was taken")
@@ -150,4 +167,4 @@ class LearnPhases:
         if step.ref_logprobs is None or step.old_logprobs is None:
             return 0.0
         kl = torch.where(step.mask.bool(), step.old_logprobs - step.ref_logprobs, torch.zeros_like(step.ref_logprobs))
-        return float(kl.sum(-1).mean())
+        return global_mean(self.dist, kl.sum(-1))

@@ -21,6 +21,10 @@ from align import checkpoint as ckpt_io
 from align.algos.schedule import lambda_lr
 from align.config import as_config
 from align.data import PromptDataset, make_sampler, resolve_data_config
+from align.distributed import init_from_env
+from align.distributed.batches import reduce_metrics
+from align.distributed.fsdp import shard_models
+from align.distributed.setup import NullLogger, check_world, collective_errors
 from align.errors import UserError
 from align.metrics import MetricsLogger
 from align.models import hidden_size_of, load_models, needs_full_logits, resolve_device
@@ -52,8 +56,13 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
     def __init__(self, config: Any, overrides: list[str] | None = None, resume_from: str | Path | None = None,
                  dataset: Any = None):
         self.cfg = cfg = resolve_data_config(as_config(config, overrides), dataset)
+        d = cfg.distributed  # one rank unless torchrun / Ray trainer actors set WORLD_SIZE > 1 (docs/distributed.md)
+        self.dist = init_from_env(d.timeout_s, d.backend, d.threads_per_rank)
+        check_world(cfg, self.dist)
         # before anything is loaded or written: a new run never silently lands on an old one
-        ckpt_io.prepare_run_dir(cfg.run_dir, bool(resume_from or cfg.checkpoint.resume_from), cfg.checkpoint.overwrite)
+        if self.dist.is_main:
+            ckpt_io.prepare_run_dir(cfg.run_dir, bool(resume_from or cfg.checkpoint.resume_from), cfg.checkpoint.overwrite)
+        self.dist.barrier()
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.algo = make_algorithm(cfg)
@@ -62,6 +71,8 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         critic = cfg.model.critic if self.algo.uses_critic else None
         self.models = load_models(cfg.model, self.device, critic=critic,
                                   need_reference=self.algo.needs_reference or self.curiosity_cfg is not None)
+        shard_models(self.models, cfg.distributed, self.dist)  # FSDP2 at world size > 1, before the optimizer
+        self.algo.dist = self.dist
         self.tokenizer = self.models.tokenizer
         self.reward = build_reward(cfg.reward)
         bind_policy(self.reward, self.models.policy, self.tokenizer,
@@ -84,7 +95,8 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         self.run_dir = cfg.run_dir
         self._async = self._make_async()  # train.max_staleness >= 1: generation runs ahead (before a resume fills it)
         resume = resume_from or cfg.checkpoint.resume_from
-        self.logger = MetricsLogger.for_run(self.run_dir, cfg.logging, cfg.to_dict(), resume=bool(resume))
+        self.logger = (MetricsLogger.for_run(self.run_dir, cfg.logging, cfg.to_dict(), resume=bool(resume))
+                       if self.dist.is_main else NullLogger())
         if resume:
             self._resume(resume)
 
@@ -213,17 +225,19 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         cfg = self.cfg
         stop_at = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
         history: list[dict[str, float]] = []
-        progress = _progress(cfg.train.steps, self.step, cfg.logging.progress)
+        progress = _progress(cfg.train.steps, self.step, cfg.logging.progress and self.dist.is_main)
         final_ckpt = None
         try:
             while self.step < stop_at:
-                metrics = self.train_step()
+                with collective_errors(self.dist):
+                    metrics = reduce_metrics(self.dist, self.train_step())
                 self.logger.log(self.step, metrics)
                 history.append({"step": self.step, **metrics})
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", refresh=False)
-                if cfg.logging.print_every and self.step % cfg.logging.print_every == 0 and progress is None:
+                if (cfg.logging.print_every and self.step % cfg.logging.print_every == 0 and progress is None
+                        and self.dist.is_main):
                     print(f"step {self.step:4d}  reward {metrics['reward/mean']:+.4f}  "
                           f"len {metrics['rollout/response_length']:.1f}  {metrics['time/step']:.2f}s", flush=True)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:

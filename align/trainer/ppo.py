@@ -8,6 +8,7 @@ from torch import nn
 
 from align import algos
 from align.config import PPOAlgoConfig
+from align.distributed.batches import global_mean, reduce_sum_fn
 from align.trainer.algorithm import Algorithm
 from align.trainer.forward import ForwardOutput
 from align.trainer.state import StepData
@@ -57,7 +58,7 @@ class PPOAlgorithm(Algorithm):
         if step.ref_logprobs is not None:
             kl = algos.kl_penalty(step.old_logprobs, step.ref_logprobs, self.cfg.kl_estimator)
             kl = torch.where(mask, kl, torch.zeros_like(kl))
-            metrics["kl/mean_seq"] = float(kl.sum(-1).mean())
+            metrics["kl/mean_seq"] = global_mean(self.dist, kl.sum(-1))
         rewards = algos.shaped_token_rewards(step.scores, mask, kl=kl if self.cfg.kl_in == "reward" else None,
                                              kl_coef=self.kl_ctl.value, intrinsic=intrinsic, eta=eta)
         return rewards.float(), metrics
@@ -66,13 +67,15 @@ class PPOAlgorithm(Algorithm):
         mask = step.mask
         adv, returns = algos.gae(step.token_rewards, step.values, mask, self.cfg.gamma, self.cfg.lam)
         rows = step.train_rows
-        if self.cfg.whiten_advantages and rows.numel():
-            adv_rows = algos.masked_whiten(adv[rows], mask[rows])
+        # several ranks: statistics over every rank's rows (each joins the reduction, with or without rows)
+        reduce, anywhere = reduce_sum_fn(self.dist), rows.numel() or self.dist.enabled
+        if self.cfg.whiten_advantages and anywhere:
+            adv_rows = algos.masked_whiten(adv[rows], mask[rows], reduce=reduce)
             adv = adv.clone()
             adv[rows] = adv_rows.to(adv.dtype)
         step.advantages, step.returns = adv, returns
-        return {"advantages/mean": float(algos.masked_mean(adv[rows], mask[rows])) if rows.numel() else 0.0,
-                "returns/mean": float(algos.masked_mean(returns[rows], mask[rows])) if rows.numel() else 0.0}
+        return {"advantages/mean": float(algos.masked_mean(adv[rows], mask[rows], reduce=reduce)) if anywhere else 0.0,
+                "returns/mean": float(algos.masked_mean(returns[rows], mask[rows], reduce=reduce)) if anywhere else 0.0}
 
     def after_step(self, kl_per_seq: float, n_samples: int) -> None:
         self.kl_ctl.update(kl_per_seq, n_samples)

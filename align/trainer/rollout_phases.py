@@ -11,6 +11,8 @@ import torch
 
 from align import algos
 from align.data import columns_of
+from align.distributed.batches import local_share
+from align.distributed.fsdp import gathered, gathered_if_scoring_uses
 from align.errors import UserError
 from align.rewards.trl_kwargs import PROMPT_MESSAGES, TRAINER_STATE, RewardTrainerState
 from align.rollouts.batch import RolloutBatch
@@ -23,16 +25,18 @@ class RolloutPhases:
     def phase_generate(self) -> tuple[StepData, dict[str, float]]:
         """Draw prompts, expand each G times (prompt-major), sample one response per row."""
         g = self.algo.group_size
-        records = self.sampler.next(self.cfg.train.prompts_per_step)
+        # every rank draws the same global prompts (the data cursor is global) and keeps its share of whole groups
+        records, first = local_share(self.dist, self.sampler.next(self.cfg.train.prompts_per_step))
         prompts = [self.dataset.prompt_text(r) for r in records for _ in range(g)]
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in columns_of(records, self.cfg.data.prompt_key).items()}
         raw = [r[self.cfg.data.prompt_key] for r in records]
         if any(isinstance(m, list) for m in raw):  # conversations: TRL-style rewards get the message lists back
             columns[PROMPT_MESSAGES] = [m if isinstance(m, list) else None for m in raw for _ in range(g)]
         # Per-sample random streams keyed by a global sample index: sharding never changes what is drawn.
-        sample_ids = torch.arange(self.samples_seen, self.samples_seen + len(prompts))
-        self.samples_seen += len(prompts)
-        batch = self.backend.generate(prompts, columns, sample_ids, self.params).to(self.device)
+        sample_ids = torch.arange(self.samples_seen + first * g, self.samples_seen + first * g + len(prompts))
+        self.samples_seen += len(prompts) * self.dist.world_size
+        with gathered(self.models.policy):  # sharded weights: whole layers for decoding (no per-token collectives)
+            batch = self.backend.generate(prompts, columns, sample_ids, self.params).to(self.device)
         if batch.stop_reason is None or batch.stop_reason.shape != (len(prompts),):
             raise RuntimeError("the rollout backend returned a batch without a stop reason for every row")
         lengths = batch.mask.sum(-1).float()
@@ -44,7 +48,8 @@ class RolloutPhases:
         """Reward every sample; errored or non-applicable samples are excluded, never scored 0."""
         n = len(step.batch)
         step.batch.columns[TRAINER_STATE] = [self._reward_trainer_state()] * n  # TRL's trainer_state keyword
-        out = self.backend.score(step.batch)
+        with gathered_if_scoring_uses(self.models.policy, self.reward):  # a reward may run the (sharded) policy
+            out = self.backend.score(step.batch)
         if len(out.scores) != n:
             raise RuntimeError(f"the reward returned {len(out.scores)} scores for {n} samples")
         scores = torch.tensor([s if s is not None else 0.0 for s in out.scores], dtype=torch.float32, device=self.device)
@@ -62,7 +67,7 @@ class RolloutPhases:
         step.reward_info = out.info
         if out.token_rewards is not None:
             step.reward_token_rewards = self._token_reward_tensor(out.token_rewards, step.batch.mask)
-        good = step.scores[valid]
+        good = self.dist.all_gather_rows(step.scores)[self.dist.all_gather_rows(valid.to(torch.uint8)).bool()]
         return {**out.metrics, "reward/mean": float(good.mean()), "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
                 "reward/max": float(good.max()), "reward/min": float(good.min()),
                 "reward/errors": float(sum(e is not None for e in out.errors)),

@@ -30,7 +30,7 @@ def odd_digits(prompts, completions, **kwargs):  # varies within a batch, so eve
 
 
 def run_config(model: str, data: str, run_dir: str) -> dict:
-    base = {"train": {"steps": STEPS, "prompts_per_step": 4, "lr": 5e-2, "mini_batch_size": 2},
+    base = {"train": {"steps": STEPS, "prompts_per_step": 4, "lr": 1e-3, "mini_batch_size": 2},
             "rollout": {"max_new_tokens": 4},
             "checkpoint": {"every": SAVED_AT, "save_final": False}}
     return tiny_run_config("ppo", model, data, run_dir, odd_digits, base)

@@ -1,0 +1,75 @@
+"""A training run for the multi-rank tests, on one rank or under torchrun / hand-set RANK variables.
+
+    python dist_worker.py CONFIG.json OUT.pt [CONFIG.json OUT.pt ...]     one process
+    torchrun --nproc_per_node 2 dist_worker.py CONFIG.json OUT.pt [...]   the runs one after another, one start-up
+
+Rank 0 writes OUT.pt: the step history and the full (gathered) weights of the policy, value head and critic.
+The reward classes below instances below are importable as `dist_worker:NAME` by the runs' configs (tests put this folder on
+PYTHONPATH).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+class CharFraction:
+    """Reward = fraction of response characters equal to `char` (a dense signal a tiny model learns)."""
+
+    def __init__(self, char="7"):
+        self.char = char
+        self.__name__ = f"frac_{char}"
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [sum(c == self.char for c in s) / max(len(s), 1) for s in completions]
+
+
+class FailingRank(CharFraction):
+    """CharFraction, except that rank `rank` dies (os._exit) or stalls (sleeps) on its `call`-th scoring call."""
+
+    def __init__(self, rank=1, call=2, how="die"):
+        super().__init__()
+        self.rank, self.call, self.how, self.calls = rank, call, how, 0
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls += 1
+        if int(os.environ.get("RANK", "0")) == self.rank and self.calls == self.call:
+            if self.how == "die":
+                os._exit(17)
+            time.sleep(3600)
+        return super().__call__(prompts, completions, **kwargs)
+
+
+frac7 = CharFraction("7")
+die_rank1_call2 = FailingRank(1, 2, "die")
+stall_rank1_call2 = FailingRank(1, 2, "stall")
+
+
+def main(config_path: str, out_path: str) -> None:
+    torch.set_num_threads(1)
+    from align.distributed.fsdp import full_state_dict
+    from align.trainer.loop import Trainer
+
+    trainer = Trainer(json.loads(open(config_path).read()))
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    models = trainer.models
+    weights = {"policy": full_state_dict(models.policy)}
+    if models.value_head is not None:
+        weights["value_head"] = full_state_dict(models.value_head)
+    if models.critic is not None:
+        weights["critic"] = full_state_dict(models.critic)
+    if trainer.dist.is_main:
+        torch.save({"history": result.history, "weights": weights, "world": trainer.dist.world_size}, out_path)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    for i in range(0, len(args), 2):
+        main(args[i], args[i + 1])
