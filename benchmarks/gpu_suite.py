@@ -74,8 +74,8 @@ def rows_for(mode: str, work: Path) -> list[Row]:
         e2e = [PY, "benchmarks/e2e_vs_trl.py", "--mode", "cpu", "--smoke", "--in-process"]
     else:
         kernels = [PY, "benchmarks/kernels.py", "--device", "cuda"]
-        engine = [PY, "benchmarks/rollout.py", "--device", "cuda", "--models", "qwen2-0.5b", "--batch-sizes", "16", "64",
-                  "256", "--prompt-len", "128", "--new-tokens", "256", "--repeats", "2", "--check-logprobs"]
+        engine = [PY, "benchmarks/rollout.py", "--device", "cuda", "--models", "qwen2-0.5b", "--batch-sizes", "16", "256",
+                  "--prompt-len", "128", "--new-tokens", "256", "--repeats", "2", "--check-logprobs"]
         e2e = [PY, "benchmarks/e2e_vs_trl.py", "--mode", "gpu", "--reps", "1", "--steps", "4", "--timeout", "150"]
     k0, k0_dir = train("async_k0", "--set", "train.max_staleness=0")
     k1, k1_dir = train("async_k1", "--set", "train.max_staleness=1")
@@ -84,17 +84,17 @@ def rows_for(mode: str, work: Path) -> list[Row]:
                                  "-m", "align.cli"))
     async_needs = "train.max_staleness (the [async] core: branch async-core)"
     return [
-        Row("kernels", "Kernels", [*kernels, "--out", str(work / "kernels.json")], 40 if smoke else 100,
+        Row("kernels", "Kernels", [*kernels, "--out", str(work / "kernels.json")], 40 if smoke else 120,
             out_file=str(work / "kernels.json")),
         Row("engine_vs_generate", "Rollout engine vs transformers generate",
             [*engine, "--out", str(work / "rollout.json")], 60 if smoke else 120, out_file=str(work / "rollout.json")),
         Row("train_prepare", "(inputs of the training rows)",
             [PY, "benchmarks/train_rows.py", "prepare", "--mode", mode, "--work", str(tw)], 40 if smoke else 60),
-        Row("async_k0", "Asynchronous training (k = 0 / 1)", k0, 60, run_dir=k0_dir, steps=steps, needs=async_needs,
+        Row("async_k0", "asynchronous training (issue 18), GPU", k0, 60, run_dir=k0_dir, steps=steps, needs=async_needs,
             notes=[] if smoke else [F20_NOTE]),
-        Row("async_k1", "Asynchronous training (k = 0 / 1)", k1, 60, run_dir=k1_dir, steps=steps, needs=async_needs,
+        Row("async_k1", "asynchronous training (issue 18), GPU", k1, 60, run_dir=k1_dir, steps=steps, needs=async_needs,
             notes=[] if smoke else [F20_NOTE]),
-        Row("sharding_torchrun", "Sharded training (torchrun, one GPU)", tr, 60 if smoke else 70, run_dir=tr_dir,
+        Row("sharding_torchrun", "sharded training (issue 17), one GPU", tr, 60 if smoke else 70, run_dir=tr_dir,
             steps=steps, needs="torchrun -m align.cli train with the distributed: section (the [sharding] core: "
                                "branch dist-core)", notes=[] if smoke else [F20_NOTE]),
         Row("e2e_vs_trl", "End to end: GRPO step vs TRL's GRPOTrainer",

@@ -84,13 +84,15 @@ class Timer:
     CUDA (F6 of GPU_READINESS.md): one eager call launches ~20 small torch kernels besides the Triton one, ~0.15 ms
     of host time, so CUDA events around single eager calls measure the host, not the kernel. The kernel time here
     is the replay of a CUDA graph of `graph_calls` calls over the rotating input buffers, divided by the calls
-    (median over `iters` replays); the host time of one eager call (perf_counter around the launch, no sync) and
+    (median over `replays` replays); the host time of one eager call (perf_counter around the launch, no sync) and
     the old eager-event figure are reported beside it. A function that cannot be captured (e.g. a peer that syncs)
     falls back to eager events, and its record says so. CPU: perf_counter per call (host time is the time)."""
 
-    def __init__(self, device: str, warmup: int, iters: int, graph_calls: int = 20, replays: int = 10):
+    def __init__(self, device: str, warmup: int, iters: int, graph_calls: int = 20, replays: int = 10,
+                 max_s: float = 1.0):
         self.device, self.warmup, self.iters = device, warmup, iters
         self.graph_calls, self.replays = graph_calls, replays
+        self.max_s = max_s  # per phase (eager calls, graph replays): slow peers stop early (at least 3 samples)
 
     def __call__(self, fn, inputs: list) -> dict:
         for i in range(self.warmup):
@@ -107,7 +109,10 @@ class Timer:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         eager, host = [], []
+        began = time.perf_counter()
         for i in range(self.iters):
+            if i >= 3 and time.perf_counter() - began > self.max_s:
+                break
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             t0 = time.perf_counter()
@@ -119,7 +124,7 @@ class Timer:
         out = {"eager_event_us": statistics.median(eager), "host_us_per_call": statistics.median(host),
                "peak_extra_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
         try:
-            out.update(self._graph(fn, inputs))
+            out.update(self._graph(fn, inputs, max(out["eager_event_us"], out["host_us_per_call"])))
         except Exception as exc:  # noqa: BLE001 - reported in the row, never a silent number
             torch.cuda.synchronize()
             out.update(us=out["eager_event_us"], us_min=min(eager),
@@ -127,8 +132,11 @@ class Timer:
                               f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")
         return out
 
-    def _graph(self, fn, inputs: list) -> dict:
-        n = -(-max(self.graph_calls, len(inputs)) // len(inputs)) * len(inputs)  # every buffer equally often
+    def _graph(self, fn, inputs: list, call_us: float) -> dict:
+        # calls per graph: --graph-calls, fewer for slow calls (a graph of ~0.25 s), every buffer equally often
+        calls = max(1, min(self.graph_calls, int(0.25e6 / max(call_us, 1e-3))))
+        n = -(-max(calls, len(inputs)) // len(inputs)) * len(inputs)
+        replays = max(3, min(self.replays, int(self.max_s * 1e6 / max(n * call_us, 1e-3))))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends before capture
@@ -142,7 +150,7 @@ class Timer:
         graph.replay()  # first replay uploads the graph
         torch.cuda.synchronize()
         per_call = []
-        for _ in range(self.replays):
+        for _ in range(replays):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
@@ -151,7 +159,7 @@ class Timer:
             per_call.append(start.elapsed_time(end) * 1000.0 / n)
         del graph
         return {"us": statistics.median(per_call), "us_min": min(per_call),
-                "timing": f"CUDA graph of {n} calls over {len(inputs)} rotating buffers, median of {self.replays} replays"}
+                "timing": f"CUDA graph of {n} calls over {len(inputs)} rotating buffers, median of {replays} replays"}
 
 
 def _l2_bytes(device: str) -> int:
