@@ -109,7 +109,7 @@ def test_smoke_suite_every_row_succeeds(tmp_path):
     out = tmp_path / "suite.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--work-dir", str(tmp_path),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=960)
     doc = json.loads(out.read_text())
     rows = doc["rows"]
     failed = {n: r.get("error") for n, r in rows.items() if r["status"] != "ok"}
