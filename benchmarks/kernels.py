@@ -4,12 +4,12 @@
     python benchmarks/kernels.py --device cuda --out benchmarks/results/kernels.json
 
 Sampling at [B, V] (default on GPU: B = 256, V = 151,936, bf16 as the engine feeds a bf16 model, and fp32):
-ours (Triton, with the engine's flags: return_details=True, and without the rank pass) vs our PyTorch reference
-vs the common sort-based top-k/top-p + multinomial sampler (and softmax + multinomial for temperature only),
-plus FlashInfer when it is installed. Token log-probs at [N, V] (default on GPU: N = 16,384 bf16): ours vs
-our fp32 PyTorch reference vs TRL's `selective_log_softmax`, forward and backward (forward + backward minus
-forward). Fused linear + log-probs (hidden states in) vs full logits + log_softmax, forward + backward, with
-peak memory.
+ours (Triton, with the engine's flags: return_details=True, and without the rank pass) vs our PyTorch
+reference vs the common sort-based top-k/top-p + multinomial sampler (and softmax + multinomial for
+temperature only), plus FlashInfer when it is installed. Token log-probs at [N, V] (default on GPU: N = 16,384
+bf16): ours vs our fp32 PyTorch reference vs TRL's `selective_log_softmax`, forward and backward (forward +
+backward minus forward on the GPU, the backward alone on the CPU). Fused linear + log-probs (hidden states in)
+vs full logits + log_softmax, forward + backward, with peak memory.
 GPU timing (F6 of GPU_READINESS.md): the kernel time is the replay of a CUDA graph of --graph-calls calls over
 input buffers rotated to cover twice the L2 (so no call reads a cached copy), divided by the calls, median
 of --replays replays; the host time of one eager call (launch only, no sync) is reported beside it, since an
@@ -250,8 +250,9 @@ def bench_logprobs(device, timer, n, v, dtype, results):
                         row["max_abs_err_vs_fp64"] = float((fn(x0, t0).double() - exact).abs().max())
             results.append(row)
 
-    # backward: forward + backward in one call (a CUDA graph must capture the forward that the backward reads),
-    # minus the forward row above; both are graph-timed on the GPU
+    # backward. GPU: forward + backward in one call (a CUDA graph must capture the forward that the backward
+    # reads) minus the forward row above, both graph-timed. CPU (no graphs, and a difference of two small noisy
+    # times can come out <= 0): the backward alone, repeated over one retained graph per buffer.
     fb_impls = [
         ("ours (triton)", lambda x, t: kernels.token_logprobs(x, t, backend="triton")),
         ("ours (torch reference, fp32)", lambda x, t: token_logprobs_reference(x, t)),
@@ -266,6 +267,13 @@ def bench_logprobs(device, timer, n, v, dtype, results):
             row["skipped"] = trl_note
         elif "triton" in impl and device != "cuda":
             row["skipped"] = "Triton needs CUDA (CPU run: torch paths only)"
+        elif device != "cuda":
+            graphs = []
+            for x, t in bufs:
+                leaf = x.detach().requires_grad_()
+                graphs.append((leaf, fn(leaf, t), ones))
+            row.update(timer(lambda leaf, out, g: torch.autograd.grad(out, leaf, g, retain_graph=True), graphs))
+            del graphs
         else:
             def fwd_bwd(x, t, fn=fn):
                 leaf = x.detach().requires_grad_()
@@ -275,11 +283,15 @@ def bench_logprobs(device, timer, n, v, dtype, results):
             row["forward_backward_us"] = timed.pop("us")
             row["forward_backward_us_min"] = timed.pop("us_min")
             row.update(timed)
-            if impl in forward_us:
-                row["us"] = max(row["forward_backward_us"] - forward_us[impl], 0.0)
-                row["derived"] = "forward + backward minus the forward row"
             for k in ("eager_event_us", "host_us_per_call"):
                 row.pop(k, None)  # fwd+bwd launch figures: not the backward's
+            diff = row["forward_backward_us"] - forward_us.get(impl, float("nan"))
+            if diff > 0:
+                row["us"] = diff
+                row["derived"] = "forward + backward minus the forward row"
+            else:
+                row["skipped"] = (f"backward not resolved: forward + backward {row['forward_backward_us']:.1f} us vs "
+                                  f"forward {forward_us.get(impl, float('nan')):.1f} us")
         results.append(row)
 
 
