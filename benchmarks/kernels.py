@@ -4,7 +4,7 @@
     python benchmarks/kernels.py --device cuda --out benchmarks/results/kernels.json
 
 Sampling at [B, V] (default on GPU: B = 256, V = 151,936, bf16 as the engine feeds a bf16 model, and fp32):
-ours (Triton, with the engine's flags: return_details=True, and without the rank pass) vs our PyTorch
+ours (Triton, with the flags the engine passes, read off the sampler's signature, and plain) vs our PyTorch
 reference vs the common sort-based top-k/top-p + multinomial sampler (and softmax + multinomial for
 temperature only), plus FlashInfer when it is installed. Token log-probs at [N, V] (default on GPU: N = 16,384
 bf16): ours vs our fp32 PyTorch reference vs TRL's `selective_log_softmax`, forward and backward (forward +
@@ -21,6 +21,7 @@ tool, not a fast path). Prints a table last and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -173,6 +174,23 @@ def _n_buffers(device: str, bytes_per_input: int) -> int:
     return max(2, -(-(2 * _l2_bytes(device)) // max(1, bytes_per_input))) if device == "cuda" else 1
 
 
+def engine_sample_flags(b: int, device: str) -> list[tuple[str, dict]]:
+    """The keyword sets the rollout engine passes to `kernels.sample`, as far as this checkout's sampler has them
+    (read off its signature, so the benchmark fits the code before and after the [gpu-fixes] F3 / F4 changes):
+    the trainer's engine asks for details with no rank (rank_cap=0; curiosity off), a Ray rollout worker also
+    draws counter noise inside the kernel; "rank pass" is details with the full rank (curiosity top-k > 1)."""
+    params = inspect.signature(kernels.sample).parameters
+    if "rank_cap" not in params:
+        return [("engine flags", {"return_details": True})]
+    flags = [("engine flags", {"return_details": True, "rank_cap": 0}),
+             ("rank pass", {"return_details": True, "rank_cap": None})]
+    if "counter" in params and device == "cuda":
+        keys = torch.arange(b, device=device, dtype=torch.int64) + 12345  # any per-row sample keys
+        step = torch.zeros(1, device=device, dtype=torch.int64)
+        flags.append(("Ray worker: counter noise", {"return_details": True, "rank_cap": 1, "counter": (keys, step)}))
+    return flags
+
+
 def bench_sampling(device, timer, b, v, results, dtype=torch.float32):
     """`dtype`: the logits' dtype. The engine feeds the model's logits (bf16 for a bf16 model) and asks for
     `return_details=True` (the rank, a second pass over the row): the "engine flags" row times exactly that call;
@@ -188,10 +206,11 @@ def bench_sampling(device, timer, b, v, results, dtype=torch.float32):
         ("min-p 0.1", dict(min_p=0.1)),
     ]
     size = f"B={b} V={v} {str(dtype).replace('torch.', '')}"
+    flags = engine_sample_flags(b, device)
     for name, cfg in cases:
-        impls = [
-            ("ours (triton, engine flags)",
-             lambda x, cfg=cfg: kernels.sample(x, **cfg, return_details=True, backend="triton")),
+        impls = [(f"ours (triton, {label})", lambda x, cfg=cfg, kw=kw: kernels.sample(x, **cfg, **kw, backend="triton"))
+                 for label, kw in flags]
+        impls += [
             ("ours (triton)", lambda x, cfg=cfg: kernels.sample(x, **cfg, backend="triton")),
             ("ours (torch reference)", lambda x, cfg=cfg: sample_reference(x, **cfg)),
         ]
