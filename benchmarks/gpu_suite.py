@@ -222,7 +222,8 @@ def summary_line(rec: dict) -> str:
         return rec.get("error", "")
     if rec["name"] == "kernels":
         tri = [x for x in r.get("results", []) if x["impl"].startswith("ours (triton") and "us" in x]
-        return "; ".join(f"{x['case']} {x['size'].split()[-1]} {x['impl'][13:-1] or 'plain'}: {x['us']:.0f} us"
+        label = lambda x: x["impl"][len("ours (triton"):].strip(", )") or "plain"  # noqa: E731
+        return "; ".join(f"{x['case']} {x['size'].split()[-1]} {label(x)}: {x['us']:.0f} us"
                          for x in tri[:6]) or f"{len(r.get('results', []))} kernel rows"
     if rec["name"] == "engine_vs_generate":
         return "; ".join(f"B={x['batch']}: {x['ratio']:.2f}x generate" for x in r.get("rows", []))
