@@ -37,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import e2e_protocol  # noqa: E402
 
 SIDES = ("align", "trl")
 
@@ -63,6 +66,8 @@ class Job:
     steps: int = 6
     seed: int = 0
     work_dir: str = ""
+    profile_phase: str = ""  # align only: profile this phase of the trainer (e2e_protocol.PhaseProfiler)
+    profile_top: int = 15
 
     @property
     def samples_per_step(self) -> int:
@@ -224,6 +229,11 @@ def run_align(job: Job) -> dict:
         return metrics
 
     trainer.train_step = timed_step  # the real `Trainer.train()` loop (logging included) runs unchanged
+    profiler = None
+    if job.profile_phase:  # train_step looks the phase up on the instance: this wraps the one the loop calls
+        name = f"phase_{job.profile_phase}"
+        profiler = e2e_protocol.PhaseProfiler(getattr(trainer, name), top=job.profile_top)
+        setattr(trainer, name, profiler)
     start = time.perf_counter()
     result = trainer.train()
     trainer.close()
@@ -235,6 +245,7 @@ def run_align(job: Job) -> dict:
         "phases": {k: [h[k] for h in hist] for k in hist[0] if k.startswith("time/")},
         "memory_before_train": base,
         "memory": _peak_memory(job.device),
+        **({"profile": profiler.report()} if profiler is not None else {}),
     }
 
 
@@ -308,7 +319,9 @@ def run_child(side: str, job: Job, timeout: float | None = None) -> dict:
         spec, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(dataclasses.asdict(job)))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--job", str(spec), "--result", str(result)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+        # the protocol's 1 thread per process (CPU); on the GPU the host threads are left as they are
+        env = dict(os.environ, **(e2e_protocol.THREAD_ENV if job.device == "cpu" else {}))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
         if proc.returncode != 0 or not result.exists():
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
             raise RuntimeError(f"the {side} run failed (exit {proc.returncode}):\n{tail}")
@@ -338,17 +351,18 @@ def summarize_side(runs: list[dict], job: Job) -> dict:
 
 def benchmark(job: Job, reps: int, timeout: float | None = None) -> dict:
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
-    order_log = []
-    for rep in range(reps):
-        for side in (SIDES if rep % 2 == 0 else SIDES[::-1]):  # alternate who goes first
+    order_log, loads = [], []
+    for _ in range(reps):
+        for side in SIDES:  # the protocol's strict alternation: align, TRL, align, TRL, ...
             order_log.append(side)
+            loads.append(e2e_protocol.load_1m())
             runs[side].append(run_child(side, job, timeout))
     summary = {s: summarize_side(runs[s], job) for s in SIDES}
     a, t = summary["align"], summary["trl"]
     summary["speedup_steps_per_s"] = t["s_per_step"] / a["s_per_step"]  # align's steps/s over TRL's
     summary["speedup_spread"] = [t["s_per_step_min"] / a["s_per_step_max"], t["s_per_step_max"] / a["s_per_step_min"]]
     summary["memory_ratio"] = a["peak_memory_mib"] / t["peak_memory_mib"]  # align / TRL
-    return {"runs": runs, "order": order_log, "summary": summary}
+    return {"runs": runs, "order": order_log, "load_1m_before_runs": loads, "summary": summary}
 
 
 def parity(job: Job, last: int, seeds: list[int], timeout: float | None = None) -> dict:
@@ -461,6 +475,11 @@ def main(argv=None) -> int:
     ap.add_argument("--in-process", action="store_true",
                     help="run both sides in this process (for tests: no per-side memory figures)")
     ap.add_argument("--timeout", type=float, default=None, help="per child run, seconds")
+    ap.add_argument("--protocol", action="store_true",
+                    help="CPU: the fixed protocol (load < 1.5 checked, 1 thread per process, 3 strictly alternating "
+                         "repetitions, medians) at each --micro-batch-sizes, with a profile of align's dominant phase")
+    ap.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 64], help="--protocol's micro-batches")
+    ap.add_argument("--profile-top", type=int, default=15, help="--protocol: rows of each profile kept")
     ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -468,6 +487,8 @@ def main(argv=None) -> int:
 
     if args.child:
         job = Job(**json.loads(Path(args.job).read_text()))
+        if job.device == "cpu":
+            e2e_protocol.pin_threads()
         out = (run_align if args.child == "align" else run_trl)(job)
         Path(args.result).write_text(json.dumps(out))
         return 0
@@ -481,8 +502,8 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("--mode gpu needs CUDA; this machine has none", file=sys.stderr)
             return 2
-    if args.parity and args.mode != "cpu":
-        print("--parity runs on the CPU task (--mode cpu)", file=sys.stderr)
+    if (args.parity or args.protocol) and args.mode != "cpu":
+        print("--parity and --protocol run on the CPU task (--mode cpu)", file=sys.stderr)
         return 2
     reps = args.reps or (1 if args.smoke else preset.reps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -496,6 +517,13 @@ def main(argv=None) -> int:
                                       micro_batch_size=job.samples_per_step)
             result["job"] = dataclasses.asdict(job)
             result["parity"] = parity(job, min(args.parity_last, args.parity_steps), args.parity_seeds, args.timeout)
+        elif args.protocol:
+            job = prepare_inputs(preset, work)
+            overrides = {k: v for k, v in (("steps", args.steps), ("max_new_tokens", args.max_new_tokens)) if v}
+            job = dataclasses.replace(job, **({"steps": 3, "max_new_tokens": 4} if args.smoke else {}), **overrides)
+            result["job"] = dataclasses.asdict(job)
+            result["protocol"] = e2e_protocol.run_protocol(benchmark, run_child, job, args.micro_batch_sizes, reps,
+                                                           args.timeout, args.profile_top)
         else:
             job = prepare_inputs(preset, work)
             overrides = {k: v for k, v in (("steps", args.steps), ("micro_batch_size", args.micro_batch_size),
@@ -505,10 +533,23 @@ def main(argv=None) -> int:
             job = dataclasses.replace(job, **overrides)
             result["job"] = dataclasses.asdict(job)
             result |= benchmark(job, reps, args.timeout)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"e2e_vs_trl_{args.mode}{'_parity' if args.parity else ''}.json")
+    if args.mode == "gpu":
+        result["notes"] = [e2e_protocol.F20_NOTE]
+    kind = "_parity" if args.parity else "_protocol" if args.protocol else ""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"e2e_vs_trl_{args.mode}{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print_table(result)
+    if args.protocol:
+        for mb, r in result["protocol"]["micro_batches"].items():
+            print_table({**result, **r})
+            print(f"bound: {r['bound']['reading']}")
+            e2e_protocol.print_profile(r["profile"]["phase"], r["profile"], r["summary"]["align"]["phases_s"])
+        print(f"\nprotocol: {result['protocol']['verdict']['label']} (1-minute load before each run: "
+              f"{result['protocol']['verdict']['load_1m_readings']})")
+    else:
+        print_table(result)
+        for note in result.get("notes", []):
+            print(f"note: {note}")
     print(f"JSON: {out}")
     return 0
 

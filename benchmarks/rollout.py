@@ -4,7 +4,8 @@
     python benchmarks/rollout.py --device cuda        # GPU: Qwen2-0.5B-shaped random model, bf16
     python benchmarks/rollout.py --device cuda --batch-sizes 16 64 256 --prompt-len 128 --new-tokens 256
 
-Both sides sample the same way: top-k 50 / top-p 0.9, every row generates exactly --new-tokens tokens
+Both sides sample the same way and both return text (--detokenize both, the default: HF's ids are decoded
+as the engine decodes its own; F19 of GPU_READINESS.md): top-k 50 / top-p 0.9, every row generates exactly --new-tokens tokens
 (HF: do_sample, min_new_tokens = max_new_tokens; ours: ignore_eos). Each shape is run once first (warm-up:
 CUDA graph capture, Triton compilation, allocator) and timed on the following --repeats calls (median),
 HF and ours interleaved so background load hits both alike; CUDA times come from CUDA events. On CPU the
@@ -18,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,7 +83,7 @@ class Timer:
 
 
 def bench_shape(model, tok, batch: int, prompt_len: int, new_tokens: int, repeats: int, timer: Timer,
-                check_logprobs: bool) -> dict:
+                check_logprobs: bool, detokenize: str = "both") -> dict:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(batch)
     low = 2 if tok.vocab_size > 1000 else 4  # skip special tokens
@@ -94,8 +96,13 @@ def bench_shape(model, tok, batch: int, prompt_len: int, new_tokens: int, repeat
 
     def hf():
         with torch.no_grad():
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=50,
-                           top_p=0.9, pad_token_id=tok.pad_token_id)
+            ids_out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                     top_k=50, top_p=0.9, pad_token_id=tok.pad_token_id)
+        if detokenize == "both":
+            # F19: the engine returns text (prompts and completions decoded), generate returns ids; decode here too
+            # so both sides do the same work (the engine's decode_responses: response tokens, special tokens skipped)
+            tok.batch_decode(prompts)
+            tok.batch_decode(ids_out[:, prompt_len:].tolist(), skip_special_tokens=True)
 
     def ours():
         out["batch"] = engine.generate(prompts, params)
@@ -128,7 +135,7 @@ def bench_shape(model, tok, batch: int, prompt_len: int, new_tokens: int, repeat
     return row
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="+", default=None, help="tiny small (CPU default) | qwen2-0.5b (GPU default)")
@@ -138,8 +145,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--check-logprobs", action="store_true")
+    ap.add_argument("--detokenize", choices=["both", "engine-only"], default="both",
+                    help="both: HF's ids are decoded to text as the engine's are (a like-for-like comparison, F19); "
+                         "engine-only: the earlier tables' setting (HF timed without detokenisation)")
     ap.add_argument("--out", default="benchmarks/results/rollout.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +166,8 @@ def main() -> None:
     for model_name in models:
         model, tok = build_model(model_name, device, dtype)
         for batch in batch_sizes:
-            row = bench_shape(model, tok, batch, prompt_len, new_tokens, args.repeats, timer, args.check_logprobs)
+            row = bench_shape(model, tok, batch, prompt_len, new_tokens, args.repeats, timer, args.check_logprobs,
+                              args.detokenize)
             row["model"] = model_name
             rows.append(row)
             print(f"{model_name} B={batch}: ours {row['ours']['tokens_per_s']:.0f} tok/s, "
@@ -164,13 +175,16 @@ def main() -> None:
         del model
     result = {"device": name, "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-              "sampling": "top-k 50, top-p 0.9, temperature 1", "repeats": args.repeats, "rows": rows}
+              "sampling": "top-k 50, top-p 0.9, temperature 1", "repeats": args.repeats,
+              "detokenize": {"both": "both sides decode prompts and completions to text",
+                             "engine-only": "the engine decodes, HF generate does not"}[args.detokenize],
+              "command": " ".join(["python", *sys.argv]), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
     print(f"\nRollout throughput on {name} ({result['dtype']}; prompt {prompt_len}, {new_tokens} new tokens, "
-          f"top-k 50 / top-p 0.9; median of {args.repeats} warm calls)")
+          f"top-k 50 / top-p 0.9; median of {args.repeats} warm calls; detokenisation: {result['detokenize']})")
     head = f"{'model':<11} {'batch':>5} {'HF tok/s':>10} {'ours tok/s':>11} {'ratio':>6} {'HF ms/step':>11} " \
            f"{'ours ms/step':>13} {'cpu-time ratio':>15}"
     if args.check_logprobs:

@@ -94,3 +94,19 @@ def test_gpu_smoke_reports_gpu_memory(tmp_path):
     for side in ("align", "trl"):
         assert s[side]["memory_kind"] == "peak_gpu_allocated_mib" and s[side]["peak_memory_mib"] > 900  # > bf16 weights
         assert s[side]["tokens_per_step"] == job["prompts_per_step"] * job["group_size"] * job["max_new_tokens"]
+
+
+def test_protocol_alternates_strictly_and_reads_the_load_before_every_run(monkeypatch):
+    """The fixed protocol: align, TRL, align, TRL, align, TRL; the 1-minute load average read before each run."""
+    bench = load_bench()
+    job = bench.Job(prompts_per_step=2, group_size=4, max_new_tokens=8)
+    calls, loads = [], iter([0.5, 0.7, 0.9, 1.1, 1.3, 1.6])
+    fake = {"step_seconds": [2.0, 1.0, 1.0], "tokens": [64] * 3, "reward": [0.0] * 3,
+            "memory": {"peak_rss_mib": 10.0}, "memory_before_train": {"peak_rss_mib": 5.0}}
+    monkeypatch.setattr(bench, "run_child", lambda side, j, timeout=None: calls.append(side) or fake)
+    monkeypatch.setattr(bench.e2e_protocol, "load_1m", lambda: next(loads))
+    out = bench.benchmark(job, 3)
+    assert calls == out["order"] == ["align", "trl"] * 3
+    assert out["load_1m_before_runs"] == [0.5, 0.7, 0.9, 1.1, 1.3, 1.6]
+    v = bench.e2e_protocol.verdict(out["load_1m_before_runs"])
+    assert not v["protocol_valid"] and v["load_1m_max"] == 1.6 and "NOT protocol-valid" in v["label"]
