@@ -89,7 +89,8 @@ def summarize_run(run_dir: Path, seen_at: list[float], steps_expected: int) -> d
     keys = [k for k in rows[0] if k.startswith("time/")]
     out["phases_s"] = {k: statistics.median(r[k] for r in warm if r.get(k) is not None) for k in keys
                        if any(r.get(k) is not None for r in warm)}
-    if len(seen_at) >= 3:
+    # lines seen in the same poll share a time stamp: a zero span measures nothing (no rate is reported)
+    if len(seen_at) >= 3 and seen_at[-1] > seen_at[1]:
         gaps = [b - a for a, b in zip(seen_at[1:-1], seen_at[2:])]  # warm steps only
         out["step_wall_s_median"] = statistics.median(gaps)
         out["steps_per_s"] = (len(seen_at) - 2) / (seen_at[-1] - seen_at[1])
