@@ -94,6 +94,10 @@ def summarize_run(run_dir: Path, seen_at: list[float], steps_expected: int) -> d
         gaps = [b - a for a, b in zip(seen_at[1:-1], seen_at[2:])]  # warm steps only
         out["step_wall_s_median"] = statistics.median(gaps)
         out["steps_per_s"] = (len(seen_at) - 2) / (seen_at[-1] - seen_at[1])
+        out["steps_per_s_source"] = "metrics lines seen"
+    elif out["phases_s"].get("time/step"):  # lines flushed together (tiny steps): the trainer's own step time
+        out["steps_per_s"] = 1.0 / out["phases_s"]["time/step"]
+        out["steps_per_s_source"] = "median time/step"
     out["step_wall_seen_s"] = [round(b - a, 4) for a, b in zip(seen_at, seen_at[1:])]
     out["reward_mean"] = statistics.mean(r.get("reward/mean") or 0.0 for r in rows)
     async_keys = sorted({k for r in rows for k in r if any(s in k for s in ASYNC_KEYS)})
