@@ -61,8 +61,9 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def rank_main(rank: int, port: int, tied: bool, fused: bool, packed: bool, queue) -> None:
-    import torch.distributed as dist
     from types import SimpleNamespace
+
+    import torch.distributed as dist
 
     from align.distributed.fsdp import shard_module
 
