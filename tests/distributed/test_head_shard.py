@@ -60,86 +60,102 @@ def grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def rank_main(rank: int, port: int, tied: bool, fused: bool, packed: bool, queue) -> None:
-    from types import SimpleNamespace
+CASES = {"untied-matmul": (False, False, False), "tied-fused-packed": (True, True, True)}  # tied, fused, packed
 
+
+def rank_main(rank: int, port: int, queue) -> None:
+    """Every case in one process group (one start-up); rank r puts {(case, r): results}."""
     import torch.distributed as dist
-
-    from align.distributed.fsdp import shard_module
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        model = tiny(tied)
-        shard_module(model, SimpleNamespace(mixed_precision="none", cpu_offload=False, reshard_after_forward=True))
-        w = model.get_output_embeddings().weight
-        layout = {"dtensor": hasattr(w, "to_local"), "rows": tuple(w.shape)[0],
-                  "local_rows": (w.to_local() if hasattr(w, "to_local") else w).shape[0],
-                  "one_param": w is model.get_input_embeddings().weight,
-                  "n_params": len(list(model.parameters()))}
-        ids, att = batch()
-        rows = slice(2 * rank, 2 * rank + 2)
-        fwd = forward(model, ids[rows], att[rows], fused, packed)
-        loss_of(fwd, rows).backward()
-        after = model.get_output_embeddings().weight  # resharded after forward and after backward
-        layout["sharded_after"] = hasattr(after, "to_local") and after.to_local().shape[0] == VOCAB // 2
-        g = grads(model)
-        if rank == 0:
-            queue.put({"layout": layout, "logprobs": fwd.logprobs.detach().numpy(), "entropy": fwd.entropy.detach().numpy(),
-                       "grads": g})
-        else:
-            # numpy arrays: a queued torch tensor is shared memory that dies with this process
-            queue.put({"rank1": {"logprobs": fwd.logprobs.detach().numpy(), "entropy": fwd.entropy.detach().numpy(),
-                                 "local_rows": layout["local_rows"]}})
+        for case, (tied, fused, packed) in CASES.items():
+            queue.put({(case, rank): one_case(rank, tied, fused, packed)})
     finally:
         dist.destroy_process_group()
 
 
-def two_ranks(tied: bool, fused: bool, packed: bool, timeout_s: float = 120) -> dict:
+def one_case(rank: int, tied: bool, fused: bool, packed: bool) -> dict:
+    from types import SimpleNamespace
+
+    from align.distributed.fsdp import shard_module
+
+    model = tiny(tied)
+    shard_module(model, SimpleNamespace(mixed_precision="none", cpu_offload=False, reshard_after_forward=True))
+    w = model.get_output_embeddings().weight
+    layout = {"dtensor": hasattr(w, "to_local"), "rows": tuple(w.shape)[0],
+              "local_rows": (w.to_local() if hasattr(w, "to_local") else w).shape[0],
+              "one_param": w is model.get_input_embeddings().weight,
+              "n_params": len(list(model.parameters()))}
+    ids, att = batch()
+    rows = slice(2 * rank, 2 * rank + 2)
+    fwd = forward(model, ids[rows], att[rows], fused, packed)
+    loss_of(fwd, rows).backward()
+    after = model.get_output_embeddings().weight  # resharded after forward and after backward
+    layout["sharded_after"] = hasattr(after, "to_local") and after.to_local().shape[0] == VOCAB // 2
+    # numpy arrays: a queued torch tensor is shared memory that dies with this process
+    return {"layout": layout, "logprobs": fwd.logprobs.detach().numpy(), "entropy": fwd.entropy.detach().numpy(),
+            "grads": grads(model)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> dict:
+    """{(case, rank): results} of the 2 spawned ranks; a rank that fails or hangs fails the tests within 180 s."""
+    import queue as queues
+    import time
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=rank_main, args=(r, port, tied, fused, packed, queue)) for r in range(2)]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=rank_main, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout_s)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    got: dict = {}
-    while not queue.empty():
-        got.update(queue.get())
+    deadline, got = time.monotonic() + 180, {}
+    try:  # read before joining: a rank blocks on a full pipe until its results are read
+        while len(got) < 2 * len(CASES) and all(p.exitcode in (None, 0) for p in procs):
+            try:
+                got.update(queue.get(timeout=max(0.1, min(1.0, deadline - time.monotonic()))))
+            except queues.Empty:
+                assert time.monotonic() < deadline, "the 2 ranks did not finish within 180 s"
+        for p in procs:
+            p.join(max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert len(got) == 2 * len(CASES) and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return got
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("tied,fused,packed", [(False, False, False), (True, True, True)],
-                         ids=["untied-matmul", "tied-fused-packed"])
-def test_head_is_sharded_and_gathered_for_the_forward(tied, fused, packed):
+@pytest.mark.parametrize("case", list(CASES))
+def test_head_is_sharded_and_gathered_for_the_forward(case, two_ranks):
     torch.set_num_threads(1)
+    tied, fused, packed = CASES[case]
     ref_model = tiny(tied)
     ids, att = batch()
     ref = forward(ref_model, ids, att, fused, packed)
     loss_of(ref, slice(None)).backward()
     want = grads(ref_model)
 
-    got = two_ranks(tied, fused, packed)
+    got, other = two_ranks[(case, 0)], two_ranks[(case, 1)]
     layout = got["layout"]
     assert layout["dtensor"] and layout["rows"] == VOCAB
-    assert layout["local_rows"] == got["rank1"]["local_rows"] == VOCAB // 2  # 1/N of the rows on each rank
+    assert layout["local_rows"] == other["layout"]["local_rows"] == VOCAB // 2  # 1/N of the rows on each rank
     assert layout["sharded_after"]
     assert layout["one_param"] is tied
     assert layout["n_params"] == len(list(ref_model.parameters()))  # the tied weight stays one parameter
-    logprobs = torch.cat([torch.from_numpy(got["logprobs"]), torch.from_numpy(got["rank1"]["logprobs"])])
-    entropy = torch.cat([torch.from_numpy(got["entropy"]), torch.from_numpy(got["rank1"]["entropy"])])
+    logprobs = torch.cat([torch.from_numpy(got["logprobs"]), torch.from_numpy(other["logprobs"])])
+    entropy = torch.cat([torch.from_numpy(got["entropy"]), torch.from_numpy(other["entropy"])])
     assert torch.allclose(logprobs, ref.logprobs.detach(), atol=1e-5, rtol=1e-5)
     assert torch.allclose(entropy, ref.entropy.detach(), atol=1e-5, rtol=1e-5)
     assert got["grads"].keys() == want.keys()
+    for name in want:  # both ranks gathered the same full gradient
+        assert (got["grads"][name] == other["grads"][name]).all(), name
     for name, g in want.items():
         have = torch.from_numpy(got["grads"][name])
         g = torch.from_numpy(g)
