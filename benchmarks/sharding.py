@@ -5,10 +5,10 @@
                                                              # 1 node x 8 GPUs (NCCL): a 7B-shaped Llama
 
 Each rank builds the same random Llama, wraps it as the trainer does (`align.distributed.fsdp.shard_module`: one
-shard group per decoder layer, then the decoder, the output embedding left whole), runs forward + backward +
-AdamW on its share of a fixed global batch (global rows / N each), and counts the bytes of what it holds: its
-parameter shards, gradient shards and optimizer moments (+ the whole lm_head and its gradient and moments, the
-same on every rank). Bytes per rank ~ 1/N of the one-rank figure plus the lm_head share. Step time is the median
+shard group per decoder layer, then the decoder, then the root with the output embedding), runs forward +
+backward + AdamW on its share of a fixed global batch (global rows / N each), and counts the bytes of what it
+holds: its parameter shards, gradient shards and optimizer moments. Bytes per rank ~ 1/N of the one-rank figure
+(every tensor's dim 0 split over the ranks; rounding up where a dim 0 does not divide). Step time is the median
 of `repeats` steps after a warm-up. The packing rows (tokens/s with and without sequence packing on a batch of
 mixed lengths) come from `benchmarks/packing.py`'s `run()` when that script is in the tree.
 Prints a table last and writes JSON (--out).
@@ -77,13 +77,7 @@ def rank_main(rank: int, world: int, port: int, args: dict, out: dict) -> None:
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss / world
-        loss.backward()
-        if world > 1:  # the whole lm_head: summed as the trainer's clip_grad_norm does
-            import torch.distributed as dist
-
-            for p in model.parameters():
-                if p.grad is not None and not hasattr(p.grad, "to_local"):
-                    dist.all_reduce(p.grad)
+        loss.backward()  # the model's forward runs the root's hooks: the lm_head shard is gathered, then reduce-scattered
         opt.step()
         opt.zero_grad(set_to_none=False)  # keep the gradient buffers: they are part of what a rank holds
 

@@ -5,10 +5,17 @@ built, so the optimizer holds the sharded (DTensor) parameters. FSDP averages gr
 loss already divides by global counts (align.distributed.batches), so the summed gradient is the one-process
 gradient: the divide factor is set to 1. `gathered(model)` holds a model's full weights for generation, where
 ranks run different numbers of decoding steps and per-layer all-gathers would not line up.
+
+The output embedding (lm_head, or the tied input embedding: one parameter) is sharded in the model's root unit.
+The trainer does not call the LM's forward (hidden states -> fused log-probs, never [N, T, V] logits), so it runs
+its teacher-forced pass through `as_root_forward(model, fn)`: FSDP's own pre/post-forward hooks of the root
+(public `register_fsdp_forward_method`) gather the head before `fn` reads its weight, reshard it after, gather it
+again for backward and reduce-scatter its gradient (summed, like every unit's) at the end of backward.
 """
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any, Iterator
 
 import torch
@@ -21,6 +28,16 @@ def _fsdp():
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     return fully_shard, FSDPModule, MixedPrecisionPolicy, CPUOffloadPolicy, OffloadPolicy
+
+
+# the method `as_root_forward` calls on a sharded model; FSDP's forward hooks run around it
+_ROOT_FORWARD = "_align_root_forward"
+
+
+def _run(module: nn.Module, fn: Any) -> Any:
+    out = fn()
+    # FSDP warns on (and an in-place op would drop the backward hook of) a view returned from a forward
+    return tuple(t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t for t in out)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -37,14 +54,16 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_module(module: nn.Module, cfg: Any, *, reshard_after_forward: bool | None = None) -> nn.Module:
-    """fully_shard each decoder layer of `module`, its decoder (embeddings, final norm), then `module` itself;
-    gradients are summed over ranks. cfg: the run's `distributed` section (mixed_precision, cpu_offload,
-    reshard_after_forward).
+    """fully_shard each decoder layer of `module`, its decoder (embeddings, final norm), then `module` itself (the
+    root unit: the output embedding, tied or not, and whatever else is left); gradients are summed over ranks.
+    cfg: the run's `distributed` section (mixed_precision, cpu_offload, reshard_after_forward).
 
-    The output embedding (lm_head, tied or not) stays whole on every rank: the trainer's forward reads its weight
-    directly (hidden states -> fused log-probs, never [N, T, V] logits), outside any module forward where FSDP
-    could gather it. Its gradient is summed over ranks by `clip_grad_norm` (one all-reduce per optimizer step)."""
+    A tied embedding is one parameter, in the root unit: the decoder unit leaves it out, so the root's one
+    all-gather serves the embedding lookup and the head, and one reduce-scatter sums both gradients. The root
+    gets `_ROOT_FORWARD` registered as an FSDP forward method (see `as_root_forward`)."""
     fully_shard, fsdp_module, mp_policy_cls, cpu_offload_cls, offload_cls = _fsdp()
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
     reshard = cfg.reshard_after_forward if reshard_after_forward is None else reshard_after_forward
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard}
     if cfg.mixed_precision == "bf16":  # bf16 compute copies, fp32 gradient reduction (and fp32 shards in AdamW)
@@ -52,21 +71,32 @@ def shard_module(module: nn.Module, cfg: Any, *, reshard_after_forward: bool | N
     kwargs["offload_policy"] = cpu_offload_cls() if cfg.cpu_offload else offload_cls()
     base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft: the wrapped LM
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    ignored = set(head.parameters()) if head is not None else set()
+    embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    tied = set(head.parameters()) & set(embed.parameters()) if head is not None and embed is not None else set()
     for layer in decoder_layers(module):
         if not isinstance(layer, fsdp_module):
             fully_shard(layer, **kwargs)
-    # the trainer calls the decoder itself (not the LM's forward): it must be a shard group of its own
+    # the trainer calls the decoder itself (inside the root's forward hooks): a shard group of its own
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if isinstance(decoder, nn.Module) and decoder is not module and not isinstance(decoder, fsdp_module):
-        fully_shard(decoder, ignored_params=ignored, **kwargs)
-    fully_shard(module, ignored_params=ignored, **kwargs)
+        fully_shard(decoder, ignored_params=tied, **kwargs)
+    fully_shard(module, **kwargs)
+    object.__setattr__(module, _ROOT_FORWARD, types.MethodType(_run, module))
+    register_fsdp_forward_method(module, _ROOT_FORWARD)
     for m in module.modules():
         if isinstance(m, fsdp_module):
             # the loss divides by global counts already: FSDP's mean over ranks would shrink the gradient N-fold
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; NCCL zero-copy)
     return module
+
+
+def as_root_forward(model: nn.Module, fn: Any) -> tuple:
+    """`fn()` (a tuple of outputs) run as a forward of a sharded `model`'s root unit: the root's parameters (the
+    output embedding) are gathered whole before `fn` reads them and resharded after; backward gathers them again
+    and reduce-scatters their gradients. An unsharded model: plain `fn()`, the same tensors."""
+    method = getattr(model, _ROOT_FORWARD, None)
+    return fn() if method is None else method(fn)
 
 
 def shard_models(models: Any, cfg: Any, ctx: DistContext) -> Any:
@@ -124,8 +154,7 @@ def _reshards(module: nn.Module) -> bool:
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, ctx: DistContext) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over every rank's gradients -> the total norm before clipping (a plain tensor).
 
-    Several ranks: the gradients of whole (unsharded) parameters are first summed over ranks (lm_head, see
-    `shard_module`); the norm adds the squares of every rank's shard of the sharded gradients (all-reduced) to
+    Several ranks: the gradients of whole (unsharded) parameters, if any, are first summed over ranks; the norm adds the squares of every rank's shard of the sharded gradients (all-reduced) to
     those of the whole ones (equal on every rank); the clip factor is torch's: min(1, max_norm / (norm + 1e-6))."""
     if not ctx.enabled:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -2,7 +2,8 @@
 
 Log-probs go through `align.kernels.fused_linear_logprobs` (hidden states and lm_head weight in, log-probs out),
 so the trainer never holds [N, T, V] logits. Position ids are computed from the attention mask exactly as
-the rollout engine does, so recomputed log-probs match the sampled ones.
+the rollout engine does, so recomputed log-probs match the sampled ones. Under FSDP the pass runs as a forward of
+the model's root unit (`align.distributed.fsdp.as_root_forward`), which gathers the sharded lm_head.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from torch import nn
 
 from align import kernels
 from align.algos.positions import position_ids_from_mask
+from align.distributed.fsdp import as_root_forward
 from align.models import decoder_and_head, needs_full_logits
 from align.precision import autocast_forward
+from align.trainer.packing import PackedCausalLM
 
 # Below this many logits (4M, 16 MB in fp32) the full [N, V] matrix is cheaper than chunking.
 SMALL_LOGITS = 1 << 22
@@ -51,16 +54,23 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         out = kernels.token_logprobs(logits[:, start - 1:length - 1], tokens, temperature=temperature,
                                      with_entropy=with_entropy)
     else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=False).last_hidden_state  # no KV cache in teacher-forced passes
-        h = hidden[:, start - 1:length - 1].reshape(n * response_len, -1)
-        if n * response_len * head.weight.shape[0] <= SMALL_LOGITS:
-            # small vocab x tokens: one matmul beats the chunked path's recompute, and memory is no issue
-            logits = torch.nn.functional.linear(h, head.weight, head.bias)
-            out = kernels.token_logprobs(logits, tokens.reshape(-1), temperature=temperature, with_entropy=with_entropy)
-        else:
-            out = kernels.fused_linear_logprobs(h, head.weight, tokens.reshape(-1), bias=head.bias,
-                                                temperature=temperature, with_entropy=with_entropy)
+        def teacher_forced() -> tuple:
+            # under FSDP this runs inside the root unit's forward hooks: `head.weight` is the gathered weight here
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=False).last_hidden_state  # no KV cache in teacher-forced passes
+            h = hidden[:, start - 1:length - 1].reshape(n * response_len, -1)
+            if n * response_len * head.weight.shape[0] <= SMALL_LOGITS:
+                # small vocab x tokens: one matmul beats the chunked path's recompute, and memory is no issue
+                logits = torch.nn.functional.linear(h, head.weight, head.bias)
+                got = kernels.token_logprobs(logits, tokens.reshape(-1), temperature=temperature,
+                                             with_entropy=with_entropy)
+            else:
+                got = kernels.fused_linear_logprobs(h, head.weight, tokens.reshape(-1), bias=head.bias,
+                                                    temperature=temperature, with_entropy=with_entropy)
+            return (*got, hidden) if with_entropy else (got, hidden)
+
+        *out, hidden = as_root_forward(model.model if isinstance(model, PackedCausalLM) else model, teacher_forced)
+        out = tuple(out) if with_entropy else out[0]
     logp, ent = out if with_entropy else (out, None)
     logp = logp.reshape(n, response_len)
     ent = ent.reshape(n, response_len) if ent is not None else None

@@ -3,7 +3,8 @@
     python dist_worker.py CONFIG.json OUT.pt [CONFIG.json OUT.pt ...]     one process
     torchrun --nproc_per_node 2 dist_worker.py CONFIG.json OUT.pt [...]   the runs one after another, one start-up
 
-Rank 0 writes OUT.pt: the step history and the full (gathered) weights of the policy, value head and critic.
+Rank 0 writes OUT.pt: the step history, the full (gathered) weights of the policy, value head and critic, and
+the layout of its shard of the output embedding.
 The reward classes below instances below are importable as `dist_worker:NAME` by the runs' configs (tests put this folder on
 PYTHONPATH).
 """
@@ -65,8 +66,14 @@ def main(config_path: str, out_path: str) -> None:
         weights["value_head"] = full_state_dict(models.value_head)
     if models.critic is not None:
         weights["critic"] = full_state_dict(models.critic)
+    from align.models import decoder_and_head
+
+    w = decoder_and_head(models.policy)[1].weight  # the output embedding: sharded in the root unit
+    head = {"dtensor": hasattr(w, "to_local"), "rows": tuple(w.shape)[0],
+            "local_rows": (w.to_local() if hasattr(w, "to_local") else w).shape[0]}
     if trainer.dist.is_main:
-        torch.save({"history": result.history, "weights": weights, "world": trainer.dist.world_size}, out_path)
+        torch.save({"history": result.history, "weights": weights, "world": trainer.dist.world_size, "head": head},
+                   out_path)
 
 
 if __name__ == "__main__":

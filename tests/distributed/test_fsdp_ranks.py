@@ -115,6 +115,9 @@ def test_two_ranks_take_the_one_process_steps(tiny_model_path, arithmetic_data, 
             for key in KEYS[algorithm]:
                 assert close(g[key], r[key]), (algorithm, step, key, g[key], r[key])
             assert g["train/samples"] == r["train/samples"]  # a count: summed over ranks, exactly
+        # the output embedding is sharded too: rank 0 holds ceil(V / 2) of its V rows (FSDP2 splits dim 0)
+        assert got["head"]["dtensor"], got["head"]
+        assert got["head"]["local_rows"] == -(-got["head"]["rows"] // 2) < got["head"]["rows"], got["head"]
         assert got["weights"].keys() == ref["weights"].keys()
         for part, want in ref["weights"].items():
             have = got["weights"][part]
