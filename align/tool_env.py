@@ -63,3 +63,48 @@ class ToolEnvironment:
         if set(call.arguments) != {"input"} or not isinstance(call.arguments["input"], str):
             return f'Error: {call.name} takes arguments {{"input": string}}, got {sorted(call.arguments)}.'
         return tool(call.arguments["input"], state).observation()
+
+
+class EpisodeDriver:
+    """What the trainer's generate phase calls instead of `engine.generate` when tool episodes are on."""
+
+    def __init__(self, fmt, env, limits, runner):
+        self.fmt, self.env, self.limits, self.runner = fmt, env, limits, runner
+
+    def __call__(self, engine, prompts, params, sample_ids=None, columns=None):
+        from align.rollouts.episodes import generate_episodes
+
+        return generate_episodes(engine, prompts, params, self.fmt, self.env, self.limits, runner=self.runner,
+                                 sample_ids=sample_ids, columns=columns)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def make_episodes(rollout, tokenizer) -> EpisodeDriver | None:
+    """The driver for config section `rollout` (RolloutConfig), or None when no tools / environment is set."""
+    import importlib
+
+    from align.errors import ConfigError
+    from align.rollouts.environment import CallRunner
+    from align.rollouts.episodes import EpisodeLimits
+    from align.rollouts.tool_formats import TINY_TOOL_CHAT_TEMPLATE, get_format
+
+    if not (rollout.tools or rollout.environment):
+        return None
+    if rollout.environment:
+        module, _, cls = rollout.environment.partition(":")
+        try:
+            env = getattr(importlib.import_module(module), cls)()
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"rollout.environment = {rollout.environment!r} cannot be loaded ({exc}); give an "
+                              f"importable 'module:Class'") from None
+    else:
+        env = ToolEnvironment(list(rollout.tools))
+    template = TINY_TOOL_CHAT_TEMPLATE if rollout.tool_chat_template == "tiny" else (rollout.tool_chat_template or None)
+    try:
+        fmt = get_format(rollout.tool_format, tokenizer, template)
+    except ValueError as exc:
+        raise ConfigError(f"rollout.tool_format: {exc}") from None
+    limits = EpisodeLimits(rollout.max_turns, rollout.max_tool_calls, rollout.max_observation_tokens)
+    return EpisodeDriver(fmt, env, limits, CallRunner(rollout.tool_workers, rollout.tool_timeout_s))
