@@ -298,3 +298,48 @@ def test_builtin_tools_calculator_and_hostile_code_through_the_sandbox(policy, t
     assert tools[2] == "Error: calculator takes arguments {\"input\": string}, got ['x']."
     check_row(b, 0, tok, [(t1, False), (hermes_obs(tok, tools), True), ("ok" + EOS, False)])
     assert b.response_ids[0][b.tool_mask[0]].tolist().count(tok.eos_token_id) == 1  # the printed </s> is text
+
+
+def test_policy_logprobs_match_a_teacher_forced_pass_across_turns(tmp_path):
+    """Unforced sampling (temperature 1) from the tiny model: a turn ends at the stop string "e", the
+    environment appends an observation, and the row resumes. The rollout's raw log-probs of every policy
+    token equal one teacher-forced pass over the whole episode (prompt + all turns + observations)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.rollouts.tool_formats import ParsedCall, encode_observation
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=2, seed=7)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float().eval()
+    tok = AutoTokenizer.from_pretrained(path)
+
+    class StopAtE:
+        stop = ["e"]
+
+        def wants_call(self, text, ended_by_stop):
+            return ended_by_stop
+
+        def parse(self, text):
+            return [ParsedCall("echo", {"text": text[-3:]})]
+
+        def content(self, text):
+            return text
+
+        def observation(self, outputs, last, max_tokens):
+            return encode_observation(tok, [("[", False), (outputs[0][1], True), ("]", False)], max_tokens)
+
+    allowed = [tok.convert_tokens_to_ids(c) for c in "abcde"] + [tok.eos_token_id]
+    params = SamplingParams(max_new_tokens=60, temperature=1.0, allowed_token_ids=allowed, seed=3)
+    b = generate_episodes(RolloutEngine(model, tok), ["xy", "hello"], params, StopAtE(), Env(),
+                          EpisodeLimits(max_turns=4))
+    assert int(b.tool_mask.sum()) > 0  # observations were appended (the seed gives calls)
+    for i in range(len(b)):
+        p = b.prompt_ids[i][b.prompt_mask[i].bool()]
+        r = b.response_ids[i][b.mask[i].bool()]
+        seq = torch.cat([p, r])[None]
+        with torch.no_grad():
+            logits = model(input_ids=seq).logits[0, len(p) - 1:-1].float()
+        ref = torch.log_softmax(logits, -1).gather(1, r[:, None])[:, 0]
+        pol = ~b.tool_mask[i][b.mask[i].bool()]
+        got = b.logprobs[i][b.mask[i].bool()]
+        assert (got[pol] - ref[pol]).abs().max() < 1e-4
+        assert (got[~pol] == 0).all()
