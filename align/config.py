@@ -92,8 +92,25 @@ class RolloutConfig(Section):
     # under the new weights from (prompt + prefix), KV cache recomputed; docs/async.md
     partial: bool = False
     partial_chunk_tokens: int = 16  # partial rollouts: tokens decoded between checks for newer weights
+    # Tool episodes (docs/tool_use.md): the policy calls tools mid-generation; on when tools or environment is set
+    tools: list[str] = field(default_factory=list)  # align.tools names (calculator, python, ...): the built-in env
+    environment: str = ""  # "module:Class" of an Environment (built with no arguments), instead of `tools`
+    tool_format: Literal["hermes", "themis"] = "hermes"
+    tool_chat_template: str = ""  # hermes: "" = the tokenizer's template, "tiny" = the test tokenizer's, or Jinja
+    max_turns: int = 8  # policy turns per episode
+    max_tool_calls: int = 16  # tool calls per episode
+    max_observation_tokens: int = 256  # per tool output (cut with a marker); max_new_tokens counts policy + observation
+    tool_timeout_s: float = 30.0  # per call
+    tool_workers: int = 16  # bounded pool running the calls
 
     def validate(self) -> None:
+        for k in ("max_turns", "max_tool_calls", "max_observation_tokens", "tool_workers"):
+            self.check(getattr(self, k) >= 1, k, "must be >= 1")
+        self.check(self.tool_timeout_s > 0, "tool_timeout_s", "must be > 0")
+        self.check(not (self.tools and self.environment), "environment",
+                   "set either rollout.tools (the built-in environment) or rollout.environment, not both")
+        self.check(not self.environment or ":" in self.environment, "environment",
+                   "must be 'module:Class' (an importable Environment class)")
         self.check(self.guidance_scale > 0.0, "guidance_scale", "must be > 0 (1 disables guidance)")
         self.check(self.guidance_scale == 1.0 or not self.use_rollout_logprobs, "guidance_scale",
                    "guided rollouts record guided log-probs; set use_rollout_logprobs: false")
@@ -518,6 +535,9 @@ class _RunConfig(Section):
         if self.rollout.partial and self.cluster.backend != "local":
             raise ConfigError("rollout.partial = True is implemented for cluster.backend 'local' only; "
                               "set rollout.partial: false with the Ray backend")
+        if (self.rollout.tools or self.rollout.environment) and (self.cluster.backend != "local" or self.rollout.partial):
+            raise ConfigError("rollout.tools / rollout.environment (tool episodes) run on cluster.backend 'local' "
+                              "without rollout.partial for now; set cluster.backend: local and rollout.partial: false")
 
     def _validate_rollout_correction(self) -> None:
         mode = self.algo.rollout_correction.mode  # every run config has an algo section

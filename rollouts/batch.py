@@ -7,9 +7,12 @@ from typing import Any
 import torch
 
 # Why a row stopped; RolloutBatch.stop_reason holds the code (the index here), rewards receive the name.
-# "tool_call" is reserved for policy-side tool use (a row paused at a tool call); the engine does not emit it yet.
-STOP_REASONS = ("eos", "stop", "length", "tool_call")
-STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_TOOL_CALL = range(len(STOP_REASONS))
+# "tool_call": a row paused at a tool call (a segment's end inside an episode; never a finished row's reason).
+# The last three end a multi-turn tool episode (align.rollouts.episodes) at a limit: rollout.max_turns,
+# rollout.max_tool_calls, or the total response length (policy + observation tokens) in rollout.max_new_tokens.
+STOP_REASONS = ("eos", "stop", "length", "tool_call", "max_turns", "max_tool_calls", "max_length")
+(STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_TOOL_CALL, STOP_MAX_TURNS, STOP_MAX_TOOL_CALLS,
+ STOP_MAX_LENGTH) = range(len(STOP_REASONS))
 
 
 @dataclass
@@ -19,15 +22,22 @@ class RolloutBatch:
     prompt_ids:       [N, P] left-padded prompt token ids
     prompt_mask:      [N, P] 1 on real prompt tokens
     response_ids:     [N, T] right-padded response token ids (pad after the stop token)
-    mask:             [N, T] 1 on response tokens (the stop/EOS token included), 0 on padding
+    mask:             [N, T] 1 on response tokens (the stop/EOS token included), 0 on padding; in a tool
+                      episode 1 on every response token present, policy-sampled and observation alike
+    tool_mask:        [N, T] bool, 1 on observation tokens (appended by the environment, never sampled: their
+                      logprobs / sampling_logprobs are 0; exclude them from losses); None without tools
     logprobs:         [N, T] sampled tokens' log-probs under the raw (temperature-1, untruncated) policy
     sampling_logprobs:[N, T] the same tokens' log-probs under the truncated sampling distribution
     topk_hit:         [N, T] bool, the sampled token was among the top-k (k = `gate_top_k`) of the sampling dist
     stop_reason:      [N] int64, why each row stopped, a code into STOP_REASONS: STOP_EOS (emitted an EOS
                       token), STOP_STRING (a stop string or a non-EOS stop token), STOP_LENGTH (reached
-                      max_new_tokens: truncated); set by the engine for every row
+                      max_new_tokens: truncated); set by the engine for every row; a tool episode adds
+                      STOP_MAX_TURNS / STOP_MAX_TOOL_CALLS / STOP_MAX_LENGTH (the limit that ended it)
     prompts / completions: decoded text, N each
-    columns:          dataset columns for the reward functions, each a list of N
+    columns:          dataset columns for the reward functions, each a list of N; a tool episode adds
+                      "trajectory": per sample the TRL-style messages of the response, [{"role": "assistant",
+                      "content": str, "tool_calls": [{"type": "function", "function": {"name": str,
+                      "arguments": dict}}]}, {"role": "tool", "name": str, "content": str}, ...]
     weights_version:  the policy version that generated the batch
     versions:         [N] int64, the weights version that drew each sample (its oldest token's, for a partial
                       rollout); None from a synchronous loop, where every sample is drawn by `weights_version`
@@ -48,21 +58,25 @@ class RolloutBatch:
     weights_version: int = 0
     versions: torch.Tensor | None = None
     token_versions: torch.Tensor | None = None
+    tool_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
     @property
     def stop_reasons(self) -> list[str] | None:
-        """Each row's stop reason by name ("eos", "stop", "length"), or None when the batch has none."""
+        """Each row's stop reason by name ("eos", "stop", "length", ...), or None when the batch has none."""
         if self.stop_reason is None:
             return None
         return [STOP_REASONS[int(c)] for c in self.stop_reason.tolist()]
 
     @property
     def truncated(self) -> torch.Tensor | None:
-        """[N] bool: the row hit max_new_tokens without stopping (stop reason "length")."""
-        return None if self.stop_reason is None else self.stop_reason == STOP_LENGTH
+        """[N] bool: the row hit max_new_tokens without stopping (stop reason "length", or "max_length" in a
+        tool episode)."""
+        if self.stop_reason is None:
+            return None
+        return (self.stop_reason == STOP_LENGTH) | (self.stop_reason == STOP_MAX_LENGTH)
 
     def reward_columns(self) -> dict[str, list[Any]]:
         """What a reward function receives as keyword arguments besides prompts and completions: the dataset
@@ -126,7 +140,7 @@ class RolloutBatch:
             "mask": torch.cat([right(b.mask, T, 0) for b in batches]),
             "logprobs": torch.cat([right(b.logprobs, T, 0.0) for b in batches]),
         }
-        for name in ("sampling_logprobs", "topk_hit"):
+        for name in ("sampling_logprobs", "topk_hit", "tool_mask"):
             if all(getattr(b, name) is not None for b in batches):
                 out[name] = torch.cat([right(getattr(b, name), T, 0) for b in batches])
         if all(b.stop_reason is not None for b in batches):

@@ -17,8 +17,10 @@ def score_batch(reward: RewardFunction, batch: RolloutBatch) -> RewardOutput:
 
 
 class LocalBackend:
-    def __init__(self, engine: RolloutEngine, reward: RewardFunction, refresh: Callable[[], None] | None = None):
+    def __init__(self, engine: RolloutEngine, reward: RewardFunction, refresh: Callable[[], None] | None = None,
+                 episodes=None):
         self.engine = engine
+        self.episodes = episodes  # align.tool_env.EpisodeDriver: multi-turn tool episodes instead of one generate
         self.reward = reward
         self.version = 0
         # copies the trained weights into the engine's bf16 decode copy, if it has one (align.precision); run
@@ -29,7 +31,10 @@ class LocalBackend:
                  params: SamplingParams) -> RolloutBatch:
         if self.refresh is not None:
             self.refresh()
-        batch = self.engine.generate(prompts, params, sample_ids=sample_ids, columns=columns)
+        if self.episodes is not None:
+            batch = self.episodes(self.engine, prompts, params, sample_ids=sample_ids, columns=columns)
+        else:
+            batch = self.engine.generate(prompts, params, sample_ids=sample_ids, columns=columns)
         batch.weights_version = self.version
         return batch
 
@@ -40,4 +45,6 @@ class LocalBackend:
         self.version = version  # same model object: nothing to copy
 
     def close(self) -> None:
+        if self.episodes is not None:
+            self.episodes.close()
         self.reward.close()

@@ -137,8 +137,10 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
 
             return RayBackend(self.cfg, self.models, self.reward, self.engine)
         from align.backends.local import LocalBackend
+        from align.tool_env import make_episodes
 
-        return LocalBackend(self.engine, self.reward, refresh=self.models.refresh_decode)
+        return LocalBackend(self.engine, self.reward, refresh=self.models.refresh_decode,
+                            episodes=make_episodes(self.cfg.rollout, self.engine.tokenizer))
 
     def _make_async(self):
         if self.cfg.train.max_staleness == 0:
