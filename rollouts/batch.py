@@ -32,6 +32,8 @@ class RolloutBatch:
     versions:         [N] int64, the weights version that drew each sample (its oldest token's, for a partial
                       rollout); None from a synchronous loop, where every sample is drawn by `weights_version`
     token_versions:   [N, T] int64, the weights version that drew each response token (partial rollouts)
+    tool_mask:        [N, T] 1 on tool-observation tokens (appended by a tool, never sampled; `mask` is 1 there
+                      too, and logprobs / sampling_logprobs are 0 there, never used); None when no tool ran
     """
 
     prompt_ids: torch.Tensor
@@ -48,6 +50,7 @@ class RolloutBatch:
     weights_version: int = 0
     versions: torch.Tensor | None = None
     token_versions: torch.Tensor | None = None
+    tool_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -135,6 +138,9 @@ class RolloutBatch:
             out["versions"] = torch.cat([b.versions for b in batches])
         if all(b.token_versions is not None for b in batches):
             out["token_versions"] = torch.cat([right(b.token_versions, T, 0) for b in batches])
+        if any(b.tool_mask is not None for b in batches):  # a batch without tools: no observation token anywhere
+            out["tool_mask"] = torch.cat([right(b.tool_mask if b.tool_mask is not None else torch.zeros_like(b.mask),
+                                                T, 0) for b in batches])
         out["prompts"] = [p for b in batches for p in b.prompts]
         out["completions"] = [c for b in batches for c in b.completions]
         keys = batches[0].columns.keys()
