@@ -39,7 +39,25 @@ class StepData:
     train_rows: torch.Tensor | None = None
     rollout_weights: torch.Tensor | None = None
     reward_info: list[dict] = field(default_factory=list)
+    _loss_mask: tuple = field(default=(), init=False, repr=False)  # (batch.mask, batch.tool_mask, loss mask)
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.batch.mask
+        """[N, T] the loss mask: the response tokens the policy sampled. Tool-observation tokens (the batch's
+        tool_mask) are 0 here, so the policy loss, entropy, KL, denominators, token-mean metrics, reward shaping
+        and GAE (which bridges holes) never count them; the forward still attends to them (batch.attention_mask
+        holds the full response mask). Without tools it is batch.mask itself. Computed once per batch."""
+        b = self.batch
+        if b.tool_mask is None:
+            return b.mask
+        cached = self._loss_mask
+        if not cached or cached[0] is not b.mask or cached[1] is not b.tool_mask:
+            self._loss_mask = cached = (b.mask, b.tool_mask, loss_mask(b.mask, b.tool_mask))
+        return cached[2]
+
+
+def loss_mask(mask: torch.Tensor, tool_mask: torch.Tensor | None) -> torch.Tensor:
+    """mask and not tool_mask, in mask's dtype (None: mask)."""
+    if tool_mask is None:
+        return mask
+    return torch.where(tool_mask.bool(), torch.zeros_like(mask), mask)
