@@ -194,3 +194,32 @@ def test_conversational_completions_are_the_trajectory_in_process_and_through_th
     # TRL 1.x tool-calling GRPO: a conversational completion is the response's whole message list
     assert completions == [trajectory_of("<tool_call>...</tool_call>"), "hello"]
     assert trajectory == [trajectory_of("<tool_call>...</tool_call>"), None]
+
+
+@pytest.mark.parametrize("train", [{"micro_batch_size": 3},  # two micro-batches: token-mean shares of policy tokens
+                                   {"pack_sequences": True, "max_tokens_per_micro_batch": 40}])  # packed, by budget
+def test_kl_and_entropy_metrics_are_means_over_policy_tokens(tiny_model_path, arithmetic_data, tmp_path, train):
+    cfg = tiny_run_config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", reward_with_trajectory,
+                          rollout={"max_new_tokens": 8, "ignore_eos": True}, algo={"group_size": 2, "kl_coef": 0.05},
+                          train={"prompts_per_step": 2, **train})
+    trainer = align.Trainer(cfg)
+    trainer.backend = ToolEpisodes(trainer.backend, -9.0)
+    step, _ = trainer.phase_generate()
+    trainer.phase_score(step)
+    kl_metric = trainer.phase_logprobs(step)["kl/mean"]
+    trainer.phase_advantages(step)
+    b = step.batch
+    with torch.no_grad():
+        fwd = response_forward(trainer.models.policy, b.input_ids, b.attention_mask, b.response_ids.shape[1],
+                               with_entropy=True)
+    kl, ent = [], []
+    for i in range(len(b)):
+        for t in range(b.response_ids.shape[1]):
+            if b.mask[i, t] and not b.tool_mask[i, t]:
+                kl.append(float(b.logprobs[i, t]) - float(step.ref_logprobs[i, t]))  # one update: old = rollout's
+                ent.append(float(fwd.entropy[i, t]))
+    assert int(b.tool_mask.sum()) > 0 and len(kl) == int(b.mask.sum() - b.tool_mask.sum())
+    assert kl_metric == pytest.approx(sum(kl) / len(kl), rel=1e-5, abs=1e-7)
+    out = trainer.phase_update(step)
+    assert out["policy/entropy"] == pytest.approx(sum(ent) / len(ent), rel=1e-4)
+    trainer.backend.close()
