@@ -39,7 +39,6 @@ class StepData:
     train_rows: torch.Tensor | None = None
     rollout_weights: torch.Tensor | None = None
     reward_info: list[dict] = field(default_factory=list)
-    _loss_mask: tuple = field(default=(), init=False, repr=False)  # (batch.mask, batch.tool_mask, loss mask)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -50,9 +49,10 @@ class StepData:
         b = self.batch
         if b.tool_mask is None:
             return b.mask
-        cached = self._loss_mask
-        if not cached or cached[0] is not b.mask or cached[1] is not b.tool_mask:
-            self._loss_mask = cached = (b.mask, b.tool_mask, loss_mask(b.mask, b.tool_mask))
+        # a plain attribute, not a dataclass field: saved step states (align.trainer.async_rollouts) hold fields only
+        cached = self.__dict__.get("_loss_mask_cache")  # (batch.mask, batch.tool_mask, loss mask)
+        if cached is None or cached[0] is not b.mask or cached[1] is not b.tool_mask:
+            cached = self.__dict__["_loss_mask_cache"] = (b.mask, b.tool_mask, loss_mask(b.mask, b.tool_mask))
         return cached[2]
 
 

@@ -220,3 +220,16 @@ def test_concat_and_select_keep_tool_mask():
     assert torch.equal(joined.tool_mask[N:], tools.tool_mask)
     assert torch.equal(joined.select([5, 6]).tool_mask, tools.tool_mask[1:3])
     assert RolloutBatch.concat([plain, plain]).tool_mask is None
+
+
+def test_a_saved_step_state_restores_with_its_loss_mask():
+    # align.trainer.async_rollouts saves a queued step as its dataclass fields and rebuilds it from them
+    from dataclasses import fields
+
+    from align.trainer.async_rollouts import _stepdata_from
+
+    step = StepData(batch=make_batch(torch.Generator().manual_seed(6)))
+    expected = step.mask.clone()
+    batch = {f.name: getattr(step.batch, f.name) for f in fields(step.batch)}
+    restored = _stepdata_from({"batch": batch, **{f.name: getattr(step, f.name) for f in fields(step) if f.name != "batch"}})
+    assert torch.equal(restored.mask, expected) and torch.equal(restored.batch.tool_mask, step.batch.tool_mask)
