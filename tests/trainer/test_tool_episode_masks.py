@@ -233,3 +233,40 @@ def test_a_saved_step_state_restores_with_its_loss_mask():
     batch = {f.name: getattr(step.batch, f.name) for f in fields(step.batch)}
     restored = _stepdata_from({"batch": batch, **{f.name: getattr(step, f.name) for f in fields(step) if f.name != "batch"}})
     assert torch.equal(restored.mask, expected) and torch.equal(restored.batch.tool_mask, step.batch.tool_mask)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_two_ranks_losses_with_global_denominators_sum_to_the_policy_token_loss(agg):
+    """Each rank holds two rows; its denominator is summed over ranks (align.distributed.batches.global_sums, as
+    LearnPhases._optimizer_step does): the ranks' losses add up to the formula over every policy token."""
+    from dataclasses import dataclass
+
+    from align.distributed.batches import global_sums
+    from align.distributed.context import DistContext
+
+    @dataclass(frozen=True)
+    class TwoRanks(DistContext):
+        peer: object = None
+
+        def all_reduce_sum(self, tensor):
+            return tensor + self.peer
+
+    algo = GRPOAlgorithm(GRPOAlgoConfig(group_size=2, loss_agg=agg, clip_low=0.2, clip_high=0.2))
+    _, step, old, logp, _ = grpo_inputs(7)
+    logp = logp.detach()
+    halves = [torch.arange(0, 2), torch.arange(2, 4)]
+    local = [trainer_denominator(agg, step.mask[rows]) for rows in halves]
+    total = 0.0
+    for rank, rows in enumerate(halves):
+        ctx = TwoRanks(rank=rank, world_size=2, peer=torch.tensor([local[1 - rank]], dtype=torch.float64))
+        (denom,) = global_sums(ctx, local[rank])
+        sub = StepData(batch=step.batch.select(rows))
+        sub.advantages = step.advantages[rows]
+        loss, _ = algo.loss(ForwardOutput(logprobs=logp[rows]), sub, torch.arange(2), old[rows], denom, 0.0)
+        total += float(loss)
+    pg = torch.zeros(N, T, dtype=torch.float64)
+    for i in range(N):
+        for t in policy_positions(i):
+            r, a = math.exp(float(logp[i, t]) - float(old[i, t])), float(step.advantages[i])
+            pg[i, t] = max(-a * r, -a * min(max(r, 0.8), 1.2))
+    assert total == pytest.approx(brute_agg(pg, agg), rel=1e-5)
