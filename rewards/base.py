@@ -17,6 +17,7 @@ from align.errors import UserError
 from align.rewards.trl_kwargs import (
     PROMPT_MESSAGES,
     TRAINER_STATE,
+    TRAJECTORY,
     TRL_CALL_KEYS,
     conversational,
     is_async_callable,
@@ -99,7 +100,7 @@ class RewardInputError(UserError, ValueError):
 
 # what the trainer (TRL's keyword set) passes to rewards itself: never a dataset column to ask for
 TRAINER_KEYWORDS = frozenset({"prompts", "completions", "completion_ids", "stop_reason", "trainer_state",
-                              "log_metric", "log_extra"})
+                              "log_metric", "log_extra", "trajectory"})
 
 
 class RewardFunction(ABC):
@@ -166,7 +167,8 @@ class CallableReward(RewardFunction):
         columns = dict(columns)
         messages = columns.pop(PROMPT_MESSAGES, None)
         states = columns.pop(TRAINER_STATE, None)
-        prompts, completions = conversational(list(prompts), list(completions), messages)
+        trajectories = columns.pop(TRAJECTORY, None)  # tool episodes: passed only where the function takes it
+        prompts, completions = conversational(list(prompts), list(completions), messages, trajectories)
         sink: dict[str, Any] = {"metrics": {}, "extra": {}}
 
         def log_metric(name: str, value: float) -> None:
@@ -176,6 +178,8 @@ class CallableReward(RewardFunction):
             sink["extra"][str(column)] = list(values)
 
         context = {"trainer_state": states[0] if states else None, "log_metric": log_metric, "log_extra": log_extra}
+        if trajectories is not None:
+            context[TRAJECTORY] = list(trajectories)
         accepts = self._accepted(context)
         self._check_arguments(columns, accepts)
         return {"prompts": prompts, "completions": completions, **columns,

@@ -6,6 +6,11 @@ completion being `[{"role": "assistant", "content": text}]`), `completion_ids`, 
 `trainer_state` (an object with TRL TrainerState's `global_step`, `epoch`, `max_steps`, ...), `log_metric(name,
 value)` and `log_extra(column, values)`. `async def` rewards are awaited (several gathered concurrently).
 
+Tool episodes (a batch with the `trajectory` column): as trl 1.x's tool-calling GRPOTrainer, a conversational
+row's completion is the whole message list of the response (assistant turns with `tool_calls`, `tool` turns with
+the observations); a function that names `trajectory` (or takes **kwargs) also gets that list for every row,
+text prompts included.
+
 The trainer carries the per-call context as two columns of the batch (so it crosses processes with the rest of
 the batch): CONTEXT_COLUMNS below; only TRL-style callables are handed them, other rewards never send them.
 """
@@ -19,6 +24,10 @@ from typing import Any, Awaitable, Sequence
 
 PROMPT_MESSAGES = "prompt_messages"  # [N] the original message list of a conversational prompt, else None
 TRAINER_STATE = "trainer_state"  # [N] the same RewardTrainerState (a list, so sharding a batch keeps it)
+# [N] per sample the response as TRL-style messages (tool episodes; set by the rollout engine): [{"role":
+# "assistant", "content": str, "tool_calls": [{"type": "function", "function": {"name", "arguments"}}]},
+# {"role": "tool", "name": str, "content": str}, ...]
+TRAJECTORY = "trajectory"
 CONTEXT_COLUMNS = (PROMPT_MESSAGES, TRAINER_STATE)
 # What TRL's GRPOTrainer passes besides the data: never data columns, never forwarded to a service.
 TRL_CALL_KEYS = ("trainer_state", "log_extra", "log_metric", "environments")
@@ -37,17 +46,22 @@ class RewardTrainerState:
     is_local_process_zero: bool = True
 
 
-def conversational(prompts: Sequence[Any], completions: Sequence[Any], messages: Sequence[Any] | None
-                   ) -> tuple[list[Any], list[Any]]:
+def conversational(prompts: Sequence[Any], completions: Sequence[Any], messages: Sequence[Any] | None,
+                   trajectories: Sequence[Any] | None = None) -> tuple[list[Any], list[Any]]:
     """TRL's shapes: where a row's prompt was a message list, the prompt is that list and the completion is
-    `[{"role": "assistant", "content": text}]`; other rows stay text."""
+    `[{"role": "assistant", "content": text}]`, or the row's trajectory (its response's messages, tool turns
+    included) when it has one; other rows stay text."""
     if not messages:
         return list(prompts), list(completions)
+    trajectories = trajectories or [None] * len(prompts)
     ps, cs = [], []
-    for p, c, m in zip(prompts, completions, messages):
+    for p, c, m, traj in zip(prompts, completions, messages, trajectories):
         conv = isinstance(m, list)
         ps.append(m if conv else p)
-        cs.append([{"role": "assistant", "content": c}] if conv and isinstance(c, str) else c)
+        if conv and isinstance(traj, list) and traj:
+            cs.append(list(traj))
+        else:
+            cs.append([{"role": "assistant", "content": c}] if conv and isinstance(c, str) else c)
     return ps, cs
 
 
@@ -76,5 +90,5 @@ def run_awaitables(items: Sequence[Awaitable[Any]]) -> list[Any]:
         return pool.submit(asyncio.run, gather()).result()
 
 
-__all__ = ["CONTEXT_COLUMNS", "PROMPT_MESSAGES", "RewardTrainerState", "TRAINER_STATE", "TRL_CALL_KEYS",
+__all__ = ["CONTEXT_COLUMNS", "PROMPT_MESSAGES", "RewardTrainerState", "TRAINER_STATE", "TRAJECTORY", "TRL_CALL_KEYS",
            "conversational", "is_async_callable", "prompt_text", "run_awaitables"]

@@ -140,7 +140,7 @@ class RolloutBatch:
             "mask": torch.cat([right(b.mask, T, 0) for b in batches]),
             "logprobs": torch.cat([right(b.logprobs, T, 0.0) for b in batches]),
         }
-        for name in ("sampling_logprobs", "topk_hit", "tool_mask"):
+        for name in ("sampling_logprobs", "topk_hit"):
             if all(getattr(b, name) is not None for b in batches):
                 out[name] = torch.cat([right(getattr(b, name), T, 0) for b in batches])
         if all(b.stop_reason is not None for b in batches):
@@ -149,6 +149,11 @@ class RolloutBatch:
             out["versions"] = torch.cat([b.versions for b in batches])
         if all(b.token_versions is not None for b in batches):
             out["token_versions"] = torch.cat([right(b.token_versions, T, 0) for b in batches])
+        masks = [b.tool_mask for b in batches if b.tool_mask is not None]
+        if masks:  # a batch without tools: no observation token anywhere
+            out["tool_mask"] = torch.cat([right(b.tool_mask if b.tool_mask is not None
+                                                else torch.zeros_like(b.mask, dtype=masks[0].dtype), T, 0)
+                                          for b in batches])
         out["prompts"] = [p for b in batches for p in b.prompts]
         out["completions"] = [c for b in batches for c in b.completions]
         keys = batches[0].columns.keys()

@@ -62,14 +62,14 @@ class LearnPhases:
         metrics: dict[str, float] = {}
         if step.ref_logprobs is not None:
             base = step.old_logprobs if step.old_logprobs is not None else b.logprobs
-            kl = torch.where(b.mask.bool(), base - step.ref_logprobs, torch.zeros_like(base))
-            metrics["kl/mean"] = global_ratio(self.dist, kl.sum(), b.mask.sum())
+            kl = torch.where(step.mask.bool(), base - step.ref_logprobs, torch.zeros_like(base))  # policy tokens
+            metrics["kl/mean"] = global_ratio(self.dist, kl.sum(), step.mask.sum())
         if want_old and self.logprob_temperature == 1.0:  # rollout log-probs are at temperature 1
-            diff = (step.old_logprobs - b.logprobs).abs()[b.mask.bool()]
+            diff = (step.old_logprobs - b.logprobs).abs()[step.mask.bool()]  # observations have no rollout log-prob
             metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
         correction = self.cfg.algo.rollout_correction
         if correction.mode != "none":  # the config guarantees temperature 1 and trainer-computed old log-probs
-            step.rollout_weights, m = algos.rollout_correction(step.old_logprobs, b.logprobs, b.mask, correction.mode,
+            step.rollout_weights, m = algos.rollout_correction(step.old_logprobs, b.logprobs, step.mask, correction.mode,
                                                                **correction.bounds())
             metrics |= {f"rollout_corr/{k}": float(v) for k, v in m.items()}
         return metrics

@@ -19,6 +19,7 @@ from align.rollouts.batch import RolloutBatch
 from align.trainer.reporting import reward_function_metrics
 from align.trainer.reward_metrics import sandbox_tier_counts
 from align.trainer.state import StepData
+from align.trainer.tool_episodes import tool_token_metrics
 
 
 class RolloutPhases:
@@ -42,7 +43,8 @@ class RolloutPhases:
         lengths = batch.mask.sum(-1).float()
         return StepData(batch=batch), {"rollout/response_length": float(lengths.mean()),
                                        "rollout/tokens": float(lengths.sum()),
-                                       "rollout/truncated": float(batch.truncated.float().mean())}
+                                       "rollout/truncated": float(batch.truncated.float().mean()),
+                                       **tool_token_metrics(batch)}
 
     def phase_score(self, step: StepData) -> dict[str, float]:
         """Reward every sample; errored or non-applicable samples are excluded, never scored 0."""
@@ -92,7 +94,8 @@ class RolloutPhases:
         ob = self.cfg.reward.overlong_buffer
         if not ob.enable:
             return {}
-        penalty = algos.overlong_penalty(step.mask.sum(-1), self.params.max_new_tokens, ob.len, ob.penalty_factor)
+        # the length budget counts every response token, tool observations included (as rollout.max_new_tokens)
+        penalty = algos.overlong_penalty(step.batch.mask.sum(-1), self.params.max_new_tokens, ob.len, ob.penalty_factor)
         penalty = torch.where(step.valid, penalty.to(step.scores.dtype), torch.zeros_like(step.scores))
         step.scores = step.scores + penalty
         return {"reward/overlong_penalty": float(penalty[step.valid].mean())}

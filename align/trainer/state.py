@@ -42,4 +42,23 @@ class StepData:
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.batch.mask
+        """[N, T] the loss mask: the response tokens the policy sampled. Tool-observation tokens (the batch's
+        tool_mask) are 0 here, so the policy loss, entropy, KL, denominators, token-mean metrics, reward shaping
+        and GAE (which bridges holes) never count them; the forward still attends to them (batch.attention_mask
+        holds the full response mask). Without tools it is batch.mask itself. Computed once per batch."""
+        b = self.batch
+        tool_mask = getattr(b, "tool_mask", None)  # duck-typed batches (tests, plug-ins) may not have the field
+        if tool_mask is None:
+            return b.mask
+        # a plain attribute, not a dataclass field: saved step states (align.trainer.async_rollouts) hold fields only
+        cached = self.__dict__.get("_loss_mask_cache")  # (batch.mask, batch.tool_mask, loss mask)
+        if cached is None or cached[0] is not b.mask or cached[1] is not tool_mask:
+            cached = self.__dict__["_loss_mask_cache"] = (b.mask, tool_mask, loss_mask(b.mask, tool_mask))
+        return cached[2]
+
+
+def loss_mask(mask: torch.Tensor, tool_mask: torch.Tensor | None) -> torch.Tensor:
+    """mask and not tool_mask, in mask's dtype (None: mask)."""
+    if tool_mask is None:
+        return mask
+    return torch.where(tool_mask.bool(), torch.zeros_like(mask), mask)
