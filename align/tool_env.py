@@ -13,6 +13,7 @@ from typing import Any
 from align.rollouts.tool_formats import ParsedCall
 from align.tools import Tool, ToolError, get_tool
 from align.tools.tier_policy import require_tier, required_sandbox
+from align.tools.trace import ACTION_RE
 
 
 class PythonExec(Tool):
@@ -103,7 +104,8 @@ def make_episodes(rollout, tokenizer) -> EpisodeDriver | None:
         env = ToolEnvironment(list(rollout.tools))
     template = TINY_TOOL_CHAT_TEMPLATE if rollout.tool_chat_template == "tiny" else (rollout.tool_chat_template or None)
     try:
-        fmt = get_format(rollout.tool_format, tokenizer, template)
+        options = {"action_re": ACTION_RE} if rollout.tool_format == "themis" else {}
+        fmt = get_format(rollout.tool_format, tokenizer, template, **options)
     except ValueError as exc:
         raise ConfigError(f"rollout.tool_format: {exc}") from None
     limits = EpisodeLimits(rollout.max_turns, rollout.max_tool_calls, rollout.max_observation_tokens)

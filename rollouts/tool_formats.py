@@ -158,19 +158,24 @@ class ThemisFormat:
 
     name = "themis"
     stop = ["Observation:"]
-    _ACTION = re.compile(r"Action\s*\d*\s*:[ \t]*(.*?)\s*Action\s*\d*\s*Input\s*\d*\s*:[ \t]*(.*?)\s*Observation\s*:\s*$",
-                         re.DOTALL)
     _NAME = re.compile(r"Action\s*\d*\s*:")
 
-    def __init__(self, tokenizer, chat_template: str | None = None):
+    def __init__(self, tokenizer, chat_template: str | None = None, *, action_re: re.Pattern | None = None):
+        # Themis' own Action regex (align.tools.trace.ACTION_RE, one definition) is passed in by the caller:
+        # align.rollouts may not import align.tools
+        if action_re is None:
+            raise ValueError("tool_format 'themis' needs the Themis Action regex (align.tools.trace.ACTION_RE)")
         self.tokenizer = tokenizer
+        self.action_re = action_re
 
     def wants_call(self, text: str, ended_by_stop: bool) -> bool:
         return ended_by_stop and text.rstrip().endswith("Observation:")
 
     def parse(self, text: str) -> list[ParsedCall]:
-        starts = [m.start() for m in self._NAME.finditer(text)]  # "Action:" (never "Action Input:")
-        m = self._ACTION.search(text, starts[-1]) if starts else None
+        body = text.rstrip()
+        body = body[:-len("Observation:")] if body.endswith("Observation:") else body
+        starts = [m.start() for m in self._NAME.finditer(body)]  # "Action:" (never "Action Input:")
+        m = self.action_re.search(body, starts[-1]) if starts else None
         if m is None:
             return [ParsedCall(INVALID_CALL, raw=text[-200:], error="no 'Action:' / 'Action Input:' before 'Observation:'")]
         name, arg = m.group(1).strip(), m.group(2).strip()
@@ -186,7 +191,7 @@ class ThemisFormat:
 FORMATS = {"hermes": HermesFormat, "themis": ThemisFormat}
 
 
-def get_format(name: str, tokenizer, chat_template: str | None = None):
+def get_format(name: str, tokenizer, chat_template: str | None = None, **options):
     if name not in FORMATS:
         raise ValueError(f"unknown tool_format {name!r}; use one of {sorted(FORMATS)}")
-    return FORMATS[name](tokenizer, chat_template)
+    return FORMATS[name](tokenizer, chat_template, **options)

@@ -28,6 +28,7 @@ from align.rollouts.episodes import EpisodeLimits, generate_episodes
 from align.rollouts.params import SamplingParams
 from align.rollouts.tool_formats import TINY_TOOL_CHAT_TEMPLATE, HermesFormat, ThemisFormat
 from align.testing import make_tiny_model
+from align.tools.trace import ACTION_RE
 
 EOS = "</s>"
 
@@ -257,7 +258,7 @@ def test_themis_format(policy):
 
     engine_, hook = policy
     hook.set({"Q7 ": [t1, t2]})
-    b = generate_episodes(engine_, ["Q7 "], SamplingParams(max_new_tokens=200, temperature=0.0), ThemisFormat(tok),
+    b = generate_episodes(engine_, ["Q7 "], SamplingParams(max_new_tokens=200, temperature=0.0), ThemisFormat(tok, action_re=ACTION_RE),
                           Calc(), EpisodeLimits())
     check_row(b, 0, tok, [(t1, False), (ids(tok, " ") + ids(tok, "5", split=True) + ids(tok, "\n"), True), (t2, False)])
     assert b.columns["trajectory"][0][0]["tool_calls"] == [{"type": "function", "function": {"name": "add",
