@@ -535,9 +535,9 @@ class _RunConfig(Section):
         if self.rollout.partial and self.cluster.backend != "local":
             raise ConfigError("rollout.partial = True is implemented for cluster.backend 'local' only; "
                               "set rollout.partial: false with the Ray backend")
-        if (self.rollout.tools or self.rollout.environment) and (self.cluster.backend != "local" or self.rollout.partial):
-            raise ConfigError("rollout.tools / rollout.environment (tool episodes) run on cluster.backend 'local' "
-                              "without rollout.partial for now; set cluster.backend: local and rollout.partial: false")
+        if (self.rollout.tools or self.rollout.environment) and self.rollout.partial:
+            raise ConfigError("rollout.tools / rollout.environment (tool episodes) run without rollout.partial "
+                              "for now; set rollout.partial: false")
 
     def _validate_rollout_correction(self) -> None:
         mode = self.algo.rollout_correction.mode  # every run config has an algo section

@@ -110,3 +110,13 @@ def make_episodes(rollout, tokenizer) -> EpisodeDriver | None:
         raise ConfigError(f"rollout.tool_format: {exc}") from None
     limits = EpisodeLimits(rollout.max_turns, rollout.max_tool_calls, rollout.max_observation_tokens)
     return EpisodeDriver(fmt, env, limits, CallRunner(rollout.tool_workers, rollout.tool_timeout_s))
+
+
+def episodes_factory(rollout):
+    """What a Ray rollout worker builds its own driver with (`RolloutWorker(episodes=...)`): a picklable
+    `tokenizer -> EpisodeDriver` for config section `rollout`, or None when no tools / environment is set."""
+    import functools
+
+    if not (rollout.tools or rollout.environment):
+        return None
+    return functools.partial(make_episodes, rollout)

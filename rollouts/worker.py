@@ -76,10 +76,14 @@ class RolloutWorker:
 
     engine_kwargs: RolloutEngine options (sampler_backend, micro_batch_size, max_prompt_length, gate_top_k).
     device: "auto" takes CUDA when the actor was given a GPU, else the CPU.
+    episodes: for tool episodes, a picklable `tokenizer -> driver` factory (align.tool_env.episodes_factory):
+            the worker builds the driver, thread pool and tool timeouts included, in its own process, and
+            runs `driver(engine, prompts, params, ...)` instead of `engine.generate`. A factory, not an
+            import, because align.rollouts may not import align.tools (the tools live in align core's reach).
     """
 
     def __init__(self, model_spec: ModelSpec, tokenizer, engine_kwargs: dict[str, Any] | None = None,
-                 device: str = "auto", num_threads: int | None = None):
+                 device: str = "auto", num_threads: int | None = None, episodes=None):
         if num_threads:
             torch.set_num_threads(num_threads)
         if device == "auto":
@@ -87,11 +91,14 @@ class RolloutWorker:
         self.device = torch.device(device)
         self._channel = None  # the trainer's broadcast group, when joined
         self.samples_generated = 0
-        self.reset(model_spec, tokenizer, engine_kwargs)
+        self.episodes = None
+        self.reset(model_spec, tokenizer, engine_kwargs, episodes)
 
-    def reset(self, model_spec: ModelSpec, tokenizer, engine_kwargs: dict[str, Any] | None = None) -> int:
-        """(Re)build the policy and engine for `model_spec`, in this process (torch is already imported, so
-        this is much cheaper than a new actor). The worker holds no weights version afterwards (-1)."""
+    def reset(self, model_spec: ModelSpec, tokenizer, engine_kwargs: dict[str, Any] | None = None,
+              episodes=None) -> int:
+        """(Re)build the policy, engine and episode driver for `model_spec`, in this process (torch is already
+        imported, so this is much cheaper than a new actor). The worker holds no weights version afterwards (-1)."""
+        self.close()
         self.spec = model_spec
         self.model = None
         self.model = build_policy(model_spec, self.device)
@@ -99,6 +106,7 @@ class RolloutWorker:
         kwargs = dict(engine_kwargs or {})
         kwargs["counter_noise"] = True  # sharding-independent draws (see module docstring)
         self.engine = RolloutEngine(self.model, tokenizer, device=self.device, **kwargs)
+        self.episodes = episodes(tokenizer) if episodes is not None else None
         self.version = -1  # nothing pushed yet: generate refuses until the trainer's weights arrive
         return self.version
 
@@ -180,11 +188,20 @@ class RolloutWorker:
         sample_ids, columns with completion_ids) that a reward worker can take straight from the object store."""
         if self.version != expected_version:
             raise StaleWeightsError(self.version, expected_version)
-        batch = self.engine.generate(prompts, params, sample_ids=sample_ids, columns=columns)
+        if self.episodes is not None:  # tool_mask and columns["trajectory"] travel with the batch
+            batch = self.episodes(self.engine, prompts, params, sample_ids=sample_ids, columns=columns)
+        else:
+            batch = self.engine.generate(prompts, params, sample_ids=sample_ids, columns=columns)
         batch.weights_version = self.version
         batch = batch.to("cpu")
         self.samples_generated += len(batch)
         return batch, reward_payload(batch, sample_ids)
+
+    def close(self) -> None:
+        """Stop the episode driver's tool pool (the actor may be parked and reset for another run)."""
+        driver, self.episodes = self.episodes, None
+        if driver is not None:
+            driver.close()
 
     def health(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": self.version, "device": str(self.device),

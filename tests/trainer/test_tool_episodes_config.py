@@ -57,12 +57,12 @@ def test_config_refusals(tiny_model_path, arithmetic_data, tmp_path, rollout, ma
         align.Trainer(cfg)
 
 
-def test_environment_that_cannot_load_and_ray_refusal(tiny_model_path, arithmetic_data, tmp_path):
+def test_environment_that_cannot_load_and_partial_refusal(tiny_model_path, arithmetic_data, tmp_path):
     cfg = tiny_run_config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "a", SeesTrajectory(),
                           rollout={"environment": "align.no_such_module:Env"})
     with pytest.raises(ConfigError, match="cannot be loaded"):
         align.Trainer(cfg)
     cfg = tiny_run_config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "b", SeesTrajectory(),
-                          rollout={"tools": ["calculator"]}, cluster={"backend": "ray"})
-    with pytest.raises(ConfigError, match="backend 'local'"):
+                          rollout={"tools": ["calculator"], "partial": True}, train={"max_staleness": 1})
+    with pytest.raises(ConfigError, match="without rollout.partial"):
         align.Trainer(cfg)

@@ -41,7 +41,8 @@ class _Actors:
             _PARKED.remove(parked)
             self._pg, self.rollout_actors = parked[1], list(parked[2])
             try:  # rebuild this run's model in the warm processes
-                self.ray.get([a.reset.remote(*self._worker_args()[:3]) for a in self.rollout_actors], timeout=self.placement_timeout_s)
+                args = self._worker_args()
+                self.ray.get([a.reset.remote(*args[:3], args[5]) for a in self.rollout_actors], timeout=self.placement_timeout_s)
             except (self.ray.exceptions.RayError, self.ray.exceptions.GetTimeoutError):
                 for i, actor in enumerate(self.rollout_actors):
                     self.ray.kill(actor, no_restart=True)
@@ -97,7 +98,10 @@ class _Actors:
         e = self.engine
         engine_kwargs = dict(sampler_backend=e.sampler_backend, micro_batch_size=e.micro_batch_size,
                              max_prompt_length=e.max_prompt_length, gate_top_k=e.gate_top_k)
-        return self._model_spec(), self.models.tokenizer, engine_kwargs, "auto", max(1, int(self.cc.rollout_num_cpus))
+        from align.tool_env import episodes_factory
+
+        return (self._model_spec(), self.models.tokenizer, engine_kwargs, "auto", max(1, int(self.cc.rollout_num_cpus)),
+                episodes_factory(self.cfg.rollout))
 
     def _new_rollout_actor(self, i: int):
         cc = self.cc
