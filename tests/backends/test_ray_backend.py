@@ -17,6 +17,7 @@ import torch
 import align
 
 ray = pytest.importorskip("ray")
+from _ray_local import local_ray  # noqa: E402
 from ray import cloudpickle  # noqa: E402  (Ray ships actor arguments with its own cloudpickle)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -71,17 +72,7 @@ class Controlled(MeanCode):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from align.backends.ray import release_parked_workers
-
-    if ray.is_initialized():  # another module's Ray: start ours with the resources this module plans for
-        ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
-    try:
-        yield ray
-    finally:
-        release_parked_workers()
-        ray.shutdown()
+    yield from local_ray(num_cpus=8)
 
 
 def config(algorithm, model, data, run_dir, reward, backend="local", workers=1, steps=2, **cluster):

@@ -16,6 +16,7 @@ import torch
 import align
 
 ray = pytest.importorskip("ray")
+from _ray_local import local_ray  # noqa: E402
 from ray import cloudpickle  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
@@ -72,14 +73,7 @@ class TrajReward:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    yield from local_ray(num_cpus=3)
 
 
 def one_step(model, data, run_dir, backend):

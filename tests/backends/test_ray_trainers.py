@@ -11,6 +11,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
+from _ray_local import local_ray  # noqa: E402
 from ray import cloudpickle  # noqa: E402
 
 from align.distributed.ray_trainers import TrainerRankError, launch, rank_envs  # noqa: E402
@@ -39,14 +40,7 @@ def test_rank_envs_follow_torchrun():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    yield from local_ray(num_cpus=4)
 
 
 def spmd_probe(fault: str):

@@ -13,6 +13,7 @@ import torch
 import align
 
 ray = pytest.importorskip("ray")
+from _ray_local import local_ray  # noqa: E402
 from ray import cloudpickle  # noqa: E402
 
 from align.backends.ray.weights import nccl_group_possible  # noqa: E402
@@ -42,17 +43,7 @@ def test_nccl_group_refuses_shared_gpus():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from align.backends.ray import release_parked_workers
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
-    try:
-        yield ray
-    finally:
-        release_parked_workers()
-        ray.shutdown()
+    yield from local_ray(num_cpus=4)
 
 
 def _config(model, data, run_dir, lora=False, **cluster):
