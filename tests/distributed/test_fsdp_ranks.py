@@ -84,7 +84,7 @@ def two_ranks(cfgs: list[dict], tmp_path: Path, timeout_s: float = 240) -> list[
            str(HERE / "dist_worker.py"), *args]
     proc = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=timeout_s, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [torch.load(tmp_path / f"out{i}.pt", weights_only=False) for i in range(len(cfgs))]
+    results = [torch.load(tmp_path / f"out{i}.pt", weights_only=True) for i in range(len(cfgs))]
     assert all(r["world"] == 2 for r in results)
     return results
 
