@@ -190,3 +190,15 @@ def tiny_run_config(algorithm: str, model: str | Path, data: str | Path, run_dir
         for section, values in layer.items():
             cfg[section] = {**cfg.get(section, {}), **values}
     return cfg
+
+
+class CharFraction:
+    """A reward for tiny test runs: the fraction of response characters equal to `char` (a dense signal a tiny
+    model can learn); named `frac_<char>` like a TRL reward function."""
+
+    def __init__(self, char: str = "7"):
+        self.char = char
+        self.__name__ = f"frac_{char}"
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [sum(c == self.char for c in s) / max(len(s), 1) for s in completions]

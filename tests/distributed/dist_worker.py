@@ -5,7 +5,7 @@
 
 Rank 0 writes OUT.pt: the step history, the full (gathered) weights of the policy, value head and critic, and
 the layout of its shard of the output embedding.
-The reward classes below instances below are importable as `dist_worker:NAME` by the runs' configs (tests put this folder on
+The reward instances below are importable as `dist_worker:NAME` by the runs' configs (tests put this folder on
 PYTHONPATH).
 """
 from __future__ import annotations
@@ -17,16 +17,7 @@ import time
 
 import torch
 
-
-class CharFraction:
-    """Reward = fraction of response characters equal to `char` (a dense signal a tiny model learns)."""
-
-    def __init__(self, char="7"):
-        self.char = char
-        self.__name__ = f"frac_{char}"
-
-    def __call__(self, prompts, completions, **kwargs):
-        return [sum(c == self.char for c in s) / max(len(s), 1) for s in completions]
+from align.testing import CharFraction
 
 
 class FailingRank(CharFraction):

@@ -10,16 +10,7 @@ import torch
 
 import align
 from align.errors import ConfigError, UserError
-from align.testing import tiny_run_config
-
-
-class CharFraction:
-    def __init__(self, char="7"):
-        self.char = char
-        self.__name__ = f"frac_{char}"
-
-    def __call__(self, prompts, completions, **kwargs):
-        return [sum(c == self.char for c in s) / max(len(s), 1) for s in completions]
+from align.testing import CharFraction, tiny_run_config
 
 
 def config(model, data, run_dir, k, **train):

@@ -5,15 +5,7 @@ import pytest
 import torch
 
 import align
-
-
-class CharFraction:
-    """Reward = fraction of response characters equal to '7'."""
-
-    __name__ = "frac_7"
-
-    def __call__(self, prompts, completions, **kwargs):
-        return [sum(c == "7" for c in s) / max(len(s), 1) for s in completions]
+from align.testing import CharFraction
 
 
 def ppo(model, data, run_dir, curiosity, steps=2, save_final=False):
