@@ -1,23 +1,15 @@
 """benchmarks/e2e_vs_trl.py: the align-vs-TRL GRPO benchmark runs end to end and reports what it claims."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from _bench import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("e2e_vs_trl", REPO / "benchmarks" / "e2e_vs_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("e2e_vs_trl")
 
 
 def test_summary_uses_warm_steps_medians_and_ratios():

@@ -2,7 +2,6 @@
 the runner keeps what finished when a row fails, hangs or the budget runs out."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,17 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def load(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name, on_path=True)  # gpu_suite imports train_rows, e2e_protocol
 
 
 def test_runner_records_timeouts_failures_and_the_budget(tmp_path, monkeypatch):

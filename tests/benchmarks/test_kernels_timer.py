@@ -2,23 +2,15 @@
 launch time, so a launch-bound call reads as its kernels' time and a bandwidth-bound one as its bytes' time."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _bench import load_benchmark
 
-REPO = Path(__file__).resolve().parents[2]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def load_kernels_bench():
-    spec = importlib.util.spec_from_file_location("kernels_bench", REPO / "benchmarks" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kernels", "kernels_bench")
 
 
 def test_cpu_timer_is_per_call_wall_time():

@@ -1,19 +1,11 @@
 """benchmarks/packing.py: `run` (the row `benchmarks/sharding.py` calls) measures the four modes on the same work."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from _bench import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("packing_bench", REPO / "benchmarks" / "packing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("packing", "packing_bench")
 
 
 def test_run_reports_four_modes_on_the_same_tokens():

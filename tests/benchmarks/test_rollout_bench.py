@@ -1,21 +1,12 @@
 """benchmarks/rollout.py (F19): both sides of the engine-vs-generate comparison detokenise, or only the engine."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from _bench import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("rollout_bench", REPO / "benchmarks" / "rollout.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("rollout", "rollout_bench")
 
 
 @pytest.mark.parametrize("mode, per_call", [("both", 4), ("engine-only", 2)])
