@@ -10,6 +10,7 @@ vocabulary holds image tokens, with `config.umm` set) and `make_tiny_janus` (tra
 from __future__ import annotations
 
 import string
+import time
 from pathlib import Path
 
 import torch
@@ -202,3 +203,16 @@ class CharFraction:
 
     def __call__(self, prompts, completions, **kwargs):
         return [sum(c == self.char for c in s) / max(len(s), 1) for s in completions]
+
+
+class SlowReward:
+    """A reward for throughput benchmarks: mean character code / 128, after sleeping `ms` per sample (stands for
+    a remote reward model or a tool-using reward)."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+        self.__name__ = "slow_reward"
+
+    def __call__(self, prompts, completions, **kwargs):
+        time.sleep(self.ms * len(completions) / 1000.0)
+        return [sum(map(ord, s)) / (128.0 * max(len(s), 1)) for s in completions]

@@ -29,19 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PHASES = ("time/logprobs", "time/advantages", "time/update", "time/sync")
 
 
-class SlowReward:
-    """Mean character code / 128, after sleeping `ms` per sample (a remote RM or a sandboxed tool call)."""
-
-    def __init__(self, ms: float):
-        self.ms = ms
-        self.__name__ = "slow_reward"
-
-    def __call__(self, prompts, completions, **kwargs):
-        time.sleep(self.ms * len(completions) / 1000.0)
-        return [sum(map(ord, s)) / (128.0 * max(len(s), 1)) for s in completions]
-
-
 def make_config(model: Path, data: Path, k: int, args) -> dict:
+    from align.testing import SlowReward  # imported late: the script pins threads before torch loads
+
     return {
         "algorithm": "grpo",
         "model": {"path": str(model)},

@@ -28,19 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class SlowReward:
-    """Mean character code / 128, after sleeping `ms` per sample (stands for a remote or tool-using reward)."""
-
-    def __init__(self, ms: float):
-        self.ms = ms
-        self.__name__ = "slow_reward"
-
-    def __call__(self, prompts, completions, **kwargs):
-        time.sleep(self.ms * len(completions) / 1000.0)
-        return [sum(map(ord, s)) / (128.0 * max(len(s), 1)) for s in completions]
-
-
 def make_config(model: Path, data: Path, backend: str, workers: int, pipeline: bool, args) -> dict:
+    from align.testing import SlowReward  # imported late: the script pins threads before torch loads
+
     return {
         "algorithm": "grpo",
         "model": {"path": str(model)},
