@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 
 from align.distributed.context import DistContext, DistributedError
-from align.distributed.ray_trainers import in_trainer_actor
+from align.distributed.ray_trainers import rollouts_colocated
 from align.errors import UserError
 
 
@@ -28,7 +28,7 @@ def check_world(cfg: Any, ctx: DistContext) -> None:
     if curiosity is not None and curiosity.eta > 0:
         raise UserError(f"reward.curiosity is not supported with {w} ranks yet (its ICM is not sharded); "
                         "set reward.curiosity.eta = 0 or train on one rank")
-    if cfg.cluster.backend == "ray" and not in_trainer_actor():  # a Ray trainer actor's rank runs rollouts in-process
+    if cfg.cluster.backend == "ray" and not rollouts_colocated(cfg):  # the question Trainer._make_backend asks
         raise UserError(f"cluster.backend = 'ray' is not supported under torchrun ({w} ranks): each rank "
                         "generates its own share in-process; set cluster.backend: local")
     if getattr(cfg.train, "max_staleness", 0):
