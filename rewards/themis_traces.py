@@ -3,11 +3,11 @@
 One trace per (question, answer, context):
 1. The prompt `### USER:\\n[Context: c\\n]Question: q\\nAnswer: a\\n### ASSISTANT:\\n` is encoded once (BOS
    included, as `encode_themis` encodes training text).
-2. Tool phase: `align.rollouts.episodes.generate_episodes`, greedy, `ThemisFormat` (the row pauses at the
-   stop string "Observation:", the call `Action: name / Action Input: input` runs, " {observation}\\n" is
-   appended as ids, the row resumes). The calls of every paused row run concurrently on a bounded pool with
-   per-call timeouts (`CallRunner`); each tool gets the sample's columns as its context (align.tools
-   protocol `tool(input, context=sample)`). `max_rounds` is the episode's call budget (`max_tool_calls`,
+2. Tool phase: `align.rollouts.episodes.generate_episodes`, greedy, `ThemisFormat` with the released pause
+   (the row stops at the `<start_observation>` token, the call `Action: name / Action Input: input` runs,
+   " Observation: {output}\\n" is appended as ids, the row resumes). The calls of every paused row run
+   concurrently on a bounded pool with per-call timeouts (`CallRunner`); each tool gets the sample's columns
+   as its context (align.tools protocol `tool(input, context=sample)`). `max_rounds` is the episode's call budget (`max_tool_calls`,
    `max_turns = max_rounds + 1`).
 3. The released ending: a trace that stops without a rationale (EOS after "Finished", the token budget, a
    call beyond `max_rounds`, whose observation then says so) gets `<start_work>` appended and the model writes
@@ -41,8 +41,8 @@ from align.rollouts.engine import RolloutEngine
 from align.rollouts.environment import CallRunner
 from align.rollouts.episodes import EpisodeLimits, generate_episodes
 from align.rollouts.params import SamplingParams
-from align.rollouts.tool_formats import ParsedCall, ThemisFormat
-from align.tools.trace import ACTION_RE, START_WORK
+from align.rollouts.tool_formats import ParsedCall, ThemisFormat, encode_observation
+from align.tools.trace import ACTION_RE, START_OBSERVATION, START_WORK
 
 # The rationale marker as the tool phase sees it: its decoded text drops special tokens, so "Work:" is what is left
 _RATIONALE_TEXT = re.compile(r"\bWork\s*:")
@@ -132,10 +132,20 @@ class _RecordingRunner(CallRunner):
 
 
 class _TraceFormat(ThemisFormat):
-    """ThemisFormat whose pause skips a rationale that happens to contain "Observation:" (not a call)."""
+    """ThemisFormat with the released Themis pause: the row stops at the `<start_observation>` token (a stop
+    token, so a model trained with the observation text masked, `beta = 0`, still pauses), and the loop writes
+    " Observation: {output}\n". The output keeps its leading space (" Monday" is one token where training text
+    has it so: no tokenisation the model never saw); a rationale that writes `<start_observation>` is no call."""
+
+    stop: list[str] = []
 
     def wants_call(self, text: str, ended_by_stop: bool) -> bool:
-        return super().wants_call(text, ended_by_stop) and not _RATIONALE_TEXT.search(text)
+        return ended_by_stop and not _RATIONALE_TEXT.search(text)
+
+    def observation(self, outputs: list[tuple[str, str]], last_token_text: str, max_tokens: int):
+        ids, shown = encode_observation(self.tokenizer, [(" Observation:", False), (" " + outputs[0][1], True),
+                                                         ("\n", False)], max_tokens)
+        return ids, [s[1:] for s in shown]
 
 
 @dataclass
@@ -167,7 +177,10 @@ class ThemisTracer:
                                     max_observation_tokens=max_observation_tokens)
         self.max_workers, self.tool_timeout_s = max_workers, tool_timeout_s
         self.eos = tokenizer.eos_token_id
+        if not {START_WORK, START_OBSERVATION} <= set(tokenizer.get_vocab()):
+            raise ValueError("the tokenizer lacks the Themis tokens; add them with align.rewards.themis.add_themis_tokens")
         self.work_id = tokenizer.convert_tokens_to_ids(START_WORK)
+        self.observation_id = tokenizer.convert_tokens_to_ids(START_OBSERVATION)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids  # our own markers: special tokens parse
@@ -177,7 +190,8 @@ class ThemisTracer:
         columns = {"_sample": list(samples)}
         env = _SampleEnv(self.env)
         # the tool phase may use max_new_tokens per round (policy + observation tokens together)
-        params = SamplingParams(max_new_tokens=self.max_new_tokens * (self.max_rounds + 1), temperature=0.0)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens * (self.max_rounds + 1), temperature=0.0,
+                                stop_token_ids=[self.observation_id])
         runner = _RecordingRunner(self.max_workers, self.tool_timeout_s, max_output_chars=2 * self.env.max_output_chars)
         try:
             batch = generate_episodes(self.engine, prompts, params, self.fmt, env, self.limits, runner=runner,

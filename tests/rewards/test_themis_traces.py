@@ -112,13 +112,14 @@ def ids(tok, text: str, split: bool = False) -> list[int]:
 
 
 def obs_ids(tok, output: str) -> list[int]:
-    """What the loop must append after 'Observation:' (written out: ' ', the output with special tokens split, '\\n')."""
-    return ids(tok, " ") + ids(tok, output, split=True) + ids(tok, "\n")
+    """What the loop must append after <start_observation> (written out: ' Observation:', then ' ' + the output
+    with special tokens split, then '\\n')."""
+    return ids(tok, " Observation:") + ids(tok, " " + output, split=True) + ids(tok, "\n")
 
 
 def call_turn(tok, action: str, arg: str | None, thought: str = "check it") -> list[int]:
     line = f"\nAction Input: {arg}" if arg is not None else ""
-    return ids(tok, f"<start_tool> Thought: {thought}\nAction: {action}{line}\n<start_observation> Observation:")
+    return ids(tok, f"<start_tool> Thought: {thought}\nAction: {action}{line}\n<start_observation>")
 
 
 def work(tok, text: str) -> list[int]:
@@ -248,7 +249,7 @@ def test_a_failing_tool_ends_as_an_observation_and_the_score_comes(scripted, cas
         assert rec["observation"].startswith("Error: the tool 'Calendar.week_day' failed: ")
         seen = rec["observation"]
     else:  # 1 MB: cut at 128 tokens, the marker says how long it was
-        assert rec["ok"] and rec["observation"].endswith("\n[observation truncated: 1048576 characters]")
+        assert rec["ok"] and rec["observation"].endswith("\n[observation truncated: 1048577 characters]")
         seen = None
     assert rec["ok"] == (case == "huge")
     trace = rm.run_traces(["q"], ["a"], [None], [{}])[0]
@@ -256,8 +257,8 @@ def test_a_failing_tool_ends_as_an_observation_and_the_score_comes(scripted, cas
     if seen is not None:
         assert obs == obs_ids(tok, seen)
     else:
-        marker = ids(tok, "\n[observation truncated: 1048576 characters]", split=True)
-        assert obs == ids(tok, " ") + ids(tok, "x" * 128 * 32, split=True)[:128] + marker + ids(tok, "\n")
+        marker = ids(tok, "\n[observation truncated: 1048577 characters]", split=True)  # " " + the output
+        assert obs == ids(tok, " Observation:") + ids(tok, " " + "x" * (128 * 32 - 1), split=True)[:128] + marker + ids(tok, "\n")
     assert math.isfinite(out.scores[0]) and out.info[0]["stop_reason"] == "eos"
     if case == "hang":
         assert elapsed < 5  # the timeout bounded the call, the hung thread was left behind
@@ -328,7 +329,7 @@ def test_cache_hits_skip_generation(scripted):
 
 def test_greedy_trace_equals_a_step_by_step_reference(scripted):
     """The engine-driven trace against a brute force written out here: argmax over the LM's logits of the
-    whole sequence, one token at a time; at 'Observation:' the real tool's output is appended as ids; EOS
+    whole sequence, one token at a time; at <start_observation> the real tool's output is appended as ids; EOS
     without a rationale appends '\\n<start_work>'; the score is v_head at the final EOS."""
     model, tok, hook = scripted
     from align.tools import get_tool
@@ -341,7 +342,7 @@ def test_greedy_trace_equals_a_step_by_step_reference(scripted):
     rm = ThemisRewardModel(model=model, tokenizer=tok, device="cpu")  # align.tools' registry
     out = rm.score([q], [a])
 
-    eos, work_id = tok.eos_token_id, tok.convert_tokens_to_ids("<start_work>")
+    eos, work_id, obs_id = tok.eos_token_id, *tok.convert_tokens_to_ids(["<start_work>", "<start_observation>"])
     seq, turn = tok(user(q, a)).input_ids, []
     prompt_len = len(seq)
     with torch.no_grad():
@@ -355,8 +356,8 @@ def test_greedy_trace_equals_a_step_by_step_reference(scripted):
                     break
                 seq = seq[:-1] + ids(tok, "\n" if not tok.decode(seq[prompt_len:-1]).endswith("\n") else "") + [work_id]
                 turn = []
-            elif text.endswith("Observation:"):
-                m = ACTION_RE.search(text[text.rfind("Action:"):-len("Observation:")])
+            elif nxt == obs_id:
+                m = ACTION_RE.search(text[text.rfind("Action:"):])
                 result = get_tool(m.group(1).strip())(m.group(2).strip(), context={})
                 seq += obs_ids(tok, result.output)
                 turn = []
@@ -377,3 +378,69 @@ def test_random_model_end_to_end_scores_its_own_ids(themis):
         assert s == pytest.approx(reference_score(model, t.prompt_ids + t.ids), abs=1e-4)
         assert set(info) >= {"trace", "tool_calls", "rationale", "stop_reason"}
         assert re.search(r"<start_work>", info["trace"])
+
+
+def week_day_traces():
+    """Two Calendar.week_day questions, each with the true weekday (positive) and the next one (negative); the
+    observation is the weekday computed here with datetime."""
+    from datetime import date
+
+    from align.rewards.tara import render_themis
+    from align.tools.trace import ToolCall
+
+    rows = []
+    for day in ("2015-03-24", "2008-06-16"):
+        true = date.fromisoformat(day).strftime("%A")
+        wrong = date.fromordinal(date.fromisoformat(day).toordinal() + 1).strftime("%A")
+        call = ToolCall("Calendar.week_day", day, "I need the weekday.", true)
+        for answer, pos in [(true, True), (wrong, False)]:
+            rationale = "The answer matches the tool." if pos else "The answer differs from the tool."
+            q = f"Which day of the week is {day}?"
+            rows.append((q, answer, true, render_themis(q, answer, [call], rationale).text, pos))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    from align.rewards.themis import load_themis
+    from align.testing import memorised_themis
+
+    torch.set_num_threads(1)
+    rows = week_day_traces()
+    path = memorised_themis(tmp_path_factory.mktemp("themis"), [r[3] for r in rows], [r[4] for r in rows])
+    model, tok = load_themis(path)
+    return model.eval(), tok, rows
+
+
+def test_memorised_model_greedy_trace_equals_a_step_by_step_reference(memorised):
+    """A real (memorised) Themis LM and the real Calendar tool: the engine-driven batch of four traces, against
+    the brute force of the test above run one sample at a time (unpadded full forwards)."""
+    from align.tools import get_tool
+
+    model, tok, rows = memorised
+    rm = ThemisRewardModel(model=model, tokenizer=tok, device="cpu")
+    out = rm.score([r[0] for r in rows], [r[1] for r in rows])
+    traces = rm.run_traces([r[0] for r in rows], [r[1] for r in rows], [None] * 4, [{}] * 4)
+    eos, work_id, obs_id = tok.eos_token_id, *tok.convert_tokens_to_ids(["<start_work>", "<start_observation>"])
+    for (q, a, weekday, text, pos), trace, score, info in zip(rows, traces, out.scores, out.info):
+        seq = tok(user(q, a)).input_ids
+        start, turn = len(seq), []
+        with torch.no_grad():
+            for _ in range(300):
+                nxt = int(model.lm(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+                seq.append(nxt)
+                turn.append(nxt)
+                if nxt == eos:
+                    assert work_id in seq[start:]  # the memorised traces write their rationale
+                    break
+                if nxt == obs_id:
+                    text_turn = tok.decode(turn, skip_special_tokens=True)
+                    m = ACTION_RE.search(text_turn[text_turn.rfind("Action:"):])
+                    seq += obs_ids(tok, get_tool(m.group(1).strip())(m.group(2).strip(), context={}).output)
+                    turn = []
+        assert trace.ids == seq[start:]
+        assert tok.decode(seq[start:-1], skip_special_tokens=False) == text[text.index("<start_tool>"):]
+        assert [(c["action"], c["observation"], c["ok"]) for c in info["tool_calls"]] == [("Calendar.week_day", weekday, True)]
+        assert score == pytest.approx(reference_score(model, seq), abs=1e-4)
+    pos_scores = [s for s, r in zip(out.scores, rows) if r[4]]
+    assert min(pos_scores) > max(s for s, r in zip(out.scores, rows) if not r[4])
