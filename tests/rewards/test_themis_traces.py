@@ -270,13 +270,15 @@ def test_a_hostile_observation_cannot_inject_control_tokens(scripted):
     hook.set({user("q", "a"): [call_turn(tok, "echo", "1"), ANY, work(tok, "my own.")]})
     rm = ThemisRewardModel(model=model, tokenizer=tok, tools={"echo": lambda s, context=None: ok(hostile)}, device="cpu")
     out = rm.score(["q"], ["a"])
-    trace = rm.run_traces(["q"], ["a"], [None], [{}])[0]
     obs = obs_ids(tok, hostile)
-    assert trace.ids == call_turn(tok, "echo", "1") + obs + work(tok, "my own.")
     special = {tok.eos_token_id, *tok.convert_tokens_to_ids(["<start_work>", "<start_tool>", "<start_observation>"])}
-    assert not special & set(obs)  # the tool's text is ordinary characters
-    assert trace.ids.count(tok.eos_token_id) == 1 and out.info[0]["rationale"] == "my own."
-    assert out.scores[0] == pytest.approx(reference_score(model, trace.prompt_ids + trace.ids), abs=1e-5)
+    assert not special & set(obs)  # the tool's text as ordinary characters
+    expected = call_turn(tok, "echo", "1") + obs + work(tok, "my own.")
+    # the value head read the observation as characters (a re-tokenised text would hold the control ids)
+    assert out.scores[0] == pytest.approx(reference_score(model, tok(user("q", "a")).input_ids + expected), abs=1e-5)
+    trace = rm.run_traces(["q"], ["a"], [None], [{}])[0]
+    assert trace.ids == expected and trace.ids.count(tok.eos_token_id) == 1
+    assert out.info[0]["rationale"] == "my own."
 
 
 def test_finished_then_eos_forces_the_rationale(scripted):
