@@ -145,7 +145,7 @@ class _TraceFormat(ThemisFormat):
     def observation(self, outputs: list[tuple[str, str]], last_token_text: str, max_tokens: int):
         ids, shown = encode_observation(self.tokenizer, [(" Observation:", False), (" " + outputs[0][1], True),
                                                          ("\n", False)], max_tokens)
-        return ids, [s[1:] for s in shown]
+        return ids, [s[1:] if s.startswith(" ") else s for s in shown]  # the text as the tool wrote it
 
 
 @dataclass
