@@ -233,7 +233,7 @@ class ThemisTracer:
             trace.ids = ids + obs + [self.work_id]
             trace.stop_reason = STOP_TRACE_TOOL_BUDGET
             return trace
-        if has_work:  # a rationale cut by the budget (or stopped at an "Observation:" inside it): finish it
+        if has_work:  # a rationale cut by the budget (or stopped at a <start_observation> inside it): finish it
             trace.stop_reason = STOP_TRACE_LENGTH if code in (STOP_LENGTH, STOP_MAX_LENGTH) else STOP_TRACE_EOS
             return trace
         # "Finished" then EOS, a trace cut by the budget, or one that stopped elsewhere: force the rationale

@@ -294,6 +294,25 @@ def test_finished_then_eos_forces_the_rationale(scripted):
     assert out.scores[0] == pytest.approx(reference_score(model, seq), abs=1e-5)
 
 
+def test_budgets_cut_the_trace_force_the_rationale_and_append_the_eos(scripted):
+    model, tok, hook = scripted
+    budget = 4  # max_new_tokens: the tool phase gets 4 * (max_rounds 3 + 1) = 16 tokens, the rationale 4
+    thought = ids(tok, "<start_tool> Thought: " + " ".join("abcdefghijklmnopqrst"))[:16]
+    assert not tok.decode(thought).endswith("\n")
+    forced = (*ids(tok, "\n"), tok.convert_tokens_to_ids("<start_work>"))
+    rationale = ids(tok, " Work: a long rationale that does not fit") + [tok.eos_token_id]
+    hook.set({user("q", "a"): [thought, forced, rationale]})
+    rm = ThemisRewardModel(model=model, tokenizer=tok, tools={}, max_new_tokens=budget, device="cpu")
+    out = rm.score(["q"], ["a"])
+    expected = thought + list(forced) + rationale[:budget] + [tok.eos_token_id]
+    assert rm.run_traces(["q"], ["a"], [None], [{}])[0].ids == expected
+    assert out.info[0]["stop_reason"] == "length"
+    assert out.scores[0] == pytest.approx(reference_score(model, tok(user("q", "a")).input_ids + expected), abs=1e-5)
+    # max_length: the last 12 ids are scored (the EOS and what precedes it, as training keeps the end)
+    short = ThemisRewardModel(model=model, tokenizer=tok, tools={}, max_new_tokens=budget, max_length=12, device="cpu")
+    assert short.score(["q"], ["a"]).scores[0] == pytest.approx(reference_score(model, expected[-12:]), abs=1e-5)
+
+
 def test_max_rounds_caps_the_calls_then_the_rationale(scripted):
     model, tok, hook = scripted
     tool = Recording(lambda s: ok("ok"))
@@ -308,6 +327,16 @@ def test_max_rounds_caps_the_calls_then_the_rationale(scripted):
     assert [(c["input"], c["ok"]) for c in calls] == [("1", True), ("2", False)] and calls[1]["observation"] == note
     assert out.info[0]["stop_reason"] == "tool_budget" and out.info[0]["rationale"] == "stop."
     assert out.info[0]["rounds"] == 1
+
+
+def test_max_rounds_zero_runs_no_tool(scripted):
+    model, tok, hook = scripted
+    tool = Recording(lambda s: ok("ok"))
+    note = "Error: the tool budget of 0 calls is spent; the call was not run."
+    hook.set({user("q", "a"): [call_turn(tok, "t", "1"), tuple(obs_ids(tok, note) + [tok.convert_tokens_to_ids("<start_work>")]),
+                               ids(tok, " Work: none.") + [tok.eos_token_id]]})
+    out = ThemisRewardModel(model=model, tokenizer=tok, tools={"t": tool}, max_rounds=0, device="cpu").score(["q"], ["a"])
+    assert tool.calls == [] and out.info[0]["stop_reason"] == "tool_budget" and out.info[0]["rounds"] == 0
 
 
 def test_cache_hits_skip_generation(scripted):
