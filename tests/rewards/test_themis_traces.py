@@ -1,12 +1,9 @@
 """Themis traces through the rollout engine's tool episodes (align.rewards.themis_traces), token-in token-out.
 
-The Themis LM is the tiny random Llama with a forward hook that scripts it (`Scripted`): for the row whose
-prompt is p, the logits are -inf except the next id of p's script, a list of pieces the model writes (lists of
-ids) and pieces the loop appends (a tuple: those exact ids; ANY: whatever the tool returned, up to the next
-written piece; a written piece's final EOS may be missing, where the loop drops it to force the rationale).
-Expectations are rebuilt by hand: response ids = the written pieces and the observation ids
-written out from " " + tool output (special tokens split) + "\\n"; scores = v_head . h(EOS) in float64 of one
-unpadded forward of exactly those ids.
+The Themis LM is the tiny random Llama scripted by a forward hook (`_themis_script.Scripted`), or a memorised
+Themis (align.testing.memorised_themis) with the real Calendar tool. Expectations are rebuilt by hand: response
+ids = the written pieces and the observation ids written out from " Observation:", " " + tool output (special
+tokens split) and "\\n"; scores = v_head . h(EOS) in float64 of one unpadded forward of exactly those ids.
 """
 from __future__ import annotations
 
@@ -17,18 +14,22 @@ import time
 
 import pytest
 import torch
+from _themis_script import (
+    ANY,
+    Recording,
+    Scripted,
+    call_turn,
+    greedy_reference,
+    ids,
+    obs_ids,
+    ok,
+    reference_score,
+    user,
+    work,
+)
 from _tiny import cached
 
-from align.rewards.themis import ThemisModel, ThemisRewardModel, create_themis
-from align.tools import ToolResult
-from align.tools.trace import ACTION_RE
-
-ANY = object()
-
-
-def user(q: str, a: str, c: str | None = None) -> str:
-    ctx = f"Context: {c}\n" if c is not None else ""
-    return f"### USER:\n{ctx}Question: {q}\nAnswer: {a}\n### ASSISTANT:\n"
+from align.rewards.themis import ThemisRewardModel, create_themis
 
 
 @pytest.fixture(scope="module")
@@ -36,66 +37,6 @@ def themis():
     torch.set_num_threads(1)
     model, tok = create_themis(cached("llama", 1))
     return model.eval(), tok
-
-
-class Scripted:
-    """Forward hook on ThemisModel.lm (see the module docstring). Counts forwards; records off-script inputs."""
-
-    def __init__(self, tok):
-        self.tok, self.scripts, self.rows, self.forwards, self.off = tok, {}, [], 0, []
-        self.eos = tok.eos_token_id
-
-    def set(self, scripts: dict[str, list]):
-        self.scripts = {tuple(self.tok(p).input_ids): pieces for p, pieces in scripts.items()}
-
-    def next_token(self, ids: list[int], record: bool) -> int:
-        for prompt, pieces in self.scripts.items():
-            if tuple(ids[:len(prompt)]) == prompt:
-                break
-        else:
-            raise AssertionError(f"no script for {self.tok.decode(ids)!r}")
-        rest, pos = ids[len(prompt):], 0
-        for k, piece in enumerate(pieces):
-            if isinstance(piece, list):  # written by the model
-                m = 0
-                while m < len(piece) and pos + m < len(rest) and rest[pos + m] == piece[m]:
-                    m += 1
-                if pos + m == len(rest):
-                    return piece[m] if m < len(piece) else self.eos  # after a stop string: anything, it is cut
-                if m < len(piece) - (piece[-1] == self.eos):  # a written EOS the loop dropped may be missing
-                    break
-                pos += m
-            elif isinstance(piece, tuple):  # appended by the loop, exactly these ids
-                if rest[pos:pos + len(piece)] != list(piece):
-                    break
-                pos += len(piece)
-            else:  # appended, any ids up to the next written piece (which starts with a special token)
-                nxt = pieces[k + 1][0]
-                pos = next((j for j in range(pos, len(rest)) if rest[j] == nxt), len(rest))
-            if pos == len(rest):
-                return pieces[k + 1][0] if k + 1 < len(pieces) else self.eos
-        else:
-            return self.eos
-        if record:
-            self.off.append(self.tok.decode(rest, skip_special_tokens=False))
-        return self.eos
-
-    def __call__(self, module, args, kwargs, output):
-        self.forwards += 1
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1:  # a prefill of (left-padded) rows, or a full forward of one sequence
-            pad = self.tok.pad_token_id
-            self.rows = [r[(r != pad).nonzero()[0, 0]:].tolist() for r in ids]
-            nxt = [self.next_token(r, True) for r in self.rows]
-        else:
-            for r, t in zip(self.rows, ids[:, 0].tolist()):
-                r.append(t)
-            nxt = [self.next_token(r, False) for r in self.rows]
-        logits = torch.full_like(output.logits[:, -1], -1e9)
-        logits[torch.arange(len(nxt)), torch.tensor(nxt)] = 0.0
-        output.logits[:, -1] = logits
-        return output
-
 
 @pytest.fixture()
 def scripted(themis):
@@ -105,47 +46,6 @@ def scripted(themis):
     yield model, tok, hook
     handle.remove()
     assert hook.off == [], f"the loop fed the model an off-script sequence: {hook.off}"
-
-
-def ids(tok, text: str, split: bool = False) -> list[int]:
-    return tok(text, add_special_tokens=False, split_special_tokens=split).input_ids
-
-
-def obs_ids(tok, output: str) -> list[int]:
-    """What the loop must append after <start_observation> (written out: ' Observation:', then ' ' + the output
-    with special tokens split, then '\\n')."""
-    return ids(tok, " Observation:") + ids(tok, " " + output, split=True) + ids(tok, "\n")
-
-
-def call_turn(tok, action: str, arg: str | None, thought: str = "check it") -> list[int]:
-    line = f"\nAction Input: {arg}" if arg is not None else ""
-    return ids(tok, f"<start_tool> Thought: {thought}\nAction: {action}{line}\n<start_observation>")
-
-
-def work(tok, text: str) -> list[int]:
-    return ids(tok, f"<start_work> Work: {text}") + [tok.eos_token_id]
-
-
-def reference_score(model: ThemisModel, seq: list[int]) -> float:
-    """One unpadded forward of exactly `seq` (ending with EOS); v_head . h_last in float64."""
-    with torch.no_grad():
-        h = model.lm.base_model(input_ids=torch.tensor([seq])).last_hidden_state[0, -1].double()
-        return float(h @ model.v_head.weight[0].double())
-
-
-class Recording:
-    def __init__(self, fn):
-        self.fn, self.calls, self.lock = fn, [], threading.Lock()
-
-    def __call__(self, tool_input, context=None):
-        with self.lock:
-            self.calls.append((tool_input, dict(context or {})))
-        return self.fn(tool_input)
-
-
-def ok(text):
-    return ToolResult(True, text, None, 0.0)
-
 
 def test_trace_ids_observations_calls_and_score(scripted):
     model, tok, hook = scripted
@@ -359,9 +259,9 @@ def test_cache_hits_skip_generation(scripted):
 
 
 def test_greedy_trace_equals_a_step_by_step_reference(scripted):
-    """The engine-driven trace against a brute force written out here: argmax over the LM's logits of the
-    whole sequence, one token at a time; at <start_observation> the real tool's output is appended as ids; EOS
-    without a rationale appends '\\n<start_work>'; the score is v_head at the final EOS."""
+    """The engine-driven trace against the brute-force greedy reference (`_themis_script.greedy_reference`:
+    argmax over the LM's logits one token at a time, the real tool's output appended as ids, '\\n<start_work>'
+    after an EOS without a rationale); the score is v_head at the final EOS."""
     model, tok, hook = scripted
     from align.tools import get_tool
 
@@ -373,26 +273,9 @@ def test_greedy_trace_equals_a_step_by_step_reference(scripted):
     rm = ThemisRewardModel(model=model, tokenizer=tok, device="cpu")  # align.tools' registry
     out = rm.score([q], [a])
 
-    eos, work_id, obs_id = tok.eos_token_id, *tok.convert_tokens_to_ids(["<start_work>", "<start_observation>"])
-    seq, turn = tok(user(q, a)).input_ids, []
-    prompt_len = len(seq)
-    with torch.no_grad():
-        for _ in range(400):
-            nxt = int(model.lm(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
-            seq.append(nxt)
-            turn.append(nxt)
-            text = tok.decode(turn, skip_special_tokens=True)
-            if nxt == eos:
-                if work_id in seq[prompt_len:]:
-                    break
-                seq = seq[:-1] + ids(tok, "\n" if not tok.decode(seq[prompt_len:-1]).endswith("\n") else "") + [work_id]
-                turn = []
-            elif nxt == obs_id:
-                m = ACTION_RE.search(text[text.rfind("Action:"):])
-                result = get_tool(m.group(1).strip())(m.group(2).strip(), context={})
-                seq += obs_ids(tok, result.output)
-                turn = []
-    assert seq[-1] == eos
+    seq = greedy_reference(model, tok, user(q, a), lambda action, arg: get_tool(action)(arg, context={}).output)
+    prompt_len = len(tok(user(q, a)).input_ids)
+    assert seq[-1] == tok.eos_token_id
     assert rm.run_traces([q], [a], [None], [{}])[0].ids == seq[prompt_len:]
     assert out.info[0]["tool_calls"][0]["observation"] == "Tuesday"
     assert out.scores[0] == pytest.approx(reference_score(model, seq), abs=1e-5)
@@ -444,31 +327,17 @@ def memorised(tmp_path_factory):
 
 
 def test_memorised_model_greedy_trace_equals_a_step_by_step_reference(memorised):
-    """A real (memorised) Themis LM and the real Calendar tool: the engine-driven batch of four traces, against
-    the brute force of the test above run one sample at a time (unpadded full forwards)."""
+    """A real (memorised) Themis LM and the real Calendar tool: the engine-driven batch of four traces (left-padded
+    rows, KV cache, the tool pause) against the brute-force greedy reference, one sample at a time."""
     from align.tools import get_tool
 
     model, tok, rows = memorised
     rm = ThemisRewardModel(model=model, tokenizer=tok, device="cpu")
     out = rm.score([r[0] for r in rows], [r[1] for r in rows])
     traces = rm.run_traces([r[0] for r in rows], [r[1] for r in rows], [None] * 4, [{}] * 4)
-    eos, work_id, obs_id = tok.eos_token_id, *tok.convert_tokens_to_ids(["<start_work>", "<start_observation>"])
     for (q, a, weekday, text, pos), trace, score, info in zip(rows, traces, out.scores, out.info):
-        seq = tok(user(q, a)).input_ids
-        start, turn = len(seq), []
-        with torch.no_grad():
-            for _ in range(300):
-                nxt = int(model.lm(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
-                seq.append(nxt)
-                turn.append(nxt)
-                if nxt == eos:
-                    assert work_id in seq[start:]  # the memorised traces write their rationale
-                    break
-                if nxt == obs_id:
-                    text_turn = tok.decode(turn, skip_special_tokens=True)
-                    m = ACTION_RE.search(text_turn[text_turn.rfind("Action:"):])
-                    seq += obs_ids(tok, get_tool(m.group(1).strip())(m.group(2).strip(), context={}).output)
-                    turn = []
+        seq = greedy_reference(model, tok, user(q, a), lambda action, arg: get_tool(action)(arg, context={}).output)
+        start = len(tok(user(q, a)).input_ids)
         assert trace.ids == seq[start:]
         assert tok.decode(seq[start:-1], skip_special_tokens=False) == text[text.index("<start_tool>"):]
         assert [(c["action"], c["observation"], c["ok"]) for c in info["tool_calls"]] == [("Calendar.week_day", weekday, True)]
