@@ -23,6 +23,7 @@ def user(q: str, a: str, c: str | None = None) -> str:
     ctx = f"Context: {c}\n" if c is not None else ""
     return f"### USER:\n{ctx}Question: {q}\nAnswer: {a}\n### ASSISTANT:\n"
 
+
 class Scripted:
     """Forward hook on ThemisModel.lm (see the module docstring). Counts forwards; records off-script inputs."""
 
@@ -80,6 +81,7 @@ class Scripted:
         logits[torch.arange(len(nxt)), torch.tensor(nxt)] = 0.0
         output.logits[:, -1] = logits
         return output
+
 
 def ids(tok, text: str, split: bool = False) -> list[int]:
     return tok(text, add_special_tokens=False, split_special_tokens=split).input_ids
