@@ -6,17 +6,19 @@ and ends with EOS; `v_head = Linear(hidden, 1, bias=False)` on the final EOS hid
 
 Pieces: `ThemisModel` (causal LM + value head), `encode_themis` (token ids + per-token loss weights with the
 released code's masking), `themis_loss` (lm_coef * token-mean CE + rm_coef * Bradley-Terry), and
-`ThemisRewardModel`, a RewardFunction running the greedy trace loop batched across samples, with the tool
-calls of one round run concurrently through the `tools` package.
+`ThemisRewardModel`, a RewardFunction whose greedy traces run in the rollout engine's tool episodes
+(align.rewards.themis_traces: token-in token-out, the tool calls of a round concurrent), with a score cache.
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
-from concurrent.futures import ThreadPoolExecutor
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +29,9 @@ from align.errors import MissingFileError
 from align.rewards.base import RewardFunction, RewardOutput
 from align.rewards.classifier import last_token_index
 from align.rewards.tara import ThemisSegments, render_user
-from align.tools.trace import (
-    ACTION_RE,
-    START_OBSERVATION,
-    START_TOOL,
-    START_WORK,
-    THEMIS_SPECIAL_TOKENS,
-    TOOL_FAILED_OBSERVATION,
-)
+from align.rewards.themis_traces import ThemisTracer, Trace, cache_key
+from align.tools.executor import ResultCache
+from align.tools.trace import ACTION_RE, START_TOOL, START_WORK, THEMIS_SPECIAL_TOKENS
 from align.tools.trace import parse_action_block as parse_action  # the released parser, under its Themis name
 
 VALUE_HEAD_FILE = "v_head.safetensors"
@@ -178,83 +175,31 @@ def themis_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Te
     return loss, {"lm_loss": float(lm.detach()), "rm_loss": float(rm.detach()), "pair_acc": float(acc)}
 
 
-# ----- the trace loop ---------------------------------------------------------------------------------------
-
-class HFGreedyGenerator:
-    """Greedy continuation of a batch of texts, stopping at EOS or <start_observation> (kept in the output)."""
-
-    def __init__(self, lm: nn.Module, tokenizer, max_new_tokens: int = 128, max_length: int = 1024):
-        self.lm, self.tokenizer, self.max_new_tokens, self.max_length = lm, tokenizer, max_new_tokens, max_length
-
-    @torch.no_grad()
-    def __call__(self, texts: Sequence[str]) -> list[str]:
-        tok = self.tokenizer
-        stop_ids = [tok.eos_token_id, tok.convert_tokens_to_ids(START_OBSERVATION)]
-        side, tside = tok.padding_side, tok.truncation_side
-        tok.padding_side, tok.truncation_side = "left", "left"
-        try:
-            enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
-        finally:
-            tok.padding_side, tok.truncation_side = side, tside
-        device = next(self.lm.parameters()).device
-        out = self.lm.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                               max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                               pad_token_id=tok.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        results = []
-        for row in new:
-            cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
-            row = row if cut is None else row[:cut + 1]
-            results.append(tok.decode(row, skip_special_tokens=False))
-        return results
-
-
-def _resolve_tool_getter(tools: Mapping[str, Callable] | Callable[[str], Callable] | None) -> Callable[[str], Callable]:
-    if tools is None:
-        def getter(name: str):
-            from align import tools as tools_pkg  # the tools package (imported lazily: rewards -> tools)
-
-            return tools_pkg.get_tool(name)
-        return getter
-    if isinstance(tools, Mapping):
-        def from_map(name: str):
-            if name not in tools:
-                raise KeyError(name)
-            return tools[name]
-        return from_map
-    return tools
-
-
-@dataclass
-class _TraceState:
-    text: str                # the whole sequence so far (USER part + assistant trace)
-    context: dict[str, Any]
-    rounds: int = 0          # tool calls made
-    forced_work: bool = False
-    done: bool = False
-    tool_calls: list = None  # type: ignore[assignment]
-
-    def __post_init__(self):
-        self.tool_calls = []
-
+# ----- the reward function ----------------------------------------------------------------------------------
 
 class ThemisRewardModel(RewardFunction):
     """Tool-augmented RM. For each (prompt, completion): question = prompt, answer = completion (context from
-    a `context` column if given); greedy trace with tools (max_rounds) -> rationale -> EOS -> v_head score.
+    a `context` column if given); a greedy trace with tools in the rollout engine (align.rewards.themis_traces:
+    at most `max_rounds` calls, the rationale forced where the trace has none, EOS), then the v_head score of
+    the final EOS of exactly the ids generated and appended.
 
-    tools: None (the `tools` package's registry), a {name: tool} mapping, or a callable name -> tool; a tool is
-    `tool(input, context=sample) -> ToolResult(ok, output, error, latency_s)`.
-    generator: replaces greedy HF generation (texts -> continuations ending at a stop token); for tests.
+    tools: None (align.tools' registry), a {name: tool} mapping, or a callable name -> tool; a tool is
+    `tool(input, context=sample) -> ToolResult(ok, output, error, latency_s)`, the sample being the row's
+    columns plus question and answer. Calls of one round run concurrently (`max_workers` threads, each call
+    `tool_timeout_s`). max_new_tokens: tokens per tool round and for the rationale; max_length: the scored
+    window (the last this many ids). cache_size: finished scores kept for repeated (question, answer,
+    columns) samples (LRU; 0 = off); a hit skips generation. info[i]: trace, tool_calls, rationale,
+    stop_reason, rounds, cached.
     """
 
     name = "themis"
 
     def __init__(self, model_path: str | None = None, *, model: ThemisModel | None = None, tokenizer: Any = None,
-                 tools: Any = None, generator: Callable[[Sequence[str]], list[str]] | None = None,
-                 max_rounds: int = 3, max_new_tokens: int = 128, max_length: int = 1024, batch_size: int = 8,
-                 max_workers: int = 8, device: str | None = None):
-        if max_rounds < 0 or max_new_tokens < 1 or batch_size < 1:
-            raise ValueError("max_rounds must be >= 0, max_new_tokens and batch_size >= 1")
+                 tools: Any = None, max_rounds: int = 3, max_new_tokens: int = 128, max_length: int = 1024,
+                 batch_size: int = 8, max_workers: int = 8, tool_timeout_s: float = 30.0,
+                 max_observation_tokens: int = 256, cache_size: int = 1024, device: str | None = None):
+        if max_rounds < 0 or max_new_tokens < 1 or batch_size < 1 or cache_size < 0:
+            raise ValueError("max_rounds and cache_size must be >= 0, max_new_tokens and batch_size >= 1")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if model is None:
             if model_path is None:
@@ -263,119 +208,92 @@ class ThemisRewardModel(RewardFunction):
         elif tokenizer is None:
             raise ValueError("pass tokenizer= together with model=")
         self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
-        self.max_rounds, self.max_length, self.batch_size, self.max_workers = max_rounds, max_length, batch_size, max_workers
-        self.generator = generator or HFGreedyGenerator(self.model.lm, tokenizer, max_new_tokens, max_length)
-        self._tools_spec = tools
+        self.max_length, self.batch_size = max_length, batch_size
+        self.tracer = ThemisTracer(self.model.lm, tokenizer, tools=tools, max_rounds=max_rounds,
+                                   max_new_tokens=max_new_tokens, max_observation_tokens=max_observation_tokens,
+                                   batch_size=batch_size, max_workers=max_workers, tool_timeout_s=tool_timeout_s)
+        self.cache = ResultCache(cache_size) if cache_size else None
+        self._lock = threading.Lock()  # one batch at a time: the engine is not reentrant
 
     # ----- scoring of finished sequences --------------------------------------------------------------
 
     @torch.no_grad()
-    def score_texts(self, texts: Sequence[str]) -> list[float]:
-        """Full sequences (without EOS) -> v_head score at the appended EOS, batched with left padding."""
+    def score_ids(self, rows: Sequence[Sequence[int]]) -> list[float]:
+        """Token-id sequences ending in EOS -> v_head score at that EOS (the last `max_length` ids of each row),
+        batched with left padding."""
         scores: list[float] = []
-        tok = self.tokenizer
-        for i in range(0, len(texts), self.batch_size):
-            rows = []
-            for t in texts[i:i + self.batch_size]:
-                ids = tok(t, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
-                rows.append(ids[-self.max_length:])
-            ids = pad_left(rows, tok.pad_token_id).to(self.device)
-            mask = pad_left([[1] * len(r) for r in rows], 0).to(self.device)
+        for i in range(0, len(rows), self.batch_size):
+            part = [list(r)[-self.max_length:] for r in rows[i:i + self.batch_size]]
+            ids = pad_left(part, self.tokenizer.pad_token_id).to(self.device)
+            mask = pad_left([[1] * len(r) for r in part], 0).to(self.device)
             _, rewards = self.model(ids, mask, with_logits=False)
             scores.extend(rewards.float().cpu().tolist())
         return scores
 
-    # ----- the loop ---------------------------------------------------------------------------------
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """Full sequences (without EOS; training's encoding: BOS, EOS appended) -> v_head score at the EOS."""
+        tok = self.tokenizer
+        return self.score_ids([tok(t, add_special_tokens=True)["input_ids"] + [tok.eos_token_id] for t in texts])
 
-    def _call_tool(self, getter, action: str, tool_input: str, context: dict[str, Any]) -> dict[str, Any]:
-        record = {"action": action, "input": tool_input, "ok": False, "output": "", "error": None, "latency_s": 0.0}
-        try:
-            tool = getter(action)
-        except KeyError as err:  # includes the registry's UnknownNameError: the RM named a tool that does not exist
-            record["error"] = f"unknown tool: {err}"
-            return record
-        result = tool(tool_input, context=context)  # tools never raise for bad input; an exception is a crash
-        record.update(ok=bool(result.ok), output=str(result.output or ""), error=result.error,
-                      latency_s=float(getattr(result, "latency_s", 0.0) or 0.0))
-        return record
+    # ----- traces -----------------------------------------------------------------------------------
 
     def run_traces(self, questions: Sequence[str], answers: Sequence[str], contexts: Sequence[str | None],
-                   samples: Sequence[dict[str, Any]]) -> list[_TraceState]:
-        """Generate the traces for N samples (batched generation; concurrent tool calls per round)."""
-        getter = _resolve_tool_getter(self._tools_spec)
-        states = [_TraceState(render_user(q, a, c) + ASSISTANT_HEADER, s) for q, a, c, s in zip(questions, answers, contexts, samples)]
-        for _ in range(self.max_rounds + 3):  # every round ends a sample, calls a tool, or forces the rationale
-            active = [s for s in states if not s.done]
-            if not active:
-                break
-            conts: list[str] = []
-            for i in range(0, len(active), self.batch_size):
-                conts.extend(self.generator([s.text for s in active[i:i + self.batch_size]]))
-            pending = []
-            for st, cont in zip(active, conts):
-                self._advance(st, cont, pending)
-            if pending:
-                with ThreadPoolExecutor(max_workers=min(self.max_workers, len(pending))) as pool:
-                    futures = [(st, pool.submit(self._call_tool, getter, a, x, st.context)) for st, a, x in pending]
-                    for st, fut in futures:
-                        rec = fut.result()  # re-raises a tool crash
-                        st.tool_calls.append(rec)
-                        obs = rec["output"] if rec["ok"] else TOOL_FAILED_OBSERVATION
-                        st.text += f" Observation: {obs}\n"
-        for st in states:  # out of iterations: close the trace
-            if not st.done:
-                if START_WORK not in st.text[st.text.index(ASSISTANT_HEADER):]:
-                    st.text += f"\n{START_WORK} Work:"
-                st.done = True
-        return states
+                   samples: Sequence[dict[str, Any]]) -> list[Trace]:
+        """The traces of N samples (align.rewards.themis_traces), uncached."""
+        prompts = [render_user(q, a, c) + ASSISTANT_HEADER for q, a, c in zip(questions, answers, contexts)]
+        return self.tracer.run(prompts, list(samples))
 
-    def _advance(self, st: _TraceState, cont: str, pending: list) -> None:
-        eos = self.tokenizer.eos_token
-        if cont.endswith(START_OBSERVATION):
-            body = cont[: -len(START_OBSERVATION)]
-            block = (st.text + body)[(st.text + body).rfind(START_TOOL):] if START_TOOL in st.text + body else body
-            parsed = parse_action(block)
-            if st.rounds >= self.max_rounds or parsed is None:
-                # no more tool budget, or a call we cannot parse: record the failure and go to the rationale
-                st.text += body + f"{START_OBSERVATION} Observation: {TOOL_FAILED_OBSERVATION}\n{START_WORK} Work:"
-                st.tool_calls.append({"action": parsed[0] if parsed else None, "input": parsed[1] if parsed else body,
-                                      "ok": False, "output": "", "latency_s": 0.0,
-                                      "error": "tool budget exhausted" if parsed else "unparsable tool call"})
-                st.forced_work = True
-                return
-            st.text += body + START_OBSERVATION
-            st.rounds += 1
-            pending.append((st, parsed[0], parsed[1]))
-            return
-        ended = bool(eos) and cont.endswith(eos)
-        body = cont[: -len(eos)] if ended else cont
-        assistant = st.text[st.text.index(ASSISTANT_HEADER):] + body
-        if START_WORK in assistant:
-            st.text += body
-            st.done = True
-        elif not st.forced_work:
-            # "Finished" (no tool needed) or a trace that stopped without a rationale: ask for the rationale
-            st.text += body + ("" if body.endswith("\n") else "\n") + f"{START_WORK} "
-            st.forced_work = True
-        else:
-            st.text += body
-            st.done = True
+    def _info(self, trace: Trace) -> dict[str, Any]:
+        tok, work = self.tokenizer, self.tracer.work_id
+        body = trace.ids[:-1]  # the scored EOS is not part of the text
+        at = max((k for k, t in enumerate(body) if t == work), default=None)
+        rationale = "" if at is None else _WORK_PREFIX.sub("", tok.decode(body[at + 1:], skip_special_tokens=True), count=1).strip()
+        return {"trace": tok.decode(body, skip_special_tokens=False), "tool_calls": trace.tool_calls,
+                "rationale": rationale, "stop_reason": trace.stop_reason,
+                "rounds": sum(c["action"] is not None and c["error"] != "tool budget exhausted" for c in trace.tool_calls)}
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardOutput:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         n = len(prompts)
         contexts = list(columns.get("context") or [None] * n)
-        samples = []
+        samples, keys = [], []
         for i in range(n):
             sample = {k: v[i] for k, v in columns.items() if isinstance(v, (list, tuple)) and len(v) == n}
             sample.update(question=prompts[i], answer=completions[i])
             samples.append(sample)
-        states = self.run_traces(prompts, completions, contexts, samples)
-        scores = self.score_texts([s.text for s in states])
-        info = [{"trace": s.text[s.text.index(ASSISTANT_HEADER) + len(ASSISTANT_HEADER):], "tool_calls": s.tool_calls,
-                 "rounds": s.rounds} for s in states]
-        return RewardOutput(scores=scores, info=info)
+            keys.append(cache_key(prompts[i], completions[i], sample))
+        with self._lock:
+            done: dict[tuple, tuple[float, dict]] = {}
+            first: dict[tuple, int] = {}  # a sample to trace -> its first row (repeats in the batch reuse it)
+            for i, key in enumerate(keys):
+                if key in done or key in first:
+                    continue
+                got = self.cache.get(ResultCache.key(*key)) if self.cache is not None else None
+                if got is not None:
+                    done[key] = got
+                else:
+                    first[key] = i
+            run = list(first.values())
+            if run:
+                traces = self.run_traces([prompts[i] for i in run], [completions[i] for i in run],
+                                         [contexts[i] for i in run], [samples[i] for i in run])
+                scores = self.score_ids([t.prompt_ids + t.ids for t in traces])
+                for i, t, s in zip(run, traces, scores):
+                    done[keys[i]] = (s, self._info(t))
+                    if self.cache is not None:
+                        self.cache.put(ResultCache.key(*keys[i]), done[keys[i]])
+        ran = set(run)
+        out_scores, info = [], []
+        for i, key in enumerate(keys):
+            s, inf = done[key]
+            out_scores.append(s)
+            info.append({**copy.deepcopy(inf), "cached": i not in ran})
+        return RewardOutput(scores=out_scores, info=info,
+                            metrics={"themis/cache_hits": float(n - len(run)), "themis/cache_misses": float(len(run))})
+
+
+_WORK_PREFIX = re.compile(r"^\s*Work\s*:")
 
 
 # ----- creation / saving ------------------------------------------------------------------------------------
@@ -418,5 +336,5 @@ def load_themis(path: str | Path):
     return model, tok
 
 
-__all__ = ["ThemisModel", "ThemisRewardModel", "ThemisLossOptions", "HFGreedyGenerator", "encode_themis", "themis_loss",
+__all__ = ["ThemisModel", "ThemisRewardModel", "ThemisLossOptions", "encode_themis", "themis_loss",
            "pad_left", "parse_action", "add_themis_tokens", "create_themis", "save_themis", "load_themis", "ACTION_RE"]

@@ -185,7 +185,10 @@ class ThemisFormat:
         return text
 
     def observation(self, outputs: list[tuple[str, str]], last_token_text: str, max_tokens: int):
-        return encode_observation(self.tokenizer, [(" ", False), (outputs[0][1], True), ("\n", False)], max_tokens)
+        # the space goes with the output: a byte-level BPE writes " Monday" as one token, and the observation
+        # must be the ids of the text " {result}\n" as tokenised, not " " and the result tokenised apart
+        ids, shown = encode_observation(self.tokenizer, [(" " + outputs[0][1], True), ("\n", False)], max_tokens)
+        return ids, [s[1:] if s.startswith(" ") else s for s in shown]  # the text as the tool wrote it
 
 
 FORMATS = {"hermes": HermesFormat, "themis": ThemisFormat}

@@ -4,7 +4,9 @@
 
 - align.kernels imports only torch / triton (and the standard library) and itself;
 - align.tools imports nothing of align but align.errors;
-- align.rollouts may import align.kernels; align.rewards may import align.tools and align.kernels;
+- align.rollouts may import align.kernels; align.rewards may import align.tools, align.kernels and
+  align.rollouts (a generative reward model such as Themis generates its traces with the rollout engine), never
+  the reverse;
 - align.algos (pure RL math) imports only torch; like align.errors it is a leaf every layer above tools /
   kernels may use (curiosity's masked statistics, the LR schedule);
 - align.errors imports nothing at all (every layer may import it).
@@ -27,7 +29,7 @@ ALLOWED_OURS = {
     "align.kernels": set(),
     "align.tools": {"align.errors"},
     "align.rollouts": {"align.errors", "align.kernels", "align.algos"},
-    "align.rewards": {"align.errors", "align.tools", "align.kernels", "align.algos"},
+    "align.rewards": {"align.errors", "align.tools", "align.kernels", "align.algos", "align.rollouts"},
     "align.algos": {"align.errors"},
     "align.errors": set(),
 }
