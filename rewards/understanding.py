@@ -10,8 +10,7 @@ the text from the `caption` column, or else from the prompt without its image-re
 Per-token log-probs go to `info`. Other rewards can be mixed in: score = w_u * R + sum_i w_i * r_i.
 
 The UMM layout (`umm` section of config.json) is defined, written and read by `align.rollouts.umm`
-(`make_umm_layout`, `umm_layout`); rewards may not import rollouts, so `_layout_of` below is a tiny reader of
-the same keys (a test keeps them equal): num_image_tokens, image_token_ids, boi_token_id, eoi_token_id,
+(`make_umm_layout`, `umm_layout`): num_image_tokens, image_token_ids, boi_token_id, eoi_token_id,
 prompt_suffix, instruction.
 Any object with `score_text(image_ids [N, K], texts) -> N tensors [L_i]` (e.g. `align.rollouts.umm.JanusUMM`)
 can be passed as `umm=` instead.
@@ -25,17 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from align.rewards.base import RewardFunction, RewardOutput, as_reward_function
-
-# = align.rollouts.umm.UMM_CONFIG_KEYS (tests/rewards/test_understanding_reward.py checks it; the layer rules keep rewards from importing rollouts)
-_LAYOUT_KEYS = ("num_image_tokens", "image_token_ids", "boi_token_id", "eoi_token_id", "prompt_suffix", "instruction")
-
-
-def _layout_of(model) -> dict:
-    layout = getattr(getattr(model, "config", model), "umm", None)
-    if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
-        raise ValueError("UnderstandingReward: the model's config has no complete `umm` section "
-                         f"({', '.join(_LAYOUT_KEYS)}); write it with align.rollouts.umm.make_umm_layout or pass umm=<adapter>")
-    return layout
+from align.rollouts.umm import umm_layout
 
 
 def understanding_logprobs(model, rows: Sequence[Sequence[int]], starts: Sequence[int], pad_token_id: int) -> list[torch.Tensor]:
@@ -96,7 +85,7 @@ class UnderstandingReward(RewardFunction):
     # -------------------------------------------------------------------------------------------- binding
     def _bind(self, model, tokenizer, disable_adapters) -> None:
         self.model, self.tokenizer, self.disable_adapters = model, tokenizer, disable_adapters
-        self.layout = _layout_of(model)
+        self.layout = umm_layout(model)
         self._instruction_ids = tokenizer(self.layout["instruction"], add_special_tokens=False)["input_ids"]
         self._image_ids = {int(t) for t in self.layout["image_token_ids"]}
 

@@ -112,15 +112,3 @@ def test_janus_adapter_generates_image_tokens_and_scores_text(tiny_janus):
     # The text score depends on the image: the understanding branch reads it.
     other = umm.score_text(torch.flip(out.ids, dims=[0]), texts)
     assert any(not torch.allclose(a, b) for a, b in zip(scores, other))
-
-
-def test_the_rewards_layout_reader_reads_the_keys_rollouts_umm_writes(toy_umm_path):
-    """align.rewards may not import align.rollouts, so understanding.py keeps a tiny reader of the same layout."""
-    from transformers import AutoConfig
-
-    from align.rewards import understanding
-    from align.rollouts.umm import UMM_CONFIG_KEYS, umm_layout
-
-    assert understanding._LAYOUT_KEYS == UMM_CONFIG_KEYS
-    cfg = AutoConfig.from_pretrained(toy_umm_path)
-    assert understanding._layout_of(cfg) == umm_layout(cfg) == cfg.umm
