@@ -308,3 +308,27 @@ def memorised_themis(out_dir: str | Path, traces, positive, *, seed: int = 0, hi
                 return Path(out_dir)
     raise RuntimeError(f"memorised_themis: {max_steps} steps did not memorise the {len(traces)} traces "
                        f"({wrong} generated tokens still wrong); raise max_steps or hidden_size")
+
+
+def calendar_themis_traces(cases, rationales: tuple[str, str] = ("The answer matches the tool.",
+                                                                "The answer differs from the tool.")) -> list[dict]:
+    """Themis training sequences for "What date is N days after D?" questions, for `memorised_themis`.
+
+    cases: (day "YYYY-MM-DD", n) pairs. Each gives two samples: the true date (datetime: day + n days) as a
+    positive and the date one day later as a negative, both with a trace that calls Calendar.target_day with
+    "day, n" and observes the true date -> [{question, answer, positive, observation, text}, ...]."""
+    from datetime import date, timedelta
+
+    from align.rewards.tara import render_themis
+    from align.tools.trace import ToolCall
+
+    out = []
+    for day, n in cases:
+        true = (date.fromisoformat(day) + timedelta(days=n)).isoformat()
+        wrong = (date.fromisoformat(day) + timedelta(days=n + 1)).isoformat()
+        question = f"What date is {n} days after {day}?"
+        call = ToolCall("Calendar.target_day", f"{day}, {n}", "I need the date.", true)
+        for answer, positive, rationale in ((true, True, rationales[0]), (wrong, False, rationales[1])):
+            out.append({"question": question, "answer": answer, "positive": positive, "observation": true,
+                        "text": render_themis(question, answer, [call], rationale).text})
+    return out

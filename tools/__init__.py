@@ -14,6 +14,7 @@ from align.tools.calculator import Calculator, calculate
 from align.tools.calendar_tools import DayDifference, TargetDay, WeekDay, day_difference, target_day, week_day
 from align.tools.catalog import TOOLS, call_tool, get_tool, register_tool
 from align.tools.code_run import CodeRun, format_pass_rate
+from align.tools.deadline import DeadlineTools
 from align.tools.executor import Call, ResultCache, ToolExecutor
 from align.tools.http_client import HTTPConfig
 from align.tools.registry import Registry, UnknownNameError
@@ -44,7 +45,7 @@ from align.tools.weather import HistoryWeather
 
 __all__ = [
     "Tool", "ToolError", "ToolResult", "FunctionTool", "TOOLS", "get_tool", "register_tool", "call_tool",
-    "Registry", "UnknownNameError", "ToolExecutor", "Call", "ResultCache",
+    "Registry", "UnknownNameError", "ToolExecutor", "Call", "ResultCache", "DeadlineTools",
     "Calculator", "calculate", "CalcError", "CalcLimits",
     "CodeRun", "format_pass_rate", "run_code", "ExecResult", "TestOutcome", "Sandbox", "SandboxConfig",
     "SandboxUnavailableError", "detect_isolation", "get_sandbox",
