@@ -1,5 +1,5 @@
 """A Themis checkpoint served by `align serve-rewards` (issue 20, item 2): a tiny model that memorised
-Calendar traces (align.testing.memorised_themis) writes its calls, the real Calendar tool answers, the value
+Calendar traces (the `calendar_themis` fixture, tests/conftest.py) writes its calls, the real Calendar tool answers, the value
 head scores; the response carries each sample's trace and tool calls. A hanging tool ends as a failed call
 within tool_timeout_s and the request still completes."""
 from __future__ import annotations
@@ -18,15 +18,9 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
-from align.rewards.tara import render_themis
-from align.testing import calendar_themis_traces, memorised_themis
 from align.tools import ToolResult, get_tool
-from align.tools.trace import TOOL_FAILED_OBSERVATION, ToolCall
-
-CASES = [("2023-06-01", 12), ("2021-02-25", 5)]
-HANG_Q, HANG_A = "What time is it in Lima now?", "noon"
+from align.tools.trace import TOOL_FAILED_OBSERVATION
 
 
 def true_date(day: str, n: int) -> str:
@@ -34,22 +28,19 @@ def true_date(day: str, n: int) -> str:
     return (date.fromisoformat(day) + timedelta(days=n)).isoformat()
 
 
-def hang_trace() -> str:
-    call = ToolCall("Clock.now", "Lima", "I need the time.", TOOL_FAILED_OBSERVATION)
-    return render_themis(HANG_Q, HANG_A, [call], "The tool gave no answer.").text
+@pytest.fixture(scope="module")
+def checkpoint(calendar_themis):
+    return calendar_themis["path"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.set_num_threads(1)
-    samples = calendar_themis_traces(CASES)
-    texts = [s["text"] for s in samples] + [hang_trace()]
-    return memorised_themis(tmp_path_factory.mktemp("themis"), texts, [s["positive"] for s in samples] + [False])
+def cases(calendar_themis):
+    return calendar_themis["cases"][:2]
 
 
-def calendar_batch():
+def calendar_batch(cases):
     prompts, completions, truth = [], [], []
-    for day, n in CASES:
+    for day, n in cases:
         for answer in (true_date(day, n), true_date(day, n + 1)):  # positive, then negative
             prompts.append(f"What date is {n} days after {day}?")
             completions.append(answer)
@@ -57,10 +48,15 @@ def calendar_batch():
     return prompts, completions, truth
 
 
+def observed(call: dict) -> str:
+    """A tool call's observation: the info contract's "observation" (main's trace loop still calls it "output")."""
+    return call["observation"] if "observation" in call else call["output"]
+
+
 def check_calendar_sample(info: dict, truth: str, day: str, n: int) -> None:
     assert f"<start_observation> Observation: {truth}\n" in info["trace"]
     (call,) = info["tool_calls"]
-    assert (call["action"], call["input"], call["ok"], call["output"]) == ("Calendar.target_day", f"{day}, {n}", True, truth)
+    assert (call["action"], call["input"], call["ok"], observed(call)) == ("Calendar.target_day", f"{day}, {n}", True, truth)
 
 
 def free_port() -> int:
@@ -83,7 +79,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> 
     raise AssertionError("serve-rewards did not come up")
 
 
-def test_serve_rewards_scores_with_a_themis_checkpoint_and_returns_traces(checkpoint, tmp_path):
+def test_serve_rewards_scores_with_a_themis_checkpoint_and_returns_traces(checkpoint, cases, tmp_path):
     # the training config's reward section names the checkpoint, as a run with `reward.functions` would
     config = tmp_path / "serve.json"
     config.write_text(json.dumps({"reward": {"functions": [
@@ -97,7 +93,7 @@ def test_serve_rewards_scores_with_a_themis_checkpoint_and_returns_traces(checkp
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_healthy(url, proc)
-        prompts, completions, truth = calendar_batch()
+        prompts, completions, truth = calendar_batch(cases)
         halves = [(prompts[:2], completions[:2]), (prompts[2:], completions[2:])]
         # two concurrent requests of 2 samples: the batcher waits (max_wait_ms) until max_batch_size 4 is full
         with ThreadPoolExecutor(2) as pool:
@@ -110,7 +106,7 @@ def test_serve_rewards_scores_with_a_themis_checkpoint_and_returns_traces(checkp
         metrics = requests.get(url + "/metrics", timeout=10).text
         assert re.search(r"^reward_batch_size_count 1\.0$", metrics, re.M), "the two requests were one batch"
         assert re.search(r"^reward_batch_size_sum 4\.0$", metrics, re.M)
-        for k, (day, n) in enumerate(CASES):
+        for k, (day, n) in enumerate(cases):
             assert scores[2 * k] > scores[2 * k + 1]  # the true date above the date one day later
             for j in (2 * k, 2 * k + 1):
                 check_calendar_sample(infos[j], truth[j], day, n)
@@ -139,19 +135,20 @@ class Hang:
         return ToolResult(True, "12:00", None, 0.0)
 
 
-def test_a_hanging_tool_ends_as_a_failed_call_within_its_timeout(checkpoint):
+def test_a_hanging_tool_ends_as_a_failed_call_within_its_timeout(checkpoint, cases, calendar_themis):
     from align.rewards.registry import get_reward
     from align.rewards.service import ServerThread, create_app
 
     hang = Hang()
     reward = get_reward("themis", model_path=str(checkpoint), device="cpu", tool_timeout_s=0.5,
                         tools=lambda name: hang if name == "Clock.now" else get_tool(name))
-    (day, n), truth = CASES[0], true_date(*CASES[0])
+    (day, n), truth = cases[0], true_date(*cases[0])
+    hang_q, hang_a = calendar_themis["hang"]
     try:
         with ServerThread(create_app(reward, token=None, max_wait_ms=0)) as url:
             t0 = time.monotonic()
-            r = requests.post(url + "/score", json={"prompts": [HANG_Q, f"What date is {n} days after {day}?"],
-                                                    "completions": [HANG_A, truth]}, timeout=60)
+            r = requests.post(url + "/score", json={"prompts": [hang_q, f"What date is {n} days after {day}?"],
+                                                    "completions": [hang_a, truth]}, timeout=60)
             elapsed = time.monotonic() - t0
     finally:
         hang.release.set()
@@ -159,8 +156,10 @@ def test_a_hanging_tool_ends_as_a_failed_call_within_its_timeout(checkpoint):
     hung, cal = r.json()["info"]
     (call,) = hung["tool_calls"]
     assert hang.calls == 1 and call["action"] == "Clock.now" and call["ok"] is False
-    assert call["error"] == "timeout after 0.5s" and 0.5 <= call["latency_s"] < 5
-    assert f"<start_observation> Observation: {TOOL_FAILED_OBSERVATION}\n" in hung["trace"]
+    assert "timeout after 0.5s" in f"{call.get('error')} {call.get('observation')}"  # the call says why it failed
+    # the trace shows a failure observation for it, never an answer
+    shown = re.search(r"<start_observation> Observation: (.*)\n", hung["trace"]).group(1)
+    assert shown == TOOL_FAILED_OBSERVATION or "timeout" in shown
     check_calendar_sample(cal, truth, day, n)  # the other sample of the batch is unaffected
     assert elapsed < 30  # the request finished (the tool would have held it for 60 s)
 
