@@ -12,8 +12,9 @@
   still completes; `max_rounds` is the per-sample tool budget.
 
 `score` returns ThemisRewardModel's output: info[i] holds the sample's "trace" (the assistant part: calls,
-observations, rationale) and "tool_calls" ({action, input, ok, output, error, latency_s}), which `/score`
-returns as `info` and `/get_reward` as `extra_logs.trace` (with `--trace-chars N`).
+observations, rationale), "tool_calls" (one record per call) and "rationale" (the text after "Work:", read off
+the trace when the trace loop does not set it), which `/score` returns as `info` and `/get_reward` as
+`extra_logs.trace` (with `--trace-chars N`).
 """
 from __future__ import annotations
 
@@ -60,7 +61,14 @@ class ServedThemis(RewardFunction):
             return self._rm
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardOutput:
-        return self.reward_model().score(prompts, completions, **columns)
+        out = self.reward_model().score(prompts, completions, **columns)
+        for info in out.info:
+            if isinstance(info, dict) and "rationale" not in info and isinstance(info.get("trace"), str):
+                from align.tools.trace import parse_trace
+
+                # a trace loop that keeps the rationale only inside the trace: the response names it anyway
+                info["rationale"] = parse_trace(info["trace"]).rationale
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -55,6 +55,7 @@ def test_reward_workers_score_with_a_themis_checkpoint(ray_local, calendar_themi
         for j in (2 * k, 2 * k + 1):
             info = out.info[j]["component_info"]["themis"]
             assert f"<start_observation> Observation: {true_date(day, n)}\n" in info["trace"]
+            assert info["rationale"] == ("The answer matches the tool." if j == 2 * k else "The answer differs from the tool.")
             (call,) = info["tool_calls"]
             observed = call["observation"] if "observation" in call else call["output"]  # main's loop: "output"
             assert (call["action"], call["input"], call["ok"], observed) == ("Calendar.target_day", f"{day}, {n}", True,

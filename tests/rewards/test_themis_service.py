@@ -53,8 +53,10 @@ def observed(call: dict) -> str:
     return call["observation"] if "observation" in call else call["output"]
 
 
-def check_calendar_sample(info: dict, truth: str, day: str, n: int) -> None:
+def check_calendar_sample(info: dict, truth: str, day: str, n: int, positive: bool) -> None:
     assert f"<start_observation> Observation: {truth}\n" in info["trace"]
+    # the rationales memorised for the true date and for the wrong one (calendar_themis_traces)
+    assert info["rationale"] == ("The answer matches the tool." if positive else "The answer differs from the tool.")
     (call,) = info["tool_calls"]
     assert (call["action"], call["input"], call["ok"], observed(call)) == ("Calendar.target_day", f"{day}, {n}", True, truth)
 
@@ -109,7 +111,7 @@ def test_serve_rewards_scores_with_a_themis_checkpoint_and_returns_traces(checkp
         for k, (day, n) in enumerate(cases):
             assert scores[2 * k] > scores[2 * k + 1]  # the true date above the date one day later
             for j in (2 * k, 2 * k + 1):
-                check_calendar_sample(infos[j], truth[j], day, n)
+                check_calendar_sample(infos[j], truth[j], day, n, positive=j == 2 * k)
         # OpenRLHF's /get_reward: query = prompt + response; the traces come back in extra_logs.trace
         body = requests.post(url + "/get_reward", json={"query": [p + c for p, c in zip(prompts, completions)],
                                                         "prompts": prompts}, timeout=120).json()
@@ -160,7 +162,7 @@ def test_a_hanging_tool_ends_as_a_failed_call_within_its_timeout(checkpoint, cas
     # the trace shows a failure observation for it, never an answer
     shown = re.search(r"<start_observation> Observation: (.*)\n", hung["trace"]).group(1)
     assert shown == TOOL_FAILED_OBSERVATION or "timeout" in shown
-    check_calendar_sample(cal, truth, day, n)  # the other sample of the batch is unaffected
+    check_calendar_sample(cal, truth, day, n, positive=True)  # the other sample of the batch is unaffected
     assert elapsed < 30  # the request finished (the tool would have held it for 60 s)
 
 
