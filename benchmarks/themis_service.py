@@ -133,7 +133,8 @@ def main() -> int:
     args = ap.parse_args()
 
     t0, c0 = time.perf_counter(), time.process_time()
-    model_path, samples = build_checkpoint(Path(tempfile.mkdtemp(prefix="themis-bench-")))
+    scratch = tempfile.TemporaryDirectory(prefix="themis-bench-")  # removed at exit
+    model_path, samples = build_checkpoint(Path(scratch.name))
     build = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
              "steps": json.loads((model_path / "themis.json").read_text())["memorised_steps"]}
     pairs = [(samples[i]["question"], samples[i]["answer"], samples[i + 1]["answer"]) for i in range(0, len(samples), 2)]
