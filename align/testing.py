@@ -237,15 +237,16 @@ def _generated_positions(text: str, offsets: list[tuple[int, int]], assistant_st
 
 
 def memorised_themis(out_dir: str | Path, traces, positive, *, seed: int = 0, hidden_size: int = 64,
-                     num_layers: int = 2, num_heads: int = 4, lr: float = 3e-3, max_steps: int = 600,
-                     check_every: int = 25, margin: float = 2.0) -> Path:
+                     num_layers: int = 1, num_heads: int = 4, lr: float = 3e-3, max_steps: int = 600,
+                     check_every: int = 10, margin: float = 2.0) -> Path:
     """A tiny Themis RM that has memorised `traces`, saved with `save_themis` to `out_dir` -> the path.
 
     traces: full Themis sequences without EOS ("### USER:\\n...Answer: a\\n### ASSISTANT:\\n<start_tool>
     Thought: ...\\nAction: A\\nAction Input: I\\n<start_observation> Observation: O\\n<start_work> Work: r",
     e.g. `align.rewards.tara.render_themis(...).text`); positive: one bool per trace (positive answer or not).
 
-    A random tiny Llama over a character tokenizer holding the three Themis tokens is trained (full batch,
+    A random tiny Llama (1 layer x 64 by default: it memorises in fewer steps than 2 layers, ~2-8 s CPU for 4-12
+    traces) over a character tokenizer holding the three Themis tokens is trained (full batch,
     Adam) on the assistant part + EOS, and its value head on a logistic loss with labels +-1, until teacher-forced
     argmax reproduces every token the trace loop generates (so greedy decoding reproduces each trace, given
     the same observations) and min(positive score) - max(negative score) >= margin; checked every
@@ -308,3 +309,27 @@ def memorised_themis(out_dir: str | Path, traces, positive, *, seed: int = 0, hi
                 return Path(out_dir)
     raise RuntimeError(f"memorised_themis: {max_steps} steps did not memorise the {len(traces)} traces "
                        f"({wrong} generated tokens still wrong); raise max_steps or hidden_size")
+
+
+def calendar_themis_traces(cases, rationales: tuple[str, str] = ("The answer matches the tool.",
+                                                                "The answer differs from the tool.")) -> list[dict]:
+    """Themis training sequences for "What date is N days after D?" questions, for `memorised_themis`.
+
+    cases: (day "YYYY-MM-DD", n) pairs. Each gives two samples: the true date (datetime: day + n days) as a
+    positive and the date one day later as a negative, both with a trace that calls Calendar.target_day with
+    "day, n" and observes the true date -> [{question, answer, positive, observation, text}, ...]."""
+    from datetime import date, timedelta
+
+    from align.rewards.tara import render_themis
+    from align.tools.trace import ToolCall
+
+    out = []
+    for day, n in cases:
+        true = (date.fromisoformat(day) + timedelta(days=n)).isoformat()
+        wrong = (date.fromisoformat(day) + timedelta(days=n + 1)).isoformat()
+        question = f"What date is {n} days after {day}?"
+        call = ToolCall("Calendar.target_day", f"{day}, {n}", "I need the date.", true)
+        for answer, positive, rationale in ((true, True, rationales[0]), (wrong, False, rationales[1])):
+            out.append({"question": question, "answer": answer, "positive": positive, "observation": true,
+                        "text": render_themis(question, answer, [call], rationale).text})
+    return out

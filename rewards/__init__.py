@@ -40,6 +40,7 @@ _LAZY = {
     # the reward models and intrinsic rewards: torch and transformers load only when used
     "ClassifierRewardModel": "align.rewards.classifier",
     "ThemisRewardModel": "align.rewards.themis",
+    "ServedThemis": "align.rewards.themis_served",
     "CuriosityModule": "align.rewards.curiosity",
     "UnderstandingReward": "align.rewards.understanding",
     "train_reward_model": "align.rewards.training",

@@ -118,7 +118,7 @@ def _register_builtins() -> None:
     register_reward("format", FormatReward)
     register_reward("verl", LazyReward("align.rewards.adapters:verl_reward"))  # kwargs: compute_score
     # reward models: torch / transformers are imported only when one is asked for
-    register_reward("themis", LazyReward("align.rewards.themis:ThemisRewardModel"))
+    register_reward("themis", LazyReward("align.rewards.themis_served:ServedThemis"))  # ThemisRewardModel, lazily loaded
     register_reward("classifier_rm", LazyReward("align.rewards.classifier:ClassifierRewardModel"), aliases=("classifier",))
     register_reward("understanding", LazyReward("align.rewards.understanding:UnderstandingReward"), aliases=("gvu",))
 

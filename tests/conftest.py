@@ -110,3 +110,28 @@ def tiny_janus(tmp_path_factory):
     model = JanusForConditionalGeneration.from_pretrained(path).eval()
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in zip(("<image>", "<boi>", "<eoi>"), JANUS_IMAGE_TOKENS)}
     return model, tok, ids
+
+
+# Themis served (tests/rewards/test_themis_service.py, tests/backends/test_ray_themis.py): one memorised checkpoint.
+
+@pytest.fixture(scope="session")
+def calendar_themis(tmp_path_factory) -> dict:
+    """A tiny Themis checkpoint (`align.testing.memorised_themis`, a few s CPU, built once per session) that memorised
+    a Calendar.target_day trace for each of `cases` (the true date a positive, a day later a negative) and a
+    Clock.now call whose tool fails (question `hang[0]`, answer `hang[1]`) -> {path, cases, hang}."""
+    from align.rewards.tara import render_themis
+    from align.testing import calendar_themis_traces, memorised_themis
+    from align.tools.trace import TOOL_FAILED_OBSERVATION, ToolCall
+
+    cases = [("2023-06-01", 12), ("2021-02-25", 5), ("2020-02-27", 3)]  # the last one crosses a leap day
+    hang = ("What time is it in Lima now?", "noon")
+    samples = calendar_themis_traces(cases)
+    fail = ToolCall("Clock.now", "Lima", "I need the time.", TOOL_FAILED_OBSERVATION)
+    texts = [s["text"] for s in samples] + [render_themis(*hang, [fail], "The tool gave no answer.").text]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = memorised_themis(tmp_path_factory.mktemp("themis"), texts, [s["positive"] for s in samples] + [False])
+    finally:
+        torch.set_num_threads(threads)
+    return {"path": path, "cases": cases, "hang": hang}

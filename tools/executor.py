@@ -2,7 +2,8 @@
 
 Tools that run code or arithmetic already do their work in killable child processes with their own
 deadlines; the executor's timeout bounds what the caller waits for (a timed-out call returns
-ToolResult(ok=False, error="timeout ...") while its thread finishes in the background).
+ToolResult(ok=False, error="timeout ...") while its thread finishes in the background; a call that cannot start
+because hung calls hold every worker is answered "not started" once the batch's bound has passed).
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ class ToolExecutor:
                 continue
             started: list = []
             pending[self._pool.submit(self._run_one, call, started)] = (i, key, started)
+        # the whole batch is bounded too: hung calls hold their workers forever (threads cannot be killed), so a
+        # call queued behind them would never start and never time out; past this bound it is answered not started
+        rounds = -(-len(pending) // self.max_workers) + 1
+        deadline = time.monotonic() + self.timeout_s * rounds
         while pending:
             done, _ = wait(list(pending), timeout=0.05, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -129,6 +134,11 @@ class ToolExecutor:
                 if started and now - started[0] > self.timeout_s:
                     pending.pop(fut)
                     results[i] = ToolResult(False, "", f"timeout after {self.timeout_s:g}s", now - started[0])
+                elif not started and now > deadline:
+                    pending.pop(fut)
+                    fut.cancel()
+                    results[i] = ToolResult(False, "", f"not started within {self.timeout_s * rounds:g}s: every tool "
+                                                       f"worker ({self.max_workers}) is busy, some with hung calls", 0.0)
         return results  # type: ignore[return-value]
 
     async def arun_batch(self, calls) -> list[ToolResult]:

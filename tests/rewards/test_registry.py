@@ -117,7 +117,7 @@ def test_package_exports_are_lazy_and_pickle():
 
 
 def test_lazy_builtin_reward_models_point_at_real_classes():
-    for name, target in (("themis", "ThemisRewardModel"), ("classifier_rm", "ClassifierRewardModel"),
+    for name, target in (("themis", "ServedThemis"), ("classifier_rm", "ClassifierRewardModel"),
                          ("understanding", "UnderstandingReward")):
         entry = REWARDS.get(name)
         assert isinstance(entry, LazyReward)
