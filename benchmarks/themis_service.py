@@ -49,7 +49,9 @@ def build_checkpoint(out: Path) -> tuple[Path, list[dict]]:
 def start_service(model_path: Path, batch_size: int, port: int):
     import subprocess
 
-    kwargs = {"model_path": str(model_path), "device": "cpu", "batch_size": max(1, batch_size), "tool_timeout_s": 10}
+    # cache_size 0: the clients cycle through a few pairs, and a score-cache hit would measure no scoring at all
+    kwargs = {"model_path": str(model_path), "device": "cpu", "batch_size": max(1, batch_size), "tool_timeout_s": 10,
+              "cache_size": 0}
     cmd = [sys.executable, "-m", "align.cli", "serve-rewards", "--reward", "themis", "--reward-kwargs", json.dumps(kwargs),
            "--port", str(port), "--max-batch-size", str(batch_size), "--max-wait-ms", "20", "--max-concurrency", "1024",
            "--log-level", "warning"]
