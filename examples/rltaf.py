@@ -74,17 +74,24 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
     for kind in ("plain", "themis"):
         rm_dir = out / f"rm-{kind}"
         t0, c0 = time.perf_counter(), cpu_seconds()
-        if not (rm_dir / "train_metrics.json").is_file():
-            model = ({"kind": "classifier", "path": str(base), "head": "value_head"} if kind == "plain"
-                     else {"kind": "themis", "path": str(base)})
+        # stage 1 from the shared backbone; stage 2 (rm_steps2 > 0) continues from stage 1's checkpoint with a
+        # fresh cosine cycle and new shuffling: a warm restart, the same for both RMs
+        stages = [(out / f"rm-{kind}-stage1", base, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
+        stages.append((rm_dir, stages[0][0] if stages else base, p["rm_steps2"] or p["rm_steps"],
+                       p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], 1 if p["rm_steps2"] else 0))
+        for stage_dir, start, steps, lr, seed in stages:
+            if (stage_dir / "train_metrics.json").is_file():
+                continue
+            model = ({"kind": "classifier", "path": str(start), "head": "value_head"} if kind == "plain"
+                     else {"kind": "themis", "path": str(start)})
             cfg = RMTrainConfig.from_dict({
                 "model": {**model, "max_length": p["rm_max_length"]},
                 "data": {"train": sources},
-                "train": {"epochs": p["rm_epochs"], "max_steps": p["rm_steps"], "batch_size": p["rm_batch"],
-                          "lr": p["rm_lr"], "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": 0, "threads": 1,
+                "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
+                          "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": seed, "threads": 1,
                           "log_every": 50},
                 "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": 1},
-                "output_dir": str(rm_dir)})
+                "output_dir": str(stage_dir)})
             train_reward_model(cfg, log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))
         train_metrics = json.loads((rm_dir / "train_metrics.json").read_text())
         t1, c1 = time.perf_counter(), cpu_seconds()
@@ -94,6 +101,8 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
             ev[Path(src).stem if src.endswith(".jsonl") else src] = {"accuracy": r["pairwise_accuracy"], "n": r["n"]}
         results[kind] = {"train": train_metrics, "eval": ev, "train_wall_s": t1 - t0, "train_cpu_s": c1 - c0,
                          "eval_wall_s": time.perf_counter() - t1, "eval_cpu_s": cpu_seconds() - c1}
+        if len(stages) == 2:
+            results[kind]["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
         if kind == "themis":
             results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64])
         print(f"  [rm {kind}] held-out pairwise accuracy: " +
@@ -108,11 +117,14 @@ def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question]) -> dic
 
     rm = get_reward("themis", model_path=str(rm_dir), max_rounds=1, max_new_tokens=100, batch_size=32)
     out = rm.score([q.text for q in questions], [q.answer for q in questions])
-    good = 0
+    good = ok = 0
     for q, info in zip(questions, out.info):
         calls = info["tool_calls"]
+        ok += bool(calls) and calls[0]["action"] == task.ACTION and calls[0]["ok"]
         good += bool(calls) and calls[0]["action"] == task.ACTION and calls[0]["ok"] and calls[0]["output"] == q.answer
-    return {"n": len(questions), "valid_call_share": good / max(1, len(questions)), "example_trace": out.info[0]["trace"]}
+    n = max(1, len(questions))
+    return {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n,
+            "example_trace": out.info[0]["trace"], "example_question": questions[0].text if questions else None}
 
 
 # ----- policy ----------------------------------------------------------------------------------------------
@@ -241,12 +253,12 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
 
 DEFAULTS: dict[str, Any] = {
     "rm_hidden": 128, "rm_layers": 3, "rm_max_length": 320, "rm_pairs": 2000, "rm_test": 400, "rm_epochs": 100.0,
-    "rm_steps": 800, "rm_batch": 8, "rm_lr": 3e-3, "themis_new_tokens": 100,
+    "rm_steps": 800, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 600, "rm_lr2": 2e-3, "themis_new_tokens": 100,
     "policy_hidden": 64, "policy_layers": 2, "sft_examples": 3000, "sft_steps": 350, "sft_lr": 3e-3,
     "prompts_per_step": 8, "group_size": 4, "rl_steps": 40, "rl_lr": 5e-4, "kl_coef": 0.0, "heldout": 600,
 }
 SMOKE: dict[str, Any] = {**DEFAULTS, "rm_hidden": 32, "rm_layers": 1, "rm_max_length": 192, "rm_pairs": 16, "rm_test": 8,
-                         "rm_steps": 2, "rm_batch": 4, "themis_new_tokens": 8, "policy_hidden": 32, "policy_layers": 1,
+                         "rm_steps": 2, "rm_steps2": 0, "rm_batch": 4, "themis_new_tokens": 8, "policy_hidden": 32, "policy_layers": 1,
                          "sft_examples": 32, "sft_steps": 2, "prompts_per_step": 2, "group_size": 2, "rl_steps": 1,
                          "heldout": 8}
 

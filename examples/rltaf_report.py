@@ -120,8 +120,9 @@ def format_tables(results: dict[str, Any]) -> str:
         lines.append(f"| {kind} | " + " | ".join(_pct(v["accuracy"]) + f" (n={v['n']})" for v in ev.values()) + " |")
     tc = rms["themis"].get("trace_checks")
     if tc:
-        lines.append(f"Themis on {tc['n']} held-out questions (right answers): first call Calendar.target_day with the "
-                     f"question's date and N, tool output = the right date: {_pct(tc['valid_call_share'])}%")
+        lines.append(f"Themis on {tc['n']} held-out questions (right answers): first call Calendar.target_day accepted by "
+                     f"the tool {_pct(tc.get('tool_accepts_share'))}%; with the question's date and N (output = the right "
+                     f"date) {_pct(tc['valid_call_share'])}%")
     lines += ["", f"Policy ground-truth accuracy on {results['heldout_questions']} held-out questions (greedy, %):",
               "| seed | SFT | GRPO themis | GRPO plain RM | GRPO oracle | themis vs plain win/tie/lose |", "|---|---|---|---|---|---|"]
     for r in s["per_seed"]:

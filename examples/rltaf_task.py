@@ -138,3 +138,22 @@ def win_tie_lose(a: Sequence[bool], b: Sequence[bool]) -> dict[str, int]:
     win = sum(x and not y for x, y in zip(a, b))
     lose = sum(y and not x for x, y in zip(a, b))
     return {"win": win, "tie": len(a) - win - lose, "lose": lose}
+
+
+def write_task_files(out_dir: Path, rm_pairs: int = 2000, rm_test: int = 400, sft_examples: int = 3000) -> dict[str, Path]:
+    """Every data file of the recipe (docs/experiments/rltaf.md): RM train / test pairs (TARA format), SFT
+    pairs, GRPO prompts (with an `answer` column) and the held-out questions."""
+    s = split_questions()
+    out_dir = Path(out_dir)
+    return {"rm_train": write_pairs(out_dir / "rm_train.jsonl", s["rm_train"][:rm_pairs], seed=1),
+            "rm_test": write_pairs(out_dir / "rm_test.jsonl", s["rm_test"][:rm_test], seed=2),
+            "sft": write_jsonl(out_dir / "sft.jsonl", sft_rows(s["sft"][:sft_examples])),
+            "rl_prompts": write_jsonl(out_dir / "rl_prompts.jsonl", prompt_rows(s["rl"])),
+            "heldout": write_jsonl(out_dir / "heldout.jsonl", prompt_rows(s["heldout"]))}
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, path in write_task_files(Path(sys.argv[1] if len(sys.argv) > 1 else "data/rltaf")).items():
+        print(f"{name}: {path}")
