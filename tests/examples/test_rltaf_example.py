@@ -58,6 +58,16 @@ def test_splits_are_disjoint_and_fixed():
             assert not sets[x] & sets[y], (x, y)
 
 
+def test_task_files_of_the_recipe(tmp_path):
+    paths = task.write_task_files(tmp_path, rm_pairs=5, rm_test=3, sft_examples=4)
+    rows = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
+    assert [len(rows[k]) for k in ("rm_train", "rm_test", "sft")] == [5, 3, 4]
+    assert all(r["completion"] == task.parse_question(r["prompt"]).answer for r in rows["sft"])
+    assert all(r["answer"] == task.parse_question(r["prompt"]).answer for r in rows["rl_prompts"] + rows["heldout"])
+    assert not {r["prompt"] for r in rows["heldout"]} & {r["prompt"] for r in rows["rl_prompts"] + rows["sft"]}
+    assert not {r["question"] for r in rows["rm_test"]} & {r["question"] for r in rows["rm_train"]}
+
+
 def test_oracle_and_tara_record_use_the_real_tool():
     from align.rewards.tara import parse_item, render_item
     from align.tools import get_tool
