@@ -90,7 +90,8 @@ def diagnose(rm_dir: str, n: int = 100) -> dict[str, Any]:
             "gold_call": gold_call_accuracy(rm_dir, n)}
 
 
-def oracle_lr_probe(out: Path, seed: int, lrs: list[float], probe_dir: Path) -> list[dict[str, Any]]:
+def oracle_lr_probe(out: Path, seed: int, lrs: list[float], probe_dir: Path,
+                    sizes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     import rltaf
 
     import align
@@ -98,14 +99,14 @@ def oracle_lr_probe(out: Path, seed: int, lrs: list[float], probe_dir: Path) -> 
     held = task.split_questions()["heldout"]
     res = []
     for lr in lrs:
-        p = {**rltaf.DEFAULTS, "rl_lr": lr}
-        run_dir = probe_dir / f"seed{seed}-lr{lr:g}"
+        p = {**rltaf.DEFAULTS, **(sizes or {}), "rl_lr": lr}
+        run_dir = probe_dir / (f"seed{seed}-lr{lr:g}" + "".join(f"-{k}{v}" for k, v in sorted((sizes or {}).items())))
         align.train(rltaf.rl_config("grpo", "oracle", out / f"seed{seed}" / "sft-model", out / f"seed{seed}" / "rl_prompts.jsonl",
                                     run_dir, seed, p["rl_steps"], out, p))
         final = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))[-1]
         ok = rltaf.evaluate_policy(final, held)
         sampled = [json.loads(line)["reward/mean"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        res.append({"seed": seed, "lr": lr, "greedy_heldout_accuracy": sum(ok) / len(ok),
+        res.append({"seed": seed, "lr": lr, **(sizes or {}), "greedy_heldout_accuracy": sum(ok) / len(ok),
                     "sampled_accuracy_per_10_steps": [sum(sampled[i:i + 10]) / len(sampled[i:i + 10]) for i in range(0, len(sampled), 10)]})
         print(json.dumps(res[-1]), flush=True)
     return res
@@ -119,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oracle-lr", type=float, nargs="*", default=[], help="also run the oracle lr probe at these lrs")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--probe-dir", default="runs/rltaf-lr-probe")
+    ap.add_argument("--probe-set", nargs="*", default=[], metavar="KEY=INT", help="probe sizes, e.g. group_size=16 rl_steps=80")
+    ap.add_argument("--skip-rm", action="store_true", help="only the oracle probe")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    out = diagnose(args.rm_dir, args.n)
+    out = {} if args.skip_rm else diagnose(args.rm_dir, args.n)
     if args.oracle_lr:
-        out["oracle_lr_probe"] = oracle_lr_probe(Path(args.rm_dir).parent, args.seed, args.oracle_lr, Path(args.probe_dir))
+        sizes = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.probe_set)}
+        out["oracle_lr_probe"] = oracle_lr_probe(Path(args.rm_dir).parent, args.seed, args.oracle_lr, Path(args.probe_dir), sizes)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
