@@ -1,0 +1,303 @@
+"""RLTAF at CPU scale: GRPO whose reward is a tool-augmented RM (Themis) vs a plain RM vs the oracle.
+
+The task (examples/rltaf_task.py): "What date is N days after YYYY-MM-DD?" (1 <= N <= 9, no month wrap).
+Pipeline, every stage through the library's public entry points:
+  1. preference pairs (the right date vs a date 1-3 days off) in TARA format, plus TARA calendar;
+  2. two RMs on ONE random-init backbone with the same data, steps, batch and lr (`train_reward_model`, what
+     `align train-rm` runs): plain (value head on "Question: q\\nAnswer: a") and Themis (writes a
+     `Calendar.target_day` call, reads the tool's observation, writes a rationale, v_head on the EOS);
+     pairwise accuracy on held-out pairs (full trace loop, real tool calls) is measured first;
+  3. per seed: a tiny random-init policy, SFT warm start (`align.sft`) on few steps (well below the ceiling);
+  4. per seed, from that SFT model: GRPO (`align.train`) with reward `themis` (checkpoint path), `classifier_rm`
+     (checkpoint path) or the oracle exact-date reward; GRPO's group standardisation makes the RM score a
+     standardised score; the oracle rides along at weight 0 so the logs carry the ground truth of the same
+     samples (reward hacking: RM score vs truth per step, from completions.jsonl);
+  5. greedy ground-truth accuracy on held-out questions, per-question win/tie/lose, paired-by-seed t-interval;
+  6. a PPO smoke run (a few steps, Themis reward).
+
+    python examples/rltaf.py --out runs/rltaf --docs docs/experiments     # the experiment (JSON, table, plot)
+    python examples/rltaf.py --out X --smoke                                # seconds: the whole pipeline, tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the task and report modules sit next to this file
+
+import rltaf_report as report  # noqa: E402
+import rltaf_task as task  # noqa: E402
+
+ARMS = ("themis", "plain", "oracle")
+PLAIN_TEMPLATE = "Question: {prompt}\nAnswer: {completion}"  # render_plain: what the plain RM was trained on
+ORACLE = "rltaf_task:exact_date"  # an import path (this folder is on sys.path), as a user names their own reward
+
+
+def _one_thread() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ----- reward models ---------------------------------------------------------------------------------------
+
+def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
+    """Both RMs from one backbone, the same pairs, steps, batch and lr; then held-out pairwise accuracy."""
+    from align.command_configs import RMTrainConfig
+    from align.rewards.training import evaluate_reward_model, train_reward_model
+    from align.testing import make_tiny_model
+
+    splits = task.split_questions()
+    data = out / "data"
+    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1)
+    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2)
+    base = out / "rm-base"
+    if not (base / "config.json").is_file():
+        make_tiny_model(base, hidden_size=p["rm_hidden"], num_layers=p["rm_layers"], num_heads=4, seed=1234,
+                        max_position_embeddings=p["rm_max_length"] + 128)
+    sources = [str(train_pairs)] + (["tara:calendar"] if tara else [])
+    evals = [str(test_pairs)] + (["tara:calendar:test"] if tara else [])
+    results: dict[str, Any] = {"train_sources": sources, "eval_sources": evals}
+    for kind in ("plain", "themis"):
+        rm_dir = out / f"rm-{kind}"
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        # stage 1 from the shared backbone; stage 2 (rm_steps2 > 0) continues from stage 1's checkpoint with a
+        # fresh cosine cycle and new shuffling: a warm restart, the same for both RMs
+        stages = [(out / f"rm-{kind}-stage1", base, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
+        stages.append((rm_dir, stages[0][0] if stages else base, p["rm_steps2"] or p["rm_steps"],
+                       p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], 1 if p["rm_steps2"] else 0))
+        for stage_dir, start, steps, lr, seed in stages:
+            if (stage_dir / "train_metrics.json").is_file():
+                continue
+            model = ({"kind": "classifier", "path": str(start), "head": "value_head"} if kind == "plain"
+                     else {"kind": "themis", "path": str(start)})
+            cfg = RMTrainConfig.from_dict({
+                "model": {**model, "max_length": p["rm_max_length"]},
+                "data": {"train": sources},
+                "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
+                          "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": seed, "threads": 1,
+                          "log_every": 50},
+                "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": 1},
+                "output_dir": str(stage_dir)})
+            train_reward_model(cfg, log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))
+        train_metrics = json.loads((rm_dir / "train_metrics.json").read_text())
+        t1, c1 = time.perf_counter(), cpu_seconds()
+        ev = {}
+        for src in evals:
+            r = evaluate_reward_model(str(rm_dir), [src])
+            ev[Path(src).stem if src.endswith(".jsonl") else src] = {"accuracy": r["pairwise_accuracy"], "n": r["n"]}
+        results[kind] = {"train": train_metrics, "eval": ev, "train_wall_s": t1 - t0, "train_cpu_s": c1 - c0,
+                         "eval_wall_s": time.perf_counter() - t1, "eval_cpu_s": cpu_seconds() - c1}
+        if len(stages) == 2:
+            results[kind]["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
+        if kind == "themis":
+            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64])
+        print(f"  [rm {kind}] held-out pairwise accuracy: " +
+              ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in ev.items()), flush=True)
+    return results
+
+
+def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question]) -> dict[str, Any]:
+    """On held-out questions (right answers): the share whose first call is Calendar.target_day with the
+    question's own input and succeeds, and one example trace."""
+    from align.rewards.registry import get_reward
+
+    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=1, max_new_tokens=100, batch_size=32)
+    out = rm.score([q.text for q in questions], [q.answer for q in questions])
+    good = ok = 0
+    for q, info in zip(questions, out.info):
+        calls = info["tool_calls"]
+        ok += bool(calls) and calls[0]["action"] == task.ACTION and calls[0]["ok"]
+        good += bool(calls) and calls[0]["action"] == task.ACTION and calls[0]["ok"] and calls[0]["output"] == q.answer
+    n = max(1, len(questions))
+    return {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n,
+            "example_trace": out.info[0]["trace"], "example_question": questions[0].text if questions else None}
+
+
+# ----- policy ----------------------------------------------------------------------------------------------
+
+def make_policy_base(path: Path, seed: int, p: dict[str, Any]) -> Path:
+    from align.testing import make_tiny_model
+
+    return make_tiny_model(path, hidden_size=p["policy_hidden"], num_layers=p["policy_layers"], num_heads=4,
+                           seed=seed, max_position_embeddings=128)
+
+
+def warm_start(out: Path, seed: int, p: dict[str, Any]) -> Path:
+    from align.supervised import sft
+
+    splits = task.split_questions()
+    root = out / f"seed{seed}"
+    sft_dir = root / "sft-model"
+    if not (sft_dir / "config.json").is_file():
+        data = task.write_jsonl(root / "sft.jsonl", task.sft_rows(splits["sft"][:p["sft_examples"]]))
+        base = make_policy_base(root / "policy-base", seed, p)
+        sft({"model": {"path": str(base)}, "data": {"path": str(data), "max_length": 96},
+             "train": {"max_steps": p["sft_steps"], "epochs": 100, "batch_size": 32, "lr": p["sft_lr"], "seed": seed,
+                       "device": "cpu", "warmup_steps": 10},
+             "output_dir": str(sft_dir), "logging": {"name": "sft", "run_dir": str(root / "sft-log"), "progress": False}})
+    return sft_dir
+
+
+def reward_spec(arm: str, out: Path, p: dict[str, Any]) -> list[dict[str, Any]]:
+    """The reward functions of an arm, as a user writes them in the config. The oracle rides along at weight 0
+    in the RM arms: it changes nothing in the update and logs the truth of the same samples."""
+    if arm == "oracle":
+        return [{"name": ORACLE, "weight": 1.0}]
+    if arm == "themis":
+        rm = {"name": "themis", "weight": 1.0,
+              "kwargs": {"model_path": str(out / "rm-themis"), "max_rounds": 1,
+                         "max_new_tokens": p["themis_new_tokens"], "batch_size": 64, "device": "cpu"}}
+    else:
+        rm = {"name": "classifier_rm", "weight": 1.0,
+              "kwargs": {"model_path": str(out / "rm-plain"), "template": PLAIN_TEMPLATE, "batch_size": 64, "device": "cpu"}}
+    return [rm, {"name": ORACLE, "weight": 0.0}]
+
+
+def rl_config(algorithm: str, arm: str, model: Path, prompts: Path, run_dir: Path, seed: int, steps: int,
+              out: Path, p: dict[str, Any]) -> dict[str, Any]:
+    rows = p["prompts_per_step"] * p["group_size"]
+    algo = ({"group_size": p["group_size"], "scale": "group", "kl_coef": p["kl_coef"], "epochs": 1}
+            if algorithm == "grpo" else {"kl_coef": 0.05, "epochs": 1})
+    return {
+        "algorithm": algorithm,
+        "model": {"path": str(model)},
+        "data": {"path": str(prompts)},
+        "rollout": {"max_new_tokens": 12, "temperature": 1.0},  # 10 characters, EOS, one spare
+        "reward": {"functions": reward_spec(arm, out, p)},
+        "algo": algo,
+        "train": {"steps": steps, "prompts_per_step": p["prompts_per_step"], "micro_batch_size": rows,
+                  "lr": p["rl_lr"], "seed": seed, "device": "cpu"},
+        "logging": {"name": run_dir.name, "run_dir": str(run_dir), "progress": False, "print_every": 0,
+                    "completions_every": 1, "completions_rows": rows},  # every sample of every step
+        "checkpoint": {"save_final": True, "overwrite": True},
+    }
+
+
+def run_arm(out: Path, seed: int, arm: str, sft_dir: Path, p: dict[str, Any], algorithm: str = "grpo",
+            steps: int | None = None) -> dict[str, Any]:
+    import align
+
+    root = out / f"seed{seed}"
+    prompts = task.write_jsonl(root / "rl_prompts.jsonl", task.prompt_rows(task.split_questions()["rl"]))
+    run_dir = root / f"{algorithm}-{arm}"
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    align.train(rl_config(algorithm, arm, sft_dir, prompts, run_dir, seed, steps or p["rl_steps"], out, p))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    final = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))[-1]
+    return {"run_dir": str(run_dir), "final": str(final), "wall_s": wall, "cpu_s": cpu,
+            "curve": report.hacking_curve(run_dir / "completions.jsonl", arm)}
+
+
+def evaluate_policy(policy_dir: Path, questions: Sequence[task.Question]) -> list[bool]:
+    """Greedy answers to held-out questions, judged by the exact date."""
+    from align.commands.diversity import load_model, sample_completions
+
+    model, tok = load_model(Path(policy_dir), "cpu")
+    groups = sample_completions(model, tok, [q.text for q in questions], 1, temperature=0.0, top_p=1.0,
+                                max_new_tokens=12, batch_size=256)
+    return [g[0].strip() == q.answer for g, q in zip(groups, questions)]
+
+
+def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3) -> dict[str, Any]:
+    _one_thread()
+    out.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    load0 = os.getloadavg()
+    heldout = task.split_questions()["heldout"][:p["heldout"]]
+    rms = train_rms(out, p, tara)
+    seeds_out = []
+    for seed in seeds:
+        ts = time.perf_counter()
+        sft_dir = warm_start(out, seed, p)
+        rec: dict[str, Any] = {"seed": seed, "sft": {"correct": evaluate_policy(sft_dir, heldout)}}
+        print(f"seed {seed}: SFT accuracy {sum(rec['sft']['correct']) / len(heldout):.3f}", flush=True)
+        for arm in ARMS:
+            r = run_arm(out, seed, arm, sft_dir, p)
+            r["correct"] = evaluate_policy(Path(r["final"]), heldout)
+            print(f"seed {seed}: GRPO {arm:<6} accuracy {sum(r['correct']) / len(heldout):.3f}  "
+                  f"({r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU)", flush=True)
+            shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # numbers kept, weights not needed
+            rec[arm] = r
+        rec["wall_s"] = time.perf_counter() - ts
+        seeds_out.append(rec)
+    smoke = None
+    if ppo_smoke_steps:
+        seed = seeds[0]
+        r = run_arm(out, seed, "themis", out / f"seed{seed}" / "sft-model", p, algorithm="ppo", steps=ppo_smoke_steps)
+        shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)
+        smoke = {"seed": seed, "steps": ppo_smoke_steps, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "curve": r["curve"]}
+    results = {"params": p, "seeds": list(seeds), "heldout_questions": len(heldout), "tara": tara, "rms": rms,
+               "runs": seeds_out, "ppo_smoke": smoke, "wall_s": time.perf_counter() - t0,
+               "cpu_s": cpu_seconds() - c0, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+               "machine": report.machine()}
+    results["summary"] = report.summarise(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(report.format_tables(results))
+    report.plot(results, out / "rltaf.png")
+    return results
+
+
+DEFAULTS: dict[str, Any] = {
+    "rm_hidden": 128, "rm_layers": 3, "rm_max_length": 320, "rm_pairs": 2000, "rm_test": 400, "rm_epochs": 100.0,
+    "rm_steps": 800, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 600, "rm_lr2": 2e-3, "themis_new_tokens": 100,
+    "policy_hidden": 64, "policy_layers": 2, "sft_examples": 3000, "sft_steps": 350, "sft_lr": 3e-3,
+    "prompts_per_step": 8, "group_size": 4, "rl_steps": 40, "rl_lr": 5e-4, "kl_coef": 0.0, "heldout": 600,
+}
+SMOKE: dict[str, Any] = {**DEFAULTS, "rm_hidden": 32, "rm_layers": 1, "rm_max_length": 192, "rm_pairs": 16, "rm_test": 8,
+                         "rm_steps": 2, "rm_steps2": 0, "rm_batch": 4, "themis_new_tokens": 8, "policy_hidden": 32, "policy_layers": 1,
+                         "sft_examples": 32, "sft_steps": 2, "prompts_per_step": 2, "group_size": 2, "rl_steps": 1,
+                         "heldout": 8}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/rltaf")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: the pipeline end to end in seconds")
+    ap.add_argument("--no-tara", action="store_true", help="RMs on the synthetic pairs only (no ALIGN_TARA_DIR needed)")
+    ap.add_argument("--ppo-smoke-steps", type=int, default=3)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"override a size ({', '.join(DEFAULTS)})")
+    ap.add_argument("--report-only", action="store_true", help="recompute summary, table and plot from OUT/results.json")
+    ap.add_argument("--docs", default=None, help="copy results.json (as rltaf_results.json) and rltaf.png here")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        results["summary"] = report.summarise(results)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "table.md").write_text(report.format_tables(results))
+        report.plot(results, out / "rltaf.png")
+    else:
+        p = dict(SMOKE if args.smoke else DEFAULTS)
+        for kv in args.set:
+            k, _, v = kv.partition("=")
+            if k not in p:
+                ap.error(f"unknown size {k!r}")
+            p[k] = type(p[k])(v)
+        results = run_experiment(out, args.seeds, p, tara=not args.no_tara, ppo_smoke_steps=args.ppo_smoke_steps)
+    print(report.format_tables(results))
+    if args.docs:
+        docs = Path(args.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "results.json", docs / "rltaf_results.json")
+        if (out / "rltaf.png").is_file():
+            shutil.copy(out / "rltaf.png", docs / "rltaf.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

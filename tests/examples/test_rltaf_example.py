@@ -1,0 +1,116 @@
+"""examples/rltaf.py: the date task against Python's datetime and brute force, the statistics by hand, and the
+whole pipeline (two RMs, SFT, three GRPO arms, PPO smoke) at toy size in seconds."""
+from __future__ import annotations
+
+import calendar
+import json
+import math
+import random
+from datetime import date, timedelta
+
+import pytest
+import rltaf_report as report
+import rltaf_task as task
+from rltaf import main
+
+
+def test_questions_are_every_no_wrap_case_and_answers_match_datetime():
+    qs = task.all_questions()
+    # brute force count: for every month and start day, the N in 1..9 that stay in the month
+    expected = sum(1 for y in task.YEARS for m in range(1, 13) for d in range(1, calendar.monthrange(y, m)[1] + 1)
+                   for n in range(1, 10) if (date(y, m, d) + timedelta(days=n)).month == m)
+    assert len(qs) == expected == len(set(qs))
+    rng = random.Random(0)
+    for q in rng.sample(qs, 500):
+        y, m, d = (int(x) for x in q.text.split("after ")[1].rstrip("?").split("-"))
+        n = int(q.text.split()[3])
+        truth = date(y, m, d) + timedelta(days=n)
+        assert q.answer == f"{truth.year:04d}-{truth.month:02d}-{truth.day:02d}"
+        assert truth.month == m and truth.year == y and 1 <= n <= 9  # no month wrap
+        assert task.parse_question(q.text) == q
+    # Feb 29 only in leap years; the 31st never asks for a later day of the same month
+    assert any(q.start == date(2024, 2, 20) and q.n == 9 for q in qs)
+    assert not any(q.start == date(2023, 2, 20) and q.n == 9 for q in qs)
+    assert not any(q.start.day == 31 for q in qs)
+    assert task.parse_question("What date is 1 day after 2023-06-01?").answer == "2023-06-02"
+
+
+def test_hard_negatives_are_one_to_three_days_off_in_the_same_month():
+    rng = random.Random(1)
+    seen = set()
+    for q in task.all_questions()[::37]:
+        neg = task.hard_negative(q, rng)
+        right = date.fromisoformat(q.answer)
+        wrong = date.fromisoformat(neg)
+        assert 1 <= abs((wrong - right).days) <= 3 and wrong.month == right.month and wrong.year == right.year
+        seen.add((wrong - right).days)
+    assert seen == {-3, -2, -1, 1, 2, 3}
+
+
+def test_splits_are_disjoint_and_fixed():
+    a, b = task.split_questions(), task.split_questions()
+    assert a == b
+    sets = {k: set(v) for k, v in a.items()}
+    assert [len(v) for v in a.values()] == [len(s) for s in sets.values()] == [600, 400, 3000, 3000, 2000]
+    names = list(sets)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            assert not sets[x] & sets[y], (x, y)
+
+
+def test_task_files_of_the_recipe(tmp_path):
+    paths = task.write_task_files(tmp_path, rm_pairs=5, rm_test=3, sft_examples=4)
+    rows = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
+    assert [len(rows[k]) for k in ("rm_train", "rm_test", "sft")] == [5, 3, 4]
+    assert all(r["completion"] == task.parse_question(r["prompt"]).answer for r in rows["sft"])
+    assert all(r["answer"] == task.parse_question(r["prompt"]).answer for r in rows["rl_prompts"] + rows["heldout"])
+    assert not {r["prompt"] for r in rows["heldout"]} & {r["prompt"] for r in rows["rl_prompts"] + rows["sft"]}
+    assert not {r["question"] for r in rows["rm_test"]} & {r["question"] for r in rows["rm_train"]}
+
+
+def test_oracle_and_tara_record_use_the_real_tool():
+    from align.rewards.tara import parse_item, render_item
+    from align.tools import get_tool
+
+    q = task.Question(date(2023, 6, 1), 5)
+    assert task.exact_date([q.text] * 4, ["2023-06-06", " 2023-06-06\n", "2023-06-07", "6 June"]) == [1.0, 1.0, 0.0, 0.0]
+    item = parse_item(task.tara_record(q, "2023-06-04", 0), "rltaf")
+    step = item.pos.steps[0]
+    tool = get_tool(step.action)(step.action_input, context={})
+    assert tool.ok and tool.output == step.observation == "2023-06-06"
+    text = render_item(item, "neg").text
+    assert "Answer: 2023-06-04\n" in text and "Observation: 2023-06-06" in text and task.WRONG in text
+
+
+def test_statistics_by_hand():
+    assert task.win_tie_lose([True, True, False, False, True], [False, True, True, False, True]) == {"win": 1, "tie": 3, "lose": 1}
+    # AUC by brute force over (right, wrong) pairs: right {3, 1}, wrong {2, 1}: 3>2, 3>1, 1<2, 1=1 -> 2.5 / 4
+    assert report.ranking_accuracy([3, 2, 1, 1], [True, False, True, False]) == pytest.approx(2.5 / 4)
+    assert report.ranking_accuracy([1, 2], [True, True]) is None
+    iv = report.t_interval([0.3, 0.4, 0.5])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * sd / sqrt(n); sd of (.3, .4, .5) is .1
+    assert iv["mean"] == pytest.approx(0.4) and iv["low"] == pytest.approx(0.4 - half) and iv["high"] == pytest.approx(0.4 + half)
+    assert iv["shown"] and not report.t_interval([0.1, 0.2, 0.3])["shown"]  # 0.2 - 0.248 < 0
+    assert not report.t_interval([0.1, -0.1, 0.05])["shown"]
+
+
+def test_pipeline_smoke(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--smoke", "--seeds", "0", "--no-tara", "--ppo-smoke-steps", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["heldout_questions"] == 8
+    assert set(res["rms"]["themis"]["eval"]) == {"rm_test"} and res["rms"]["themis"]["eval"]["rm_test"]["n"] == 8
+    run = res["runs"][0]
+    for arm in ("themis", "plain", "oracle"):
+        assert len(run[arm]["correct"]) == 8 and [c["step"] for c in run[arm]["curve"]] == [1]
+    # the weight-0 oracle logged beside the RM is the truth of the same samples: recompute it from the log
+    rows = [json.loads(line) for line in (out / "seed0" / "grpo-themis" / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # 2 prompts x group of 2, every sample logged
+    truth = [task.is_correct(r["prompt"], r["completion"]) for r in rows]
+    assert run["themis"]["curve"][0]["true_accuracy"] == pytest.approx(sum(truth) / 4)
+    assert all(r["rewards"]["rltaf_task:exact_date"] == float(t) for r, t in zip(rows, truth))
+    assert all(set(r["rewards"]) == {"themis", "rltaf_task:exact_date"} and isinstance(r["trace"], str) for r in rows)
+    # the RM arms log the raw RM score next to the truth; the oracle arm has no RM
+    assert "rm_mean" in run["plain"]["curve"][0] and "rm_mean" not in run["oracle"]["curve"][0]
+    assert res["ppo_smoke"]["steps"] == 1 and "win_tie_lose_pooled" in res["summary"]
+    assert "themis vs plain win/tie/lose" in (out / "table.md").read_text()
