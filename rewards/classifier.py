@@ -62,6 +62,12 @@ def _load_tokenizer(path: str):
     return tok
 
 
+def _saved_meta(path: str | Path) -> dict:
+    """The settings save_pretrained wrote beside a checkpoint ({} for a plain hub / HF directory)."""
+    meta_file = Path(path) / RM_META_FILE
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
 def _detect_head(path: Path, config) -> str:
     if (path / VALUE_HEAD_FILE).is_file():
         return "value_head"
@@ -83,9 +89,15 @@ class ClassifierRewardModel(RewardFunction):
     name = "classifier_rm"
 
     def __init__(self, model_path: str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
-                 head: str = "auto", template: str = "{prompt}{completion}", batch_size: int = 16,
-                 max_length: int = 512, device: str | None = None, dtype: str | None = None,
-                 add_eos: bool = False):
+                 head: str = "auto", template: str | None = None, batch_size: int = 16,
+                 max_length: int | None = None, device: str | None = None, dtype: str | None = None,
+                 add_eos: bool | None = None):
+        # a checkpoint written by save_pretrained / `align train-rm` carries the template, length and EOS rule it
+        # was trained with: scoring with other text than it was trained on would silently score noise
+        saved = _saved_meta(model_path) if model is None and model_path is not None else {}
+        template = template if template is not None else saved.get("template", "{prompt}{completion}")
+        max_length = int(max_length if max_length is not None else saved.get("max_length", 512))
+        add_eos = bool(add_eos if add_eos is not None else saved.get("add_eos", False))
         if head not in HEADS:
             raise ValueError(f"head={head!r}: choose one of {', '.join(HEADS)}")
         if batch_size < 1 or max_length < 8:
@@ -116,7 +128,7 @@ class ClassifierRewardModel(RewardFunction):
         tok = _load_tokenizer(path)
         config = AutoConfig.from_pretrained(path)
         p = Path(path)
-        meta = json.loads((p / RM_META_FILE).read_text()) if (p / RM_META_FILE).is_file() else {}
+        meta = _saved_meta(path)
         if head == "auto":
             head = meta.get("head") or _detect_head(p, config)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -152,12 +164,8 @@ class ClassifierRewardModel(RewardFunction):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "ClassifierRewardModel":
-        """Load a directory written by save_pretrained, keeping its template / max_length unless overridden."""
-        meta_file = Path(path) / RM_META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        for key in ("head", "template", "max_length", "add_eos"):
-            if key in meta:
-                kwargs.setdefault(key, meta[key])
+        """Load a directory written by save_pretrained, keeping its template / max_length unless overridden
+        (the constructor does the same for a model_path; kept for the transformers-style spelling)."""
         return cls(str(path), **kwargs)
 
     # ----- scoring --------------------------------------------------------------------------------------

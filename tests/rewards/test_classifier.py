@@ -64,6 +64,24 @@ def test_save_and_load_round_trip_keeps_scores(lm_path, bert_path, tmp_path):
         assert again(["p1", "p2"], ["c1", "c2 longer"]) == pytest.approx(before, abs=1e-5)
 
 
+def test_a_config_that_names_the_checkpoint_gets_its_saved_template_and_length(lm_path, tmp_path):
+    """`{name: classifier_rm, kwargs: {model_path}}` (the registry's path, as a training config names the RM)
+    reads the template / max_length / add_eos the checkpoint was trained with, as from_pretrained does;
+    an explicit keyword still wins."""
+    from align.rewards.registry import get_reward
+
+    rm = ClassifierRewardModel(str(lm_path), template="Question: {prompt}\nAnswer: {completion}", max_length=16,
+                               add_eos=True, device="cpu")
+    rm.save_pretrained(tmp_path / "rm")
+    named = get_reward("classifier_rm", model_path=str(tmp_path / "rm"), device="cpu")
+    assert (named.template, named.max_length, named.add_eos) == (rm.template, 16, True)
+    long = "x" * 200  # cut at the saved 16 tokens: the score is the one the trained RM gives
+    assert named(["q"], [long]) == pytest.approx(rm(["q"], [long]), abs=1e-6)
+    override = get_reward("classifier_rm", model_path=str(tmp_path / "rm"), template="{prompt}|{completion}",
+                          device="cpu")
+    assert override.template == "{prompt}|{completion}" and override.max_length == 16
+
+
 def test_is_a_reward_function_and_validates_arguments(lm_path):
     rm = ClassifierRewardModel(str(lm_path), device="cpu")
     assert isinstance(rm, RewardFunction) and rm.name == "classifier_rm"
