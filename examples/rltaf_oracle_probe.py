@@ -70,6 +70,36 @@ def measure(ckpt: Path, held: Sequence[task.Question]) -> dict[str, Any]:
             "greedy_right_p_below_half": sum(g and p < 0.5 for g, p in zip(greedy, probs)) / len(held)}
 
 
+def grad_sign_agreement(sft_dir: Path, run_dir: Path, group_size: int = 4) -> float:
+    """After ONE step: the share of weights (|gradient| > 1e-6) that moved opposite the sign of an independently
+    computed gradient of -sum_i A_i log p(sample_i) / tokens (A: group-standardised reward). AdamW's first step
+    is lr * sign(gradient), so a right gradient gives 1.0."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m0 = AutoModelForCausalLM.from_pretrained(str(sft_dir)).float()
+    m1 = AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "step-000001")).float()
+    tok = AutoTokenizer.from_pretrained(str(sft_dir))
+    rows = [r for r in map(json.loads, (run_dir / "completions.jsonl").read_text().splitlines()) if r["step"] == 1]
+    r = torch.tensor([x["reward"] for x in rows]).view(-1, group_size)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
+    loss, ntok = torch.zeros(()), 0
+    for x, a in zip(rows, adv):
+        p = tok(x["prompt"], add_special_tokens=False).input_ids
+        c = tok(x["completion"], add_special_tokens=False).input_ids + ([tok.eos_token_id] if len(x["completion"]) < 12 else [])
+        logp = torch.log_softmax(m0(input_ids=torch.tensor([p + c])).logits.float(), -1)[0, len(p) - 1:-1]
+        loss = loss - a * logp.gather(-1, torch.tensor(c)[:, None]).sum()
+        ntok += len(c)
+    (loss / ntok).backward()
+    agree = total = 0
+    for p0, p1 in zip(m0.parameters(), m1.parameters()):
+        step = p1.detach() - p0.detach()
+        sel = (p0.grad.abs() > 1e-6) & (step != 0)
+        agree += int((step.sign() == -p0.grad.sign())[sel].sum())
+        total += int(sel.sum())
+    return agree / max(1, total)
+
+
 def probe(out: Path, seed: int, probe_dir: Path, sizes: dict[str, Any], every: int = 1) -> dict[str, Any]:
     import align
     from align.commands.diversity import load_model
@@ -117,11 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="runs/rltaf-oracle-probe")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--grad-sign", default=None, metavar="RUN_DIR",
+                    help="only check a finished 1-step run (--set rl_steps=1) against an independent gradient")
     ap.add_argument("--every", type=int, default=1, help="held-out measurements every this many steps")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    if args.grad_sign:
+        print(json.dumps({"sign_agreement": grad_sign_agreement(Path(args.out) / f"seed{args.seed}" / "sft-model",
+                                                                Path(args.grad_sign))}))
+        return 0
     sizes = {}
     for kv in args.set:
         k, _, v = kv.partition("=")
