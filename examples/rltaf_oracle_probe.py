@@ -100,6 +100,25 @@ def grad_sign_agreement(sft_dir: Path, run_dir: Path, group_size: int = 4) -> fl
     return agree / max(1, total)
 
 
+def random_sign_step(sft_dir: Path, eps: float, seed: int, tmp: Path) -> dict[str, Any]:
+    """The held-out measurements after moving every weight by +-eps in random signs: a step of the same size as
+    AdamW's first one (lr * sign(gradient)), in no particular direction."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(sft_dir))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(eps * (torch.randint(0, 2, q.shape, generator=gen) * 2 - 1).to(q.dtype))
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(sft_dir, tmp)
+    model.save_pretrained(str(tmp))
+    return measure(tmp, task.split_questions()["heldout"])
+
+
 def probe(out: Path, seed: int, probe_dir: Path, sizes: dict[str, Any], every: int = 1) -> dict[str, Any]:
     import align
     from align.commands.diversity import load_model
@@ -147,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="runs/rltaf-oracle-probe")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--random-step", type=float, default=0.0, metavar="EPS",
+                    help="only measure the SFT model after a random-sign step of EPS per weight (2 draws)")
     ap.add_argument("--grad-sign", default=None, metavar="RUN_DIR",
                     help="only check a finished 1-step run (--set rl_steps=1) against an independent gradient")
     ap.add_argument("--every", type=int, default=1, help="held-out measurements every this many steps")
@@ -154,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if args.random_step:
+        for draw in (0, 1):
+            print(json.dumps(random_sign_step(Path(args.out) / f"seed{args.seed}" / "sft-model", args.random_step, draw,
+                                              Path(args.dir) / "random-step")))
+        return 0
     if args.grad_sign:
         print(json.dumps({"sign_agreement": grad_sign_agreement(Path(args.out) / f"seed{args.seed}" / "sft-model",
                                                                 Path(args.grad_sign))}))
