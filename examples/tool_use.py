@@ -5,8 +5,8 @@ Task: products of two 3-digit numbers, exact answer (examples/tool_use_task.py).
 2. tools arm: SFT on tool-call demonstrations (call the calculator, read the observation, answer), stopped at
    the last check (every 2 steps) where fewer than half of 64 sampled episodes (temperature 1) make a valid
    call; no-tool arm: SFT on direct answers for the same number of steps and examples;
-3. GRPO through `align.train` for both arms, the tools arm with `rollout.tools: [calculator]` (Hermes format),
-   the same reward (exact answer), the same budget;
+3. GRPO through `align.train` for both arms (dr_grpo, the same budget), the tools arm with `rollout.tools:
+   [calculator]` (Hermes format); reward: the exact answer, plus a 0.1 valid-call format term in the tools arm;
 4. greedy held-out accuracy of every SFT and final model; paired-by-seed difference with its 95% t-interval.
 
 `python examples/tool_use.py [--seeds 0 1 2] [--out runs/tool_use] [--report docs/experiments/tool_use]`
@@ -147,7 +147,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| mean | | | **{s['mean']['tools']:.3f}** | **{s['mean']['no_tool']:.3f}** | "
                  f"**{diff['mean']:+.3f}** [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] | |")
     verdict = "shown" if diff["shown"] else "not shown"
-    return "\n".join(lines) + (f"\n\nPaired-by-seed difference (tools - no tool), 95% t-interval (n = {len(runs)}): "
+    head = ("# Tool use: calculator vs no tool (examples/tool_use.py)\n\nGenerated from tool_use.json; the set-up, "
+            "timings and findings: [docs/tool_use.md](../tool_use.md#worked-example-the-calculator-on-3-digit-products)."
+            "\n\n")
+    return head + "\n".join(lines) + (f"\n\nPaired-by-seed difference (tools - no tool), 95% t-interval (n = {len(runs)}): "
                                f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}], {verdict}.\n")
 
 
