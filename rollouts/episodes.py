@@ -38,6 +38,7 @@ from align.rollouts.batch import (
 from align.rollouts.environment import CallRunner, Environment
 from align.rollouts.params import SamplingParams
 from align.rollouts.partial import SEGMENT_STRIDE
+from align.rollouts.tool_formats import decode_turn
 
 
 @dataclass
@@ -111,7 +112,7 @@ def generate_episodes(engine, prompts: list[str] | list[list[int]], params: Samp
                 row.add(got, out.logprobs[j][keep].tolist()[:k], out.sampling_logprobs[j][keep].tolist()[:k],
                         out.topk_hit[j][keep].tolist()[:k])
                 row.turns += 1
-                text = engine.tokenizer.decode(got, skip_special_tokens=True)
+                text = decode_turn(engine.tokenizer, got, getattr(fmt, "markup", ()))
                 calls = fmt.parse(text) if reason != STOP_LENGTH and fmt.wants_call(text, reason == STOP_STRING) else []
                 msg = {"role": "assistant", "content": fmt.content(text)}
                 if calls:

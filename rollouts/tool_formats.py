@@ -83,6 +83,16 @@ def encode_observation(tokenizer, pieces: list[tuple[str, bool]], max_tokens: in
     return ids, shown
 
 
+def decode_turn(tokenizer, ids: list[int], markup: tuple[str, ...] = ()) -> str:
+    """A policy turn's text: the tokenizer's special tokens dropped (EOS, end-of-turn), except the format's own
+    markup. Some tokenizers register `<tool_call>` as a special token; skipping every special token would drop
+    the tag and silently turn a call into plain text."""
+    unk = tokenizer.unk_token_id
+    keep = {i for i in (tokenizer.convert_tokens_to_ids(t) for t in markup) if i is not None and i != unk}
+    drop = set(tokenizer.all_special_ids) - keep
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
+
 def _arguments(value: Any) -> dict | None:
     if isinstance(value, str):  # some models write the arguments as a JSON string
         try:
@@ -97,6 +107,7 @@ class HermesFormat:
 
     name = "hermes"
     stop: list[str] = []  # the turn ends at the end-of-turn token; every block in it is a call
+    markup = ("<tool_call>", "</tool_call>")  # kept when a turn is decoded, even where they are special tokens
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
     def __init__(self, tokenizer, chat_template: str | None = None):

@@ -170,6 +170,35 @@ def test_valid_call_two_calls_and_a_row_without_calls(policy):
     assert b.logprobs[pol].abs().max() < 1e-3
 
 
+@pytest.fixture(scope="module")
+def special_tag_policy(tmp_path_factory):
+    """A tokenizer that registers <tool_call> / </tool_call> as special tokens (one id each, as some
+    tool-calling tokenizers do)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_model(tmp_path_factory.mktemp("episodes-special") / "m", hidden_size=32, num_layers=1,
+                           num_heads=2, seed=5, max_position_embeddings=4096,
+                           extra_tokens=["<tool_call>", "</tool_call>"])
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float().eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    scripts = Scripts(tok)
+    model.register_forward_hook(scripts, with_kwargs=True)
+    return RolloutEngine(model, tok, micro_batch_size=8), scripts
+
+
+def test_a_call_tag_the_tokenizer_holds_as_a_special_token_is_still_a_call(special_tag_policy):
+    """Decoding a turn with every special token skipped would drop the tags: the call ran as plain text."""
+    engine, _ = special_tag_policy
+    tok = engine.tokenizer
+    assert tok.convert_tokens_to_ids("<tool_call>") in tok.all_special_ids  # the case under test
+    t1 = call("add", x=2, y=3) + EOS
+    t2 = "5" + EOS
+    b = run(special_tag_policy, {"Q1 ": [t1, t2]})
+    check_row(b, 0, tok, [(t1, False), (hermes_obs(tok, ["5"]), True), (t2, False)])
+    assert b.columns["trajectory"][0][0]["tool_calls"] == [
+        {"type": "function", "function": {"name": "add", "arguments": {"x": 2, "y": 3}}}]
+
+
 def test_observation_ids_match_the_chat_template(policy):
     """The hand-written tool turn equals the template's rendering (the KV-recompute prompt is the template's)."""
     tok = policy[0].tokenizer
