@@ -324,6 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--tara-multi", type=int, default=150, help="TARA multi-tool train pairs used (the longest texts)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--test-limit", type=int, default=None, help="at most this many test pairs per group (quick runs)")
+    p.add_argument("--segment-pairs", type=int, default=48, help="test pairs per group for the LM loss per segment")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--variants", nargs="+", default=["themis", "plain"], choices=["themis", "plain"])
     args = p.parse_args(argv)
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
                 model, vtok, hist = train_themis(args, base, data["train"], batches, seed, log)
                 tt, tc = time.perf_counter() - t, cpu_seconds() - c
                 ev = eval_themis(args, model, vtok, data["test"], args.groups)
-                seg = segment_lm_loss(model, vtok, data["test"], args.groups, args.max_length)
+                seg = segment_lm_loss(model, vtok, data["test"], args.groups, args.max_length, args.segment_pairs)
                 lm_by_group = {g: sum(h["lm_loss"] for h in hist[-100:] if h["group"] == g) / max(1, sum(h["group"] == g for h in hist[-100:]))
                                for g in sorted({h["group"] for h in hist})}
                 rec = {"seed": seed, "eval": ev, "segment_lm_loss": seg, "train_lm_loss_last100": lm_by_group}
