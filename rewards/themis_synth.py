@@ -19,7 +19,6 @@ from align.tools.trace import ToolCall
 from align.tools.weather import parse_query
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_DATE = r"\d{4}-\d{1,2}-\d{1,2}"
 WEATHER_ATTRS = ("overall weather", "temperature", "wind speed", "precipitation", "visibility", "humidity", "UV index")
 # the value of each attribute as TARA's answers write it, read from the tool's observation text
 _OBS_FIELDS = {

@@ -41,7 +41,6 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
     assert res["ci95"] == pytest.approx([mean - half, mean + half])
 
 
-@pytest.mark.slow  # ~15 s on a quiet 2-core machine, 40 s under load
 @pytest.mark.tara
 def test_tiny_run_writes_the_measurements(tmp_path):
     mod = _load()
@@ -56,6 +55,6 @@ def test_tiny_run_writes_the_measurements(tmp_path):
         assert all(r["eval"]["calendar"]["n_pairs"] == 3 for r in res["runs"][v])
     ev = res["runs"]["themis"][0]["eval"]["calendar"]
     assert 0 <= ev["valid_call_share"] <= 1 and 0 <= ev["gold_observation_share"] <= ev["valid_call_share"]
-    assert set(res["runs"]["themis"][0]["segment_lm_loss"]["calendar"]) == {"call", "observation", "rationale"}
+    assert set(res["runs"]["themis"][0]["segment_lm_loss"]["calendar"]) == {"call", "call_digits", "call_other", "observation", "rationale"}
     assert res["paired"]["calendar"]["ci95"] is not None
     assert (tmp_path / "results.png").stat().st_size > 1000
