@@ -1,0 +1,447 @@
+"""Generative Themis on TARA at CPU scale: a small causal LM (random init) that writes its own tool calls, vs a
+plain RM of the same backbone and budget.
+
+Both RMs: the same Llama config (default 4 layers x 128), the same tokenizer (byte-level BPE trained offline on
+the training texts, digits split one per token), the same pairs in the same batches, the same steps, optimiser
+and schedule, 3 seeds. They differ in what they read and how they are trained:
+  themis  the released Themis loss (align.rewards.themis.encode_themis / themis_loss: LM on the assistant part
+          + 0.5 * Bradley-Terry at the EOS), sequences with the gold trace (real tool observations) + rationale;
+          evaluated only through ThemisRewardModel.score (it writes Thought / Action / Action Input, the real
+          tool runs, it writes the rationale, the value head scores);
+  plain   Bradley-Terry on "Question: q\\nAnswer: a" + EOS (value head at the EOS).
+Training data: TARA train splits (calendar, weather, multi-tool; items touching a test city-date dropped) plus
+synthetic pairs (align.rewards.themis_synth): calendar computed, weather / multi-tool from TARA's weather cache
+outside the test splits. Metrics on TARA's test splits: valid-call share (first Action parses and the tool
+accepts it), gold-observation share, pairwise accuracy; LM loss per segment on the gold test traces.
+
+    ALIGN_TARA_DIR=/path/to/tara python examples/themis_generative.py --out runs/themis_gen --seeds 0 1 2
+Results and protocol: docs/experiments/themis_tara.md ("Generative Themis").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+EVAL_GROUPS = ("calendar", "weather", "multi_tools")
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ----- data ----------------------------------------------------------------------------------------------
+
+def build_data(args) -> dict:
+    from align.rewards.tara import load_tara, load_weather_cache
+    from align.rewards.themis_synth import (
+        calendar_templates,
+        city_dates_of,
+        synth_calendar,
+        synth_weather,
+        weather_answer_templates,
+        weather_keys,
+    )
+
+    rng = random.Random(1234)  # the data is the same for every seed; seeds vary init and batch order
+    test = {g: load_tara([g], "test") for g in EVAL_GROUPS}
+    banned = city_dates_of([it for g in EVAL_GROUPS for it in test[g]])
+    train = load_tara(["calendar", "weather", "multi_tools"], "train")  # all of it feeds the templates
+    kept = [it for it in train if not (city_dates_of([it]) & banned)]
+    dropped = len(train) - len(kept)
+    kept = [it for it in kept if it.group in args.tara_groups]
+    multi = [it for it in kept if it.group == "multi_tools"]
+    kept = [it for it in kept if it.group != "multi_tools"] + multi[: args.tara_multi]  # the longest sequences: fewer
+    cache = load_weather_cache()
+    keys = weather_keys(cache, banned)
+    cal_t = calendar_templates([it for it in train if it.group == "calendar"])
+    wea_t = weather_answer_templates([it for it in train if it.group == "weather"])
+    synth = (synth_calendar(args.synth_calendar, rng, cal_t)
+             + synth_weather(args.synth_weather, rng, cache, keys, wea_t)
+             + synth_weather(args.synth_multi, rng, cache, keys, wea_t, multi=True))
+    pool = kept + synth
+    leaked = city_dates_of(pool) & banned
+    assert not leaked, f"test city-dates in the training data: {sorted(leaked)[:5]}"
+    return {"train": pool, "test": test, "dropped_tara_train": dropped, "banned": len(banned),
+            "weather_keys": len(keys), "counts": {g: sum(it.group == g for it in pool) for g in sorted({it.group for it in pool})}}
+
+
+def build_tokenizer(texts, out: Path, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from align.rewards.tara import THEMIS_SPECIAL_TOKENS
+
+    if (out / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(out))
+    tk = Tokenizer(models.BPE())
+    # one token per digit: dates and numbers are copied and compared digit by digit
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", *THEMIS_SPECIAL_TOKENS],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  additional_special_tokens=list(THEMIS_SPECIAL_TOKENS))
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def build_base(args, tok, out: Path, seed: int) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not (out / "config.json").is_file():
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                          num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.max_length,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          tie_word_embeddings=True)
+        LlamaForCausalLM(cfg).save_pretrained(str(out))
+        tok.save_pretrained(str(out))
+    return str(out)
+
+
+def batches_by_group(items, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Batches of one group each (similar lengths, little padding), in a shuffled order; cycles as needed."""
+    rng = random.Random(seed)
+    out: list[list[int]] = []
+    while len(out) < steps:
+        chunk = []
+        for g in sorted({it.group for it in items}):
+            idx = [i for i, it in enumerate(items) if it.group == g]
+            rng.shuffle(idx)
+            chunk.extend(idx[k:k + batch_size] for k in range(0, len(idx), batch_size))
+        rng.shuffle(chunk)
+        out.extend(chunk)
+    return out[:steps]
+
+
+# ----- training --------------------------------------------------------------------------------------------
+
+def _opt_sched(model, args, steps):
+    from types import SimpleNamespace
+
+    from align.rewards.training import _optimizer, _schedule
+
+    opt = _optimizer(model.named_parameters(), SimpleNamespace(lr=args.lr, weight_decay=args.weight_decay))
+    return opt, _schedule(opt, steps, args.warmup_ratio)
+
+
+def train_themis(args, base: str, items, batches, seed: int, log):
+    import torch
+
+    from align.rewards.tara import render_item
+    from align.rewards.themis import ThemisLossOptions, create_themis, encode_themis, pad_left, themis_loss
+    from align.rewards.training import _optimizer_step
+
+    torch.manual_seed(seed)
+    model, tok = create_themis(base)
+    opts, rng = ThemisLossOptions(), random.Random(seed)
+    segs = [(render_item(it, "pos"), render_item(it, "neg")) for it in items]
+    opt, sched = _opt_sched(model, args, len(batches))
+    model.train()
+    hist = []
+    for step, idx in enumerate(batches, 1):
+        rows = [encode_themis(tok, segs[i][0], True, opts, rng, args.max_length) for i in idx]
+        rows += [encode_themis(tok, segs[i][1], False, opts, rng, args.max_length) for i in idx]
+        ids = pad_left([r[0] for r in rows], tok.pad_token_id)
+        weights = pad_left([r[1] for r in rows], 0.0, dtype=torch.float32)
+        mask = pad_left([[1] * len(r[0]) for r in rows], 0)
+        logits, rewards = model(ids, mask)
+        loss, parts = themis_loss(logits, ids, weights, rewards, 1.0, 0.5)
+        _optimizer_step(loss, step, model, opt, sched, 1.0)
+        hist.append({"step": step, "group": items[idx[0]].group, **parts})
+        if step % args.log_every == 0:
+            recent = hist[-args.log_every:]
+            log(f"themis step {step}/{len(batches)} lm {sum(h['lm_loss'] for h in recent) / len(recent):.3f} "
+                f"rm {sum(h['rm_loss'] for h in recent) / len(recent):.3f} acc {sum(h['pair_acc'] for h in recent) / len(recent):.2f}")
+    model.eval()
+    return model, tok, hist
+
+
+def train_plain(args, base: str, items, batches, seed: int, log):
+    import torch
+
+    from align.rewards.classifier import ClassifierRewardModel
+    from align.rewards.tara import render_plain
+    from align.rewards.training import _optimizer_step, bradley_terry_loss
+
+    torch.manual_seed(seed)
+    rm = ClassifierRewardModel(base, head="value_head", template="{prompt}{completion}", max_length=args.max_length,
+                               batch_size=64, add_eos=True, device="cpu")
+    texts = [(render_plain(it.question, it.pos.answer, it.context), render_plain(it.question, it.neg.answer, it.context)) for it in items]
+    opt, sched = _opt_sched(rm.model, args, len(batches))
+    rm.model.train()
+    hist = []
+    for step, idx in enumerate(batches, 1):
+        enc = rm.encode([texts[i][0] for i in idx] + [texts[i][1] for i in idx])
+        r = rm.forward_scores(**enc).float()
+        b = len(idx)
+        loss = bradley_terry_loss(r[:b], r[b:])
+        _optimizer_step(loss, step, rm.model, opt, sched, 1.0)
+        hist.append({"step": step, "rm_loss": float(loss.detach()), "pair_acc": float((r[:b] > r[b:]).float().mean())})
+        if step % args.log_every == 0:
+            recent = hist[-args.log_every:]
+            log(f"plain step {step}/{len(batches)} rm {sum(h['rm_loss'] for h in recent) / len(recent):.3f}")
+    rm.model.eval()
+    return rm, hist
+
+
+# ----- evaluation ----------------------------------------------------------------------------------------
+
+def eval_themis(args, model, tok, test: dict, groups) -> dict:
+    """Only through the public API: ThemisRewardModel(model=, tokenizer=).score(prompts, completions, context=)."""
+    from align.rewards.themis import ThemisRewardModel
+
+    rm = ThemisRewardModel(model=model, tokenizer=tok, max_rounds=3, max_new_tokens=args.max_new_tokens,
+                           max_length=args.max_length, batch_size=args.eval_batch_size, device="cpu")
+    out = {}
+    for g in groups:
+        items = test[g][: args.test_limit] if args.test_limit else test[g]
+        n = len(items)
+        res = rm.score([it.question for it in items] * 2, [it.pos.answer for it in items] + [it.neg.answer for it in items],
+                       context=[it.context for it in items] * 2)
+        pos, neg = res.scores[:n], res.scores[n:]
+        gold = [it.pos.steps for it in items] * 2  # both sides' gold traces are the question's calls
+        valid = obs_first = obs_all = 0
+        fails: dict[str, int] = {}
+        for info, steps in zip(res.info, gold):
+            calls = info["tool_calls"]
+            first = calls[0] if calls else None
+            if first is not None and first["ok"]:
+                valid += 1
+            else:
+                why = "no tool call" if first is None else (first.get("error") or "failed")
+                key = why.split(":")[0][:40]
+                fails[key] = fails.get(key, 0) + 1
+            if first is not None and first["ok"] and first["output"] == steps[0].observation:
+                obs_first += 1
+            if len(calls) >= len(steps) and all(c["ok"] and c["output"] == s.observation for c, s in zip(calls, steps)):
+                obs_all += 1
+        m = 2 * n
+        out[g] = {"n_pairs": n, "accuracy": sum(a > b for a, b in zip(pos, neg)) / n, "valid_call_share": valid / m,
+                  "gold_observation_share": obs_first / m, "all_gold_observations_share": obs_all / m, "call_failures": fails,
+                  "samples": [{"question": items[i % n].question, "answer": (items[i % n].pos if i < n else items[i % n].neg).answer,
+                               "trace": res.info[i]["trace"], "score": res.scores[i]} for i in (0, n, 1, n + 1)]}
+    return out
+
+
+def eval_plain(rm, test: dict, groups, limit) -> dict:
+    from align.rewards.tara import render_plain
+
+    out = {}
+    for g in groups:
+        items = test[g][:limit] if limit else test[g]
+        pos = rm.score_texts([render_plain(it.question, it.pos.answer, it.context) for it in items])
+        neg = rm.score_texts([render_plain(it.question, it.neg.answer, it.context) for it in items])
+        out[g] = {"n_pairs": len(items), "accuracy": sum(a > b for a, b in zip(pos, neg)) / len(items)}
+    return out
+
+
+def segment_lm_loss(model, tok, test: dict, groups, max_length: int, per_group: int = 48) -> dict:
+    """Token-mean LM loss (nats) on the gold test sequences (both sides), split into the tool-call text (thought,
+    action, input; also split into its digit tokens and the rest), the observations and the rationale: where
+    the model is still uncertain."""
+    import torch
+    import torch.nn.functional as F
+
+    from align.rewards.tara import render_item
+    from align.rewards.themis import pad_left
+
+    out = {}
+    with torch.no_grad():
+        for g in groups:
+            kinds = ("call", "call_digits", "call_other", "observation", "rationale")
+            sums, counts = dict.fromkeys(kinds, 0.0), dict.fromkeys(kinds, 0)
+            for it in test[g][:per_group]:
+                for side in ("pos", "neg"):
+                    seg = render_item(it, side)
+                    enc = tok(seg.text, return_offsets_mapping=True)
+                    ids = enc["input_ids"][-max_length:]
+                    offs = enc["offset_mapping"][-max_length:]
+                    t = pad_left([ids], tok.pad_token_id)
+                    logits, _ = model(t, torch.ones_like(t))
+                    ce = F.cross_entropy(logits[0, :-1].float(), t[0, 1:], reduction="none")
+                    for j, (a, _) in enumerate(offs[1:]):
+                        if a < seg.user_end:
+                            continue
+                        kind = "call"
+                        if seg.work_span and a >= seg.work_span[0]:
+                            kind = "rationale"
+                        elif any(s <= a < e for s, e in seg.observation_spans):
+                            kind = "observation"
+                        sums[kind] += float(ce[j])
+                        counts[kind] += 1
+                        if kind == "call":  # the digits of dates / counts (copied from the question) vs the rest
+                            sub = "call_digits" if tok.convert_ids_to_tokens(ids[j + 1]).lstrip("\u0120").isdigit() else "call_other"
+                            sums[sub] += float(ce[j])
+                            counts[sub] += 1
+            out[g] = {k: sums[k] / max(1, counts[k]) for k in sums}
+    return out
+
+
+def paired_ci(a, b) -> dict:
+    """Mean of the paired differences a - b and its 95% t-interval over seeds."""
+    import statistics
+
+    from scipy import stats
+
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.mean(d)
+    if len(d) < 2:
+        return {"mean_diff": mean, "ci95": None, "diffs": d}
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    return {"mean_diff": mean, "ci95": [mean - half, mean + half], "diffs": d}
+
+
+# ----- main ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tara", type=Path, default=None, help="the TARA data folder (default: $ALIGN_TARA_DIR)")
+    p.add_argument("--out", type=Path, default=Path("runs/themis_gen"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--groups", nargs="+", default=["calendar", "weather", "multi_tools"], help="test splits to evaluate")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--ffn", type=int, default=384)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--synth-calendar", type=int, default=3000)
+    p.add_argument("--synth-weather", type=int, default=1200)
+    p.add_argument("--synth-multi", type=int, default=150)
+    p.add_argument("--tara-groups", nargs="*", default=["calendar", "weather", "multi_tools"],
+                   help="TARA train splits in the training data (none: synthetic pairs only)")
+    p.add_argument("--tara-multi", type=int, default=150, help="TARA multi-tool train pairs used (the longest texts)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--test-limit", type=int, default=None, help="at most this many test pairs per group (quick runs)")
+    p.add_argument("--segment-pairs", type=int, default=48, help="test pairs per group for the LM loss per segment")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--variants", nargs="+", default=["themis", "plain"], choices=["themis", "plain"])
+    args = p.parse_args(argv)
+    import torch
+
+    from align.rewards.tara import render_item
+    from align.tools.data import tara_dir
+
+    os.environ["ALIGN_TARA_DIR"] = str(tara_dir(args.tara))
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+
+    def log(s):
+        print(f"[{time.perf_counter() - t0:6.0f}s] {s}", flush=True)
+
+    data = build_data(args)
+    log(f"data: {data['counts']}; TARA train items dropped for a test city-date: {data['dropped_tara_train']}; "
+        f"test city-dates banned: {data['banned']}; weather cache keys used: {data['weather_keys']}")
+    tok = build_tokenizer([render_item(it, s).text for it in data["train"] for s in ("pos", "neg")], args.out / "tokenizer", args.vocab)
+    runs: dict[str, list] = {v: [] for v in args.variants}
+    for seed in args.seeds:
+        base = build_base(args, tok, args.out / f"base_seed{seed}", seed)
+        batches = batches_by_group(data["train"], args.batch_size, args.steps, seed)
+        for variant in args.variants:
+            t, c = time.perf_counter(), cpu_seconds()
+            if variant == "themis":
+                model, vtok, hist = train_themis(args, base, data["train"], batches, seed, log)
+                tt, tc = time.perf_counter() - t, cpu_seconds() - c
+                ev = eval_themis(args, model, vtok, data["test"], args.groups)
+                seg = segment_lm_loss(model, vtok, data["test"], args.groups, args.max_length, args.segment_pairs)
+                lm_by_group = {g: sum(h["lm_loss"] for h in hist[-100:] if h["group"] == g) / max(1, sum(h["group"] == g for h in hist[-100:]))
+                               for g in sorted({h["group"] for h in hist})}
+                rec = {"seed": seed, "eval": ev, "segment_lm_loss": seg, "train_lm_loss_last100": lm_by_group}
+            else:
+                rm, hist = train_plain(args, base, data["train"], batches, seed, log)
+                tt, tc = time.perf_counter() - t, cpu_seconds() - c
+                rec = {"seed": seed, "eval": eval_plain(rm, data["test"], args.groups, args.test_limit)}
+            rec.update(train_wall_s=tt, train_cpu_s=tc, total_wall_s=time.perf_counter() - t, total_cpu_s=cpu_seconds() - c,
+                       final_train=hist[-1])
+            runs[variant].append(rec)
+            e = rec["eval"]
+            log(f"{variant} seed {seed}: " + ", ".join(
+                f"{g} acc {100 * e[g]['accuracy']:.1f}" + (f" valid {100 * e[g]['valid_call_share']:.1f} gold-obs {100 * e[g]['gold_observation_share']:.1f}"
+                                                         if variant == "themis" else "") for g in args.groups)
+                + f" (train {tc:.0f} s CPU, total {rec['total_cpu_s']:.0f} s CPU, {rec['total_wall_s']:.0f} s wall)")
+            (args.out / "results.partial.json").write_text(json.dumps(runs, indent=2))
+    summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "data": {k: v for k, v in data.items() if k not in ("train", "test")}, "runs": runs,
+               "wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "loadavg_end": os.getloadavg()}
+    if "themis" in runs and "plain" in runs:
+        summary["paired"] = {g: paired_ci([r["eval"][g]["accuracy"] for r in runs["themis"]], [r["eval"][g]["accuracy"] for r in runs["plain"]])
+                             for g in args.groups}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, args.groups, args.out / "results.png")
+    print_table(summary, args.groups)
+    return 0
+
+
+def plot(summary: dict, groups, path: Path) -> None:
+    """Pairwise accuracy per test split (bars: mean over seeds, dots: seeds) and Themis' valid-call share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = summary["runs"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    series = [(v, "accuracy") for v in ("plain", "themis") if v in runs] + ([("themis", "valid_call_share"), ("themis", "gold_observation_share")] if "themis" in runs else [])
+    width = 0.8 / len(series)
+    for k, (v, key) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        vals = [[100 * r["eval"][g][key] for r in runs[v]] for g in groups]
+        label = {"accuracy": f"{v} RM: pairwise accuracy", "valid_call_share": "themis: valid first call",
+                 "gold_observation_share": "themis: observation = gold"}[key]
+        ax.bar(xs, [sum(x) / len(x) for x in vals], width, label=label, alpha=0.8)
+        for x, vs in zip(xs, vals):
+            ax.scatter([x] * len(vs), vs, color="black", s=8, zorder=3)
+    ax.axhline(50, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("% of test pairs / samples")
+    ax.set_ylim(0, 125)
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    ax.set_title("Generative Themis vs plain RM (same 4x128 backbone, steps, pairs); dots: seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(summary: dict, groups) -> None:
+    import statistics
+
+    runs = summary["runs"]
+    for g in groups:
+        line = f"{g:<12}"
+        for v in runs:
+            acc = [100 * r["eval"][g]["accuracy"] for r in runs[v]]
+            line += f"  {v} acc {statistics.mean(acc):.1f} [{' '.join(f'{a:.1f}' for a in acc)}]"
+            if v == "themis":
+                for key in ("valid_call_share", "gold_observation_share"):
+                    vals = [100 * r["eval"][g][key] for r in runs[v]]
+                    line += f"  {key} {statistics.mean(vals):.1f}"
+        if "paired" in summary:
+            pc = summary["paired"][g]
+            ci = pc["ci95"]
+            line += f"  diff {100 * pc['mean_diff']:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+        print(line)
+    print(f"total {summary['wall_s']:.0f} s wall, {summary['cpu_s']:.0f} s CPU")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Synthetic Themis training pairs in TARA's formats: calendar (the tool is computed, so pairs are unlimited),
+weather and multi-tool (from TARA's weather cache, never a city-date of a test split).
+
+Questions and answers reuse the phrasings of TARA's train split (templates extracted by substituting the
+dates, numbers, cities and values back out); traces carry the real tool's observation; negatives are hard
+(a weekday, day count or date off by a few, a weather value close to the true one or another condition).
+Rationales are short and state the answer's value, the observation and the verdict.
+"""
+from __future__ import annotations
+
+import random
+import re
+from datetime import date, timedelta
+from typing import Iterable, Sequence
+
+from align.rewards.tara import TaraAnswer, TaraItem
+from align.tools.calendar_tools import day_difference, target_day, week_day
+from align.tools.trace import ToolCall
+from align.tools.weather import parse_query
+
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+WEATHER_ATTRS = ("overall weather", "temperature", "wind speed", "precipitation", "visibility", "humidity", "UV index")
+# the value of each attribute as TARA's answers write it, read from the tool's observation text
+_OBS_FIELDS = {
+    "overall weather": r"overall weather: (.*?);",
+    "temperature": r"temperature: ([\d.\-]+\(C\))",
+    "wind speed": r"wind speed: ([\d.\-]+\(kph\))",
+    "precipitation": r"precipitation: ([\d.\-]+\(mm\))",
+    "visibility": r"visibility: ([\d.\-]+\(km\))",
+    "humidity": r"humidity: ([\d.\-]+);",
+    "UV index": r"UV index: ([\d.\-]+)\.$",
+}
+_WEATHER_Q = re.compile(r"What is the (?P<attr>.+?) in (?P<city>.+?) on (?P<date>\d{4}-\d{2}-\d{2})\?")
+
+
+def observation_value(attr: str, observation: str) -> str:
+    m = re.search(_OBS_FIELDS[attr], observation.strip())
+    if not m:
+        raise ValueError(f"no {attr} in observation {observation[:80]!r}")
+    return m.group(1)
+
+
+# ----- templates from TARA's train split ------------------------------------------------------------------
+
+def calendar_templates(items: Iterable[TaraItem]) -> dict[str, list[str]]:
+    """Question templates per calendar kind, from TARA calendar items (placeholders {d1} {d2} {date} {n})."""
+    out: dict[str, set[str]] = {"week_day": set(), "day_difference": set(), "after": set(), "before": set()}
+    for it in items:
+        step = it.pos.steps[0]
+        q = it.question
+        if step.action == "Calendar.week_day":
+            d = step.action_input.strip()
+            if q.count(d) == 1:
+                out["week_day"].add(q.replace(d, "{date}"))
+        elif step.action == "Calendar.day_difference":
+            d1, d2 = (s.strip() for s in step.action_input.split(","))
+            if d1 != d2 and q.count(d1) == 1 and q.count(d2) == 1 and q.index(d1) < q.index(d2):
+                out["day_difference"].add(q.replace(d1, "{d1}").replace(d2, "{d2}"))
+        elif step.action == "Calendar.target_day":
+            d, n = (s.strip() for s in step.action_input.split(","))
+            kind = "before" if n.startswith("-") else "after"
+            n = n.lstrip("-+")
+            t = q.replace(d, "{date}")
+            if q.count(d) == 1 and len(re.findall(rf"\b{n}\b", t)) == 1:
+                out[kind].add(re.sub(rf"\b{n}\b", "{n}", t))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def weather_answer_templates(items: Iterable[TaraItem]) -> dict[str, list[str]]:
+    """Answer templates per weather attribute from TARA weather items' positive answers ({city} {date} {value})."""
+    out: dict[str, set[str]] = {a: set() for a in WEATHER_ATTRS}
+    for it in items:
+        m = _WEATHER_Q.fullmatch(it.question.strip())
+        if not m or m["attr"] not in out:
+            continue
+        value = observation_value(m["attr"], it.pos.steps[0].observation)
+        a = it.pos.answer
+        if all(a.count(s) == 1 for s in (m["city"], m["date"], value)):
+            out[m["attr"]].add(a.replace(value, "{value}").replace(m["city"], "{city}").replace(m["date"], "{date}"))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+# ----- calendar -------------------------------------------------------------------------------------------
+
+def _rand_date(rng: random.Random, lo: date = date(2000, 1, 1), hi: date = date(2023, 12, 31)) -> date:
+    return lo + timedelta(days=rng.randrange((hi - lo).days + 1))
+
+
+def _offset(rng: random.Random) -> int:
+    """A hard-negative offset: mostly 1-3, sometimes a few more, never 0."""
+    k = rng.choice((1, 1, 2, 2, 3, 3, 4, 5, 7, 10, 30))
+    return k if rng.random() < 0.5 else -k
+
+
+def _rationale(claim: str, action: str, obs: str, correct: bool) -> str:
+    verdict = "They match, so the answer is correct." if correct else "They differ, so the answer is wrong."
+    return f"The answer says {claim}. The tool {action} returned {obs}. {verdict}"
+
+
+def _answers(question_id: str, group: str, question: str, call: ToolCall, calls: Sequence[ToolCall],
+             pos: tuple[str, str], neg: tuple[str, str], obs_value: str) -> TaraItem:
+    """Both sides share the gold trace (it depends on the question only); answers differ in the value."""
+    steps = tuple(calls)
+    p = TaraAnswer(pos[0], 1.0, steps, _rationale(pos[1], call.action, obs_value, True))
+    n = TaraAnswer(neg[0], -1.0, steps, _rationale(neg[1], call.action, obs_value, False))
+    return TaraItem(question_id, group, question, p, n)
+
+
+def synth_calendar(n: int, rng: random.Random, templates: dict[str, list[str]], group: str = "synth_calendar") -> list[TaraItem]:
+    """n calendar pairs, kinds uniform over week_day / day_difference / target_day (after and before)."""
+    items = []
+    for i in range(n):
+        kind = rng.choice(("week_day", "day_difference", "target_day"))
+        if kind == "week_day":
+            d = _rand_date(rng).isoformat()
+            q = rng.choice(templates["week_day"]).format(date=d)
+            obs = week_day(d)
+            if rng.random() < 0.1 and obs != "Wednesday":
+                wrong = "Wendesday"  # TARA's misspelt negative
+            else:
+                wrong = WEEKDAYS[(WEEKDAYS.index(obs) + rng.choice((1, 2, 3, 4, 5, 6))) % 7]
+            call = ToolCall("Calendar.week_day", d, f"I need to search what day of the week is {d}.", obs)
+            items.append(_answers(f"{group}_{i}", group, q, call, [call], (f"{d} is {obs}", obs), (f"{d} is {wrong}", wrong), obs))
+        elif kind == "day_difference":
+            d1, d2 = _rand_date(rng).isoformat(), _rand_date(rng).isoformat()
+            while d2 == d1:
+                d2 = _rand_date(rng).isoformat()
+            q = rng.choice(templates["day_difference"]).format(d1=d1, d2=d2)
+            obs = day_difference(f"{d1}, {d2}")
+            wrong = str(int(obs) + _offset(rng)) if rng.random() < 0.8 else str(rng.randrange(1, 9000))
+            if wrong == obs or int(wrong) < 0:
+                wrong = str(int(obs) + 1)
+            call = ToolCall("Calendar.day_difference", f"{d1}, {d2}", f"I need to search how many days is the difference between {d1} and {d2}.", obs)
+            stem = f"The difference between {d1} and {d2} is "
+            items.append(_answers(f"{group}_{i}", group, q, call, [call], (stem + obs, obs), (stem + wrong, wrong), obs))
+        else:
+            direction = rng.choice(("after", "before"))
+            d, k = _rand_date(rng).isoformat(), rng.randrange(1, 366)
+            q = rng.choice(templates[direction]).format(date=d, n=k)
+            signed = k if direction == "after" else -k
+            obs = target_day(f"{d}, {signed}")
+            t = date.fromisoformat(obs)
+            wrong_d = t + timedelta(days=_offset(rng)) if rng.random() < 0.8 else _rand_date(rng)
+            if wrong_d == t:
+                wrong_d = t + timedelta(days=1)
+            wrong = wrong_d.isoformat()
+            call = ToolCall("Calendar.target_day", f"{d}, {signed}", f"I need to search what day is {k} days {direction} {d}.", obs)
+            stem = f"The day {direction} {d} {k} days is "
+            items.append(_answers(f"{group}_{i}", group, q, call, [call], (stem + obs, obs), (stem + wrong, wrong), obs))
+    return items
+
+
+# ----- weather --------------------------------------------------------------------------------------------
+
+def city_dates_of(test_items: Iterable[TaraItem]) -> set[str]:
+    """Every 'City, YYYY-MM-DD' a test item asks about or calls history_weather with (both sides)."""
+    keys: set[str] = set()
+    for it in test_items:
+        for ans in (it.pos, it.neg):
+            for s in ans.steps:
+                if s.action == "history_weather":
+                    city, day = parse_query(s.action_input)
+                    keys.add(f"{city}, {day}")
+        m = _WEATHER_Q.fullmatch(it.question.strip())
+        if m:
+            keys.add(f"{m['city']}, {m['date']}")
+    return keys
+
+
+def _wrong_value(attr: str, value: str, conditions: Sequence[str], rng: random.Random) -> str:
+    if attr == "overall weather":
+        return rng.choice([c for c in conditions if c != value])
+    m = re.fullmatch(r"([\d.\-]+)(\(.*\))?", value)
+    x, unit = float(m.group(1)), m.group(2) or ""
+    step = 1.0 if attr in ("humidity", "UV index") else 0.1 * rng.choice((3, 5, 8, 10, 15, 20, 30, 50))
+    y = x + (step * rng.choice((1, 2, 3)) if rng.random() < 0.5 or x - 3 * step < 0 else -step * rng.choice((1, 2, 3)))
+    return f"{round(y, 1):.1f}{unit}"
+
+
+def weather_keys(cache: dict[str, str], exclude: set[str]) -> list[str]:
+    """Cache keys usable for training: parseable, with every attribute, and not a test city-date."""
+    keys = []
+    for key, obs in sorted(cache.items()):
+        try:
+            city, day = parse_query(key)
+            for a in WEATHER_ATTRS:
+                observation_value(a, obs)
+        except Exception:
+            continue
+        if f"{city}, {day}" not in exclude:
+            keys.append(key)
+    return keys
+
+
+def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Sequence[str], answer_templates: dict[str, list[str]],
+                  multi: bool = False, group: str | None = None) -> list[TaraItem]:
+    """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`."""
+    group = group or ("synth_multi_tools" if multi else "synth_weather")
+    conditions = sorted({observation_value("overall weather", cache[k]) for k in weather_keys(cache, set())})
+    if len(conditions) < 2:
+        raise ValueError("the weather cache needs at least two distinct conditions for wrong-condition negatives")
+    items = []
+    for i in range(n):
+        key = rng.choice(list(keys))
+        city, day = parse_query(key)
+        obs = cache[key]
+        attr = rng.choice(WEATHER_ATTRS)
+        value = observation_value(attr, obs)
+        wrong = _wrong_value(attr, value, conditions, rng)
+        weather_call = ToolCall("history_weather", f"{city}, {day}", f"I need to search the weather in {city} on {day}", obs)
+        if not multi:
+            q = f"What is the {attr} in {city} on {day}?"
+            tp, tn = rng.choice(answer_templates[attr]), rng.choice(answer_templates[attr])
+            pos = tp.format(city=city, date=day, value=value)
+            neg = tn.format(city=city, date=day, value=wrong)
+            items.append(_answers(f"{group}_{i}", group, q, weather_call, [weather_call], (pos, value), (neg, wrong), value))
+        else:
+            k = rng.randrange(1, 200)
+            start = (date.fromisoformat(day) - timedelta(days=k)).isoformat()
+            q = f"What is the {attr} like in {city} on the {k} days after {start}?"
+            stem = f"The {attr} in {city} on the {k} days after {start} is "
+            cal = ToolCall("Calendar.target_day", f"{start}, {k}", f"I need to search what day is {k} days after {start}.", day)
+            items.append(_answers(f"{group}_{i}", group, q, weather_call, [cal, weather_call], (stem + value + ".", value),
+                                  (stem + wrong + ".", wrong), value))
+    return items
+
+
+__all__ = ["WEEKDAYS", "WEATHER_ATTRS", "calendar_templates", "weather_answer_templates", "synth_calendar",
+           "synth_weather", "city_dates_of", "weather_keys", "observation_value"]

@@ -1,0 +1,133 @@
+"""Synthetic Themis pairs (align.rewards.themis_synth): calendar answers checked against python's datetime
+(computed here independently), weather pairs against the cache text, and the TARA split for test-city-date leaks."""
+from __future__ import annotations
+
+import random
+import re
+from datetime import date, timedelta
+
+import pytest
+
+from align.rewards.tara import load_tara, load_weather_cache, render_item
+from align.rewards.themis_synth import (
+    calendar_templates,
+    city_dates_of,
+    synth_calendar,
+    synth_weather,
+    weather_answer_templates,
+    weather_keys,
+)
+
+CAL_TEMPLATES = {
+    "week_day": ["Which day of the week is {date}?"],
+    "day_difference": ["How many days lie between {d1} and {d2}?"],
+    "after": ["What day is {n} days after {date}?"],
+    "before": ["What day is {n} days before {date}?"],
+}
+WEATHER_TEMPLATES = {a: [f"The {a} in {{city}} on {{date}} is {{value}}."] for a in
+                     ("overall weather", "temperature", "wind speed", "precipitation", "visibility", "humidity", "UV index")}
+
+
+def _obs(cond: str, temp: float) -> str:
+    return (f"The weather for X on D is: \noverall weather: {cond}; temperature: {temp}(C); wind speed: 10.1(kph), 6.3(mph); "
+            f"precipitation: 0.5(mm), 0.02(inch); visibility: 9.0(km), 5.0(miles); humidity: 61.0; UV index: 4.0.")
+
+
+def test_calendar_pairs_are_correct_against_datetime():
+    items = synth_calendar(600, random.Random(0), CAL_TEMPLATES)
+    kinds = {"week_day": 0, "day_difference": 0, "after": 0, "before": 0}
+    hard = 0
+    for it in items:
+        q = it.question
+        (step,) = it.pos.steps
+        assert it.neg.steps == it.pos.steps  # the trace depends on the question only
+        dates = [date.fromisoformat(d) for d in re.findall(r"\d{4}-\d{2}-\d{2}", q)]
+        if q.startswith("Which day"):
+            kinds["week_day"] += 1
+            truth = dates[0].strftime("%A")
+            assert (step.action, step.action_input) == ("Calendar.week_day", dates[0].isoformat())
+            assert it.pos.answer == f"{dates[0].isoformat()} is {truth}"
+            wrong = it.neg.answer.rsplit(" ", 1)[1]
+            assert wrong != truth and wrong in {"Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "Wendesday"}
+        elif q.startswith("How many"):
+            kinds["day_difference"] += 1
+            truth = str(abs((dates[0] - dates[1]).days))
+            assert (step.action, step.action_input) == ("Calendar.day_difference", f"{dates[0].isoformat()}, {dates[1].isoformat()}")
+            assert it.pos.answer.endswith(f" is {truth}")
+            wrong = int(it.neg.answer.rsplit(" ", 1)[1])
+            assert wrong != int(truth) and wrong >= 0
+            hard += abs(wrong - int(truth)) <= 3
+        else:
+            k = int(re.search(r"is (\d+) days", q).group(1))
+            before = "before" in q
+            kinds["before" if before else "after"] += 1
+            truth_d = dates[0] + timedelta(days=-k if before else k)
+            truth = truth_d.isoformat()
+            assert (step.action, step.action_input) == ("Calendar.target_day", f"{dates[0].isoformat()}, {-k if before else k}")
+            assert it.pos.answer.endswith(f" is {truth}")
+            wrong = date.fromisoformat(it.neg.answer.rsplit(" ", 1)[1])
+            assert wrong != truth_d
+            hard += abs((wrong - truth_d).days) <= 3
+        assert step.observation == truth  # the real tool's output, rendered into the trace
+        assert f"Observation: {truth}\n" in render_item(it, "neg").text
+        assert "They match" in it.pos.rationale and "They differ" in it.neg.rationale
+    assert min(kinds.values()) > 80  # all four kinds drawn
+    # most numeric negatives are hard (within 3 days of the truth); 0.8 * 6/11 of them by construction
+    n_numeric = kinds["day_difference"] + kinds["after"] + kinds["before"]
+    assert 0.3 < hard / n_numeric < 0.6
+
+
+def test_weather_pairs_read_the_cache_and_never_use_excluded_keys():
+    cache = {f"City{i}, 2023-06-{10 + i}": _obs(["Sunny", "Cloudy", "Mist"][i % 3], 20.0 + i) for i in range(6)}
+    cache["Broken, 2023-06-01"] = "not a weather record"
+    excluded = {"City0, 2023-06-10", "City3, 2023-06-13"}
+    keys = weather_keys(cache, excluded)
+    assert sorted(keys) == ["City1, 2023-06-11", "City2, 2023-06-12", "City4, 2023-06-14", "City5, 2023-06-15"]
+    for multi in (False, True):
+        items = synth_weather(200, random.Random(1), cache, keys, WEATHER_TEMPLATES, multi=multi)
+        assert not (city_dates_of(items) & excluded)
+        for it in items:
+            weather = it.pos.steps[-1]
+            assert weather.action == "history_weather" and weather.observation == cache[weather.action_input]
+            attr = re.match(r"What is the (.+?) (?:like )?in ", it.question).group(1)
+            i = int(weather.action_input.split(",")[0][4:])
+            truth = {"overall weather": ["Sunny", "Cloudy", "Mist"][i % 3], "temperature": f"{20.0 + i}(C)", "wind speed": "10.1(kph)",
+                     "precipitation": "0.5(mm)", "visibility": "9.0(km)", "humidity": "61.0", "UV index": "4.0"}[attr]
+            def has(text):  # the value as a whole number / phrase ('9.0(km)' is not in '19.0(km)')
+                return re.search(rf"(?<![\w.]){re.escape(truth)}(?![\w])", text) is not None
+
+            assert has(it.pos.answer) and not has(it.neg.answer)
+            if multi:
+                cal = it.pos.steps[0]
+                start, k = cal.action_input.split(", ")
+                assert (date.fromisoformat(start) + timedelta(days=int(k))).isoformat() == cal.observation
+                assert weather.action_input.endswith(cal.observation)
+
+
+def test_city_dates_come_from_calls_and_questions():
+    cache = {"A, 2023-06-01": _obs("Sunny", 1.0), "B, 2023-06-02": _obs("Mist", 2.0)}
+    items = synth_weather(5, random.Random(2), cache, ["A, 2023-06-01"], WEATHER_TEMPLATES)
+    assert city_dates_of(items) == {"A, 2023-06-01"}
+
+
+@pytest.mark.tara
+def test_tara_templates_and_the_training_split_has_no_test_city_date():
+    train = load_tara(["calendar", "weather", "multi_tools"], "train")
+    test = load_tara(["calendar", "weather", "multi_tools"], "test")
+    banned = city_dates_of(test)
+    # weather test + multi-tool test: one city-date per item, at most (a few repeat)
+    assert 250 < len(banned) <= 158 + 144
+    assert "Neijiang, 2023-06-19" in banned  # weather_test_0
+    cal = calendar_templates([it for it in train if it.group == "calendar"])
+    assert all(len(v) >= 10 for v in cal.values())
+    assert all("{date}" in t for t in cal["week_day"]) and all("{d1}" in t and "{d2}" in t for t in cal["day_difference"])
+    wea = weather_answer_templates([it for it in train if it.group == "weather"])
+    assert all(len(v) >= 10 and all("{value}" in t and "{city}" in t for t in v) for v in wea.values())
+    cache = load_weather_cache()
+    keys = weather_keys(cache, banned)
+    assert not set(keys) & banned and len(keys) > 800
+    rng = random.Random(0)
+    synth = synth_weather(500, rng, cache, keys, wea) + synth_weather(200, rng, cache, keys, wea, multi=True)
+    assert not city_dates_of(synth) & banned
+    # TARA's own train split repeats a couple of test city-dates: the experiment drops those items
+    assert 0 < len(city_dates_of(train) & banned) < 5
