@@ -181,6 +181,32 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def combine(paths: list[Path], rep: Path) -> int:
+    """One report from per-seed reports: runs in seed order, the summary recomputed, timings summed."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    configs = [{k: v for k, v in p["config"].items() if k not in ("seeds", "out", "report", "combine")} for p in parts]
+    if any(c != configs[0] for c in configs):
+        raise SystemExit("--combine: the reports were run with different settings; combine only runs of one set-up")
+    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["seed"])
+    if len({r["seed"] for r in runs}) != len(runs):
+        raise SystemExit("--combine: a seed appears in two reports")
+    report = {"command": " ; ".join(p["command"] for p in parts), "config": {**parts[0]["config"],
+              "seeds": [r["seed"] for r in runs]}, "summary": summarize(runs), "runs": runs,
+              "machine": {**parts[0]["machine"], "processes": len(parts),
+                          "load_average_end": [p["machine"]["load_average_end"] for p in parts]},
+              "timing": {"wall_s": max(p["timing"]["wall_s"] for p in parts),
+                         "cpu_s": sum(p["timing"]["cpu_s"] for p in parts),
+                         "children_cpu_s": sum(p["timing"]["children_cpu_s"] for p in parts)}}
+    rep.parent.mkdir(parents=True, exist_ok=True)
+    rep.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot(runs, rep.with_suffix(".png"))
+    rep.with_suffix(".md").write_text(markdown(json.loads(json.dumps(report))))
+    d = report["summary"]["diff"]
+    print(f"paired diff {d['mean']:+.3f}, 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
+          f"({'shown' if d['shown'] else 'not shown'}); wrote {rep.with_suffix('.json')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -204,11 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--print-every", type=int, default=10)
     ap.add_argument("--table-only", action="store_true", help="rewrite <report>.md from <report>.json")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="merge the reports of seeds run as separate processes (--seeds S --report R_S each, one "
+                         "core per process) into <report>.json / .md / .png; nothing is trained")
     args = ap.parse_args(argv)
     rep = Path(args.report)
     if args.table_only:
         rep.with_suffix(".md").write_text(markdown(json.loads(rep.with_suffix(".json").read_text())))
         return 0
+    if args.combine:
+        return combine([Path(p) for p in args.combine], rep)
     _one_thread()
     from transformers.utils import logging as hf_logging
 

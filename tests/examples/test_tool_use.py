@@ -109,3 +109,37 @@ def test_the_script_writes_its_report(tmp_path, one_thread):
     # n = 2: half-width = t(0.975, 1) * |d1 - d2| / sqrt(2) / sqrt(2), t(0.975, 1) = 12.706
     half = 12.7062 * abs(diffs[0] - diffs[1]) / 2
     assert abs((hi - lo) / 2 - half) < 1e-3 and s["diff"]["shown"] == (lo > 0)
+
+
+def _seed_report(seed: int, tools_acc: float, valid: list[float], lr: float = 3e-4) -> dict:
+    arm = {"sft": {"steps": 4, "examples": 128, "loss": 1.0, "valid_call_share_at_stop": 0.4},
+           "heldout_sft": {"accuracy": 0.0}, "heldout_final": {"accuracy": tools_acc},
+           "curves": {"accuracy": [0.0, tools_acc], "valid_call": valid}}
+    none = {"sft": {"steps": 4, "examples": 128, "loss": 1.0}, "heldout_sft": {"accuracy": 0.0},
+            "heldout_final": {"accuracy": 0.0}, "curves": {"accuracy": [0.0, 0.0]}}
+    return {"command": f"python examples/tool_use.py --seeds {seed}", "config": {"seeds": [seed], "lr": lr},
+            "runs": [{"seed": seed, "arms": {"tools": arm, "no_tool": none}}],
+            "machine": {"load_average_end": [1.0, 1.0, 1.0]}, "timing": {"wall_s": 10.0 + seed, "cpu_s": 5.0,
+                                                                          "children_cpu_s": 0.0}}
+
+
+def test_combine_merges_seeds_run_as_separate_processes(tmp_path):
+    accs = {2: 0.8, 0: 0.5, 1: 0.6}  # written out of seed order
+    paths = []
+    for seed, acc in accs.items():
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(_seed_report(seed, acc, [0.2, 0.9])))
+    assert tool_use.main(["--combine", *map(str, paths), "--report", str(tmp_path / "all")]) == 0
+    rep = json.loads((tmp_path / "all.json").read_text())
+    assert [r["seed"] for r in rep["runs"]] == [0, 1, 2]
+    d = [0.5, 0.6, 0.8]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2 df}
+    assert rep["summary"]["diff"]["per_seed"] == pytest.approx(d)
+    assert rep["summary"]["diff"]["ci95"] == pytest.approx([mean - half, mean + half])
+    assert rep["timing"]["cpu_s"] == 15.0 and rep["timing"]["wall_s"] == 12.0
+    assert (tmp_path / "all.md").is_file() and (tmp_path / "all.png").is_file()
+    paths[0].write_text(json.dumps(_seed_report(2, 0.8, [0.2, 0.9], lr=1e-3)))
+    with pytest.raises(SystemExit, match="different settings"):
+        tool_use.main(["--combine", *map(str, paths), "--report", str(tmp_path / "bad")])
