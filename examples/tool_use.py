@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/tool_use")
     ap.add_argument("--report", default="docs/experiments/tool_use", help="writes <report>.json and <report>.png")
-    ap.add_argument("--steps", type=int, default=80, help="GRPO steps per arm")
+    ap.add_argument("--steps", type=int, default=160, help="GRPO steps per arm (80 left seed 1 still climbing)")
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=16)
     ap.add_argument("--advantage", default="dr_grpo",
