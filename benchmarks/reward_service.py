@@ -62,7 +62,12 @@ def start_service(cfg: dict, port: int) -> subprocess.Popen:
            "--max-concurrency", "1024", "--log-level", "warning"]
     env = {**os.environ, "ALIGN_REWARD_TOKEN": TOKEN}  # the token never appears on the command line
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    return wait_healthy(proc, port, 120)
+
+
+def wait_healthy(proc, port: int, timeout_s: float):
+    """`proc` (a started `align serve-rewards`) once its /health answers 200; an error if it exits or is late."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"service exited: {proc.stderr.read().decode()[-2000:]}")
@@ -72,7 +77,7 @@ def start_service(cfg: dict, port: int) -> subprocess.Popen:
         except requests.RequestException:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("service did not start within 120 s")
+    raise RuntimeError(f"service did not start within {timeout_s:g} s")
 
 
 def payload(items, k: int, offset: int) -> dict:

@@ -28,7 +28,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reward_service import TOKEN, batch_stats, free_port  # noqa: E402
+from reward_service import TOKEN, batch_stats, free_port, wait_healthy  # noqa: E402
 
 CASES = [("2023-06-01", 12), ("2021-02-25", 5), ("2020-02-27", 3), ("2019-12-30", 4)]
 
@@ -57,17 +57,7 @@ def start_service(model_path: Path, batch_size: int, port: int):
            "--log-level", "warning"]
     env = {**os.environ, "ALIGN_REWARD_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("service did not start within 180 s")
+    return wait_healthy(proc, port, 180)
 
 
 def cpu_seconds(pid: int) -> float:

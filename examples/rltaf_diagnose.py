@@ -61,24 +61,31 @@ def copy_accuracy(rm_dir: str, split: str, n: int) -> dict[str, Any]:
 
 
 def gold_call_accuracy(rm_dir: str, n: int) -> dict[str, Any]:
+    """The right call and observation forced into the trace; the RM writes the rationale (greedy, in the
+    rollout engine, token ids in and out) and its value head scores the EOS."""
     from align.rewards.tara import render_user
     from align.rewards.themis import ASSISTANT_HEADER, ThemisRewardModel
+    from align.rollouts.params import SamplingParams
+    from align.tools.trace import START_OBSERVATION, START_TOOL
 
     rm = ThemisRewardModel(rm_dir, max_rounds=1, max_new_tokens=60, batch_size=64, device="cpu")
+    tok = rm.tokenizer
     qs = task.split_questions()["rm_test"][:n]
     rng = random.Random(2)
     negs = [task.hard_negative(q, rng) for q in qs]
 
     def prefix(q: task.Question, answer: str) -> str:
-        return (render_user(q.text, answer) + ASSISTANT_HEADER + f"<start_tool> Thought: {task.THOUGHT}\nAction: {task.ACTION}\n"
-                f"Action Input: {q.start.isoformat()}, {q.n}\n<start_observation> Observation: {q.answer}\n")
+        return (render_user(q.text, answer) + ASSISTANT_HEADER + f"{START_TOOL} Thought: {task.THOUGHT}\n"
+                f"Action: {task.ACTION}\nAction Input: {q.start.isoformat()}, {q.n}\n{START_OBSERVATION} "
+                f"Observation: {q.answer}\n")
 
-    texts = [prefix(q, q.answer) for q in qs] + [prefix(q, x) for q, x in zip(qs, negs)]
-    conts: list[str] = []
-    for i in range(0, len(texts), 64):
-        conts.extend(rm.generator(texts[i:i + 64]))
-    eos = rm.tokenizer.eos_token
-    scores = rm.score_texts([t + (c[:-len(eos)] if c.endswith(eos) else c) for t, c in zip(texts, conts)])
+    rows = [tok(prefix(q, a), add_special_tokens=True)["input_ids"] for q, a in
+            [(q, q.answer) for q in qs] + list(zip(qs, negs))]
+    out = rm.tracer.engine.generate(rows, SamplingParams(max_new_tokens=60, temperature=0.0))
+    cont_ids = [out.response_ids[j][out.mask[j].bool()].tolist() for j in range(len(rows))]
+    eos = tok.eos_token_id
+    scores = rm.score_ids([r + c + ([] if c[-1:] == [eos] else [eos]) for r, c in zip(rows, cont_ids)])
+    conts = [tok.decode(c, skip_special_tokens=True) for c in cont_ids]
     k = len(qs)
     return {"n": k, "pairwise_accuracy": sum(a > b for a, b in zip(scores[:k], scores[k:])) / k,
             "verdict_right_on_positives": sum(task.RIGHT in c for c in conts[:k]) / k,

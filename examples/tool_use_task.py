@@ -132,11 +132,13 @@ def sft(model_dir: Path, out_dir: Path, demos: list[list[tuple[list[int], bool]]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from align.algos.schedule import lambda_lr
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    sched = lambda_lr(opt, total=steps, warmup=4)  # (s + 1) / 5 for the first 4 steps, then constant
     rng = random.Random(seed)
     order: list[int] = []
     checks: list[dict[str, float]] = []
