@@ -161,10 +161,13 @@ def render_user(question: str, answer: str, context: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLAIN_TEMPLATE = "Question: {prompt}\nAnswer: {completion}"  # render_plain without a context, as a reward template
+
+
 def render_plain(question: str, answer: str, context: str | None = None) -> str:
     """The plain RM input (released code's `linear` reward type): '[Context: c\\n]Question: q\\nAnswer: a'."""
     prefix = f"Context: {context}\n" if context is not None else ""
-    return f"{prefix}Question: {question}\nAnswer: {answer}"
+    return prefix + PLAIN_TEMPLATE.format(prompt=question, completion=answer)
 
 
 @dataclass(frozen=True)

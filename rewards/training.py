@@ -25,6 +25,7 @@ from align.algos.schedule import lambda_lr
 from align.errors import MissingFileError
 from align.rewards.preference_format import preference_texts
 from align.rewards.tara import (
+    PLAIN_TEMPLATE,
     TOOL_FAILED_OBSERVATION,
     TaraItem,
     load_tara,
@@ -244,6 +245,15 @@ def _write_metrics(fh, record: dict[str, Any]) -> None:
     fh.flush()
 
 
+def saved_template(pairs: list[PreferencePair], template: str, observations: str) -> str:
+    """The template saved with a classifier RM, so that a config naming the checkpoint scores the text it was
+    trained on: TARA pairs without context or observations train on render_plain's 'Question: q\\nAnswer: a'
+    (PLAIN_TEMPLATE); any other mix keeps the configured template."""
+    if observations == "none" and pairs and all(p.item is not None and p.context is None for p in pairs):
+        return PLAIN_TEMPLATE
+    return template
+
+
 def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
     from align.rewards.classifier import ClassifierRewardModel
 
@@ -272,6 +282,7 @@ def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> 
             if step % cfg.train.log_every == 0:
                 log(f"step {step}/{len(batches)} loss {rec['loss']:.4f} acc {rec['pair_acc']:.3f}")
     model.eval()
+    rm.template = saved_template(pairs, cfg.model.template, cfg.data.observations)
     rm.save_pretrained(out)
     return len(batches), history
 

@@ -183,3 +183,22 @@ def test_cli_train_rm_and_eval_rm(tmp_path, capsys):
     assert main(["eval-rm", str(cfg)]) == 0  # a config: its output_dir and data.eval
     assert main(["train-rm", str(cfg), "--set", "train.epoch=1"]) == 2
     assert "did you mean 'train.epochs'" in capsys.readouterr().err
+
+
+def test_a_classifier_trained_on_tara_pairs_saves_the_template_it_was_trained_on(tmp_path):
+    """TARA pairs train on 'Question: q\\nAnswer: a' (render_plain); the saved template must give the same text,
+    or a config naming the checkpoint (`classifier_rm` with model_path) scores text it never saw."""
+    from align.rewards.registry import get_reward
+    from align.rewards.tara import render_plain
+
+    data = tmp_path / "tara_like.jsonl"
+    data.write_text("".join(json.dumps(_tara_record(i)) + "\n" for i in range(4)))
+    cfg = RMTrainConfig.from_dict({
+        "model": {"kind": "classifier", "path": str(cached("llama", 1)), "max_length": 64},
+        "data": {"train": [str(data)]}, "train": {"epochs": 1, "batch_size": 2, "seed": 0},
+        "output_dir": str(tmp_path / "run")})
+    train_reward_model(cfg, log=lambda s: None)
+    rm = get_reward("classifier_rm", model_path=str(tmp_path / "run"), device="cpu")
+    q, a = "Which day of the week is 2015-03-10?", "2015-03-10 is Tuesday"
+    assert rm.format(q, a) == render_plain(q, a)
+    assert rm([q], [a]) == pytest.approx(rm.score_texts([render_plain(q, a)]), abs=1e-6)
