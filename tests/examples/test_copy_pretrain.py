@@ -1,0 +1,43 @@
+"""examples/copy_pretrain.py: the copy rows and the loss mask, checked element by element."""
+
+from __future__ import annotations
+
+import copy_pretrain as C  # examples/ (tests/conftest.py puts it on sys.path)
+import pytest
+import torch
+
+
+def test_each_row_is_span_sep_span_and_only_the_repeat_is_labelled():
+    g = torch.Generator().manual_seed(3)
+    vocab = list(range(50, 90))
+    for _ in range(5):
+        ids, labels = C.copy_batch(vocab, 4, (3, 7), sep_id=7, generator=g)
+        n = (ids.shape[1] - 1) // 2
+        assert 3 <= n <= 7 and ids.shape == (4, 2 * n + 1)
+        for row, lab in zip(ids.tolist(), labels.tolist()):
+            assert row[n] == 7 and row[:n] == row[n + 1:]
+            assert all(50 <= t < 90 for t in row[:n])
+            assert lab[:n + 1] == [-100] * (n + 1) and lab[n + 1:] == row[n + 1:]
+
+
+def test_bad_spans_are_refused():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="span"):
+        C.copy_batch([1, 2, 3], 2, (0, 4), 0, g)
+    with pytest.raises(ValueError, match="2 ids"):
+        C.copy_batch([1], 2, (1, 4), 0, g)
+
+
+def test_a_few_steps_train_in_place_and_report_the_copy_loss(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = C.pretrain_copy(model, range(4, 64), steps=3, batch_size=4, lr=1e-3, seed=0, span=(2, 5), sep_id=1,
+                            warmup=0)
+    assert stats["steps"] == 3 and torch.isfinite(torch.tensor(stats["copy_loss"]))
+    # untrained: about log(60) nats per repeated token (uniform over the span's ids)
+    assert abs(stats["first_loss"] - torch.log(torch.tensor(64.0)).item()) < 0.6
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())) and not model.training
