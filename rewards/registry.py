@@ -55,6 +55,8 @@ def _instantiate(entry: Any, name: str, kwargs: dict[str, Any]) -> RewardFunctio
         except TypeError as err:
             params = [p for p in inspect.signature(entry.__init__).parameters if p not in ("self", "args", "kwargs")]
             raise TypeError(f"reward {name!r}: {err}; its arguments are: {', '.join(params) or 'none'}") from None
+    if inspect.isclass(entry):  # a TRL-style reward class: built with the kwargs, its instances score
+        return _wrap_callable(_construct(entry, name, kwargs), name)
     if callable(entry):
         factory = getattr(entry, "__align_reward_factory__", False)
         if factory:
@@ -65,13 +67,33 @@ def _instantiate(entry: Any, name: str, kwargs: dict[str, Any]) -> RewardFunctio
         if kwargs:
             raise TypeError(f"reward {name!r} is a plain function fn(prompts, completions, **columns) and takes no "
                             f"arguments (got {sorted(kwargs)})")
-        from align.rewards.adapters import VerlReward, is_verl_compute_score
-
-        if is_verl_compute_score(entry):  # verl's compute_score(data_source, solution_str, ground_truth, extra_info)
-            return VerlReward(entry, name=name)
-        return CallableReward(entry, name=name)
+        return _wrap_callable(entry, name)
     raise TypeError(f"reward {name!r} is registered as a {type(entry).__name__}; expected a RewardFunction class, "
                     "a factory or a callable")
+
+
+def _construct(cls: type, name: str, kwargs: dict[str, Any]) -> Any:
+    try:
+        obj = cls(**kwargs)
+    except TypeError as err:
+        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+        raise TypeError(f"reward {name!r}: {err}; its arguments are: {', '.join(params) or 'none'}") from None
+    if isinstance(obj, RewardFunction):
+        return obj
+    if not callable(obj):
+        raise TypeError(f"reward {name!r} is a class whose instances are not callable: give it "
+                        "__call__(self, prompts, completions, **columns) or subclass align.rewards.RewardFunction")
+    return obj
+
+
+def _wrap_callable(fn: Any, name: str) -> RewardFunction:
+    if isinstance(fn, RewardFunction):
+        return fn
+    from align.rewards.adapters import VerlReward, is_verl_compute_score
+
+    if is_verl_compute_score(fn):  # verl's compute_score(data_source, solution_str, ground_truth, extra_info)
+        return VerlReward(fn, name=name)
+    return CallableReward(fn, name=name)
 
 
 def reward_factory(fn):

@@ -123,3 +123,29 @@ def test_lazy_builtin_reward_models_point_at_real_classes():
         assert isinstance(entry, LazyReward)
         cls = entry.load()
         assert cls.__name__ == target and issubclass(cls, RewardFunction)
+
+
+class ScaledLength:
+    """A TRL-style reward class (not a RewardFunction): built with arguments, its instances score."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [self.scale * len(c) for c in completions]
+
+
+class NotCallable:
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+
+def test_a_plain_reward_class_named_by_import_path_is_built_with_its_kwargs_and_scores():
+    path = f"{__name__}:ScaledLength"
+    assert get_reward(path, scale=2.0).score(["p", "q"], ["abc", "a"]).scores == [6.0, 2.0]
+    assert get_reward(path).score(["p"], ["abcd"]).scores == [4.0]
+    assert get_reward({"name": path, "kwargs": {"scale": 0.5}}).score(["p"], ["ab"]).scores == [1.0]
+    with pytest.raises(TypeError, match=r"its arguments are: scale"):
+        get_reward(path, sclae=2.0)
+    with pytest.raises(TypeError, match=r"instances are not callable: give it __call__"):
+        get_reward(f"{__name__}:NotCallable")
