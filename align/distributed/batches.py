@@ -123,8 +123,8 @@ GLOBAL_KEYS = frozenset({"reward/mean", "reward/std", "reward/max", "reward/min"
                          "kl/coef", "kl/mean", "kl/mean_seq", "advantages/mean", "returns/mean", "advantages/abs_mean",
                          "grpo/zero_variance_groups", "train/skipped"})
 # Counts and partial sums (loss/* are per-rank shares of the global loss: their sum is the loss).
-SUMMED_KEYS = frozenset({"rollout/tokens", "rollout/tokens_per_s", "reward/errors", "reward/not_applicable",
-                         "train/samples"})
+SUMMED_KEYS = frozenset({"rollout/tokens", "rollout/tokens_per_s", "rollout/policy_tokens", "rollout/tool_tokens",
+                         "reward/errors", "reward/not_applicable", "train/samples"})
 SUMMED_PREFIXES = ("loss/", "reward/sandbox_")
 
 

@@ -36,6 +36,47 @@ class FailingRank(CharFraction):
         return super().__call__(prompts, completions, **kwargs)
 
 
+class ContentToolEpisodes:
+    """A Backend around the trainer's own whose batches become tool episodes: response tokens whose id is a
+    multiple of 3 (after the first) are observation tokens, with rollout log-probs -30 there, and every row gets
+    a trajectory column. Keyed by content, not by row index, so a rank's share of the rows is marked exactly as
+    in the one-process run."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def generate(self, prompts, columns, sample_ids, params):
+        b = self.inner.generate(prompts, columns, sample_ids, params)
+        tool = (b.response_ids % 3 == 0) & b.mask.bool()
+        tool[:, 0] = False
+        b.tool_mask = tool.to(b.mask.dtype)
+        b.logprobs = torch.where(tool, torch.full_like(b.logprobs, -30.0), b.logprobs)
+        if b.sampling_logprobs is not None:
+            b.sampling_logprobs = torch.where(tool, torch.full_like(b.logprobs, -30.0), b.sampling_logprobs)
+        b.columns["trajectory"] = [[{"role": "assistant", "content": c}] for c in b.completions]
+        return b
+
+    def score(self, batch):
+        return self.inner.score(batch)
+
+    def sync(self, version: int) -> None:
+        self.inner.sync(version)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def build_trainer(spec: dict):
+    """A Trainer from a run config, or from {"config": ..., "backend": "tool_episodes"} (its backend wrapped)."""
+    from align.trainer.loop import Trainer
+
+    if "backend" not in spec:
+        return Trainer(spec)
+    trainer = Trainer(spec["config"])
+    trainer.backend = {"tool_episodes": ContentToolEpisodes}[spec["backend"]](trainer.backend)
+    return trainer
+
+
 frac7 = CharFraction("7")
 die_rank1_call2 = FailingRank(1, 2, "die")
 stall_rank1_call2 = FailingRank(1, 2, "stall")
@@ -44,9 +85,8 @@ stall_rank1_call2 = FailingRank(1, 2, "stall")
 def main(config_path: str, out_path: str) -> None:
     torch.set_num_threads(1)
     from align.distributed.fsdp import full_state_dict
-    from align.trainer.loop import Trainer
 
-    trainer = Trainer(json.loads(open(config_path).read()))
+    trainer = build_trainer(json.loads(open(config_path).read()))
     try:
         result = trainer.train()
     finally:

@@ -59,10 +59,11 @@ def run_config(algorithm, model, data, run_dir, **extra):
 
 
 def one_process(cfg) -> dict:
-    from align.distributed.fsdp import full_state_dict
-    from align.trainer.loop import Trainer
+    from dist_worker import build_trainer
 
-    trainer = Trainer(cfg)
+    from align.distributed.fsdp import full_state_dict
+
+    trainer = build_trainer(cfg)
     try:
         history = trainer.train().history
     finally:
@@ -128,6 +129,31 @@ def test_two_ranks_take_the_one_process_steps(tiny_model_path, arithmetic_data, 
         lines = [json.loads(x) for x in (tmp_path / f"{algorithm}-2" / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == [1, 2, 3]
         assert close(lines[-1]["reward/mean"], ref["history"][-1]["reward/mean"])
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_train_tool_episodes_as_one_process(tiny_model_path, arithmetic_data, tmp_path):
+    """Tool episodes (observation tokens inside the responses, junk rollout log-probs there) at world 2: the
+    global policy-token denominators, PPO's GAE across the observation holes and the KL over policy tokens give
+    the one-process steps (GRPO and PPO, 2 steps each)."""
+    prompts = arithmetic_data["prompts"]
+
+    def spec(algorithm, run_dir):
+        cfg = run_config(algorithm, tiny_model_path, prompts, run_dir, train={"steps": 2})
+        return {"config": cfg, "backend": "tool_episodes"}
+
+    algorithms = ("grpo", "ppo")
+    refs = [one_process(spec(a, tmp_path / f"{a}-1")) for a in algorithms]
+    (tmp_path / "two").mkdir()
+    gots = two_ranks([spec(a, tmp_path / f"{a}-2") for a in algorithms], tmp_path / "two")
+    for algorithm, ref, got in zip(algorithms, refs, gots):
+        for step, (r, g) in enumerate(zip(ref["history"], got["history"]), start=1):
+            assert r["rollout/tool_tokens"] > 0 and r["rollout/policy_tokens"] > 0, r  # both kinds are present
+            for key in [*KEYS[algorithm], "rollout/policy_tokens", "rollout/tool_tokens"]:
+                assert close(g[key], r[key]), (algorithm, step, key, g[key], r[key])
+        for part, want in ref["weights"].items():
+            worst = max(float((got["weights"][part][k].float() - want[k].float()).abs().max()) for k in want)
+            assert worst <= 1e-5, (algorithm, part, worst)
 
 
 @pytest.mark.timeout(120)
