@@ -1,5 +1,5 @@
 """Tool episodes on Ray rollout workers (`cluster.backend: ray`) against the local backend: one GRPO step each,
-same seed, the calculator tool; the trained batch's response ids, tool mask and trajectory are identical and
+same seed, the calculator tool (GRPO on one rollout worker, PPO on two); the trained batch's response ids, tool mask and trajectory are identical and
 the reward (scored on a reward actor) received the trajectory.
 
 The policy is forced (as in tests/rollouts/test_episodes.py): a forward hook on the rollout model makes every
@@ -76,15 +76,15 @@ def ray_local():
     yield from local_ray(num_cpus=3)
 
 
-def one_step(model, data, run_dir, backend):
+def one_step(model, data, run_dir, backend, algorithm="grpo", workers=1):
     cfg = {
-        "algorithm": "grpo", "model": {"path": str(model)}, "data": {"path": str(data)},
+        "algorithm": algorithm, "model": {"path": str(model)}, "data": {"path": str(data)},
         "reward": {"functions": [TrajReward()]},
         "rollout": {"max_new_tokens": 160, "temperature": 1.0, "micro_batch_size": 2, "tools": ["calculator"],
                     "tool_chat_template": "tiny", "max_turns": 3},
         "train": {"steps": 1, "prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-2, "seed": 3},
-        "algo": {"group_size": 2},
-        "cluster": {"backend": backend, "num_rollout_workers": 1, "num_reward_workers": 1,
+        "algo": {"group_size": 2} if algorithm == "grpo" else {"epochs": 1},
+        "cluster": {"backend": backend, "num_rollout_workers": workers, "num_reward_workers": 1,
                     "rollout_num_cpus": 1, "reward_num_cpus": 0.5},
         "logging": {"run_dir": str(run_dir), "progress": False, "print_every": 0},
         "checkpoint": {"save_final": False},
@@ -94,7 +94,7 @@ def one_step(model, data, run_dir, backend):
     try:
         if backend == "ray":
             assert t.backend.remote_reward  # scored on the reward actor, from the worker's payload
-            assert ray.get([a.__ray_call__.remote(install) for a in t.backend.rollout_actors]) == [True]
+            assert ray.get([a.__ray_call__.remote(install) for a in t.backend.rollout_actors]) == [True] * workers
         else:
             t.models.policy.register_forward_hook(Forced(t.engine.tokenizer), with_kwargs=True)
         score = t.phase_score
@@ -112,10 +112,12 @@ def one_step(model, data, run_dir, backend):
     return seen
 
 
-def test_ray_tool_episodes_match_local(ray_local, tiny_model_path, arithmetic_data, tmp_path):
+@pytest.mark.parametrize("algorithm,workers", [("grpo", 1), ("ppo", 2)])
+def test_ray_tool_episodes_match_local(ray_local, tiny_model_path, arithmetic_data, tmp_path, algorithm, workers):
+    """GRPO on one rollout worker; PPO (value head, GAE over the observation holes) with the rows split over two."""
     data = arithmetic_data["prompts"]
-    local = one_step(tiny_model_path, data, tmp_path / "local", "local")
-    remote = one_step(tiny_model_path, data, tmp_path / "ray", "ray")
+    local = one_step(tiny_model_path, data, tmp_path / "local", "local", algorithm)
+    remote = one_step(tiny_model_path, data, tmp_path / "ray", "ray", algorithm, workers)
     a, b = local["batch"], remote["batch"]
     assert a.tool_mask is not None and b.tool_mask is not None
     assert a.tool_mask.any(dim=1).all()  # every row made the call and got an observation
