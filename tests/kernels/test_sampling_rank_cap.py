@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from align import kernels
-from align.kernels import sampling
+from align.kernels import sampling_kernels
 from align.kernels.sampling import sample_triton
 from align.kernels.sampling_reference import gumbel_noise, row_params
 from align.rollouts.sampler import ScalarSampler
@@ -56,13 +56,13 @@ def test_capped_rank_is_min_of_brute_force_and_tokens_do_not_move(params, kw):
 def test_second_row_pass_runs_only_for_a_full_count(params, kw, monkeypatch):
     x, g = _rows()
     calls = []
-    original = sampling._count_gt
+    original = sampling_kernels._count_gt  # the name the kernels resolve
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(sampling, "_count_gt", counting)
+    monkeypatch.setattr(sampling_kernels, "_count_gt", counting)
     rp = row_params(x, *params)
     for cap, expected in ((None, B), (5, B), (1, 0), (0, 0)):
         calls.clear()
