@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +55,9 @@ from torch import nn
 
 from align.algos.positions import position_ids_from_mask
 from align.kernels.health import startup_backend
-from align.rollouts.batch import STOP_EOS, STOP_LENGTH, STOP_STRING, RolloutBatch
+from align.rollouts import stops
+from align.rollouts.batch import RolloutBatch
+from align.rollouts.decode_state import _DecodeState, _Graph  # noqa: F401  (tests build _Graph)
 from align.rollouts.hf_cache import cache_keyword
 from align.rollouts.noise import sample_keys
 from align.rollouts.params import SamplingParams
@@ -71,36 +72,6 @@ def _round_up(x: int, multiple: int) -> int:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
-
-
-@dataclass
-class _DecodeState:
-    """Every tensor a decode step reads or writes, preallocated for one micro-batch (b rows, P prompt, T new)."""
-
-    cache: Any  # transformers Cache
-    bias: torch.Tensor  # [b, 1, 1, P + T] additive attention bias in the model dtype (0 = attend)
-    tokens: torch.Tensor  # [b] next input token
-    positions: torch.Tensor  # [b] its position id
-    step: torch.Tensor  # [1] int64 decode step t of the token being sampled
-    col: torch.Tensor  # [1] int64 cache column of the next input token (P + t - 1)
-    finished: torch.Tensor  # [b] bool
-    bad: torch.Tensor  # [b] bool: a row produced NaN/inf logits
-    out_tokens: torch.Tensor  # [b, T]
-    out_logp: torch.Tensor  # [b, T] fp32
-    out_slp: torch.Tensor  # [b, T] fp32
-    out_hit: torch.Tensor  # [b, T] bool
-    out_live: torch.Tensor  # [b, T] bool
-    keys: torch.Tensor | None  # [b] counter-noise keys
-    cols: torch.Tensor | None  # [V] int64 vocabulary indices (counter noise)
-    width: int  # P
-    static: bool
-
-
-@dataclass
-class _Graph:
-    graph: Any  # torch.cuda.CUDAGraph
-    state: _DecodeState
-    sampler: "_Sampler"
 
 
 class RolloutEngine:
@@ -222,16 +193,6 @@ class RolloutEngine:
         self._graphs.clear()
 
     # ---------------------------------------------------------------------------------------------
-    def _stop_ids(self, params: SamplingParams) -> list[int]:
-        return sorted(set(params.stop_token_ids) | set(self._eos_ids(params)))
-
-    def _eos_ids(self, params: SamplingParams) -> list[int]:
-        """The tokenizer's EOS ids that end a row (none with `ignore_eos`)."""
-        eos = self.tokenizer.eos_token_id
-        if params.ignore_eos or eos is None:
-            return []
-        return list(eos) if isinstance(eos, list) else [eos]
-
     def _vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
 
@@ -270,7 +231,7 @@ class RolloutEngine:
             keys[:b] = sample_keys(params.seed, sample_ids)
             keys = keys.to(dev)
 
-        stop_ids = self._stop_ids(params)
+        stop_ids = stops.stop_ids(self.tokenizer, params)
         T = params.max_new_tokens
         sampler = _Sampler(self, params, stop_ids, generator)
         entry = None
@@ -424,7 +385,7 @@ class RolloutEngine:
         response_ids = state.out_tokens[:b, :used]
         stopped_by_string = None
         if params.stop:
-            mask, stopped_by_string = self._truncate_at_stop_strings(response_ids, mask, params.stop)
+            mask, stopped_by_string = stops.truncate_at_stop_strings(self.tokenizer, response_ids, mask, params.stop)
         keep = mask.bool()
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask,
@@ -432,25 +393,8 @@ class RolloutEngine:
             logprobs=torch.where(keep, state.out_logp[:b, :used], 0.0),
             sampling_logprobs=torch.where(keep, state.out_slp[:b, :used], 0.0),
             topk_hit=state.out_hit[:b, :used] & keep,
-            stop_reason=self._stop_reasons(response_ids, mask, params, stopped_by_string),
+            stop_reason=stops.stop_reasons(self.tokenizer, response_ids, mask, params, stopped_by_string),
         )
-
-    def _stop_reasons(self, response_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
-                      stopped_by_string: torch.Tensor | None) -> torch.Tensor:
-        """[b] int64 codes (rollouts.batch.STOP_REASONS) from each row's last kept token: an EOS token -> eos,
-        another stop token or a stop string in the text -> stop, otherwise the row ran to max_new_tokens -> length."""
-        lengths = mask.sum(-1)
-        last = response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-        reason = torch.full_like(last, STOP_LENGTH)
-        eos = self._eos_ids(params)
-        stop_ids = [i for i in params.stop_token_ids if i not in eos]
-        if stop_ids:
-            reason = torch.where(torch.isin(last, torch.tensor(stop_ids, device=last.device)), STOP_STRING, reason)
-        if eos:
-            reason = torch.where(torch.isin(last, torch.tensor(eos, device=last.device)), STOP_EOS, reason)
-        if stopped_by_string is not None:
-            reason = torch.where(stopped_by_string.to(last.device), STOP_STRING, reason)
-        return reason.to(torch.long)
 
     def _hit_stop_strings(self, state: _DecodeState, t: int, stops: list[str]) -> bool:
         """Mark rows whose text so far contains a stop string as finished; True when all rows are."""
@@ -461,20 +405,3 @@ class RolloutEngine:
                 finished[i] = True
         state.finished.copy_(finished)
         return bool(finished.all())
-
-    def _truncate_at_stop_strings(self, response_ids, mask, stops) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep each row up to and including the token that completes its first stop string; also returns
-        [b] bool, the rows whose text contains a stop string."""
-        mask = mask.clone()
-        hit = torch.zeros(response_ids.shape[0], dtype=torch.bool)
-        for i in range(response_ids.shape[0]):
-            ids = response_ids[i][mask[i].bool()].tolist()
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if not any(s in text for s in stops):
-                continue
-            hit[i] = True
-            for cut in range(1, len(ids) + 1):
-                if any(s in self.tokenizer.decode(ids[:cut], skip_special_tokens=True) for s in stops):
-                    mask[i, cut:] = 0
-                    break
-        return mask, hit

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from align.rollouts import stops
 from align.rollouts.batch import (
     STOP_EOS,
     STOP_LENGTH,
@@ -133,7 +134,7 @@ def generate_episodes(engine, prompts: list[str] | list[list[int]], params: Samp
                 row = rows[i]
                 results = [(c.name, next(outputs)) for c in calls]
                 row.calls += len(calls)
-                last_text = engine.tokenizer.decode([last]) if last in engine._stop_ids(params) else ""
+                last_text = engine.tokenizer.decode([last]) if last in stops.stop_ids(engine.tokenizer, params) else ""
                 ids, shown = fmt.observation(results, last_text, limits.max_observation_tokens)
                 if len(row.ids) + len(ids) >= budget_total:  # no room left for the policy to read it
                     row.reason = STOP_MAX_LENGTH

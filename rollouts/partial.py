@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from align.rollouts import stops
 from align.rollouts.batch import STOP_LENGTH, RolloutBatch
 from align.rollouts.params import SamplingParams
 
@@ -99,9 +100,9 @@ def _assemble(engine, prompts, encoded, params, tokens, logp, slogp, hits, versi
         token_versions[i, :k] = torch.tensor(versions[i], dtype=torch.long)
     stopped_by_string = None
     if params.stop:  # a stop string may span a segment boundary: check the joined text, as the engine does
-        mask, stopped_by_string = engine._truncate_at_stop_strings(response_ids, mask, params.stop)
+        mask, stopped_by_string = stops.truncate_at_stop_strings(engine.tokenizer, response_ids, mask, params.stop)
     keep = mask.bool()
-    reason = engine._stop_reasons(response_ids, mask, params, stopped_by_string)
+    reason = stops.stop_reasons(engine.tokenizer, response_ids, mask, params, stopped_by_string)
     big = torch.iinfo(torch.long).max
     batch = RolloutBatch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=torch.where(keep, response_ids, pad), mask=mask,

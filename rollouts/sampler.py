@@ -15,7 +15,8 @@ from align.kernels.sampling_reference import gumbel_noise
 from align.rollouts.noise import _GOLDEN, _M1, _M2
 
 if TYPE_CHECKING:
-    from align.rollouts.engine import RolloutEngine, _DecodeState
+    from align.rollouts.decode_state import _DecodeState
+    from align.rollouts.engine import RolloutEngine
     from align.rollouts.params import SamplingParams
 
 _TINY = torch.finfo(torch.float32).tiny
