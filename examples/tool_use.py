@@ -128,7 +128,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "valid_call_rises": all(b > a for a, b in first_last.values())}
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], source: str = "tool_use.json") -> str:
     """The results table (per seed, means, the paired interval), as docs/tool_use.md shows it."""
     runs, s = report["runs"], report["summary"]
     lines = ["| seed | SFT steps (examples) | valid-call share at SFT stop (T=1) | tools: held-out acc SFT -> GRPO "
@@ -147,7 +147,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| mean | | | **{s['mean']['tools']:.3f}** | **{s['mean']['no_tool']:.3f}** | "
                  f"**{diff['mean']:+.3f}** [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] | |")
     verdict = "shown" if diff["shown"] else "not shown"
-    head = ("# Tool use: calculator vs no tool (examples/tool_use.py)\n\nGenerated from tool_use.json; the set-up, "
+    head = ("# Tool use: calculator vs no tool (examples/tool_use.py)\n\n"
+            f"Generated from {source}; the set-up, "
             "timings and findings: [docs/tool_use.md](../tool_use.md#worked-example-the-calculator-on-3-digit-products)."
             "\n\n")
     return head + "\n".join(lines) + (f"\n\nPaired-by-seed difference (tools - no tool), 95% t-interval (n = {len(runs)}): "
@@ -200,7 +201,7 @@ def combine(paths: list[Path], rep: Path) -> int:
     rep.parent.mkdir(parents=True, exist_ok=True)
     rep.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(runs, rep.with_suffix(".png"))
-    rep.with_suffix(".md").write_text(markdown(json.loads(json.dumps(report))))
+    rep.with_suffix(".md").write_text(markdown(json.loads(json.dumps(report)), rep.with_suffix(".json").name))
     d = report["summary"]["diff"]
     print(f"paired diff {d['mean']:+.3f}, 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
           f"({'shown' if d['shown'] else 'not shown'}); wrote {rep.with_suffix('.json')}")
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rep = Path(args.report)
     if args.table_only:
-        rep.with_suffix(".md").write_text(markdown(json.loads(rep.with_suffix(".json").read_text())))
+        rep.with_suffix(".md").write_text(markdown(json.loads(rep.with_suffix(".json").read_text()), rep.with_suffix(".json").name))
         return 0
     if args.combine:
         return combine([Path(p) for p in args.combine], rep)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(runs, rep.with_suffix(".png"))
     if summary:
-        rep.with_suffix(".md").write_text(markdown(json.loads(json.dumps(report))))
+        rep.with_suffix(".md").write_text(markdown(json.loads(json.dumps(report)), rep.with_suffix(".json").name))
         d = summary["diff"]
         print(f"held-out accuracy: tools {summary['mean']['tools']:.3f}, no tool {summary['mean']['no_tool']:.3f}; "
               f"paired diff {d['mean']:+.3f}, 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
