@@ -193,6 +193,26 @@ def tiny_run_config(algorithm: str, model: str | Path, data: str | Path, run_dir
     return cfg
 
 
+class WrappedBackend:
+    """A rollout Backend around the trainer's own (`trainer.backend = MyWrap(trainer.backend)`): everything is
+    delegated; subclasses override `generate` to edit the batches (e.g. mark observation tokens) in tests."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def generate(self, prompts, columns, sample_ids, params):
+        return self.inner.generate(prompts, columns, sample_ids, params)
+
+    def score(self, batch):
+        return self.inner.score(batch)
+
+    def sync(self, version: int) -> None:
+        self.inner.sync(version)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class CharFraction:
     """A reward for tiny test runs: the fraction of response characters equal to `char` (a dense signal a tiny
     model can learn); named `frac_<char>` like a TRL reward function."""

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from align.testing import CharFraction
+from align.testing import CharFraction, WrappedBackend
 
 
 class FailingRank(CharFraction):
@@ -36,14 +36,11 @@ class FailingRank(CharFraction):
         return super().__call__(prompts, completions, **kwargs)
 
 
-class ContentToolEpisodes:
+class ContentToolEpisodes(WrappedBackend):
     """A Backend around the trainer's own whose batches become tool episodes: response tokens whose id is a
     multiple of 3 (after the first) are observation tokens, with rollout log-probs -30 there, and every row gets
     a trajectory column. Keyed by content, not by row index, so a rank's share of the rows is marked exactly as
     in the one-process run."""
-
-    def __init__(self, inner):
-        self.inner = inner
 
     def generate(self, prompts, columns, sample_ids, params):
         b = self.inner.generate(prompts, columns, sample_ids, params)
@@ -55,15 +52,6 @@ class ContentToolEpisodes:
             b.sampling_logprobs = torch.where(tool, torch.full_like(b.logprobs, -30.0), b.sampling_logprobs)
         b.columns["trajectory"] = [[{"role": "assistant", "content": c}] for c in b.completions]
         return b
-
-    def score(self, batch):
-        return self.inner.score(batch)
-
-    def sync(self, version: int) -> None:
-        self.inner.sync(version)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def build_trainer(spec: dict):

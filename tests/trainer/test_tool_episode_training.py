@@ -17,7 +17,7 @@ from align.rewards.worker import RewardWorker
 from align.rollouts import RolloutEngine, SamplingParams
 from align.rollouts.batch import RolloutBatch
 from align.rollouts.worker import reward_payload
-from align.testing import tiny_run_config
+from align.testing import WrappedBackend, tiny_run_config
 from align.trainer.forward import response_forward
 
 LOGPROB_TOL = 1e-4  # docs/engine.md "Log-prob agreement": fp32 CPU tiny models, tests assert < 1e-4
@@ -93,13 +93,14 @@ def trajectory_of(text: str) -> list[dict]:
             {"role": "assistant", "content": "408"}]
 
 
-class ToolEpisodes:
+class ToolEpisodes(WrappedBackend):
     """A Backend around the trainer's own: its batches become tool episodes. In even rows, response positions 1-2
     and the last response token are observation tokens whose rollout log-probs are `fill`; every row gets a
     trajectory column."""
 
     def __init__(self, inner, fill: float):
-        self.inner, self.fill = inner, fill
+        super().__init__(inner)
+        self.fill = fill
 
     def generate(self, prompts, columns, sample_ids, params) -> RolloutBatch:
         b = self.inner.generate(prompts, columns, sample_ids, params)
@@ -114,15 +115,6 @@ class ToolEpisodes:
             b.sampling_logprobs = torch.where(tool.bool(), torch.full_like(b.logprobs, self.fill), b.sampling_logprobs)
         b.columns["trajectory"] = [trajectory_of(c) for c in b.completions]
         return b
-
-    def score(self, batch):
-        return self.inner.score(batch)
-
-    def sync(self, version: int) -> None:
-        self.inner.sync(version)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def run_arm(model, data, run_dir, algorithm: str, fill: float, sections: dict) -> tuple[dict, dict]:
