@@ -1,6 +1,7 @@
 """PPO's pieces: per-token rewards (KL in reward, curiosity), GAE advantages, and the actor-critic loss."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -112,3 +113,8 @@ class PPOAlgorithm(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if self.cfg.kl_target is None and self.kl_ctl.value != self.cfg.kl_coef:
+            # a fixed coefficient is configuration, not learned state: a resume with another algo.kl_coef uses it
+            warnings.warn(f"resume: algo.kl_coef is {self.cfg.kl_coef:g}, the checkpoint's run used "
+                          f"{self.kl_ctl.value:g}; the configured value applies from here", UserWarning, stacklevel=2)
+            self.kl_ctl = algos.FixedKLController(self.cfg.kl_coef)

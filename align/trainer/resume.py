@@ -55,6 +55,7 @@ class CheckpointPhases:
             state, restored = shards.load_into_run(ckpt, state, self.models, self.optimizer)
         else:
             ckpt_io.load_policy_weights(self.models.policy, ckpt, self.models.lora)
+        configured = self._optimizer_settings()  # what this run's config asks for (train.lr, critic_lr, weight_decay)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         elif not restored:  # checkpoint.save_optimizer: false; the rest (step, data order, RNG, lr schedule) is exact
@@ -62,6 +63,7 @@ class CheckpointPhases:
                           "optimizer's moments restart from zero, so this resume is not an exact continuation",
                           UserWarning, stacklevel=2)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optimizer_settings(configured, ckpt)
         self.sampler.load_state_dict(state["sampler"])
         self.samples_seen = state["samples_seen"]
         self.update_generator.set_state(state["update_generator"])
@@ -83,3 +85,25 @@ class CheckpointPhases:
         self.step = int(state["step"])
         self.logger.truncate_after(self.step)
         self.backend.sync(self.step)
+
+    def _optimizer_settings(self) -> list[tuple[float, float]]:
+        """(base lr, weight decay) per parameter group, as this run's config set them."""
+        return [(float(base), float(g["weight_decay"])) for base, g in zip(self.scheduler.base_lrs,
+                                                                           self.optimizer.param_groups)]
+
+    def _apply_optimizer_settings(self, configured: list[tuple[float, float]], ckpt: Path) -> None:
+        """The optimizer and scheduler state of a checkpoint carry its run's lr and weight decay; a resume whose
+        config sets other values uses the config's (the moments and the schedule's position are kept) and
+        says so, instead of silently continuing with the old ones."""
+        saved = self._optimizer_settings()
+        if saved == configured:
+            return
+        changes = "; ".join(f"group {i}: lr {a[0]:g} -> {b[0]:g}, weight_decay {a[1]:g} -> {b[1]:g}"
+                            for i, (a, b) in enumerate(zip(saved, configured)) if a != b)
+        warnings.warn(f"resume from {ckpt}: the config's optimizer settings differ from the checkpoint's and are "
+                      f"applied from step {int(self.scheduler.last_epoch)} ({changes})", UserWarning, stacklevel=3)
+        step = self.scheduler.last_epoch
+        self.scheduler.base_lrs = [lr for lr, _ in configured]
+        for g, (lr, wd), factor in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas):
+            g["initial_lr"], g["lr"], g["weight_decay"] = lr, lr * factor(step), wd
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]

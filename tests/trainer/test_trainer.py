@@ -78,6 +78,31 @@ def test_resume_equals_uninterrupted(algorithm, extra, tiny_model_path, arithmet
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
 
 
+def test_resume_with_another_lr_or_kl_coef_applies_the_configured_values(tiny_model_path, arithmetic_data, tmp_path):
+    """The checkpoint's optimizer / scheduler state holds its run's lr, and the KL controller its kl_coef; a
+    resume whose config changes them trains with the config's values (and warns), not silently the old ones."""
+    over = {"algo__kl_coef": 0.05, "train__lr": 1e-3, "train__steps": 2, "checkpoint__save_final": True}
+    align.train(config("ppo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", **over))
+    more = config("ppo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run",
+                  **{**over, "train__steps": 3, "train__lr": 2.5e-4, "algo__kl_coef": 0.2})
+    with pytest.warns(UserWarning) as caught:
+        resumed = align.train(more, resume_from=tmp_path / "run")
+    text = " | ".join(str(w.message) for w in caught)
+    assert "lr 0.001 -> 0.00025" in text and "kl_coef is 0.2" in text, text
+    (step3,) = resumed.history
+    assert step3["step"] == 3
+    assert step3["train/lr"] == pytest.approx(2.5e-4)  # constant schedule, no warm-up: the factor is 1
+    assert step3["kl/coef"] == pytest.approx(0.2)
+    # an unchanged config resumes silently (and exactly: test_resume_equals_uninterrupted)
+    again = config("ppo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run",
+                   **{**over, "train__steps": 4, "train__lr": 2.5e-4, "algo__kl_coef": 0.2})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(optimizer settings|kl_coef).*")
+        assert align.train(again, resume_from=tmp_path / "run").history[0]["step"] == 4
+
+
 def test_resume_refuses_missing_or_corrupt(tiny_model_path, arithmetic_data, tmp_path):
     cfg = config("grpo", tiny_model_path, arithmetic_data["prompts"], tmp_path / "run", train__steps=1,
                  checkpoint__save_final=True)
