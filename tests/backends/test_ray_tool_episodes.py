@@ -112,7 +112,7 @@ def one_step(model, data, run_dir, backend, algorithm="grpo", workers=1):
     return seen
 
 
-@pytest.mark.parametrize("algorithm,workers", [("grpo", 1), ("ppo", 2)])
+@pytest.mark.parametrize("algorithm,workers", [("grpo", 1), pytest.param("ppo", 2, marks=pytest.mark.slow)])
 def test_ray_tool_episodes_match_local(ray_local, tiny_model_path, arithmetic_data, tmp_path, algorithm, workers):
     """GRPO on one rollout worker; PPO (value head, GAE over the observation holes) with the rows split over two."""
     data = arithmetic_data["prompts"]

@@ -131,6 +131,7 @@ def test_two_ranks_take_the_one_process_steps(tiny_model_path, arithmetic_data, 
         assert close(lines[-1]["reward/mean"], ref["history"][-1]["reward/mean"])
 
 
+@pytest.mark.slow  # ~40 s; the token-count reduction it caught is also pinned by test_rank_math (default suite)
 @pytest.mark.timeout(300)
 def test_two_ranks_train_tool_episodes_as_one_process(tiny_model_path, arithmetic_data, tmp_path):
     """Tool episodes (observation tokens inside the responses, junk rollout log-probs there) at world 2: the

@@ -71,6 +71,14 @@ def test_logged_metrics_follow_their_reduction_rule():
                    "reward/max": 0.9, "reward/min": 0.1, "rollout/logprob_diff_max": 4e-3,
                    "policy/clipfrac": pytest.approx(0.3), "train/grad_norm": 2.0, "reward/sandbox_bwrap": 3.0}
     assert reduce_metrics(DistContext(), mine) is mine
+    # tool episodes: token totals add up over ranks; per-row means and shares are averaged
+    tools = {"rollout/policy_tokens": 28.0, "rollout/tool_tokens": 12.0, "rollout/policy_length": 3.5,
+             "rollout/tool_rows": 0.5}
+    other = {"rollout/policy_tokens": 30.0, "rollout/tool_tokens": 6.0, "rollout/policy_length": 3.75,
+             "rollout/tool_rows": 0.25}
+    assert reduce_metrics(TwoRanks(rank=1, world_size=2, peer=other), tools) == {
+        "rollout/policy_tokens": 58.0, "rollout/tool_tokens": 18.0, "rollout/policy_length": 3.625,
+        "rollout/tool_rows": 0.375}
 
 
 def test_whitening_over_ranks_is_whitening_of_the_whole_batch():
