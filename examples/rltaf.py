@@ -87,8 +87,9 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
 
     splits = task.split_questions()
     data = out / "data"
-    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1)
-    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2)
+    worked = bool(p["themis_worked"])  # only Themis reads rationales; the plain RM's text is the same either way
+    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1, worked=worked)
+    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2, worked=worked)
     base = out / "rm-base"
     if not (base / "config.json").is_file():
         make_tiny_model(base, hidden_size=p["rm_hidden"], num_layers=p["rm_layers"], num_heads=4, seed=1234,
@@ -131,18 +132,18 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
         if len(stages) == 2:
             results[kind]["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
         if kind == "themis":
-            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64])
+            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64], p["themis_new_tokens"])
         print(f"  [rm {kind}] held-out pairwise accuracy: " +
               ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in ev.items()), flush=True)
     return results
 
 
-def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question]) -> dict[str, Any]:
+def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question], max_new_tokens: int) -> dict[str, Any]:
     """On held-out questions (right answers): the share whose first call is Calendar.target_day with the
     question's own input and succeeds, and one example trace."""
     from align.rewards.registry import get_reward
 
-    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=1, max_new_tokens=100, batch_size=32)
+    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=1, max_new_tokens=max_new_tokens, batch_size=32)
     out = rm.score([q.text for q in questions], [q.answer for q in questions])
     return {**call_shares(questions, out.info), "example_trace": out.info[0]["trace"] if questions else None,
             "example_question": questions[0].text if questions else None}
@@ -303,6 +304,8 @@ DEFAULTS: dict[str, Any] = {
     "rm_steps": 800, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 600, "rm_lr2": 2e-3, "themis_new_tokens": 100,
     # weight of the rationale in Themis' LM loss (released 1.0); its one informative token is the verdict
     "themis_omega": 1.0,
+    # 1: the synthetic pairs' rationales compare the day digits before the verdict (rltaf_task.worked_comparison)
+    "themis_worked": 0,
     "policy_hidden": 64, "policy_layers": 2, "sft_examples": 3000, "sft_steps": 350, "sft_lr": 3e-3,
     # GRPO: AdamW's first step moves every weight by lr * sign(gradient); at the former lr 5e-4 with no warm-up
     # that one step took the oracle arm from 44.0% to 9.8% greedy (docs/experiments/rltaf.md, "Why the oracle

@@ -139,3 +139,20 @@ def test_call_shares_read_the_trace_records_of_the_rollout_engine():
              rec("Calendar.day_day", "2007-05-06, 1", False, "Error: unknown tool"),
              {"tool_calls": []}]                                                   # no call
     assert call_shares(qs, infos) == {"n": 4, "tool_accepts_share": 2 / 4, "valid_call_share": 1 / 4}
+
+
+def test_worked_rationale_marks_each_day_digit_and_keeps_the_verdict():
+    rng = random.Random(4)
+    for q in task.all_questions()[::211]:
+        neg = task.hard_negative(q, rng)
+        rec = task.tara_record(q, neg, 0, worked=True)
+        right_day, wrong_day = date.fromisoformat(q.answer).day, date.fromisoformat(neg).day
+        marks = ("=" if right_day // 10 == wrong_day // 10 else "x") + ("=" if right_day % 10 == wrong_day % 10 else "x")
+        assert marks != "=="  # a hard negative differs from the right date in at least one day digit
+        assert rec["neg_answer"]["score_agent"]["explanation"] == (
+            f"Answer: {neg}. Observation: {q.answer}. Days {wrong_day:02d} {right_day:02d}: {marks}. {task.WRONG}")
+        assert rec["pos_answer"]["score_agent"]["explanation"] == (
+            f"Answer: {q.answer}. Observation: {q.answer}. Days {right_day:02d} {right_day:02d}: ==. {task.RIGHT}")
+        assert task.tara_record(q, neg, 0)["neg_answer"]["score_agent"]["explanation"] == task.WRONG  # default unchanged
+    # an answer too short to hold a day is padded, never read past its end
+    assert task.worked_comparison("2017-10-1", "2017-10-17") == "Answer: 2017-10-1. Observation: 2017-10-17. Days 1? 17: =x. "
