@@ -52,6 +52,31 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def copy_pretrain_base(base: Path, steps: int, p: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """Give a random-init backbone the copy skill a pretrained LM has (examples/copy_pretrain.py: uniform
+    random spans over the tokenizer's ordinary tokens, a newline, the span again; no task text), in place.
+    Runs once per directory (copy_pretrain.json records it); steps 0 = off."""
+    if steps <= 0:
+        return None
+    done = base / "copy_pretrain.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    from copy_pretrain import pretrain_copy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    vocab = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)]
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    stats = pretrain_copy(model, vocab, steps=steps, batch_size=p["copy_batch"], lr=p["copy_lr"], seed=seed,
+                          span=(p["copy_span_min"], p["copy_span_max"]), sep_id=tok.convert_tokens_to_ids("\n"),
+                          log=lambda s: print(f"  [{base.name}] {s}", flush=True), log_every=250)
+    model.save_pretrained(base)
+    stats.update(vocab_size=len(vocab), wall_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0)
+    done.write_text(json.dumps(stats))
+    return stats
+
+
 # ----- reward models ---------------------------------------------------------------------------------------
 
 def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
@@ -62,15 +87,18 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
 
     splits = task.split_questions()
     data = out / "data"
-    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1)
-    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2)
+    worked = bool(p["themis_worked"])  # only Themis reads rationales; the plain RM's text is the same either way
+    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1, worked=worked)
+    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2, worked=worked)
     base = out / "rm-base"
     if not (base / "config.json").is_file():
         make_tiny_model(base, hidden_size=p["rm_hidden"], num_layers=p["rm_layers"], num_heads=4, seed=1234,
                         max_position_embeddings=p["rm_max_length"] + 128)
+    # one copy-pretrained base for BOTH RMs (same backbone and budget); seed 1234 as the init
+    copy_stats = copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)
     sources = [str(train_pairs)] + (["tara:calendar"] if tara else [])
     evals = [str(test_pairs)] + (["tara:calendar:test"] if tara else [])
-    results: dict[str, Any] = {"train_sources": sources, "eval_sources": evals}
+    results: dict[str, Any] = {"train_sources": sources, "eval_sources": evals, "copy_pretrain": copy_stats}
     for kind in ("plain", "themis"):
         rm_dir = out / f"rm-{kind}"
         t0, c0 = time.perf_counter(), cpu_seconds()
@@ -90,7 +118,7 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
                 "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
                           "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": seed, "threads": 1,
                           "log_every": 50},
-                "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": 1},
+                "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": 1, "omega": p["themis_omega"]},
                 "output_dir": str(stage_dir)})
             train_reward_model(cfg, log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))
         train_metrics = json.loads((rm_dir / "train_metrics.json").read_text())
@@ -104,27 +132,36 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
         if len(stages) == 2:
             results[kind]["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
         if kind == "themis":
-            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64])
+            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64], p["themis_new_tokens"])
         print(f"  [rm {kind}] held-out pairwise accuracy: " +
               ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in ev.items()), flush=True)
     return results
 
 
-def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question]) -> dict[str, Any]:
+def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question], max_new_tokens: int) -> dict[str, Any]:
     """On held-out questions (right answers): the share whose first call is Calendar.target_day with the
     question's own input and succeeds, and one example trace."""
     from align.rewards.registry import get_reward
 
-    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=1, max_new_tokens=100, batch_size=32)
+    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=1, max_new_tokens=max_new_tokens, batch_size=32)
     out = rm.score([q.text for q in questions], [q.answer for q in questions])
-    good = ok = 0
-    for q, info in zip(questions, out.info):
-        calls = info["tool_calls"]
-        ok += bool(calls) and calls[0]["action"] == task.ACTION and calls[0]["ok"]
-        good += bool(calls) and calls[0]["action"] == task.ACTION and calls[0]["ok"] and calls[0]["output"] == q.answer
+    return {**call_shares(questions, out.info), "example_trace": out.info[0]["trace"] if questions else None,
+            "example_question": questions[0].text if questions else None}
+
+
+def call_shares(questions: Sequence[task.Question], infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """From each trace's first call record (align.rewards.themis_traces: action, input, ok, observation,
+    error): the share that is Calendar.target_day and accepted by the tool, and the share whose input is the
+    question's own date and N and whose observation is therefore the right date."""
+    ok = good = 0
+    for q, info in zip(questions, infos):
+        call = info["tool_calls"][0] if info["tool_calls"] else None
+        accepted = call is not None and call["action"] == task.ACTION and call["ok"]
+        ok += accepted
+        good += accepted and call["input"].strip() == f"{q.start.isoformat()}, {q.n}" and \
+            call["observation"].strip() == q.answer
     n = max(1, len(questions))
-    return {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n,
-            "example_trace": out.info[0]["trace"], "example_question": questions[0].text if questions else None}
+    return {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n}
 
 
 # ----- policy ----------------------------------------------------------------------------------------------
@@ -132,8 +169,10 @@ def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question]) -> dic
 def make_policy_base(path: Path, seed: int, p: dict[str, Any]) -> Path:
     from align.testing import make_tiny_model
 
-    return make_tiny_model(path, hidden_size=p["policy_hidden"], num_layers=p["policy_layers"], num_heads=4,
-                           seed=seed, max_position_embeddings=128)
+    make_tiny_model(path, hidden_size=p["policy_hidden"], num_layers=p["policy_layers"], num_heads=4,
+                    seed=seed, max_position_embeddings=128)
+    copy_pretrain_base(path, p["policy_copy_steps"], p, seed=seed)
+    return path
 
 
 def warm_start(out: Path, seed: int, p: dict[str, Any]) -> Path:
@@ -213,18 +252,26 @@ def evaluate_policy(policy_dir: Path, questions: Sequence[task.Question]) -> lis
     return [g[0].strip() == q.answer for g, q in zip(groups, questions)]
 
 
-def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3) -> dict[str, Any]:
+def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3,
+                   rm_only: bool = False) -> dict[str, Any]:
     _one_thread()
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
     load0 = os.getloadavg()
     heldout = task.split_questions()["heldout"][:p["heldout"]]
     rms = train_rms(out, p, tara)
+    if rm_only:  # step 3 of the recipe: measure the RMs before any RL
+        rms.update(params=p, wall_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0, loadavg_start=load0,
+                   loadavg_end=os.getloadavg())
+        (out / "rms.json").write_text(json.dumps(rms, indent=1))
+        return rms
     seeds_out = []
     for seed in seeds:
         ts = time.perf_counter()
         sft_dir = warm_start(out, seed, p)
         rec: dict[str, Any] = {"seed": seed, "sft": {"correct": evaluate_policy(sft_dir, heldout)}}
+        copied = out / f"seed{seed}" / "policy-base" / "copy_pretrain.json"
+        rec["policy_copy_pretrain"] = json.loads(copied.read_text()) if copied.is_file() else None
         print(f"seed {seed}: SFT accuracy {sum(rec['sft']['correct']) / len(heldout):.3f}", flush=True)
         for arm in ARMS:
             r = run_arm(out, seed, arm, sft_dir, p)
@@ -255,17 +302,24 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
 DEFAULTS: dict[str, Any] = {
     "rm_hidden": 128, "rm_layers": 3, "rm_max_length": 320, "rm_pairs": 2000, "rm_test": 400, "rm_epochs": 100.0,
     "rm_steps": 800, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 600, "rm_lr2": 2e-3, "themis_new_tokens": 100,
+    # weight of the rationale in Themis' LM loss (released 1.0); its one informative token is the verdict
+    "themis_omega": 1.0,
+    # 1: the synthetic pairs' rationales compare the day digits before the verdict (rltaf_task.worked_comparison)
+    "themis_worked": 0,
     "policy_hidden": 64, "policy_layers": 2, "sft_examples": 3000, "sft_steps": 350, "sft_lr": 3e-3,
     # GRPO: AdamW's first step moves every weight by lr * sign(gradient); at the former lr 5e-4 with no warm-up
     # that one step took the oracle arm from 44.0% to 9.8% greedy (docs/experiments/rltaf.md, "Why the oracle
     # arm fell"); 3e-5 with 10 warm-up steps keeps the steps inside the region where the gradient is right
     "prompts_per_step": 8, "group_size": 4, "rl_steps": 40, "rl_lr": 3e-5, "rl_warmup": 10, "rl_temperature": 1.0,
     "filter_zero_variance": 0, "kl_coef": 0.0, "heldout": 600,
+    # copy pre-training (examples/copy_pretrain.py) of the RM base (shared by both RMs) and of each policy base
+    "rm_copy_steps": 0, "policy_copy_steps": 0, "copy_lr": 1e-3, "copy_batch": 32, "copy_span_min": 4,
+    "copy_span_max": 24,
 }
 SMOKE: dict[str, Any] = {**DEFAULTS, "rm_hidden": 32, "rm_layers": 1, "rm_max_length": 192, "rm_pairs": 16, "rm_test": 8,
                          "rm_steps": 2, "rm_steps2": 0, "rm_batch": 4, "themis_new_tokens": 8, "policy_hidden": 32, "policy_layers": 1,
                          "sft_examples": 32, "sft_steps": 2, "prompts_per_step": 2, "group_size": 2, "rl_steps": 1,
-                         "heldout": 8}
+                         "heldout": 8, "rm_copy_steps": 2, "policy_copy_steps": 2, "copy_batch": 4}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tara", action="store_true", help="RMs on the synthetic pairs only (no ALIGN_TARA_DIR needed)")
     ap.add_argument("--ppo-smoke-steps", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"override a size ({', '.join(DEFAULTS)})")
+    ap.add_argument("--rm-only", action="store_true", help="train and measure the two RMs only (OUT/rms.json)")
     ap.add_argument("--report-only", action="store_true", help="recompute summary, table and plot from OUT/results.json")
     ap.add_argument("--docs", default=None, help="copy results.json (as rltaf_results.json) and rltaf.png here")
     args = ap.parse_args(argv)
@@ -293,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
             if k not in p:
                 ap.error(f"unknown size {k!r}")
             p[k] = type(p[k])(v)
-        results = run_experiment(out, args.seeds, p, tara=not args.no_tara, ppo_smoke_steps=args.ppo_smoke_steps)
+        results = run_experiment(out, args.seeds, p, tara=not args.no_tara, ppo_smoke_steps=args.ppo_smoke_steps,
+                                 rm_only=args.rm_only)
+        if args.rm_only:
+            return 0
     print(report.format_tables(results))
     if args.docs:
         docs = Path(args.docs)

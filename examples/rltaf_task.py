@@ -85,23 +85,37 @@ def split_questions(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[
     return out
 
 
-def tara_record(q: Question, negative: str, idx: int) -> dict[str, Any]:
+def worked_comparison(answer: str, observation: str) -> str:
+    """The rationale's working (`worked=True`): the answer and the tool's date restated (each an exact repeat
+    of its line above, so a model that copies writes them), their day digits side by side, and per digit '='
+    (same) or 'x' (differs), e.g. "Answer: 2017-10-14. Observation: 2017-10-17. Days 14 17: =x. ". A tiny model
+    that copies but cannot compare two dates a hundred tokens apart can then write every character from a
+    few tokens just before it, and the verdict from the two marks (hard negatives differ in the day only)."""
+    a, o = answer[8:10].ljust(2, "?"), observation[8:10].ljust(2, "?")
+    marks = "".join("=" if x == y else "x" for x, y in zip(a, o))
+    return f"Answer: {answer}. Observation: {observation}. Days {a} {o}: {marks}. "
+
+
+def tara_record(q: Question, negative: str, idx: int, worked: bool = False) -> dict[str, Any]:
     """One preference pair in TARA's format: the question, the right and a wrong answer, each with the tool
-    trace (`Calendar.target_day` and its observation) and a rationale stating the verdict."""
+    trace (`Calendar.target_day` and its observation) and a rationale stating the verdict (after the digit
+    comparison of `worked_comparison` when `worked`)."""
     tool_input = f"{q.start.isoformat()}, {q.n}"
 
     def side(answer: str, score: float, why: str) -> dict[str, Any]:
         actions = {"Thought": THOUGHT, "Action": ACTION, "Action Input": tool_input, "Observation": q.answer}
+        why = (worked_comparison(answer, q.answer) if worked else "") + why
         return {"answer": answer, "score": score, "actions": actions, "score_agent": {"explanation": why, "score": str(score)}}
 
     return {"id": f"rltaf_{idx}", "question": q.text, "pos_answer": side(q.answer, 1.0, RIGHT),
             "neg_answer": side(negative, -1.0, WRONG)}
 
 
-def write_pairs(path: Path, questions: Sequence[Question], seed: int) -> Path:
+def write_pairs(path: Path, questions: Sequence[Question], seed: int, worked: bool = False) -> Path:
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(tara_record(q, hard_negative(q, rng), i)) + "\n" for i, q in enumerate(questions)))
+    path.write_text("".join(json.dumps(tara_record(q, hard_negative(q, rng), i, worked)) + "\n"
+                            for i, q in enumerate(questions)))
     return path
 
 

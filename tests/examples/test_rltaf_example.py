@@ -114,3 +114,45 @@ def test_pipeline_smoke(tmp_path):
     assert "rm_mean" in run["plain"]["curve"][0] and "rm_mean" not in run["oracle"]["curve"][0]
     assert res["ppo_smoke"]["steps"] == 1 and "win_tie_lose_pooled" in res["summary"]
     assert "themis vs plain win/tie/lose" in (out / "table.md").read_text()
+    # copy pre-training ran once on the RM base both RMs start from, and on the seed's policy base
+    assert res["rms"]["copy_pretrain"]["steps"] == 2 == res["params"]["rm_copy_steps"]
+    assert json.loads((out / "rm-base" / "copy_pretrain.json").read_text()) == res["rms"]["copy_pretrain"]
+    assert run["policy_copy_pretrain"]["steps"] == 2
+    # the copy rows span the character tokenizer's ordinary tokens and no special one: 10 digits, 52 letters,
+    # 32 punctuation marks, space and newline
+    assert res["rms"]["copy_pretrain"]["vocab_size"] == 10 + 52 + 32 + 2
+
+
+def test_call_shares_read_the_trace_records_of_the_rollout_engine():
+    # records as align.rewards.themis_traces writes them: action, input, ok, observation, error (no "output":
+    # reading that key raised KeyError once a Themis RM made accepted calls)
+    from rltaf import call_shares
+
+    qs = [task.Question(date(2017, 10, 8), 9), task.Question(date(2013, 9, 28), 2), task.Question(date(2007, 5, 6), 1),
+          task.Question(date(2010, 1, 26), 4)]
+
+    def rec(action, inp, ok, obs):
+        return {"tool_calls": [{"action": action, "input": inp, "ok": ok, "observation": obs, "error": None}]}
+
+    infos = [rec("Calendar.target_day", "2017-10-08, 9", True, "2017-10-17"),   # right call
+             rec("Calendar.target_day", "2013-09-29, 2", True, "2013-10-01"),   # accepted, wrong day copied
+             rec("Calendar.day_day", "2007-05-06, 1", False, "Error: unknown tool"),
+             {"tool_calls": []}]                                                   # no call
+    assert call_shares(qs, infos) == {"n": 4, "tool_accepts_share": 2 / 4, "valid_call_share": 1 / 4}
+
+
+def test_worked_rationale_marks_each_day_digit_and_keeps_the_verdict():
+    rng = random.Random(4)
+    for q in task.all_questions()[::211]:
+        neg = task.hard_negative(q, rng)
+        rec = task.tara_record(q, neg, 0, worked=True)
+        right_day, wrong_day = date.fromisoformat(q.answer).day, date.fromisoformat(neg).day
+        marks = ("=" if right_day // 10 == wrong_day // 10 else "x") + ("=" if right_day % 10 == wrong_day % 10 else "x")
+        assert marks != "=="  # a hard negative differs from the right date in at least one day digit
+        assert rec["neg_answer"]["score_agent"]["explanation"] == (
+            f"Answer: {neg}. Observation: {q.answer}. Days {wrong_day:02d} {right_day:02d}: {marks}. {task.WRONG}")
+        assert rec["pos_answer"]["score_agent"]["explanation"] == (
+            f"Answer: {q.answer}. Observation: {q.answer}. Days {right_day:02d} {right_day:02d}: ==. {task.RIGHT}")
+        assert task.tara_record(q, neg, 0)["neg_answer"]["score_agent"]["explanation"] == task.WRONG  # default unchanged
+    # an answer too short to hold a day is padded, never read past its end
+    assert task.worked_comparison("2017-10-1", "2017-10-17") == "Answer: 2017-10-1. Observation: 2017-10-17. Days 1? 17: =x. "
