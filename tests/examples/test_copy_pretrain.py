@@ -41,3 +41,25 @@ def test_a_few_steps_train_in_place_and_report_the_copy_loss(tmp_path):
     # untrained: about log(60) nats per repeated token (uniform over the span's ids)
     assert abs(stats["first_loss"] - torch.log(torch.tensor(64.0)).item()) < 0.6
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())) and not model.training
+
+
+def test_sub_vocabulary_rows_reuse_few_ids_and_bos_leads_every_row():
+    g = torch.Generator().manual_seed(5)
+    vocab = list(range(100, 400))
+    ids, labels = C.copy_batch(vocab, 64, (40, 40), sep_id=9, generator=g, sub_vocab=(3, 3), bos_id=1)
+    assert ids.shape == (64, 1 + 40 + 1 + 40)
+    sets = []
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        assert row[0] == 1 and row[41] == 9 and row[1:41] == row[42:]
+        assert lab[:42] == [-100] * 42 and lab[42:] == row[42:]
+        span = set(row[1:41])
+        # 40 draws from 3 ids: all 3 appear unless a miss of prob <= 3 * (2/3)^40 ~ 3e-7
+        assert len(span) == 3 and span <= set(vocab)
+        sets.append(frozenset(span))
+    assert len(set(sets)) > 50  # each row has its own sub-vocabulary (C(300, 3) choices)
+    # log-uniform k in [2, 300]: about half the rows draw from at most sqrt(2 * 301) ~ 24.5 ids
+    ids, _ = C.copy_batch(vocab, 400, (200, 200), sep_id=9, generator=g, sub_vocab=(2, 300))
+    small = sum(len(set(r[:200])) <= 24 for r in ids.tolist())
+    assert 140 <= small <= 260
+    with pytest.raises(ValueError, match="sub_vocab"):
+        C.copy_batch(vocab, 2, (2, 4), 9, g, sub_vocab=(1, 5))
