@@ -63,3 +63,24 @@ def test_sub_vocabulary_rows_reuse_few_ids_and_bos_leads_every_row():
     assert 140 <= small <= 260
     with pytest.raises(ValueError, match="sub_vocab"):
         C.copy_batch(vocab, 2, (2, 4), 9, g, sub_vocab=(1, 5))
+
+
+def test_prefix_and_gap_move_the_span_and_leave_the_unannounced_first_copy_unlabelled():
+    g = torch.Generator().manual_seed(11)
+    vocab = list(range(20, 60))
+    seen = set()
+    for _ in range(20):
+        ids, labels = C.copy_batch(vocab, 3, (5, 5), sep_id=2, generator=g, bos_id=1, prefix=(0, 6), gap=(0, 6))
+        length = ids.shape[1]
+        r_plus_f = length - (1 + 5 + 1 + 5)
+        assert 0 <= r_plus_f <= 12
+        for row, lab in zip(ids.tolist(), labels.tolist()):
+            assert row[0] == 1
+            rep = row[-5:]
+            # the separator sits right after the first copy of the span, whatever the prefix
+            seps = [i for i, t in enumerate(row) if t == 2]
+            r = seps[0] - 1 - 5
+            assert 0 <= r <= 6 and row[1 + r:1 + r + 5] == rep
+            seen.add((r, length - 5 - (seps[0] + 1)))
+            assert lab[:-4] == [-100] * (length - 4) and lab[-4:] == rep[1:]
+    assert len(seen) > 5  # the prefix and the gap vary from batch to batch
