@@ -97,7 +97,9 @@ def pretrain_copy(model: torch.nn.Module, vocab_ids: Sequence[int], steps: int, 
 
     Settings that make the copy appear within ~1,200 steps (~2 CPU minutes, 1 thread) on a 4 x 128 Llama
     with a 1,024-token vocabulary: span (4, 16), bos_id set, lr 1e-3, warm-up 50, batch 32 (measured in
-    docs/experiments/themis_tara.md); longer spans (4, 32) stayed above 4 nats after 600 steps."""
+    docs/experiments/themis_tara.md); longer spans (4, 32) stayed above 4 nats after 600 steps. That copy is
+    positional (it fails on spans longer than 16 and without the leading BOS); rows with `prefix` / `gap`,
+    which only an induction head solves, had not reached the phase change after 1,200 steps (4.6 nats)."""
     from align.algos.schedule import lambda_lr
 
     vocab_ids = list(vocab_ids)
