@@ -17,16 +17,33 @@ near log(len(vocab_ids)) and falls towards 0 once the model copies.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 
 
 def copy_batch(vocab_ids: Sequence[int], batch_size: int, span: tuple[int, int], sep_id: int,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` rows of `s sep s` (s: a uniform random span of length in [span[0], span[1]], one length
-    per batch so rows need no padding); labels are -100 except on the repeated span (the copy is what is
-    learned, the first span is unpredictable by construction)."""
+               generator: torch.Generator, sub_vocab: tuple[int, int] | None = None,
+               bos_id: int | None = None, prefix: tuple[int, int] | None = None,
+               gap: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` rows of `[bos] s sep s` (s: a uniform random span of length in [span[0], span[1]], one
+    length per batch so rows need no padding); labels are -100 except on the repeated span (the copy is what
+    is learned, the first span is unpredictable by construction).
+
+    `sub_vocab=(lo, hi)`: each row draws its span from its own random subset of k ids, k log-uniform in
+    [lo, hi] (capped at len(vocab_ids)). With small k a token recurs within the span (as the digits of a
+    date do), so the previous token alone does not say what comes next and the copy has to track its
+    position; with the full vocabulary it never has to. `bos_id`: a fixed first token (an attention sink,
+    as a task sequence's fixed prefix is).
+
+    `prefix=(lo, hi)` / `gap=(lo, hi)`: random filler tokens (lengths drawn per batch) before the span and
+    between the separator and the repeat: `[bos] P s sep G s`. Without them the span always starts at the
+    same place and ends at the separator, and a model can copy by position alone (attend to the token
+    `n + 1` back): that copy breaks on spans longer than it trained on and on text without the fixed
+    layout. With them the span's place and the distance to the repeat vary, so only matching content (an
+    induction head: find the earlier occurrence of the current token, emit its successor) copies. With a
+    gap the repeat's first token is not labelled (random filler precedes it: nothing says it is coming)."""
     lo, hi = span
     if not 1 <= lo <= hi:
         raise ValueError(f"span must be 1 <= lo <= hi, got {span}")
@@ -34,21 +51,55 @@ def copy_batch(vocab_ids: Sequence[int], batch_size: int, span: tuple[int, int],
     if vocab.numel() < 2:
         raise ValueError("vocab_ids must hold at least 2 ids")
     n = int(torch.randint(lo, hi + 1, (1,), generator=generator))
-    s = vocab[torch.randint(0, vocab.numel(), (batch_size, n), generator=generator)]
+    if sub_vocab is None:
+        s = vocab[torch.randint(0, vocab.numel(), (batch_size, n), generator=generator)]
+    else:
+        klo, khi = sub_vocab
+        if not 2 <= klo <= khi:
+            raise ValueError(f"sub_vocab must be 2 <= lo <= hi, got {sub_vocab}")
+        u = torch.rand(batch_size, generator=generator)
+        ks = torch.exp(math.log(klo) + u * (math.log(khi + 1) - math.log(klo))).long().clamp(klo, min(khi, vocab.numel()))
+        rows = []
+        for k in ks.tolist():
+            ids = vocab[torch.randperm(vocab.numel(), generator=generator)[:k]]
+            rows.append(ids[torch.randint(0, k, (n,), generator=generator)])
+        s = torch.stack(rows)
     sep = torch.full((batch_size, 1), sep_id, dtype=torch.long)
-    input_ids = torch.cat([s, sep, s], dim=1)
+    pre = [] if bos_id is None else [torch.full((batch_size, 1), int(bos_id), dtype=torch.long)]
+
+    def filler(bounds):
+        if bounds is None:
+            return None
+        if not 0 <= bounds[0] <= bounds[1]:
+            raise ValueError(f"prefix / gap must be 0 <= lo <= hi, got {bounds}")
+        k = int(torch.randint(bounds[0], bounds[1] + 1, (1,), generator=generator))
+        return vocab[torch.randint(0, vocab.numel(), (batch_size, k), generator=generator)]
+
+    p, gp = filler(prefix), filler(gap)
+    head = [*pre, *([p] if p is not None else []), s, sep, *([gp] if gp is not None else [])]
+    input_ids = torch.cat([*head, s], dim=1)
     labels = torch.full_like(input_ids, -100)
-    labels[:, n + 1:] = s  # the model predicts token t from tokens < t (HF shifts labels inside the loss)
+    start = sum(t.shape[1] for t in head)
+    skip = 1 if gp is not None else 0
+    labels[:, start + skip:] = s[:, skip:]  # the model predicts token t from tokens < t (HF shifts labels inside the loss)
     return input_ids, labels
 
 
 def pretrain_copy(model: torch.nn.Module, vocab_ids: Sequence[int], steps: int, batch_size: int = 32,
                   lr: float = 1e-3, seed: int = 0, span: tuple[int, int] = (4, 32), sep_id: int | None = None,
-                  warmup: int = 20, log: Callable[[str], None] | None = None, log_every: int = 100) -> dict[str, Any]:
+                  warmup: int = 20, log: Callable[[str], None] | None = None, log_every: int = 100,
+                  sub_vocab: tuple[int, int] | None = None, bos_id: int | None = None,
+                  prefix: tuple[int, int] | None = None, gap: tuple[int, int] | None = None) -> dict[str, Any]:
     """`steps` AdamW steps on `copy_batch` rows; trains `model` (an HF causal LM) in place and returns
     {"steps", "copy_loss" (mean of the last 10 steps), "first_loss", "curve": [(step, loss), ...]}.
     Pass `sep_id` (e.g. the tokenizer's newline id) so the separator is a token the model also sees in its
-    task; it defaults to the first of `vocab_ids`."""
+    task; it defaults to the first of `vocab_ids`. `sub_vocab`, `bos_id`, `prefix`, `gap`: see `copy_batch`.
+
+    Settings that make the copy appear within ~1,200 steps (~2 CPU minutes, 1 thread) on a 4 x 128 Llama
+    with a 1,024-token vocabulary: span (4, 16), bos_id set, lr 1e-3, warm-up 50, batch 32 (measured in
+    docs/experiments/themis_tara.md); longer spans (4, 32) stayed above 4 nats after 600 steps. That copy is
+    positional (it fails on spans longer than 16 and without the leading BOS); rows with `prefix` / `gap`,
+    which only an induction head solves, had not reached the phase change after 1,200 steps (4.6 nats)."""
     from align.algos.schedule import lambda_lr
 
     vocab_ids = list(vocab_ids)
@@ -60,7 +111,8 @@ def pretrain_copy(model: torch.nn.Module, vocab_ids: Sequence[int], steps: int, 
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
     for step in range(1, steps + 1):
-        input_ids, labels = copy_batch(vocab_ids, batch_size, span, sep, g)
+        input_ids, labels = copy_batch(vocab_ids, batch_size, span, sep, g, sub_vocab=sub_vocab, bos_id=bos_id,
+                                       prefix=prefix, gap=gap)
         loss = model(input_ids=input_ids, labels=labels).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"copy pre-training loss is {float(loss)} at step {step}: lower lr")

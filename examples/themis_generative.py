@@ -97,19 +97,37 @@ def build_tokenizer(texts, out: Path, vocab_size: int):
     return tok
 
 
-def build_base(args, tok, out: Path, seed: int) -> str:
+def build_base(args, tok, out: Path, seed: int, log=None) -> tuple[str, dict | None]:
+    """The seed's backbone, shared by both variants: random init, then (--copy-steps > 0) generic copy
+    pre-training (examples/copy_pretrain.py: random token spans repeated, no task text). Returns the folder
+    and the copy pre-training's stats (with its CPU seconds; None without it)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    stats_path = out / "copy_pretrain.json"
     if not (out / "config.json").is_file():
         torch.manual_seed(seed)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.max_length,
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           tie_word_embeddings=True)
-        LlamaForCausalLM(cfg).save_pretrained(str(out))
+        model = LlamaForCausalLM(cfg)
+        if args.copy_steps > 0:
+            from copy_pretrain import pretrain_copy  # examples/copy_pretrain.py, beside this script
+
+            c0, w0 = cpu_seconds(), time.perf_counter()
+            special = set(tok.all_special_ids)
+            stats = pretrain_copy(model, [i for i in range(len(tok)) if i not in special], steps=args.copy_steps,
+                                  batch_size=args.copy_batch_size, lr=args.copy_lr, seed=seed, span=tuple(args.copy_span),
+                                  sep_id=tok("\n", add_special_tokens=False)["input_ids"][0], warmup=args.copy_warmup, log=log,
+                                  log_every=args.copy_steps // 4 or 1,
+                                  sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None, bos_id=tok.bos_token_id)
+            stats.update(cpu_s=cpu_seconds() - c0, wall_s=time.perf_counter() - w0)
+            out.mkdir(parents=True, exist_ok=True)
+            stats_path.write_text(json.dumps(stats))
+        model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
-    return str(out)
+    return str(out), (json.loads(stats_path.read_text()) if stats_path.is_file() else None)
 
 
 def batches_by_group(items, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -214,27 +232,36 @@ def eval_themis(args, model, tok, test: dict, groups) -> dict:
                        context=[it.context for it in items] * 2)
         pos, neg = res.scores[:n], res.scores[n:]
         gold = [it.pos.steps for it in items] * 2  # both sides' gold traces are the question's calls
-        valid = obs_first = obs_all = 0
-        fails: dict[str, int] = {}
-        for info, steps in zip(res.info, gold):
-            calls = info["tool_calls"]
-            first = calls[0] if calls else None
-            if first is not None and first["ok"]:
-                valid += 1
-            else:
-                why = "no tool call" if first is None else (first.get("error") or "failed")
-                key = why.split(":")[0][:40]
-                fails[key] = fails.get(key, 0) + 1
-            if first is not None and first["ok"] and first["output"] == steps[0].observation:
-                obs_first += 1
-            if len(calls) >= len(steps) and all(c["ok"] and c["output"] == s.observation for c, s in zip(calls, steps)):
-                obs_all += 1
-        m = 2 * n
-        out[g] = {"n_pairs": n, "accuracy": sum(a > b for a, b in zip(pos, neg)) / n, "valid_call_share": valid / m,
-                  "gold_observation_share": obs_first / m, "all_gold_observations_share": obs_all / m, "call_failures": fails,
+        out[g] = {"n_pairs": n, "accuracy": sum(a > b for a, b in zip(pos, neg)) / n,
+                  **call_shares([info["tool_calls"] for info in res.info], [[s.observation for s in st] for st in gold]),
                   "samples": [{"question": items[i % n].question, "answer": (items[i % n].pos if i < n else items[i % n].neg).answer,
-                               "trace": res.info[i]["trace"], "score": res.scores[i]} for i in (0, n, 1, n + 1)]}
+                               "trace": res.info[i]["trace"], "score": res.scores[i]} for i in (0, n, 1, n + 1)],
+                  "first_calls": [{"question": items[i % n].question, "call": (res.info[i]["tool_calls"] or [None])[0]}
+                                  for i in range(min(n, 12))]}
     return out
+
+
+def call_shares(calls_per_sample: list[list[dict]], gold_observations: list[list[str]]) -> dict:
+    """From each sample's tool-call records (ThemisRewardModel info["tool_calls"]: action, input, ok,
+    observation = the tool's output as shown, error) and its gold observations: the share whose first call
+    the tool accepted, whose first observation is the gold one, whose every gold step is matched; and why
+    the first calls failed (error text up to its first colon, counted)."""
+    valid = obs_first = obs_all = 0
+    fails: dict[str, int] = {}
+    for calls, gold in zip(calls_per_sample, gold_observations, strict=True):
+        first = calls[0] if calls else None
+        if first is not None and first["ok"]:
+            valid += 1
+            obs_first += first["observation"] == gold[0]
+        else:
+            why = "no tool call" if first is None else (first.get("error") or "failed")
+            key = why.split(":")[0][:40]
+            fails[key] = fails.get(key, 0) + 1
+        if len(calls) >= len(gold) and all(c["ok"] and c["observation"] == o for c, o in zip(calls, gold)):
+            obs_all += 1
+    m = max(1, len(calls_per_sample))
+    return {"valid_call_share": valid / m, "gold_observation_share": obs_first / m, "all_gold_observations_share": obs_all / m,
+            "call_failures": fails}
 
 
 def eval_plain(rm, test: dict, groups, limit) -> dict:
@@ -336,6 +363,14 @@ def main(argv=None) -> int:
     p.add_argument("--segment-pairs", type=int, default=48, help="test pairs per group for the LM loss per segment")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--variants", nargs="+", default=["themis", "plain"], choices=["themis", "plain"])
+    p.add_argument("--copy-steps", type=int, default=0,
+                   help="generic copy pre-training steps for each seed's backbone (examples/copy_pretrain.py; 0: none), shared by both variants")
+    p.add_argument("--copy-lr", type=float, default=1e-3)
+    p.add_argument("--copy-batch-size", type=int, default=32)
+    p.add_argument("--copy-warmup", type=int, default=50)
+    p.add_argument("--copy-span", type=int, nargs=2, default=[4, 16], metavar=("MIN", "MAX"))
+    p.add_argument("--copy-sub-vocab", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="each copy row draws from a random sub-vocabulary of this many ids (log-uniform), so tokens recur as digits do")
     args = p.parse_args(argv)
     import torch
 
@@ -356,7 +391,12 @@ def main(argv=None) -> int:
     tok = build_tokenizer([render_item(it, s).text for it in data["train"] for s in ("pos", "neg")], args.out / "tokenizer", args.vocab)
     runs: dict[str, list] = {v: [] for v in args.variants}
     for seed in args.seeds:
-        base = build_base(args, tok, args.out / f"base_seed{seed}", seed)
+        name = f"base_seed{seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
+        base, copy_stats = build_base(args, tok, args.out / name, seed, log)
+        copy_cpu = copy_stats["cpu_s"] if copy_stats else 0.0
+        if copy_stats:
+            log(f"seed {seed}: copy pre-training {copy_stats['steps']} steps, copy loss {copy_stats['first_loss']:.2f} -> "
+                f"{copy_stats['copy_loss']:.3f} nats ({copy_cpu:.0f} s CPU)")
         batches = batches_by_group(data["train"], args.batch_size, args.steps, seed)
         for variant in args.variants:
             t, c = time.perf_counter(), cpu_seconds()
@@ -373,7 +413,7 @@ def main(argv=None) -> int:
                 tt, tc = time.perf_counter() - t, cpu_seconds() - c
                 rec = {"seed": seed, "eval": eval_plain(rm, data["test"], args.groups, args.test_limit)}
             rec.update(train_wall_s=tt, train_cpu_s=tc, total_wall_s=time.perf_counter() - t, total_cpu_s=cpu_seconds() - c,
-                       final_train=hist[-1])
+                       final_train=hist[-1], copy_pretrain=copy_stats, copy_pretrain_cpu_s=copy_cpu)
             runs[variant].append(rec)
             e = rec["eval"]
             log(f"{variant} seed {seed}: " + ", ".join(

@@ -41,3 +41,46 @@ def test_a_few_steps_train_in_place_and_report_the_copy_loss(tmp_path):
     # untrained: about log(60) nats per repeated token (uniform over the span's ids)
     assert abs(stats["first_loss"] - torch.log(torch.tensor(64.0)).item()) < 0.6
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())) and not model.training
+
+
+def test_sub_vocabulary_rows_reuse_few_ids_and_bos_leads_every_row():
+    g = torch.Generator().manual_seed(5)
+    vocab = list(range(100, 400))
+    ids, labels = C.copy_batch(vocab, 64, (40, 40), sep_id=9, generator=g, sub_vocab=(3, 3), bos_id=1)
+    assert ids.shape == (64, 1 + 40 + 1 + 40)
+    sets = []
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        assert row[0] == 1 and row[41] == 9 and row[1:41] == row[42:]
+        assert lab[:42] == [-100] * 42 and lab[42:] == row[42:]
+        span = set(row[1:41])
+        # 40 draws from 3 ids: all 3 appear unless a miss of prob <= 3 * (2/3)^40 ~ 3e-7
+        assert len(span) == 3 and span <= set(vocab)
+        sets.append(frozenset(span))
+    assert len(set(sets)) > 50  # each row has its own sub-vocabulary (C(300, 3) choices)
+    # log-uniform k in [2, 300]: about half the rows draw from at most sqrt(2 * 301) ~ 24.5 ids
+    ids, _ = C.copy_batch(vocab, 400, (200, 200), sep_id=9, generator=g, sub_vocab=(2, 300))
+    small = sum(len(set(r[:200])) <= 24 for r in ids.tolist())
+    assert 140 <= small <= 260
+    with pytest.raises(ValueError, match="sub_vocab"):
+        C.copy_batch(vocab, 2, (2, 4), 9, g, sub_vocab=(1, 5))
+
+
+def test_prefix_and_gap_move_the_span_and_leave_the_unannounced_first_copy_unlabelled():
+    g = torch.Generator().manual_seed(11)
+    vocab = list(range(20, 60))
+    seen = set()
+    for _ in range(20):
+        ids, labels = C.copy_batch(vocab, 3, (5, 5), sep_id=2, generator=g, bos_id=1, prefix=(0, 6), gap=(0, 6))
+        length = ids.shape[1]
+        r_plus_f = length - (1 + 5 + 1 + 5)
+        assert 0 <= r_plus_f <= 12
+        for row, lab in zip(ids.tolist(), labels.tolist()):
+            assert row[0] == 1
+            rep = row[-5:]
+            # the separator sits right after the first copy of the span, whatever the prefix
+            seps = [i for i, t in enumerate(row) if t == 2]
+            r = seps[0] - 1 - 5
+            assert 0 <= r <= 6 and row[1 + r:1 + r + 5] == rep
+            seen.add((r, length - 5 - (seps[0] + 1)))
+            assert lab[:-4] == [-100] * (length - 4) and lab[-4:] == rep[1:]
+    assert len(seen) > 5  # the prefix and the gap vary from batch to batch

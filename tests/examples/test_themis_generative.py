@@ -46,7 +46,8 @@ def test_tiny_run_writes_the_measurements(tmp_path):
     mod = _load()
     rc = mod.main(["--out", str(tmp_path), "--seeds", "0", "1", "--groups", "calendar", "--steps", "3", "--layers", "1",
                    "--hidden", "32", "--ffn", "64", "--vocab", "300", "--max-new-tokens", "24", "--synth-calendar", "40",
-                   "--synth-weather", "20", "--synth-multi", "4", "--tara-multi", "4", "--test-limit", "3", "--segment-pairs", "2", "--log-every", "1"])
+                   "--synth-weather", "20", "--synth-multi", "4", "--tara-multi", "4", "--test-limit", "3", "--segment-pairs", "2", "--log-every", "1",
+                   "--copy-steps", "2", "--copy-batch-size", "4", "--copy-sub-vocab", "4", "50"])
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["data"]["dropped_tara_train"] >= 1  # TARA's train split repeats test city-dates; dropped
@@ -58,3 +59,47 @@ def test_tiny_run_writes_the_measurements(tmp_path):
     assert set(res["runs"]["themis"][0]["segment_lm_loss"]["calendar"]) == {"call", "call_digits", "call_other", "observation", "rationale"}
     assert res["paired"]["calendar"]["ci95"] is not None
     assert (tmp_path / "results.png").stat().st_size > 1000
+    # one copy-pretrained base per seed, shared by both variants; untrained it scores ~log(#ids it draws from)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    n_ids = len(tok) - len(set(tok.all_special_ids))  # <pad> <s> </s> and the Themis tokens are never drawn
+    for k, seed in enumerate((0, 1)):
+        st = json.loads((tmp_path / f"base_seed{seed}_copy2" / "copy_pretrain.json").read_text())
+        assert st["steps"] == 2 and abs(st["first_loss"] - math.log(n_ids)) < 0.6 and st["cpu_s"] > 0
+        assert res["runs"]["themis"][k]["copy_pretrain"] == st == res["runs"]["plain"][k]["copy_pretrain"]
+
+
+def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
+    """eval_themis on the records ThemisRewardModel returns (rewards/themis_traces.py: action, input, ok,
+    observation, error): the tool's output is under "observation" (an earlier version read "output" and
+    raised KeyError at the first accepted call)."""
+    import align.rewards.themis as themis_mod
+
+    def rec(ok, observation="", error=None):
+        return {"action": "Calendar.week_day", "input": "2015-03-24", "ok": ok, "observation": observation, "error": error}
+
+    infos = [  # pos of item 0, pos of item 1, neg of item 0, neg of item 1
+        {"tool_calls": [rec(True, "Tuesday")], "trace": "t0"},
+        {"tool_calls": [rec(True, "Monday")], "trace": "t1"},
+        {"tool_calls": [rec(False, error="invalid date '2000-01-00'")], "trace": "t2"},
+        {"tool_calls": [], "trace": "t3"},
+    ]
+
+    class FakeThemis:
+        def __init__(self, **kw):
+            pass
+
+        def score(self, prompts, completions, context=None):
+            assert prompts == ["q0", "q1", "q0", "q1"] and completions == ["p0", "p1", "n0", "n1"]
+            return SimpleNamespace(scores=[0.9, 0.1, 0.2, 0.5], info=infos)
+
+    monkeypatch.setattr(themis_mod, "ThemisRewardModel", FakeThemis)
+    mod = _load()
+    items = [SimpleNamespace(question=f"q{k}", context=None, pos=SimpleNamespace(answer=f"p{k}", steps=[SimpleNamespace(observation=o)]),
+                             neg=SimpleNamespace(answer=f"n{k}")) for k, o in enumerate(("Tuesday", "Friday"))]
+    args = SimpleNamespace(max_new_tokens=8, max_length=64, eval_batch_size=4, test_limit=None)
+    ev = mod.eval_themis(args, None, None, {"calendar": items}, ["calendar"])["calendar"]
+    assert ev["accuracy"] == 0.5  # 0.9 > 0.2 right, 0.1 < 0.5 wrong
+    assert ev["valid_call_share"] == 0.5 and ev["gold_observation_share"] == 0.25 and ev["all_gold_observations_share"] == 0.25
+    assert ev["call_failures"] == {"invalid date '2000-01-00'": 1, "no tool call": 1}
