@@ -1,26 +1,16 @@
 """examples/themis_generative.py: its batching and statistics against hand computations, and a tiny end-to-end run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("themis_generative", REPO / "examples" / "themis_generative.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import themis_generative  # examples/ (tests/conftest.py puts it on sys.path)
 
 
 def test_batches_hold_one_group_and_cover_every_item_before_repeating():
-    mod = _load()
+    mod = themis_generative
     items = [SimpleNamespace(group=g) for g in ["a"] * 7 + ["b"] * 5]
     batches = mod.batches_by_group(items, 3, 10, seed=0)
     assert len(batches) == 10
@@ -31,7 +21,7 @@ def test_batches_hold_one_group_and_cover_every_item_before_repeating():
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences():
-    mod = _load()
+    mod = themis_generative
     res = mod.paired_ci([0.9, 0.8, 1.0], [0.5, 0.6, 0.6])
     d = [0.4, 0.2, 0.4]
     mean = sum(d) / 3
@@ -43,7 +33,7 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
 
 @pytest.mark.tara
 def test_tiny_run_writes_the_measurements(tmp_path):
-    mod = _load()
+    mod = themis_generative
     rc = mod.main(["--out", str(tmp_path), "--seeds", "0", "1", "--groups", "calendar", "--steps", "3", "--layers", "1",
                    "--hidden", "32", "--ffn", "64", "--vocab", "300", "--max-new-tokens", "24", "--synth-calendar", "40",
                    "--synth-weather", "20", "--synth-multi", "4", "--tara-multi", "4", "--test-limit", "3", "--segment-pairs", "2", "--log-every", "1",
@@ -95,7 +85,7 @@ def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
             return SimpleNamespace(scores=[0.9, 0.1, 0.2, 0.5], info=infos)
 
     monkeypatch.setattr(themis_mod, "ThemisRewardModel", FakeThemis)
-    mod = _load()
+    mod = themis_generative
     items = [SimpleNamespace(question=f"q{k}", context=None, pos=SimpleNamespace(answer=f"p{k}", steps=[SimpleNamespace(observation=o)]),
                              neg=SimpleNamespace(answer=f"n{k}")) for k, o in enumerate(("Tuesday", "Friday"))]
     args = SimpleNamespace(max_new_tokens=8, max_length=64, eval_batch_size=4, test_limit=None)
