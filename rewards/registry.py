@@ -49,13 +49,7 @@ def _instantiate(entry: Any, name: str, kwargs: dict[str, Any]) -> RewardFunctio
         if kwargs:
             raise TypeError(f"reward {name!r} is a ready-made instance and takes no arguments (got {sorted(kwargs)})")
         return entry
-    if inspect.isclass(entry) and issubclass(entry, RewardFunction):
-        try:
-            return entry(**kwargs)
-        except TypeError as err:
-            params = [p for p in inspect.signature(entry.__init__).parameters if p not in ("self", "args", "kwargs")]
-            raise TypeError(f"reward {name!r}: {err}; its arguments are: {', '.join(params) or 'none'}") from None
-    if inspect.isclass(entry):  # a TRL-style reward class: built with the kwargs, its instances score
+    if inspect.isclass(entry):  # a RewardFunction subclass, or a TRL-style class whose instances score
         return _wrap_callable(_construct(entry, name, kwargs), name)
     if callable(entry):
         factory = getattr(entry, "__align_reward_factory__", False)
