@@ -5,7 +5,7 @@ chunk_size)` computes logits = hidden @ weight.T + bias for `chunk_size` rows at
 chunk to log-probs (and entropy) with `token_logprobs`, so [N, V] logits never exist: not in the forward,
 and not in the backward, which recomputes each chunk's logits, gets dlogits from the token_logprobs
 backward (the Triton kernel on CUDA) and accumulates dhidden = dlogits @ W and dW += dlogits.T @ h
-(fp32 accumulator for dW / dbias). Same idea as Liger's fused linear cross-entropy; here the output is
+(each chunk's product computed in fp32 and added into an fp32 dW / dbias, rounded to the weight's dtype once). Same idea as Liger's fused linear cross-entropy; here the output is
 the per-token log-prob that RL losses need.
 Cost: forward 1 matmul; backward 2 recomputed + 2 gradient matmuls; peak extra memory about
 chunk_size * V logits plus their gradient (default chunk: ~2^27 / V rows, e.g. 883 rows for V = 151,936).
@@ -61,21 +61,21 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         db = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
         for a, b in _chunks(n, chunk):
+            h = hidden[a:b]
             with torch.enable_grad():
-                h = hidden[a:b].detach().requires_grad_(need_h)
-                w = weight.detach().requires_grad_(need_w)
-                bb = bias.detach().requires_grad_(need_b) if bias is not None else None
-                logits = F.linear(h, w, bb)
+                logits = F.linear(h, weight, bias).detach().requires_grad_()
                 out = token_logprobs(logits, tokens[a:b], temperature, use_ent, backend)
                 outs, grads = ([out[0], out[1]], [g_lp[a:b], g_ent[a:b]]) if use_ent else ([out], [g_lp[a:b]])
-                inputs = [t for t, need in ((h, need_h), (w, need_w), (bb, need_b)) if need]
-                got = list(torch.autograd.grad(outs, inputs, grads))
+                (dlogits,) = torch.autograd.grad(outs, [logits], grads)
             if need_h:
-                dh[a:b] = got.pop(0)
+                dh[a:b] = dlogits.to(weight.dtype) @ weight
+            # dW and dbias sum over every chunk: add each chunk's fp32 product into the fp32 buffer, never a
+            # chunk's gradient rounded to the weight dtype first (RL advantages of both signs cancel across
+            # chunks, so per-chunk bf16 rounding errors would dominate the small total)
             if need_w:
-                dw += got.pop(0)
+                dw.addmm_(dlogits.t().float(), h.float())
             if need_b:
-                db += got.pop(0)
+                db += dlogits.float().sum(0)
         dw = dw.to(weight.dtype) if need_w else None
         db = db.to(bias.dtype) if need_b else None
         return dh, dw, db, None, None, None, None, None

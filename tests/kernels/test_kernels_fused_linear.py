@@ -100,3 +100,30 @@ def test_frozen_weight_and_errors():
         kernels.fused_linear_logprobs(hidden, weight, tokens[:3])
     with pytest.raises(ValueError, match="temperature"):
         kernels.fused_linear_logprobs(hidden, weight, tokens, temperature=0.0)
+
+
+def test_bf16_weight_gradient_does_not_depend_on_the_chunking():
+    """GPU_READINESS F16: dW / dbias sum one product per chunk; each must be added into the fp32 buffer before
+    any rounding. Rounding each chunk's contribution to bf16 first made 8% of dW's entries differ by more than
+    one bf16 ulp between chunk sizes (up to ~900 ulp: advantages of both signs cancel across chunks)."""
+    torch.manual_seed(0)
+    n, h, v = 512, 32, 128
+    hidden = torch.randn(n, h).bfloat16()
+    weight0, bias0 = (torch.randn(v, h) * 0.1).bfloat16(), (torch.randn(v) * 0.1).bfloat16()
+    tokens = torch.randint(0, v, (n,))
+    g = torch.randn(n)  # signed per-token weights, like GRPO advantages
+
+    def grads(chunk):
+        w, b = weight0.clone().requires_grad_(), bias0.clone().requires_grad_()
+        lp = kernels.fused_linear_logprobs(hidden, w, tokens, bias=b, chunk_size=chunk, backend="torch")
+        (lp * g).sum().backward()
+        assert w.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.bfloat16
+        return w.grad.double(), b.grad.double()
+
+    one_w, one_b = grads(n)  # a single chunk: one fp32 product, rounded once
+    for chunk in (1, 8):
+        w_grad, b_grad = grads(chunk)
+        ulp_w = (one_w.abs() * 2.0 ** -7).clamp_min(2.0 ** -126)
+        ulp_b = (one_b.abs() * 2.0 ** -7).clamp_min(2.0 ** -126)
+        assert ((w_grad - one_w).abs() <= ulp_w).all(), chunk
+        assert ((b_grad - one_b).abs() <= ulp_b).all(), chunk
