@@ -32,7 +32,8 @@ lint: setup
 # venv in .floor/ (with the huggingface_hub it needs): the engine, cache-keyword and trainer tests run on it.
 FLOOR_PKGS ?= transformers==5.17.0 "huggingface-hub>=1.5,<2.0"
 FLOOR_TESTS ?= tests/rollouts/test_cache_keyword.py tests/rollouts/test_engine.py tests/rollouts/test_engine_fast.py \
-	tests/rollouts/test_stop_reasons.py tests/trainer/test_rl_math_end_to_end.py tests/trainer/test_checkpoint_hf.py
+	tests/rollouts/test_stop_reasons.py tests/trainer/test_rl_math_end_to_end.py tests/trainer/test_checkpoint_hf.py \
+	tests/rollouts/test_rollout_worker.py
 test-floor: setup
 	@[ -d .floor/transformers ] || $(BIN)/python -m pip install -q --target .floor --no-deps $(FLOOR_PKGS)
 	@PYTHONPATH=$(CURDIR)/.floor $(BIN)/python -c "import transformers as t; assert t.__version__ == '5.17.0', t.__version__; print('floor: transformers', t.__version__)"

@@ -43,8 +43,9 @@ class StaleWeightsError(AlignError, RuntimeError):
 class ModelSpec:
     """How a worker builds its policy before the trainer's weights arrive.
 
-    path:   a local directory is loaded with from_pretrained; otherwise the model is built from `config`
-            (random init; the trainer's full state dict overwrites it), so workers need no shared filesystem.
+    path:   a local directory is loaded with from_pretrained; otherwise the model is built from `config` on the
+            worker's device with no weight init (the trainer's full state dict overwrites every weight), so
+            workers need no shared filesystem.
     config: the transformers config of the base model.  dtype: the trainer's parameter dtype.
     lora:   a peft LoraConfig when the trainer's policy is a LoRA model (the same adapters are created).
     """
@@ -62,7 +63,15 @@ def build_policy(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
     if spec.path and os.path.isdir(spec.path):
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_config(spec.config, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+        # Every weight is overwritten by the trainer's push before the first batch (version -1 refuses to sample),
+        # so a random init is wasted work: minutes for a 7B model on an actor's one CPU thread (GPU_READINESS
+        # F13). Build on the target device with the init skipped; buffers computed in __init__ (rotary
+        # frequencies, which are not in the state dict) are still computed.
+        from transformers.initialization import no_init_weights
+
+        with torch.device(device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(spec.config, dtype=spec.dtype,
+                                                     trust_remote_code=spec.trust_remote_code)
     if spec.lora is not None:
         from peft import get_peft_model
 

@@ -106,3 +106,25 @@ def test_shard_bounds_and_output_concat():
     out = concat_outputs([a, b])
     assert out.scores == [1.0, None, None] and out.errors == [None, "boom", "reward scoring timed out after 3 s"]
     assert out.token_rewards == [[0.5], [0.0], []]
+
+
+def test_config_build_skips_the_random_init_and_keeps_computed_buffers(monkeypatch):
+    """GPU_READINESS F13: a worker without the checkpoint built the model from its config with a full random init
+    (minutes for 7B on one CPU thread), thrown away when the trainer's weights arrive. Now no init runs; the
+    rotary frequencies (a buffer computed in __init__, not in the state dict) must still be right."""
+    from transformers import LlamaConfig, PreTrainedModel
+
+    from align.rollouts.worker import build_policy
+
+    calls = []
+    original = PreTrainedModel._init_weights
+    monkeypatch.setattr(PreTrainedModel, "_init_weights", lambda self, m: (calls.append(type(m).__name__), original(self, m)))
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rope_theta=10000.0)
+    model = build_policy(ModelSpec(path="", config=cfg), torch.device("cpu"))
+    assert calls == []
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    expected = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_freq = model.model.rotary_emb.inv_freq
+    torch.testing.assert_close(inv_freq.double(), expected, rtol=1e-6, atol=0)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
