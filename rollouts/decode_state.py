@@ -36,6 +36,7 @@ class _DecodeState:
     cols: torch.Tensor | None  # [V] int64 vocabulary indices (counter noise)
     width: int  # P
     static: bool
+    stop_scanned: int = 0  # decode steps whose text the stop-string scan has covered (host side)
 
 
 @dataclass

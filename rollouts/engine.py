@@ -314,6 +314,7 @@ class RolloutEngine:
         state.bias.fill_(neg)
         state.bias[:, 0, 0, :width].masked_fill_(prompt_mask.bool(), 0.0)
         state.step.zero_()
+        state.stop_scanned = 0
         state.finished.zero_()
         state.finished[b:] = True
         state.bad.zero_()
@@ -396,12 +397,16 @@ class RolloutEngine:
             stop_reason=stops.stop_reasons(self.tokenizer, response_ids, mask, params, stopped_by_string),
         )
 
-    def _hit_stop_strings(self, state: _DecodeState, t: int, stops: list[str]) -> bool:
-        """Mark rows whose text so far contains a stop string as finished; True when all rows are."""
-        ids, live = state.out_tokens[:, :t].cpu(), state.out_live[:, :t].cpu()
+    def _hit_stop_strings(self, state: _DecodeState, t: int, strings: list[str]) -> bool:
+        """Mark rows whose text so far contains a stop string as finished; True when all rows are. Each scan
+        decodes only the tokens since the last scan plus a look-back (`stops.stop_lookback`): earlier
+        occurrences were found by earlier scans, so the whole history is never re-decoded (GPU_READINESS F12)."""
+        start = max(0, state.stop_scanned - stops.stop_lookback(strings))
+        ids, live = state.out_tokens[:, start:t].cpu(), state.out_live[:, start:t].cpu()
         finished = state.finished.cpu()
         for i, text in enumerate(self.decode_responses(ids, live)):
-            if not finished[i] and any(s in text for s in stops):
+            if not finished[i] and any(s in text for s in strings):
                 finished[i] = True
+        state.stop_scanned = t
         state.finished.copy_(finished)
         return bool(finished.all())

@@ -43,20 +43,38 @@ def stop_reasons(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor, para
     return reason.to(torch.long)
 
 
+def stop_lookback(stops: list[str]) -> int:
+    """Tokens before the last scanned position that a scan of new tokens re-decodes: a stop string that ends in
+    the new tokens starts at most this many tokens earlier. Every token carries at least one byte of text
+    (UTF-8 characters may span several byte tokens), so twice the longest stop's bytes plus a margin (special
+    tokens, skipped in the text; a leading space that a tokenizer drops at the start of a decode) covers it."""
+    return 2 * max(len(s.encode("utf-8")) for s in stops) + 8
+
+
+def _contains(tokenizer, ids: list[int], stops: list[str]) -> bool:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return any(s in text for s in stops)
+
+
 def truncate_at_stop_strings(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor,
                              stops: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep each row up to and including the token that completes its first stop string; also returns
-    [b] bool, the rows whose text contains a stop string."""
+    [b] bool, the rows whose text contains a stop string.
+
+    "The text of ids[:cut] contains a stop string" only turns from false to true as cut grows (text is
+    appended; only a trailing incomplete UTF-8 character can change, and no stop string holds U+FFFD), so the
+    first such cut is found by bisection: O(T log T) decoded tokens per row, not the O(T^2) of trying every
+    cut (GPU_READINESS F12)."""
     mask = mask.clone()
     hit = torch.zeros(response_ids.shape[0], dtype=torch.bool)
     for i in range(response_ids.shape[0]):
         ids = response_ids[i][mask[i].bool()].tolist()
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not any(s in text for s in stops):
+        if not _contains(tokenizer, ids, stops):
             continue
         hit[i] = True
-        for cut in range(1, len(ids) + 1):
-            if any(s in tokenizer.decode(ids[:cut], skip_special_tokens=True) for s in stops):
-                mask[i, cut:] = 0
-                break
+        lo, hi = 0, len(ids)  # ids[:lo] holds no stop string, ids[:hi] does
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _contains(tokenizer, ids[:mid], stops) else (mid, hi)
+        mask[i, hi:] = 0
     return mask, hit
