@@ -126,7 +126,9 @@ def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device, key
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    return model.to(device)
+    model = model.to(device)
+    check_head_path(model)
+    return model
 
 
 def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -251,7 +253,51 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def needs_full_logits(model: nn.Module) -> bool:
-    """Models whose logits are not a plain lm_head(h) (soft-capping, scaling) take the full-logits path."""
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap) that the model's forward applies to lm_head(h), from its config: Cohere multiplies by
+    `logit_scale`, Granite divides by `logits_scaling`, Gemma-2/3 soft-cap at `final_logit_softcapping`
+    (`align.kernels.transform_logits` applies them in the same order)."""
     config = model.config
-    return bool(getattr(config, "final_logit_softcapping", None)) or getattr(config, "logit_scale", 1.0) not in (None, 1.0)
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, float(softcap) if softcap else None
+
+
+def check_head_path(model: nn.Module) -> bool:
+    """Whether `transform_logits(lm_head(decoder(x)))` reproduces the model's own logits on a short probe.
+
+    The trainer computes log-probs from the hidden states and the lm_head (fused, chunked) and the rollout
+    engine samples from the model's own logits; an architecture that changes its logits in a way
+    `logit_transform` does not know (Granite's logits_scaling was one) would make the two disagree silently.
+    The result is kept on the model: False sends the trainer to the model's full logits (`needs_full_logits`)."""
+    import warnings
+
+    from align.kernels import transform_logits
+
+    flag = False
+    try:
+        decoder, head = decoder_and_head(model)
+        weight = head.weight
+        ids = (torch.arange(8, device=weight.device) * 7919 % model.config.get_text_config().vocab_size)[None]
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):  # both sides in the weights' dtype
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            ours = transform_logits(torch.nn.functional.linear(hidden, weight, head.bias).float(), *logit_transform(model))
+        tol = (1e-4 if weight.dtype == torch.float32 else 2e-2) * (1.0 + float(full.abs().max()))
+        flag = ours.shape != full.shape or bool((ours - full).abs().max() > tol)
+    except Exception as err:  # noqa: BLE001 - a model without the decoder / head split, or a forward that needs more inputs
+        flag = True
+        reason = f"{type(err).__name__}: {err}"
+    else:
+        reason = "its logits are not lm_head(hidden) with a known scale / soft-cap"
+    if flag:
+        warnings.warn(f"{type(model).__name__}: {reason}; the trainer computes log-probs from the model's full "
+                      "[N, T, V] logits (more memory than the fused lm_head path)", stacklevel=2)
+    model._align_full_logits = flag
+    return not flag
+
+
+def needs_full_logits(model: nn.Module) -> bool:
+    """Models whose logits `check_head_path` (run by `load_causal_lm`) could not reproduce take the full-logits
+    path; a model built by hand and never checked uses lm_head(h) with its config's `logit_transform`."""
+    return bool(getattr(model, "_align_full_logits", False))

@@ -5,7 +5,7 @@ elsewhere; "triton" forces Triton (CPU tensors only under TRITON_INTERPRET=1); "
 Each module's docstring states its algorithm and cost.
 """
 
-from align.kernels.fused_linear import fused_linear_logprobs
+from align.kernels.fused_linear import fused_linear_logprobs, transform_logits
 from align.kernels.logprobs import token_logprobs
 from align.kernels.logprobs_reference import token_logprobs_reference
 from align.kernels.sampling import sample, sample_triton
@@ -19,4 +19,5 @@ __all__ = [
     "sample_triton",
     "token_logprobs",
     "token_logprobs_reference",
+    "transform_logits",
 ]

@@ -21,6 +21,16 @@ from align.kernels.logprobs import token_logprobs
 _CHUNK_ELEMENTS = 1 << 27
 
 
+def transform_logits(logits: torch.Tensor, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """What some architectures do to lm_head(h) before the softmax: multiply by `scale` (Cohere's logit_scale,
+    Granite's 1 / logits_scaling), then soft-cap to (-softcap, softcap) (Gemma-2's final_logit_softcapping)."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def _chunks(n: int, chunk: int):
     for start in range(0, n, chunk):
         yield start, min(n, start + chunk)
@@ -29,20 +39,20 @@ def _chunks(n: int, chunk: int):
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under the forward's autocast state
-    def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy, chunk, backend):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy, chunk, backend, scale, softcap):
         n = hidden.shape[0]
         lp = torch.empty(n, device=hidden.device, dtype=torch.float32)
         ent = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
         with torch.no_grad():
             for a, b in _chunks(n, chunk):
-                logits = F.linear(hidden[a:b], weight, bias)
+                logits = transform_logits(F.linear(hidden[a:b], weight, bias), scale, softcap)
                 out = token_logprobs(logits, tokens[a:b], temperature, with_entropy, backend)
                 if with_entropy:
                     lp[a:b], ent[a:b] = out
                 else:
                     lp[a:b] = out
         ctx.save_for_backward(hidden, weight, bias, tokens)
-        ctx.args = (temperature, with_entropy, chunk, backend)
+        ctx.args = (temperature, with_entropy, chunk, backend, scale, softcap)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
         return lp, ent
@@ -51,7 +61,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, tokens = ctx.saved_tensors
-        temperature, with_entropy, chunk, backend = ctx.args
+        temperature, with_entropy, chunk, backend, scale, softcap = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
         use_ent = with_entropy and g_ent is not None
@@ -64,7 +74,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             h = hidden[a:b]
             with torch.enable_grad():
                 logits = F.linear(h, weight, bias).detach().requires_grad_()
-                out = token_logprobs(logits, tokens[a:b], temperature, use_ent, backend)
+                out = token_logprobs(transform_logits(logits, scale, softcap), tokens[a:b], temperature, use_ent, backend)
                 outs, grads = ([out[0], out[1]], [g_lp[a:b], g_ent[a:b]]) if use_ent else ([out], [g_lp[a:b]])
                 (dlogits,) = torch.autograd.grad(outs, [logits], grads)
             if need_h:
@@ -78,7 +88,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 db += dlogits.float().sum(0)
         dw = dw.to(weight.dtype) if need_w else None
         db = db.to(bias.dtype) if need_b else None
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def fused_linear_logprobs(
@@ -90,8 +100,11 @@ def fused_linear_logprobs(
     with_entropy: bool = False,
     chunk_size: int | None = None,
     backend: str = "auto",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """logp[n] = log_softmax((hidden[n] @ weight.T + bias) / T)[tokens[n]] without materialising [N, V] logits.
+    """logp[n] = log_softmax(z[n] / T)[tokens[n]] with z = transform_logits(hidden[n] @ weight.T + bias,
+    logit_scale, softcap), without materialising [N, V] logits.
 
     hidden [N, H] or [B, T, H], weight [V, H], tokens [N] or [B, T], bias [V] or None -> logp fp32 (and entropy),
     shaped like tokens. Differentiable w.r.t. hidden, weight and bias. chunk_size: rows per chunk (default
@@ -116,7 +129,8 @@ def fused_linear_logprobs(
     lead = tokens.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     tok = tokens.reshape(-1)
-    lp, ent = _FusedLinearLogprobs.apply(h2, weight, bias, tok, float(temperature), with_entropy, chunk, backend)
+    lp, ent = _FusedLinearLogprobs.apply(h2, weight, bias, tok, float(temperature), with_entropy, chunk, backend,
+                                         float(logit_scale), float(softcap) if softcap else None)
     if with_entropy:
         return lp.reshape(lead), ent.reshape(lead)
     return lp.reshape(lead)

@@ -15,7 +15,7 @@ from torch import nn
 from align import kernels
 from align.algos.positions import position_ids_from_mask
 from align.distributed.fsdp import as_root_forward
-from align.models import decoder_and_head, needs_full_logits
+from align.models import decoder_and_head, logit_transform, needs_full_logits
 from align.precision import autocast_forward
 from align.trainer.packing import PackedCausalLM
 
@@ -59,14 +59,16 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=False).last_hidden_state  # no KV cache in teacher-forced passes
             h = hidden[:, start - 1:length - 1].reshape(n * response_len, -1)
+            scale, softcap = logit_transform(model)
             if n * response_len * head.weight.shape[0] <= SMALL_LOGITS:
                 # small vocab x tokens: one matmul beats the chunked path's recompute, and memory is no issue
-                logits = torch.nn.functional.linear(h, head.weight, head.bias)
+                logits = kernels.transform_logits(torch.nn.functional.linear(h, head.weight, head.bias), scale, softcap)
                 got = kernels.token_logprobs(logits, tokens.reshape(-1), temperature=temperature,
                                              with_entropy=with_entropy)
             else:
                 got = kernels.fused_linear_logprobs(h, head.weight, tokens.reshape(-1), bias=head.bias,
-                                                    temperature=temperature, with_entropy=with_entropy)
+                                                    temperature=temperature, with_entropy=with_entropy,
+                                                    logit_scale=scale, softcap=softcap)
             return (*got, hidden) if with_entropy else (got, hidden)
 
         *out, hidden = as_root_forward(model.model if isinstance(model, PackedCausalLM) else model, teacher_forced)

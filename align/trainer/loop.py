@@ -159,8 +159,8 @@ class Trainer(RolloutPhases, LearnPhases, CheckpointPhases):
         inter = getattr(policy.config, "intermediate_size", None) or 4 * h
         action = policy.get_input_embeddings().embedding_dim
         if needs_full_logits(policy):
-            raise UserError("reward.curiosity needs the reference model's hidden states, which this model "
-                            "(logit soft-capping / scaling) does not expose; set reward.curiosity.eta = 0")
+            raise UserError("reward.curiosity needs the reference model's hidden states, and this model's logits are "
+                            "not lm_head(hidden) (align.models.check_head_path); set reward.curiosity.eta = 0")
         c = self.curiosity_cfg
         return CuriosityModule(h, action, inter, lr=c.lr, top_k=c.top_k, eta=c.eta, seed=self.cfg.train.seed,
                                squared=c.squared, whiten_include_padding=c.whiten_include_padding, device=self.device)

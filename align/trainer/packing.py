@@ -171,6 +171,10 @@ class PackedCausalLM:
         self.varlen = uses_varlen(model)
         self._decoder, self._head = decoder_and_head(model)
 
+    @property
+    def _align_full_logits(self) -> bool:  # the wrapped model's load-time check (align.models.needs_full_logits)
+        return bool(getattr(self.model, "_align_full_logits", False))
+
     def get_decoder(self) -> _PackedDecoder:
         return _PackedDecoder(self._decoder, self.varlen)
 

@@ -127,3 +127,23 @@ def test_bf16_weight_gradient_does_not_depend_on_the_chunking():
         ulp_b = (one_b.abs() * 2.0 ** -7).clamp_min(2.0 ** -126)
         assert ((w_grad - one_w).abs() <= ulp_w).all(), chunk
         assert ((b_grad - one_b).abs() <= ulp_b).all(), chunk
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_scale_and_softcap_against_float64(backend):
+    """Cohere / Granite scale and Gemma-2 soft-capping inside the fused path: z = c * tanh(s * (h W^T + b) / c)."""
+    torch.manual_seed(2)
+    n, h, v, scale, cap, temperature = 10, 8, 200, 2.5, 1.5, 0.8
+    hidden, weight, bias = torch.randn(n, h), torch.randn(v, h), torch.randn(v)
+    tokens, g_lp = torch.randint(0, v, (n,)), torch.randn(n)
+    leaves = [x.clone().to(DEV).requires_grad_() for x in (hidden, weight, bias)]
+    lp = kernels.fused_linear_logprobs(leaves[0], leaves[1], tokens.to(DEV), bias=leaves[2], temperature=temperature,
+                                       chunk_size=3, backend=backend, logit_scale=scale, softcap=cap)
+    (lp * g_lp.to(DEV)).sum().backward()
+    ref = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+    z = cap * torch.tanh(scale * (ref[0] @ ref[1].T + ref[2]) / cap) / temperature
+    lp64 = (z - torch.logsumexp(z, -1, keepdim=True)).gather(-1, tokens[:, None])[:, 0]
+    (lp64 * g_lp.double()).sum().backward()
+    torch.testing.assert_close(lp.cpu().double(), lp64.detach(), rtol=0, atol=2e-5)
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=0, atol=1e-4)
