@@ -110,8 +110,11 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
         t0, c0 = time.perf_counter(), cpu_seconds()
         # stage 1 from the shared backbone; stage 2 (rm_steps2 > 0) continues from stage 1's checkpoint with a
         # fresh cosine cycle and new shuffling: a warm restart, the same for both RMs
-        stages = [(out / f"rm-{kind}-stage1", base, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
-        stages.append((rm_dir, stages[0][0] if stages else base, p["rm_steps2"] or p["rm_steps"],
+        # rm_init: both RMs continue from their namesakes in an earlier run dir (same budget for both) instead
+        # of starting from the shared base; a Themis checkpoint's LM is the start, its value head new
+        start0 = Path(p["rm_init"]) / f"rm-{kind}" if p["rm_init"] else base
+        stages = [(out / f"rm-{kind}-stage1", start0, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
+        stages.append((rm_dir, stages[0][0] if stages else start0, p["rm_steps2"] or p["rm_steps"],
                        p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], 1 if p["rm_steps2"] else 0))
         for stage_dir, start, steps, lr, seed in stages:
             if (stage_dir / "train_metrics.json").is_file():
@@ -324,6 +327,11 @@ def expected_accuracy(policy_dir: Path, questions: Sequence[task.Question]) -> f
     return sum(math.exp(v) for v in lp) / len(lp)
 
 
+def rm_params(p: dict[str, Any]) -> dict[str, Any]:
+    """The settings the two RMs and their measurements depend on."""
+    return {k: v for k, v in p.items() if k.startswith(("rm_", "themis_", "copy_"))}
+
+
 def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3,
                    rm_only: bool = False) -> dict[str, Any]:
     _one_thread()
@@ -331,7 +339,14 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
     t0, c0 = time.perf_counter(), cpu_seconds()
     load0 = os.getloadavg()
     heldout = task.split_questions()["heldout"][:p["heldout"]]
-    rms = train_rms(out, p, tara)
+    measured = out / "rms.json"
+    prior = json.loads(measured.read_text()) if measured.is_file() else None
+    if not rm_only and prior is not None and rm_params(prior["params"]) == rm_params(p) \
+            and ("tara:calendar" in prior["train_sources"]) == tara:
+        rms = prior  # the RMs were trained and measured by `--rm-only` with these settings: not measured twice
+        print(f"RMs and their held-out measurements from {measured} (same RM settings)", flush=True)
+    else:
+        rms = train_rms(out, p, tara)
     if rm_only:  # step 3 of the recipe: measure the RMs before any RL
         rms.update(params=p, wall_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0, loadavg_start=load0,
                    loadavg_end=os.getloadavg())
@@ -387,6 +402,8 @@ DEFAULTS: dict[str, Any] = {
     # shares of the RM training pairs whose negative is a date in another month / a malformed string (the rest
     # hard negatives, 1-3 days off); rm_test_mixed: held-out pairs with only such negatives (0 = none)
     "rm_far": 0.0, "rm_malformed": 0.0, "rm_test_mixed": 0,
+    # a run dir whose rm-plain and rm-themis the two RMs continue from ("" = the shared base, as in runs 1-2)
+    "rm_init": "",
     "policy_hidden": 64, "policy_layers": 2, "sft_examples": 3000, "sft_steps": 350, "sft_lr": 3e-3,
     # GRPO: AdamW's first step moves every weight by lr * sign(gradient); at the former lr 5e-4 with no warm-up
     # that one step took the oracle arm from 44.0% to 9.8% greedy (docs/experiments/rltaf.md, "Why the oracle

@@ -80,8 +80,13 @@ def hard_negative(q: Question, rng: random.Random) -> str:
 
 
 def far_negative(q: Question, rng: random.Random) -> str:
-    """A wrong date in another month (20-400 days off): the SFT policy's other kind of wrong answer."""
+    """A wrong date more than 3 days off, the SFT policy's other wrong answers: half of the draws in the same
+    month (4 or more days off) where the month has such a day, the rest in another month (20-400 days off)."""
     right = q.start + timedelta(days=q.n)
+    last = calendar.monthrange(right.year, right.month)[1]
+    same = [d for d in range(1, last + 1) if abs(d - right.day) > 3]
+    if same and rng.random() < 0.5:
+        return right.replace(day=rng.choice(same)).isoformat()
     while True:
         wrong = right + timedelta(days=rng.choice((-1, 1)) * rng.randint(20, 400))
         if (wrong.year, wrong.month) != (right.year, right.month):
@@ -115,7 +120,7 @@ def malformed_negative(q: Question, rng: random.Random) -> str:
 
 
 def negative(q: Question, rng: random.Random, far: float = 0.0, malformed: float = 0.0) -> str:
-    """A hard negative (`hard_negative`), or with probability `far` a date in another month and with
+    """A hard negative (`hard_negative`), or with probability `far` a date more than 3 days off and with
     probability `malformed` a malformed string. far = malformed = 0 draws exactly `hard_negative`'s sequence."""
     u = rng.random() if far or malformed else 1.0
     if u < malformed:
