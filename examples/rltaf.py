@@ -319,8 +319,9 @@ def expected_accuracy(policy_dir: Path, questions: Sequence[task.Question]) -> f
     p(right answer + EOS | question), teacher-forced (examples/rltaf_oracle_probe.py); a secondary measure."""
     import math
 
-    from align.commands.diversity import load_model
     from rltaf_oracle_probe import seq_logprobs
+
+    from align.commands.diversity import load_model
 
     model, tok = load_model(Path(policy_dir), "cpu")
     lp = seq_logprobs(model, tok, [q.text for q in questions], [q.answer for q in questions], [True] * len(questions))
