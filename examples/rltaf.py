@@ -87,9 +87,15 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
 
     splits = task.split_questions()
     data = out / "data"
-    worked = bool(p["themis_worked"])  # only Themis reads rationales; the plain RM's text is the same either way
-    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1, worked=worked)
-    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2, worked=worked)
+    trace = themis_trace(p)  # only Themis reads traces and rationales; the plain RM's text is the same either way
+    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1, trace=trace,
+                                   far=p["rm_far"], malformed=p["rm_malformed"])
+    # held-out: run 1's and run 2's pairs (hard negatives only, the same questions and negatives whatever the
+    # trace), and with rm_test_mixed > 0 pairs of the first held-out questions whose negatives are only dates
+    # in another month or malformed strings (the SFT policy's other wrong answers)
+    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2, trace=trace)
+    mixed = ([task.write_pairs(data / "rm_test_mixed.jsonl", splits["rm_test"][:p["rm_test_mixed"]], seed=3,
+                               trace=trace, far=0.4, malformed=0.6)] if p["rm_test_mixed"] else [])
     base = out / "rm-base"
     if not (base / "config.json").is_file():
         make_tiny_model(base, hidden_size=p["rm_hidden"], num_layers=p["rm_layers"], num_heads=4, seed=1234,
@@ -97,15 +103,18 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
     # one copy-pretrained base for BOTH RMs (same backbone and budget); seed 1234 as the init
     copy_stats = copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)
     sources = [str(train_pairs)] + (["tara:calendar"] if tara else [])
-    evals = [str(test_pairs)] + (["tara:calendar:test"] if tara else [])
+    evals = [str(test_pairs)] + [str(m) for m in mixed] + (["tara:calendar:test"] if tara else [])
     results: dict[str, Any] = {"train_sources": sources, "eval_sources": evals, "copy_pretrain": copy_stats}
     for kind in ("plain", "themis"):
         rm_dir = out / f"rm-{kind}"
         t0, c0 = time.perf_counter(), cpu_seconds()
         # stage 1 from the shared backbone; stage 2 (rm_steps2 > 0) continues from stage 1's checkpoint with a
         # fresh cosine cycle and new shuffling: a warm restart, the same for both RMs
-        stages = [(out / f"rm-{kind}-stage1", base, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
-        stages.append((rm_dir, stages[0][0] if stages else base, p["rm_steps2"] or p["rm_steps"],
+        # rm_init: both RMs continue from their namesakes in an earlier run dir (same budget for both) instead
+        # of starting from the shared base; a Themis checkpoint's LM is the start, its value head new
+        start0 = Path(p["rm_init"]) / f"rm-{kind}" if p["rm_init"] else base
+        stages = [(out / f"rm-{kind}-stage1", start0, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
+        stages.append((rm_dir, stages[0][0] if stages else start0, p["rm_steps2"] or p["rm_steps"],
                        p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], 1 if p["rm_steps2"] else 0))
         for stage_dir, start, steps, lr, seed in stages:
             if (stage_dir / "train_metrics.json").is_file():
@@ -118,7 +127,8 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
                 "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
                           "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": seed, "threads": 1,
                           "log_every": 50},
-                "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": 1, "omega": p["themis_omega"]},
+                "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": themis_rounds(p),
+                           "omega": p["themis_omega"]},
                 "output_dir": str(stage_dir)})
             train_reward_model(cfg, log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))
         train_metrics = json.loads((rm_dir / "train_metrics.json").read_text())
@@ -132,36 +142,88 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
         if len(stages) == 2:
             results[kind]["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
         if kind == "themis":
-            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64], p["themis_new_tokens"])
+            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64], p)
         print(f"  [rm {kind}] held-out pairwise accuracy: " +
               ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in ev.items()), flush=True)
     return results
 
 
-def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question], max_new_tokens: int) -> dict[str, Any]:
-    """On held-out questions (right answers): the share whose first call is Calendar.target_day with the
-    question's own input and succeeds, and one example trace."""
+def themis_trace(p: dict[str, Any]) -> str:
+    """The synthetic traces Themis learns (rltaf_task.TRACES); `themis_worked=1` is run 2's name for "worked"."""
+    trace = "worked" if p["themis_worked"] else p["themis_trace"]
+    if trace not in task.TRACES:
+        raise ValueError(f"themis_trace must be one of {', '.join(task.TRACES)}, got {trace!r}")
+    return trace
+
+
+def themis_rounds(p: dict[str, Any]) -> int:
+    """Tool calls a Themis trace may make: two for "compare" (target_day, then day_difference), else one."""
+    return 2 if themis_trace(p) == "compare" else 1
+
+
+def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question], p: dict[str, Any]) -> dict[str, Any]:
+    """On held-out questions, Themis' full trace loop for three answers each: the right date, a hard negative
+    and a malformed string (rltaf_task.malformed_negative): the call shares (`call_shares`) and example traces."""
+    import random
+
     from align.rewards.registry import get_reward
 
-    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=1, max_new_tokens=max_new_tokens, batch_size=32)
-    out = rm.score([q.text for q in questions], [q.answer for q in questions])
-    return {**call_shares(questions, out.info), "example_trace": out.info[0]["trace"] if questions else None,
-            "example_question": questions[0].text if questions else None}
+    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=themis_rounds(p),
+                    max_new_tokens=p["themis_new_tokens"], batch_size=32)
+    rng = random.Random(4)
+    answers = {"right": [q.answer for q in questions], "hard": [task.hard_negative(q, rng) for q in questions],
+               "malformed": [task.malformed_negative(q, rng) for q in questions]}
+    res: dict[str, Any] = {}
+    scores = {}
+    for kind, ans in answers.items():
+        out = rm.score([q.text for q in questions], ans)
+        scores[kind] = out.scores
+        res[kind] = {**call_shares(questions, out.info, ans, compare=themis_rounds(p) == 2),
+                     "mean_score": sum(out.scores) / max(1, len(out.scores)),
+                     "example_trace": out.info[0]["trace"] if questions else None}
+    n = max(1, len(questions))
+    for kind in ("hard", "malformed"):  # the right answer scored above this wrong one, per question
+        res[kind]["pairwise_vs_right"] = sum(r > w for r, w in zip(scores["right"], scores[kind])) / n
+    # run 1 / run 2 field names: the first call's shares on right answers
+    res.update(n=len(questions), tool_accepts_share=res["right"]["tool_accepts_share"],
+               valid_call_share=res["right"]["valid_call_share"], example_question=questions[0].text if questions else None)
+    return res
 
 
-def call_shares(questions: Sequence[task.Question], infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """From each trace's first call record (align.rewards.themis_traces: action, input, ok, observation,
-    error): the share that is Calendar.target_day and accepted by the tool, and the share whose input is the
-    question's own date and N and whose observation is therefore the right date."""
-    ok = good = 0
-    for q, info in zip(questions, infos):
-        call = info["tool_calls"][0] if info["tool_calls"] else None
+def call_shares(questions: Sequence[task.Question], infos: Sequence[dict[str, Any]],
+                answers: Sequence[str] | None = None, compare: bool = False) -> dict[str, Any]:
+    """From each trace's call records (align.rewards.themis_traces: action, input, ok, observation, error):
+    the share whose first call is Calendar.target_day and accepted by the tool, the share whose input is the
+    question's own date and N and whose observation is therefore the right date. With the judged `answers`:
+    the share whose rationale states the right verdict, and with `compare` the share whose second call is
+    Calendar.day_difference of exactly '<answer>, <right date>' with the tool's answer
+    (rltaf_task.compare_observation) as its observation, and the share with both calls right."""
+    ok = good = second = both = verdict = 0
+    for i, (q, info) in enumerate(zip(questions, infos)):
+        calls = info["tool_calls"]
+        call = calls[0] if calls else None
         accepted = call is not None and call["action"] == task.ACTION and call["ok"]
         ok += accepted
-        good += accepted and call["input"].strip() == f"{q.start.isoformat()}, {q.n}" and \
+        first = accepted and call["input"].strip() == f"{q.start.isoformat()}, {q.n}" and \
             call["observation"].strip() == q.answer
+        good += first
+        if answers is None:
+            continue
+        a = answers[i]
+        if compare:
+            c2 = calls[1] if len(calls) > 1 else None
+            right2 = c2 is not None and c2["action"] == task.COMPARE_ACTION and \
+                c2["input"].strip() == f"{a}, {q.answer}" and c2["observation"].strip() == task.compare_observation(a, q.answer)
+            second += right2
+            both += first and right2
+        verdict += (task.RIGHT if a == q.answer else task.WRONG) in info["rationale"]
     n = max(1, len(questions))
-    return {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n}
+    out = {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n}
+    if answers is not None:
+        out["verdict_share"] = verdict / n
+    if answers is not None and compare:
+        out.update(second_call_share=second / n, both_calls_share=both / n)
+    return out
 
 
 # ----- policy ----------------------------------------------------------------------------------------------
@@ -198,7 +260,7 @@ def reward_spec(arm: str, out: Path, p: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"name": ORACLE, "weight": 1.0}]
     if arm == "themis":
         rm = {"name": "themis", "weight": 1.0,
-              "kwargs": {"model_path": str(out / "rm-themis"), "max_rounds": 1,
+              "kwargs": {"model_path": str(out / "rm-themis"), "max_rounds": themis_rounds(p),
                          "max_new_tokens": p["themis_new_tokens"], "batch_size": 64, "device": "cpu"}}
     else:
         rm = {"name": "classifier_rm", "weight": 1.0,
@@ -232,7 +294,7 @@ def run_arm(out: Path, seed: int, arm: str, sft_dir: Path, p: dict[str, Any], al
     import align
 
     root = out / f"seed{seed}"
-    prompts = task.write_jsonl(root / "rl_prompts.jsonl", task.prompt_rows(task.split_questions()["rl"]))
+    prompts = task.write_jsonl(root / "rl_prompts.jsonl", task.prompt_rows(task.split_questions(rl=p["rl_questions"])["rl"]))
     run_dir = root / f"{algorithm}-{arm}"
     t0, c0 = time.perf_counter(), cpu_seconds()
     align.train(rl_config(algorithm, arm, sft_dir, prompts, run_dir, seed, steps or p["rl_steps"], out, p))
@@ -252,6 +314,25 @@ def evaluate_policy(policy_dir: Path, questions: Sequence[task.Question]) -> lis
     return [g[0].strip() == q.answer for g, q in zip(groups, questions)]
 
 
+def expected_accuracy(policy_dir: Path, questions: Sequence[task.Question]) -> float:
+    """The exact expected accuracy of sampling at temperature 1 (GRPO's objective): the mean over questions of
+    p(right answer + EOS | question), teacher-forced (examples/rltaf_oracle_probe.py); a secondary measure."""
+    import math
+
+    from rltaf_oracle_probe import seq_logprobs
+
+    from align.commands.diversity import load_model
+
+    model, tok = load_model(Path(policy_dir), "cpu")
+    lp = seq_logprobs(model, tok, [q.text for q in questions], [q.answer for q in questions], [True] * len(questions))
+    return sum(math.exp(v) for v in lp) / len(lp)
+
+
+def rm_params(p: dict[str, Any]) -> dict[str, Any]:
+    """The settings the two RMs and their measurements depend on."""
+    return {k: v for k, v in p.items() if k.startswith(("rm_", "themis_", "copy_"))}
+
+
 def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3,
                    rm_only: bool = False) -> dict[str, Any]:
     _one_thread()
@@ -259,7 +340,14 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
     t0, c0 = time.perf_counter(), cpu_seconds()
     load0 = os.getloadavg()
     heldout = task.split_questions()["heldout"][:p["heldout"]]
-    rms = train_rms(out, p, tara)
+    measured = out / "rms.json"
+    prior = json.loads(measured.read_text()) if measured.is_file() else None
+    if not rm_only and prior is not None and rm_params(prior["params"]) == rm_params(p) \
+            and ("tara:calendar" in prior["train_sources"]) == tara:
+        rms = prior  # the RMs were trained and measured by `--rm-only` with these settings: not measured twice
+        print(f"RMs and their held-out measurements from {measured} (same RM settings)", flush=True)
+    else:
+        rms = train_rms(out, p, tara)
     if rm_only:  # step 3 of the recipe: measure the RMs before any RL
         rms.update(params=p, wall_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0, loadavg_start=load0,
                    loadavg_end=os.getloadavg())
@@ -269,13 +357,15 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
     for seed in seeds:
         ts = time.perf_counter()
         sft_dir = warm_start(out, seed, p)
-        rec: dict[str, Any] = {"seed": seed, "sft": {"correct": evaluate_policy(sft_dir, heldout)}}
+        rec: dict[str, Any] = {"seed": seed, "sft": {"correct": evaluate_policy(sft_dir, heldout),
+                                                     "expected": expected_accuracy(sft_dir, heldout)}}
         copied = out / f"seed{seed}" / "policy-base" / "copy_pretrain.json"
         rec["policy_copy_pretrain"] = json.loads(copied.read_text()) if copied.is_file() else None
         print(f"seed {seed}: SFT accuracy {sum(rec['sft']['correct']) / len(heldout):.3f}", flush=True)
         for arm in ARMS:
             r = run_arm(out, seed, arm, sft_dir, p)
             r["correct"] = evaluate_policy(Path(r["final"]), heldout)
+            r["expected"] = expected_accuracy(Path(r["final"]), heldout)
             print(f"seed {seed}: GRPO {arm:<6} accuracy {sum(r['correct']) / len(heldout):.3f}  "
                   f"({r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU)", flush=True)
             shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # numbers kept, weights not needed
@@ -304,14 +394,25 @@ DEFAULTS: dict[str, Any] = {
     "rm_steps": 800, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 600, "rm_lr2": 2e-3, "themis_new_tokens": 100,
     # weight of the rationale in Themis' LM loss (released 1.0); its one informative token is the verdict
     "themis_omega": 1.0,
-    # 1: the synthetic pairs' rationales compare the day digits before the verdict (rltaf_task.worked_comparison)
+    # 1: the synthetic pairs' rationales compare the day digits before the verdict (rltaf_task.worked_comparison);
+    # run 2's name for themis_trace=worked
     "themis_worked": 0,
+    # Themis' synthetic traces (rltaf_task.TRACES): released (one call, verdict), worked (run 2), compare (two
+    # calls: target_day, then day_difference of the answer and that date, '0' exactly when it is right)
+    "themis_trace": "released",
+    # shares of the RM training pairs whose negative is a date in another month / a malformed string (the rest
+    # hard negatives, 1-3 days off); rm_test_mixed: held-out pairs with only such negatives (0 = none)
+    "rm_far": 0.0, "rm_malformed": 0.0, "rm_test_mixed": 0,
+    # a run dir whose rm-plain and rm-themis the two RMs continue from ("" = the shared base, as in runs 1-2)
+    "rm_init": "",
     "policy_hidden": 64, "policy_layers": 2, "sft_examples": 3000, "sft_steps": 350, "sft_lr": 3e-3,
     # GRPO: AdamW's first step moves every weight by lr * sign(gradient); at the former lr 5e-4 with no warm-up
     # that one step took the oracle arm from 44.0% to 9.8% greedy (docs/experiments/rltaf.md, "Why the oracle
     # arm fell"); 3e-5 with 10 warm-up steps keeps the steps inside the region where the gradient is right
     "prompts_per_step": 8, "group_size": 4, "rl_steps": 40, "rl_lr": 3e-5, "rl_warmup": 10, "rl_temperature": 1.0,
     "filter_zero_variance": 0, "kl_coef": 0.0, "heldout": 600,
+    # RL prompt pool (the last slice of rltaf_task.split_questions: the other splits do not depend on it)
+    "rl_questions": 2000,
     # copy pre-training (examples/copy_pretrain.py) of the RM base (shared by both RMs) and of each policy base
     "rm_copy_steps": 0, "policy_copy_steps": 0, "copy_lr": 1e-3, "copy_batch": 32, "copy_span_min": 4,
     "copy_span_max": 24,

@@ -35,6 +35,13 @@ def ranking_accuracy(scores: Sequence[float], truth: Sequence[bool]) -> float | 
     return wins / (len(right) * len(wrong))
 
 
+def tool_reads_right(prompt: str, completion: str) -> bool:
+    """The completion is the right date in Calendar.day_difference's reading (difference '0'), whether or not it
+    is the exact date (e.g. '2017-10-7' or "'2017-10-07'"): the compare trace's blind spot, counted per step."""
+    q = task.parse_question(prompt)
+    return q is not None and task.compare_observation(completion.strip(), q.answer) == "0"
+
+
 def hacking_curve(completions_path: Path, arm: str) -> list[dict[str, Any]]:
     """Per logged step, from the trainer's completions.jsonl (every sample): the mean raw RM score, the true
     accuracy of the same samples (the weight-0 oracle), and the RM's ranking accuracy on them."""
@@ -51,7 +58,8 @@ def hacking_curve(completions_path: Path, arm: str) -> list[dict[str, Any]]:
             raise ValueError(f"{completions_path}: expected one oracle component among {sorted(rows[0]['rewards'])}")
         truth = [bool(r["rewards"][oracle[0]]) for r in rows]
         rm_names = [k for k in rows[0]["rewards"] if not is_oracle(k)]
-        rec: dict[str, Any] = {"step": step, "n": len(rows), "true_accuracy": sum(truth) / len(rows)}
+        rec: dict[str, Any] = {"step": step, "n": len(rows), "true_accuracy": sum(truth) / len(rows),
+                               "tool_blind": sum(not t and tool_reads_right(r["prompt"], r["completion"]) for r, t in zip(rows, truth))}
         if rm_names and arm != "oracle":
             scores = [float(r["rewards"][rm_names[0]]) for r in rows]
             rec["rm_mean"] = sum(scores) / len(scores)
@@ -91,7 +99,17 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                          "themis_vs_plain": wtl,
                          "themis_vs_sft": task.win_tie_lose(r["themis"]["correct"], r["sft"]["correct"])})
     n = sum(pooled.values())
-    return {"per_seed": per_seed,
+    expected = {}
+    if all("expected" in r[k] for r in runs for k in ("sft", "themis", "plain", "oracle")):
+        # secondary: the exact expected accuracy at temperature 1 (rltaf.expected_accuracy), paired by seed
+        ex = [{k: r[k]["expected"] for k in ("sft", "themis", "plain", "oracle")} for r in runs]
+        for s in per_seed:
+            s["expected"] = ex[per_seed.index(s)]
+        expected = {"expected_themis_minus_plain": t_interval([e["themis"] - e["plain"] for e in ex]),
+                    "expected_oracle_minus_sft": t_interval([e["oracle"] - e["sft"] for e in ex]),
+                    "expected_themis_minus_sft": t_interval([e["themis"] - e["sft"] for e in ex])}
+    return {"per_seed": per_seed, **expected,
+            "oracle_minus_sft": t_interval([s["oracle"] - s["sft"] for s in per_seed]),
             "themis_minus_plain": t_interval([s["themis"] - s["plain"] for s in per_seed]),
             "themis_minus_sft": t_interval([s["themis"] - s["sft"] for s in per_seed]),
             "plain_minus_sft": t_interval([s["plain"] - s["sft"] for s in per_seed]),
@@ -123,6 +141,14 @@ def format_tables(results: dict[str, Any]) -> str:
         lines.append(f"Themis on {tc['n']} held-out questions (right answers): first call Calendar.target_day accepted by "
                      f"the tool {_pct(tc.get('tool_accepts_share'))}%; with the question's date and N (output = the right "
                      f"date) {_pct(tc['valid_call_share'])}%")
+        for kind in ("right", "hard", "malformed"):
+            k = tc.get(kind)
+            if k and "verdict_share" in k:
+                lines.append(f"- {kind} answers: first call right {_pct(k['valid_call_share'])}%"
+                             + (f", second call right {_pct(k['second_call_share'])}%, both {_pct(k['both_calls_share'])}%"
+                                if "second_call_share" in k else "")
+                             + f", verdict right {_pct(k['verdict_share'])}%, mean score {k['mean_score']:+.2f}"
+                             + (f", right answer scored above it {_pct(k['pairwise_vs_right'])}%" if "pairwise_vs_right" in k else ""))
     lines += ["", f"Policy ground-truth accuracy on {results['heldout_questions']} held-out questions (greedy, %):",
               "| seed | SFT | GRPO themis | GRPO plain RM | GRPO oracle | themis vs plain win/tie/lose |", "|---|---|---|---|---|---|"]
     for r in s["per_seed"]:
@@ -138,6 +164,11 @@ def format_tables(results: dict[str, Any]) -> str:
               f"- themis - SFT:   {_ci(s['themis_minus_sft'])}",
               f"- plain - SFT:    {_ci(s['plain_minus_sft'])}",
               f"- oracle - themis: {_ci(s['oracle_minus_themis'])}"]
+    if "oracle_minus_sft" in s:
+        lines.append(f"- oracle - SFT:   {_ci(s['oracle_minus_sft'])}")
+    if "expected_themis_minus_plain" in s:
+        lines += [f"- secondary, exact expected accuracy at temperature 1: themis - plain {_ci(s['expected_themis_minus_plain'])}; "
+                  f"oracle - SFT {_ci(s['expected_oracle_minus_sft'])}; themis - SFT {_ci(s['expected_themis_minus_sft'])}"]
     if s.get("win_tie_lose_pooled_rates"):
         rt = s["win_tie_lose_pooled_rates"]
         lines.append(f"- pooled win / tie / lose rates: {rt['win']:.3f} / {rt['tie']:.3f} / {rt['lose']:.3f} (paper: .32 / .55 / .13)")
@@ -158,7 +189,10 @@ def format_tables(results: dict[str, Any]) -> str:
                 ra = [pt["rm_ranking_accuracy"] for pt in pts if pt["rm_ranking_accuracy"] is not None]
                 txt += f", RM mean {rm:+.2f}, ranking {_pct(sum(ra) / len(ra) if ra else None)}%"
             parts.append(txt)
-        lines.append(f"- {arm}: " + "; ".join(parts))
+        ra = [pt["rm_ranking_accuracy"] for c in curves for pt in c if pt.get("rm_ranking_accuracy") is not None]
+        blind = [pt["tool_blind"] for c in curves for pt in c if "tool_blind" in pt]
+        lines.append(f"- {arm}: " + "; ".join(parts) + (f"; ranking over all steps {_pct(sum(ra) / len(ra))}%" if ra else "")
+                     + (f"; samples wrong by the exact date but the tool's right date {sum(blind)}" if blind else ""))
     if results.get("ppo_smoke"):
         sm = results["ppo_smoke"]
         c = sm["curve"]

@@ -24,6 +24,15 @@ MAX_N = 9
 YEARS = tuple(range(2000, 2030))
 THOUGHT = "Add the days."
 ACTION = "Calendar.target_day"
+COMPARE_THOUGHT = "Compare the answer."
+COMPARE_ACTION = "Calendar.day_difference"
+# Themis' synthetic traces: "compare" (two calls: target_day, then day_difference of the answer and that date;
+# '0' exactly when the answer is right), "worked" (one call, then the day digits compared in the rationale:
+# run 2), "released" (one call, then the verdict: run 1)
+TRACES = ("compare", "worked", "released")
+# characters a garbled answer gets (what the SFT policy emits when it slips: '2027-0@07', '2024-01-19z');
+# no whitespace or double quote, which the released parser strips from an Action Input's ends
+_GARBLE = "0123456789-abcdefghijklmnopqrstuvwxyzKGX@{|(]?'"
 RIGHT = "The answer matches the tool's date."
 WRONG = "The answer differs from the tool's date."
 _QUESTION_RE = re.compile(r"What date is (\d) days? after (\d{4}-\d{2}-\d{2})\?")
@@ -70,10 +79,95 @@ def hard_negative(q: Question, rng: random.Random) -> str:
     return (right + timedelta(days=rng.choice(offsets))).isoformat()
 
 
-def split_questions(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[Question]]:
+def far_negative(q: Question, rng: random.Random) -> str:
+    """A wrong date more than 3 days off, the SFT policy's other wrong answers: half of the draws in the same
+    month (4 or more days off) where the month has such a day, the rest in another month (20-400 days off)."""
+    right = q.start + timedelta(days=q.n)
+    last = calendar.monthrange(right.year, right.month)[1]
+    same = [d for d in range(1, last + 1) if abs(d - right.day) > 3]
+    if same and rng.random() < 0.5:
+        return right.replace(day=rng.choice(same)).isoformat()
+    while True:
+        wrong = right + timedelta(days=rng.choice((-1, 1)) * rng.randint(20, 400))
+        if (wrong.year, wrong.month) != (right.year, right.month):
+            return wrong.isoformat()
+
+
+def malformed_negative(q: Question, rng: random.Random) -> str:
+    """A string near the right date that is not the right date in the tool's reading either: truncated,
+    garbled (a character inserted, replaced or deleted) or an impossible day / month (day 00 or past the
+    month's end, month 00 or 13). Strings that `Calendar.day_difference` reads as the right date (e.g.
+    '2017-10-7' for 2017-10-07) are redrawn: the tool cannot tell them apart, so they are no negatives for it."""
+    right = q.answer
+    while True:
+        kind = rng.choice(("truncate", "insert", "replace", "delete", "impossible"))
+        i = rng.randrange(len(right))
+        if kind == "truncate":
+            s = right[:-rng.randint(1, 2)]
+        elif kind == "insert":
+            s = right[:i] + rng.choice(_GARBLE) + right[i:]
+        elif kind == "replace":
+            s = right[:i] + rng.choice(_GARBLE.replace(right[i], "")) + right[i + 1:]
+        elif kind == "delete":
+            s = right[:i] + right[i + 1:]
+        else:
+            y, m, _ = right.split("-")
+            last = calendar.monthrange(int(y), int(m))[1]
+            s = rng.choice((f"{y}-{m}-00", f"{y}-{m}-{last + 1:02d}", f"{y}-{m}-32", f"{y}-00-{right[8:]}",
+                            f"{y}-13-{right[8:]}"))
+        if s != right and compare_observation(s, right) != "0":
+            return s
+
+
+def negative(q: Question, rng: random.Random, far: float = 0.0, malformed: float = 0.0) -> str:
+    """A hard negative (`hard_negative`), or with probability `far` a date more than 3 days off and with
+    probability `malformed` a malformed string. far = malformed = 0 draws exactly `hard_negative`'s sequence."""
+    u = rng.random() if far or malformed else 1.0
+    if u < malformed:
+        return malformed_negative(q, rng)
+    if u < malformed + far:
+        return far_negative(q, rng)
+    return hard_negative(q, rng)
+
+
+def tool_observation(action: str, tool_input: str) -> str:
+    """What Themis' trace loop shows after 'Observation:' for this call (align.rewards.themis_traces
+    ThemisToolEnvironment.step): the tool's output, or the failure text with the tool's error."""
+    from align.tools import get_tool
+
+    result = get_tool(action)(tool_input, context={})
+    return str(result.output) if result.ok else f"Error: the tool {action!r} failed: {result.error}"
+
+
+def compare_observation(answer: str, right: str) -> str:
+    """The second call's observation: `Calendar.day_difference('<answer>, <right date>')`."""
+    return tool_observation(COMPARE_ACTION, f"{answer}, {right}")
+
+
+def compare_steps(q: Question, answer: str) -> list[dict[str, str]]:
+    """The two tool calls of a "compare" trace (the tool does the comparison; the model only copies): 1)
+    `Calendar.target_day('<question's date>, N')` -> the right date; 2) `Calendar.day_difference('<the
+    answer>, <that date>')` -> '0' exactly when the answer is right, a count of days otherwise, a failure
+    text when the answer is no date."""
+    first_input = f"{q.start.isoformat()}, {q.n}"
+    right = tool_observation(ACTION, first_input)
+    second_input = f"{answer}, {right}"
+    return [{"Thought": THOUGHT, "Action": ACTION, "Action Input": first_input, "Observation": right},
+            {"Thought": COMPARE_THOUGHT, "Action": COMPARE_ACTION, "Action Input": second_input,
+             "Observation": tool_observation(COMPARE_ACTION, second_input)}]
+
+
+def actions_text(steps: Sequence[dict[str, str]]) -> str:
+    """Several tool steps as TARA's multi-tool records write them (align.tools.trace.parse_tara_actions)."""
+    return "\n".join(f"Thought: {s['Thought']}\nAction: {s['Action']}\nAction Input: {s['Action Input']}\n"
+                     f"Observation: {s['Observation']}" for s in steps)
+
+
+def split_questions(seed: int = 0, sizes: dict[str, int] | None = None, rl: int = 2000) -> dict[str, list[Question]]:
     """Disjoint question sets (consecutive slices of one shuffled list). The split seed is fixed for the task
-    (the same held-out set for every experiment seed)."""
-    sizes = sizes or {"heldout": 600, "rm_test": 400, "rm_train": 3000, "sft": 3000, "rl": 2000}
+    (the same held-out set for every experiment seed); `rl` sizes the last slice (the RL prompts) only, so the
+    other sets do not depend on it."""
+    sizes = sizes or {"heldout": 600, "rm_test": 400, "rm_train": 3000, "sft": 3000, "rl": rl}
     qs = all_questions()
     random.Random(seed).shuffle(qs)
     out, start = {}, 0
@@ -96,25 +190,34 @@ def worked_comparison(answer: str, observation: str) -> str:
     return f"Answer: {answer}. Observation: {observation}. Days {a} {o}: {marks}. "
 
 
-def tara_record(q: Question, negative: str, idx: int, worked: bool = False) -> dict[str, Any]:
-    """One preference pair in TARA's format: the question, the right and a wrong answer, each with the tool
-    trace (`Calendar.target_day` and its observation) and a rationale stating the verdict (after the digit
-    comparison of `worked_comparison` when `worked`)."""
+def tara_record(q: Question, negative: str, idx: int, worked: bool = False, trace: str | None = None) -> dict[str, Any]:
+    """One preference pair in TARA's format: the question, the right and a wrong answer, each with its tool
+    trace and a rationale stating the verdict. trace (TRACES; default "worked" if `worked` else "released"):
+    "released" one `Calendar.target_day` call; "worked" the same call and the digit comparison of
+    `worked_comparison` before the verdict; "compare" the two calls of `compare_steps` (a multi-tool trace, as
+    TARA's multi-tool records write it) and the verdict."""
+    trace = trace or ("worked" if worked else "released")
+    if trace not in TRACES:
+        raise ValueError(f"unknown trace {trace!r}; choose from {', '.join(TRACES)}")
     tool_input = f"{q.start.isoformat()}, {q.n}"
 
     def side(answer: str, score: float, why: str) -> dict[str, Any]:
-        actions = {"Thought": THOUGHT, "Action": ACTION, "Action Input": tool_input, "Observation": q.answer}
-        why = (worked_comparison(answer, q.answer) if worked else "") + why
+        actions: Any = {"Thought": THOUGHT, "Action": ACTION, "Action Input": tool_input, "Observation": q.answer}
+        if trace == "compare":
+            actions = actions_text(compare_steps(q, answer))
+        why = (worked_comparison(answer, q.answer) if trace == "worked" else "") + why
         return {"answer": answer, "score": score, "actions": actions, "score_agent": {"explanation": why, "score": str(score)}}
 
     return {"id": f"rltaf_{idx}", "question": q.text, "pos_answer": side(q.answer, 1.0, RIGHT),
             "neg_answer": side(negative, -1.0, WRONG)}
 
 
-def write_pairs(path: Path, questions: Sequence[Question], seed: int, worked: bool = False) -> Path:
+def write_pairs(path: Path, questions: Sequence[Question], seed: int, worked: bool = False, trace: str | None = None,
+                far: float = 0.0, malformed: float = 0.0) -> Path:
+    """Preference pairs of `questions` (negatives: `negative` with the `far` / `malformed` shares)."""
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(tara_record(q, hard_negative(q, rng), i, worked)) + "\n"
+    path.write_text("".join(json.dumps(tara_record(q, negative(q, rng, far, malformed), i, worked, trace)) + "\n"
                             for i, q in enumerate(questions)))
     return path
 

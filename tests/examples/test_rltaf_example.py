@@ -96,10 +96,18 @@ def test_statistics_by_hand():
 
 def test_pipeline_smoke(tmp_path):
     out = tmp_path / "run"
-    assert main(["--out", str(out), "--smoke", "--seeds", "0", "--no-tara", "--ppo-smoke-steps", "1"]) == 0
+    # run 3's trace (two tool calls) and negative mix
+    assert main(["--out", str(out), "--smoke", "--seeds", "0", "--no-tara", "--ppo-smoke-steps", "1", "--set",
+                 "themis_trace=compare", "rm_far=0.1", "rm_malformed=0.2", "rm_test_mixed=4"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["heldout_questions"] == 8
-    assert set(res["rms"]["themis"]["eval"]) == {"rm_test"} and res["rms"]["themis"]["eval"]["rm_test"]["n"] == 8
+    assert set(res["rms"]["themis"]["eval"]) == {"rm_test", "rm_test_mixed"} and res["rms"]["themis"]["eval"]["rm_test"]["n"] == 8
+    assert json.loads((out / "rm-themis" / "themis.json").read_text())["max_rounds"] == 2  # both calls fit the budget
+    tc = res["rms"]["themis"]["trace_checks"]
+    assert {"right", "hard", "malformed"} <= set(tc) and "both_calls_share" in tc["hard"]
+    mixed = [json.loads(line) for line in (out / "data" / "rm_test_mixed.jsonl").read_text().splitlines()]
+    assert len(mixed) == 4 and not any(is_hard_negative(r["neg_answer"]["answer"], r["pos_answer"]["answer"]) for r in mixed)
+    assert 0 <= run_sft_expected(res) <= 1
     run = res["runs"][0]
     for arm in ("themis", "plain", "oracle"):
         assert len(run[arm]["correct"]) == 8 and [c["step"] for c in run[arm]["curve"]] == [1]
@@ -121,6 +129,24 @@ def test_pipeline_smoke(tmp_path):
     # the copy rows span the character tokenizer's ordinary tokens and no special one: 10 digits, 52 letters,
     # 32 punctuation marks, space and newline
     assert res["rms"]["copy_pretrain"]["vocab_size"] == 10 + 52 + 32 + 2
+
+
+def is_hard_negative(neg, pos):
+    """A date 'YYYY-MM-DD' of the same month 1-3 days off (the mixed held-out pairs have none)."""
+    import re
+
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", neg):
+        return False
+    try:
+        d = date.fromisoformat(neg)
+    except ValueError:
+        return False
+    p = date.fromisoformat(pos)
+    return (d.year, d.month) == (p.year, p.month) and 1 <= abs((d - p).days) <= 3
+
+
+def run_sft_expected(res):
+    return res["runs"][0]["sft"]["expected"]
 
 
 def test_call_shares_read_the_trace_records_of_the_rollout_engine():
