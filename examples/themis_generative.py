@@ -65,17 +65,19 @@ def build_data(args) -> dict:
     keys = weather_keys(cache, banned)
     cal_t = calendar_templates([it for it in train if it.group == "calendar"])
     wea_t = weather_answer_templates([it for it in train if it.group == "weather"])
-    synth = (synth_calendar(args.synth_calendar, rng, cal_t)
-             + synth_weather(args.synth_weather, rng, cache, keys, wea_t)
-             + synth_weather(args.synth_multi, rng, cache, keys, wea_t, multi=True))
+    cf = args.claim_first
+    synth = (synth_calendar(args.synth_calendar, rng, cal_t, claim_first=cf)
+             + synth_weather(args.synth_weather, rng, cache, keys, wea_t, claim_first=cf)
+             + synth_weather(args.synth_multi, rng, cache, keys, wea_t, multi=True, claim_first=cf))
     pool = kept + synth
     leaked = city_dates_of(pool) & banned
     assert not leaked, f"test city-dates in the training data: {sorted(leaked)[:5]}"
-    return {"train": pool, "test": test, "dropped_tara_train": dropped, "banned": len(banned),
+    return {"train": pool, "test": test, "dropped_tara_train": dropped, "banned": len(banned), "cache": cache,
             "weather_keys": len(keys), "counts": {g: sum(it.group == g for it in pool) for g in sorted({it.group for it in pool})}}
 
 
-def build_tokenizer(texts, out: Path, vocab_size: int):
+def build_tokenizer(texts, out: Path, vocab_size: int, extra_tokens=()):
+    """Byte-level BPE trained on `texts` (digits one per token), plus `extra_tokens` added whole (themis_vocab)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -93,6 +95,10 @@ def build_tokenizer(texts, out: Path, vocab_size: int):
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   additional_special_tokens=list(THEMIS_SPECIAL_TOKENS))
+    if extra_tokens:
+        from themis_vocab import add_word_tokens  # examples/themis_vocab.py, beside this script
+
+        add_word_tokens(tok, extra_tokens)
     tok.save_pretrained(str(out))
     return tok
 
@@ -371,6 +377,10 @@ def main(argv=None) -> int:
     p.add_argument("--copy-span", type=int, nargs=2, default=[4, 16], metavar=("MIN", "MAX"))
     p.add_argument("--copy-sub-vocab", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="each copy row draws from a random sub-vocabulary of this many ids (log-uniform), so tokens recur as digits do")
+    p.add_argument("--copy-shared", action="store_true",
+                   help="one copy-pretrained base (from the first seed) shared by every seed; its CPU counted once")
+    p.add_argument("--city-tokens", action="store_true", help="one added token per weather-cache city (examples/themis_vocab.py)")
+    p.add_argument("--claim-first", action="store_true", help="synthetic traces state the answer's value in the first Thought")
     args = p.parse_args(argv)
     import torch
 
@@ -388,11 +398,17 @@ def main(argv=None) -> int:
     data = build_data(args)
     log(f"data: {data['counts']}; TARA train items dropped for a test city-date: {data['dropped_tara_train']}; "
         f"test city-dates banned: {data['banned']}; weather cache keys used: {data['weather_keys']}")
-    tok = build_tokenizer([render_item(it, s).text for it in data["train"] for s in ("pos", "neg")], args.out / "tokenizer", args.vocab)
+    extra = ()
+    if args.city_tokens:
+        from themis_vocab import city_token_strings
+
+        extra = city_token_strings(data["cache"])
+    tok = build_tokenizer([render_item(it, s).text for it in data["train"] for s in ("pos", "neg")], args.out / "tokenizer", args.vocab, extra)
     runs: dict[str, list] = {v: [] for v in args.variants}
     for seed in args.seeds:
-        name = f"base_seed{seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
-        base, copy_stats = build_base(args, tok, args.out / name, seed, log)
+        base_seed = args.seeds[0] if args.copy_shared else seed  # --copy-shared: one pretrained base for every seed
+        name = f"base_seed{base_seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
+        base, copy_stats = build_base(args, tok, args.out / name, base_seed, log)
         copy_cpu = copy_stats["cpu_s"] if copy_stats else 0.0
         if copy_stats:
             log(f"seed {seed}: copy pre-training {copy_stats['steps']} steps, copy loss {copy_stats['first_loss']:.2f} -> "
@@ -422,7 +438,7 @@ def main(argv=None) -> int:
                 + f" (train {tc:.0f} s CPU, total {rec['total_cpu_s']:.0f} s CPU, {rec['total_wall_s']:.0f} s wall)")
             (args.out / "results.partial.json").write_text(json.dumps(runs, indent=2))
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "data": {k: v for k, v in data.items() if k not in ("train", "test")}, "runs": runs,
+               "data": {k: v for k, v in data.items() if k not in ("train", "test", "cache")}, "runs": runs,
                "wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "loadavg_end": os.getloadavg()}
     if "themis" in runs and "plain" in runs:
         summary["paired"] = {g: paired_ci([r["eval"][g]["accuracy"] for r in runs["themis"]], [r["eval"][g]["accuracy"] for r in runs["plain"]])

@@ -93,3 +93,30 @@ def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
     assert ev["accuracy"] == 0.5  # 0.9 > 0.2 right, 0.1 < 0.5 wrong
     assert ev["valid_call_share"] == 0.5 and ev["gold_observation_share"] == 0.25 and ev["all_gold_observations_share"] == 0.25
     assert ev["call_failures"] == {"invalid date '2000-01-00'": 1, "no tool call": 1}
+
+
+@pytest.mark.tara
+def test_tiny_run_with_a_shared_base_city_tokens_and_claim_first(tmp_path):
+    """--copy-shared: one copy-pretrained base for both seeds (one folder, the same stats in every run);
+    --city-tokens: every city of the weather cache is one token of the saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    from align.rewards.tara import load_weather_cache
+    from align.tools.weather import parse_query
+
+    rc = themis_generative.main(["--out", str(tmp_path), "--seeds", "0", "1", "--groups", "weather", "--steps", "2", "--layers", "1",
+                                 "--hidden", "32", "--ffn", "64", "--vocab", "300", "--max-new-tokens", "16", "--synth-calendar", "10",
+                                 "--synth-weather", "10", "--synth-multi", "2", "--tara-multi", "2", "--tara-groups", "--test-limit", "2",
+                                 "--segment-pairs", "1", "--copy-steps", "2", "--copy-batch-size", "4", "--copy-shared",
+                                 "--city-tokens", "--claim-first"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(p.name for p in tmp_path.glob("base_*")) == ["base_seed0_copy2"]
+    stats = [r["copy_pretrain"] for v in ("themis", "plain") for r in res["runs"][v]]
+    assert len(stats) == 4 and all(s == stats[0] for s in stats)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    cities = {parse_query(k)[0] for k in load_weather_cache()}
+    assert len(cities) > 500
+    for c in cities:
+        ids = tok(f"in {c} on", add_special_tokens=False)["input_ids"]
+        assert f" {c}" in tok.convert_ids_to_tokens(ids) and tok.decode(ids) == f"in {c} on"
