@@ -119,16 +119,20 @@ def build_base(args, tok, out: Path, seed: int, log=None) -> tuple[str, dict | N
                           tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
         if args.copy_steps > 0:
-            from copy_pretrain import pretrain_copy  # examples/copy_pretrain.py, beside this script
+            from copy_pretrain import copy_eval, pretrain_copy_stages  # examples/copy_pretrain.py, beside this script
 
             c0, w0 = cpu_seconds(), time.perf_counter()
             special = set(tok.all_special_ids)
-            stats = pretrain_copy(model, [i for i in range(len(tok)) if i not in special], steps=args.copy_steps,
-                                  batch_size=args.copy_batch_size, lr=args.copy_lr, seed=seed, span=tuple(args.copy_span),
-                                  sep_id=tok("\n", add_special_tokens=False)["input_ids"][0], warmup=args.copy_warmup, log=log,
-                                  log_every=args.copy_steps // 4 or 1,
-                                  sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None, bos_id=tok.bos_token_id)
-            stats.update(cpu_s=cpu_seconds() - c0, wall_s=time.perf_counter() - w0)
+            vocab, sep = [i for i in range(len(tok)) if i not in special], tok("\n", add_special_tokens=False)["input_ids"][0]
+            # stage 1: positional rows; stage 2 (--copy-induct-steps): rows with random prefix / gap (content copy)
+            stages = [{"steps": args.copy_steps, "warmup": args.copy_warmup}]
+            if args.copy_induct_steps > 0:
+                stages.append({"steps": args.copy_induct_steps, "warmup": 20, "prefix": tuple(args.copy_prefix), "gap": tuple(args.copy_gap)})
+            stats = pretrain_copy_stages(model, vocab, stages, batch_size=args.copy_batch_size, lr=args.copy_lr, seed=seed,
+                                         span=tuple(args.copy_span), sep_id=sep, log=log, log_every=max(1, args.copy_steps // 4),
+                                         sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None, bos_id=tok.bos_token_id)
+            stats.update(cpu_s=cpu_seconds() - c0, wall_s=time.perf_counter() - w0,
+                         eval=copy_eval(model, vocab, sep, tok.bos_token_id))  # held-out rows, after the CPU count
             out.mkdir(parents=True, exist_ok=True)
             stats_path.write_text(json.dumps(stats))
         model.save_pretrained(str(out))
@@ -377,6 +381,10 @@ def main(argv=None) -> int:
     p.add_argument("--copy-span", type=int, nargs=2, default=[4, 16], metavar=("MIN", "MAX"))
     p.add_argument("--copy-sub-vocab", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="each copy row draws from a random sub-vocabulary of this many ids (log-uniform), so tokens recur as digits do")
+    p.add_argument("--copy-induct-steps", type=int, default=0,
+                   help="a second copy stage on rows with random prefix / gap (only content matching copies); 0: none")
+    p.add_argument("--copy-prefix", type=int, nargs=2, default=[0, 16], metavar=("MIN", "MAX"))
+    p.add_argument("--copy-gap", type=int, nargs=2, default=[0, 16], metavar=("MIN", "MAX"))
     p.add_argument("--copy-shared", action="store_true",
                    help="one copy-pretrained base (from the first seed) shared by every seed; its CPU counted once")
     p.add_argument("--city-tokens", action="store_true", help="one added token per weather-cache city (examples/themis_vocab.py)")
@@ -407,7 +415,8 @@ def main(argv=None) -> int:
     runs: dict[str, list] = {v: [] for v in args.variants}
     for seed in args.seeds:
         base_seed = args.seeds[0] if args.copy_shared else seed  # --copy-shared: one pretrained base for every seed
-        name = f"base_seed{base_seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
+        name = (f"base_seed{base_seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
+                + (f"_induct{args.copy_induct_steps}" if args.copy_steps > 0 and args.copy_induct_steps > 0 else ""))
         base, copy_stats = build_base(args, tok, args.out / name, base_seed, log)
         copy_cpu = copy_stats["cpu_s"] if copy_stats else 0.0
         if copy_stats:
@@ -444,59 +453,11 @@ def main(argv=None) -> int:
         summary["paired"] = {g: paired_ci([r["eval"][g]["accuracy"] for r in runs["themis"]], [r["eval"][g]["accuracy"] for r in runs["plain"]])
                              for g in args.groups}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    from themis_report import plot, print_table  # examples/themis_report.py, beside this script
+
     plot(summary, args.groups, args.out / "results.png")
     print_table(summary, args.groups)
     return 0
-
-
-def plot(summary: dict, groups, path: Path) -> None:
-    """Pairwise accuracy per test split (bars: mean over seeds, dots: seeds) and Themis' valid-call share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = summary["runs"]
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    series = [(v, "accuracy") for v in ("plain", "themis") if v in runs] + ([("themis", "valid_call_share"), ("themis", "gold_observation_share")] if "themis" in runs else [])
-    width = 0.8 / len(series)
-    for k, (v, key) in enumerate(series):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        vals = [[100 * r["eval"][g][key] for r in runs[v]] for g in groups]
-        label = {"accuracy": f"{v} RM: pairwise accuracy", "valid_call_share": "themis: valid first call",
-                 "gold_observation_share": "themis: observation = gold"}[key]
-        ax.bar(xs, [sum(x) / len(x) for x in vals], width, label=label, alpha=0.8)
-        for x, vs in zip(xs, vals):
-            ax.scatter([x] * len(vs), vs, color="black", s=8, zorder=3)
-    ax.axhline(50, color="grey", lw=0.8, ls=":")
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("% of test pairs / samples")
-    ax.set_ylim(0, 125)
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
-    ax.set_title("Generative Themis vs plain RM (same 4x128 backbone, steps, pairs); dots: seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def print_table(summary: dict, groups) -> None:
-    import statistics
-
-    runs = summary["runs"]
-    for g in groups:
-        line = f"{g:<12}"
-        for v in runs:
-            acc = [100 * r["eval"][g]["accuracy"] for r in runs[v]]
-            line += f"  {v} acc {statistics.mean(acc):.1f} [{' '.join(f'{a:.1f}' for a in acc)}]"
-            if v == "themis":
-                for key in ("valid_call_share", "gold_observation_share"):
-                    vals = [100 * r["eval"][g][key] for r in runs[v]]
-                    line += f"  {key} {statistics.mean(vals):.1f}"
-        if "paired" in summary:
-            pc = summary["paired"][g]
-            ci = pc["ci95"]
-            line += f"  diff {100 * pc['mean_diff']:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
-        print(line)
-    print(f"total {summary['wall_s']:.0f} s wall, {summary['cpu_s']:.0f} s CPU")
 
 
 if __name__ == "__main__":
