@@ -247,8 +247,21 @@ def eval_themis(args, model, tok, test: dict, groups) -> dict:
                   "samples": [{"question": items[i % n].question, "answer": (items[i % n].pos if i < n else items[i % n].neg).answer,
                                "trace": res.info[i]["trace"], "score": res.scores[i]} for i in (0, n, 1, n + 1)],
                   "first_calls": [{"question": items[i % n].question, "call": (res.info[i]["tool_calls"] or [None])[0]}
-                                  for i in range(min(n, 12))]}
+                                  for i in range(min(n, 12))],
+                  "per_sample": [sample_record(info, st[0].observation, sc) for info, st, sc in zip(res.info, gold, res.scores)]}
     return out
+
+
+def sample_record(info: dict, gold_observation: str, score: float) -> dict:
+    """One sample, compactly: its first call's input and whether the tool accepted it and returned the gold
+    observation, the rationale's verdict ("match" / "differ" / None: the last of the two words after 'Work:'
+    in the trace) and the score."""
+    first = (info["tool_calls"] or [None])[0]
+    work = info["trace"].rsplit("Work:", 1)[1] if "Work:" in info["trace"] else ""
+    words = [w for w in ("match", "differ") if w in work]
+    verdict = max(words, key=work.rindex) if words else None
+    return {"input": None if first is None else first["input"], "ok": bool(first and first["ok"]),
+            "gold": bool(first and first["ok"] and first["observation"] == gold_observation), "verdict": verdict, "score": score}
 
 
 def call_shares(calls_per_sample: list[list[dict]], gold_observations: list[list[str]]) -> dict:

@@ -70,10 +70,10 @@ def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
         return {"action": "Calendar.week_day", "input": "2015-03-24", "ok": ok, "observation": observation, "error": error}
 
     infos = [  # pos of item 0, pos of item 1, neg of item 0, neg of item 1
-        {"tool_calls": [rec(True, "Tuesday")], "trace": "t0"},
-        {"tool_calls": [rec(True, "Monday")], "trace": "t1"},
+        {"tool_calls": [rec(True, "Tuesday")], "trace": "Thought: They differ? <start_work> Work: They match, so it is correct."},
+        {"tool_calls": [rec(True, "Monday")], "trace": "<start_work> Work: match? They differ, so it is wrong."},
         {"tool_calls": [rec(False, error="invalid date '2000-01-00'")], "trace": "t2"},
-        {"tool_calls": [], "trace": "t3"},
+        {"tool_calls": [], "trace": "Work: nothing to compare"},
     ]
 
     class FakeThemis:
@@ -93,6 +93,13 @@ def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
     assert ev["accuracy"] == 0.5  # 0.9 > 0.2 right, 0.1 < 0.5 wrong
     assert ev["valid_call_share"] == 0.5 and ev["gold_observation_share"] == 0.25 and ev["all_gold_observations_share"] == 0.25
     assert ev["call_failures"] == {"invalid date '2000-01-00'": 1, "no tool call": 1}
+    # per sample: the first call's input, accepted, gold observation, the rationale's last verdict word, the score
+    assert ev["per_sample"] == [
+        {"input": "2015-03-24", "ok": True, "gold": True, "verdict": "match", "score": 0.9},
+        {"input": "2015-03-24", "ok": True, "gold": False, "verdict": "differ", "score": 0.1},
+        {"input": "2015-03-24", "ok": False, "gold": False, "verdict": None, "score": 0.2},
+        {"input": None, "ok": False, "gold": False, "verdict": None, "score": 0.5},
+    ]
 
 
 @pytest.mark.tara
