@@ -177,6 +177,7 @@ def train_themis(args, base: str, items, batches, seed: int, log):
     model, tok = create_themis(base)
     opts, rng = ThemisLossOptions(), random.Random(seed)
     segs = [(render_item(it, "pos"), render_item(it, "neg")) for it in items]
+    mix = copy_mixer(args, tok, seed) if args.mix_copy > 0 else None
     opt, sched = _opt_sched(model, args, len(batches))
     model.train()
     hist = []
@@ -188,6 +189,10 @@ def train_themis(args, base: str, items, batches, seed: int, log):
         mask = pad_left([[1] * len(r[0]) for r in rows], 0)
         logits, rewards = model(ids, mask)
         loss, parts = themis_loss(logits, ids, weights, rewards, 1.0, 0.5)
+        if mix is not None:  # --mix-copy: keep the copy pre-training's rows in the LM objective
+            closs = mix(model)
+            loss = loss + args.mix_copy * closs
+            parts = {**parts, "copy_loss": float(closs.detach())}
         _optimizer_step(loss, step, model, opt, sched, 1.0)
         hist.append({"step": step, "group": items[idx[0]].group, **parts})
         if step % args.log_every == 0:
@@ -196,6 +201,27 @@ def train_themis(args, base: str, items, batches, seed: int, log):
                 f"rm {sum(h['rm_loss'] for h in recent) / len(recent):.3f} acc {sum(h['pair_acc'] for h in recent) / len(recent):.2f}")
     model.eval()
     return model, tok, hist
+
+
+def copy_mixer(args, tok, seed: int):
+    """A function model -> the LM loss on a fresh batch of copy rows (the second copy stage's rows: random
+    prefix / gap), for mixing into the Themis steps: without it the Themis LM loss on task text alone can
+    overwrite the copy circuit the pre-training built (session 7 probe 1)."""
+    import torch
+    import torch.nn.functional as F
+    from copy_pretrain import copy_batch
+
+    special = set(tok.all_special_ids)
+    vocab, sep = [i for i in range(len(tok)) if i not in special], tok("\n", add_special_tokens=False)["input_ids"][0]
+    g = torch.Generator().manual_seed(10_000 + seed)
+
+    def loss(model):
+        x, y = copy_batch(vocab, args.mix_copy_batch, tuple(args.copy_span), sep, g, sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None,
+                          bos_id=tok.bos_token_id, prefix=tuple(args.copy_prefix), gap=tuple(args.copy_gap))
+        logits, _ = model(x, torch.ones_like(x))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1), ignore_index=-100)
+
+    return loss
 
 
 def train_plain(args, base: str, items, batches, seed: int, log):
@@ -398,6 +424,8 @@ def main(argv=None) -> int:
                    help="a second copy stage on rows with random prefix / gap (only content matching copies); 0: none")
     p.add_argument("--copy-prefix", type=int, nargs=2, default=[0, 16], metavar=("MIN", "MAX"))
     p.add_argument("--copy-gap", type=int, nargs=2, default=[0, 16], metavar=("MIN", "MAX"))
+    p.add_argument("--mix-copy", type=float, default=0.0, help="weight of a copy-row LM loss added to every Themis step (0: none)")
+    p.add_argument("--mix-copy-batch", type=int, default=16, help="copy rows per Themis step with --mix-copy")
     p.add_argument("--copy-shared", action="store_true",
                    help="one copy-pretrained base (from the first seed) shared by every seed; its CPU counted once")
     p.add_argument("--city-tokens", action="store_true", help="one added token per weather-cache city (examples/themis_vocab.py)")

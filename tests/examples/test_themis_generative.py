@@ -105,7 +105,8 @@ def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
 @pytest.mark.tara
 def test_tiny_run_with_a_shared_base_city_tokens_and_claim_first(tmp_path):
     """--copy-shared: one copy-pretrained base for both seeds (one folder, the same stats in every run);
-    --city-tokens: every city of the weather cache is one token of the saved tokenizer."""
+    --city-tokens: every city of the weather cache is one token of the saved tokenizer; --mix-copy: the
+    Themis steps carry a copy-row loss."""
     from transformers import AutoTokenizer
 
     from align.rewards.tara import load_weather_cache
@@ -115,13 +116,17 @@ def test_tiny_run_with_a_shared_base_city_tokens_and_claim_first(tmp_path):
                                  "--hidden", "32", "--ffn", "64", "--vocab", "300", "--max-new-tokens", "16", "--synth-calendar", "10",
                                  "--synth-weather", "10", "--synth-multi", "2", "--tara-multi", "2", "--tara-groups", "--test-limit", "2",
                                  "--segment-pairs", "1", "--copy-steps", "2", "--copy-batch-size", "4", "--copy-shared",
-                                 "--city-tokens", "--claim-first"])
+                                 "--city-tokens", "--claim-first", "--mix-copy", "1.0", "--mix-copy-batch", "2"])
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert sorted(p.name for p in tmp_path.glob("base_*")) == ["base_seed0_copy2"]
     stats = [r["copy_pretrain"] for v in ("themis", "plain") for r in res["runs"][v]]
     assert len(stats) == 4 and all(s == stats[0] for s in stats)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    # --mix-copy: each Themis step also scores copy rows; 2 steps in, about log(#ids drawn) nats per copied token
+    n_ids = len(tok) - len(set(tok.all_special_ids))
+    assert all(abs(r["final_train"]["copy_loss"] - math.log(n_ids)) < 1.0 for r in res["runs"]["themis"])
+    assert all("copy_loss" not in r["final_train"] for r in res["runs"]["plain"])
     cities = {parse_query(k)[0] for k in load_weather_cache()}
     assert len(cities) > 500
     for c in cities:
