@@ -130,14 +130,25 @@ def build_base(args, tok, out: Path, seed: int, log=None) -> tuple[str, dict | N
                 stages.append({"steps": args.copy_induct_steps, "warmup": 20, "prefix": tuple(args.copy_prefix), "gap": tuple(args.copy_gap)})
             stats = pretrain_copy_stages(model, vocab, stages, batch_size=args.copy_batch_size, lr=args.copy_lr, seed=seed,
                                          span=tuple(args.copy_span), sep_id=sep, log=log, log_every=max(1, args.copy_steps // 4),
-                                         sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None, bos_id=tok.bos_token_id)
+                                         sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None, bos_id=copy_first_id(args, tok))
             stats.update(cpu_s=cpu_seconds() - c0, wall_s=time.perf_counter() - w0,
-                         eval=copy_eval(model, vocab, sep, tok.bos_token_id))  # held-out rows, after the CPU count
+                         eval=copy_eval(model, vocab, sep, copy_first_id(args, tok)))  # held-out rows, after the CPU count
             out.mkdir(parents=True, exist_ok=True)
             stats_path.write_text(json.dumps(stats))
         model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
     return str(out), (json.loads(stats_path.read_text()) if stats_path.is_file() else None)
+
+
+def copy_first_id(args, tok) -> int:
+    """The fixed first token of every copy row: `<s>` (--copy-first-token bos), or the first token of every
+    task sequence, '###' of '### USER:' (task): the tokenizer adds no `<s>` to the Themis / plain texts, and
+    a copy circuit that leans on `<s>` as its attention sink does not copy in text that lacks it."""
+    if args.copy_first_token == "bos":
+        return tok.bos_token_id
+    from align.rewards.tara import render_user
+
+    return tok(render_user("q", "a"), add_special_tokens=False)["input_ids"][0]
 
 
 def batches_by_group(items, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -217,7 +228,7 @@ def copy_mixer(args, tok, seed: int):
 
     def loss(model):
         x, y = copy_batch(vocab, args.mix_copy_batch, tuple(args.copy_span), sep, g, sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None,
-                          bos_id=tok.bos_token_id, prefix=tuple(args.copy_prefix), gap=tuple(args.copy_gap))
+                          bos_id=copy_first_id(args, tok), prefix=tuple(args.copy_prefix), gap=tuple(args.copy_gap))
         logits, _ = model(x, torch.ones_like(x))
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1), ignore_index=-100)
 
@@ -426,6 +437,8 @@ def main(argv=None) -> int:
     p.add_argument("--copy-gap", type=int, nargs=2, default=[0, 16], metavar=("MIN", "MAX"))
     p.add_argument("--mix-copy", type=float, default=0.0, help="weight of a copy-row LM loss added to every Themis step (0: none)")
     p.add_argument("--mix-copy-batch", type=int, default=16, help="copy rows per Themis step with --mix-copy")
+    p.add_argument("--copy-first-token", choices=["bos", "task"], default="bos",
+                   help="first token of the copy rows: <s>, or the first token of every task text ('###')")
     p.add_argument("--copy-shared", action="store_true",
                    help="one copy-pretrained base (from the first seed) shared by every seed; its CPU counted once")
     p.add_argument("--city-tokens", action="store_true", help="one added token per weather-cache city (examples/themis_vocab.py)")
@@ -457,7 +470,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         base_seed = args.seeds[0] if args.copy_shared else seed  # --copy-shared: one pretrained base for every seed
         name = (f"base_seed{base_seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
-                + (f"_induct{args.copy_induct_steps}" if args.copy_steps > 0 and args.copy_induct_steps > 0 else ""))
+                + (f"_induct{args.copy_induct_steps}" if args.copy_steps > 0 and args.copy_induct_steps > 0 else "")
+                + ("_task" if args.copy_steps > 0 and args.copy_first_token == "task" else ""))
         base, copy_stats = build_base(args, tok, args.out / name, base_seed, log)
         copy_cpu = copy_stats["cpu_s"] if copy_stats else 0.0
         if copy_stats:

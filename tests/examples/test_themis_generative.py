@@ -132,3 +132,22 @@ def test_tiny_run_with_a_shared_base_city_tokens_and_claim_first(tmp_path):
     for c in cities:
         ids = tok(f"in {c} on", add_special_tokens=False)["input_ids"]
         assert f" {c}" in tok.convert_ids_to_tokens(ids) and tok.decode(ids) == f"in {c} on"
+
+
+@pytest.mark.tara
+def test_copy_first_token_task_is_the_first_token_of_every_training_text(tmp_path):
+    """--copy-first-token task: the copy rows open with the token every Themis / plain training text opens
+    with (the tokenizer adds no <s>), read here from the tokenised texts themselves."""
+    from types import SimpleNamespace
+
+    from align.rewards.tara import load_tara, render_item, render_plain
+
+    items = load_tara(["calendar", "weather"], "train")[:40]
+    texts = [render_item(it, s).text for it in items for s in ("pos", "neg")]
+    tok = themis_generative.build_tokenizer(texts, tmp_path / "tok", 300)
+    task_id = themis_generative.copy_first_id(SimpleNamespace(copy_first_token="task"), tok)
+    assert {tok(t)["input_ids"][0] for t in texts} == {task_id} and "### USER:".startswith(tok.decode([task_id]))
+    assert task_id != tok.bos_token_id
+    # the plain RM's texts ('Question: q\nAnswer: a') open with no <s> either (with their own first token)
+    assert tok.bos_token_id not in {tok(render_plain(it.question, it.pos.answer, it.context))["input_ids"][0] for it in items}
+    assert themis_generative.copy_first_id(SimpleNamespace(copy_first_token="bos"), tok) == tok.bos_token_id
