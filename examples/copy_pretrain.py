@@ -168,3 +168,31 @@ def copy_eval(model: torch.nn.Module, vocab_ids: Sequence[int], sep_id: int, bos
         out = {k: float(model(input_ids=x, labels=y).loss) for k, (x, y) in rows.items()}
     model.train(was_training)
     return out
+
+
+def repeat_copy_loss(model: torch.nn.Module, texts_ids: Sequence[Sequence[int]], header_ids: Sequence[int], sep_id: int,
+                     buckets: Sequence[tuple[int, int]] = ((2, 8), (9, 16), (17, 24), (25, 10_000))) -> dict[str, float]:
+    """Does the copy carry over to text? Each text (token ids) is written twice, `header t sep t` (no `<s>`
+    unless the header has one), and the loss (nats) of predicting the repeat's k-th token (k >= 2: the first
+    is unannounced) is averaged per bucket of k. Used on TARA weather test questions (docs/experiments/
+    themis_tara.md, session 7: 8-11 nats on k <= 16 for every copy base, although random-id rows copy)."""
+    import torch.nn.functional as F
+
+    sums = {f"{lo}-{hi}": [0.0, 0] for lo, hi in buckets}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for t in texts_ids:
+            ids = [*header_ids, *t, sep_id, *t]
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0]
+            s0 = len(header_ids) + len(t) + 1  # index of the repeat's first token
+            for k in range(2, len(t) + 1):
+                pos = s0 + k - 1
+                ce = float(F.cross_entropy(logits[pos - 1:pos], x[0, pos:pos + 1]))
+                for lo, hi in buckets:
+                    if lo <= k <= hi:
+                        sums[f"{lo}-{hi}"][0] += ce
+                        sums[f"{lo}-{hi}"][1] += 1
+    model.train(was_training)
+    return {k: s / n for k, (s, n) in sums.items() if n}

@@ -136,3 +136,22 @@ def test_copy_eval_is_the_mean_loss_on_the_repeated_tokens():
             ref = F.cross_entropy(logits[keep], target[keep]).item()
             assert out[key] == pytest.approx(ref, rel=1e-5), key
     assert set(out) == {"positional", "content", "content_24_no_bos"}
+
+
+def test_repeat_copy_loss_buckets_the_repeats_token_losses():
+    """Against a hand loop: for 'header t sep t', the loss on the repeat's k-th token is -log softmax at the
+    position before it; bucket means over k in [2, 3] and [4, 5]."""
+    model = _tiny_llama().eval()
+    texts, header, sep = [[5, 6, 7, 8, 9], [10, 11, 12, 13]], [3, 4], 1
+    out = C.repeat_copy_loss(model, texts, header, sep, buckets=((2, 3), (4, 5)))
+    ref = {"2-3": [], "4-5": []}
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([header + t + [sep] + t])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+            start = len(header) + len(t) + 1
+            for k in range(2, len(t) + 1):
+                p = start + k - 1
+                ref["2-3" if k <= 3 else "4-5"].append(-logp[p - 1, ids[0, p]].item())
+    assert out == pytest.approx({k: sum(v) / len(v) for k, v in ref.items()}, rel=1e-5)
+    assert len(ref["4-5"]) == 3  # k = 4, 5 of the first text, k = 4 of the second
