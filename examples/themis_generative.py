@@ -65,17 +65,19 @@ def build_data(args) -> dict:
     keys = weather_keys(cache, banned)
     cal_t = calendar_templates([it for it in train if it.group == "calendar"])
     wea_t = weather_answer_templates([it for it in train if it.group == "weather"])
-    synth = (synth_calendar(args.synth_calendar, rng, cal_t)
-             + synth_weather(args.synth_weather, rng, cache, keys, wea_t)
-             + synth_weather(args.synth_multi, rng, cache, keys, wea_t, multi=True))
+    cf = args.claim_first
+    synth = (synth_calendar(args.synth_calendar, rng, cal_t, claim_first=cf)
+             + synth_weather(args.synth_weather, rng, cache, keys, wea_t, claim_first=cf)
+             + synth_weather(args.synth_multi, rng, cache, keys, wea_t, multi=True, claim_first=cf))
     pool = kept + synth
     leaked = city_dates_of(pool) & banned
     assert not leaked, f"test city-dates in the training data: {sorted(leaked)[:5]}"
-    return {"train": pool, "test": test, "dropped_tara_train": dropped, "banned": len(banned),
+    return {"train": pool, "test": test, "dropped_tara_train": dropped, "banned": len(banned), "cache": cache,
             "weather_keys": len(keys), "counts": {g: sum(it.group == g for it in pool) for g in sorted({it.group for it in pool})}}
 
 
-def build_tokenizer(texts, out: Path, vocab_size: int):
+def build_tokenizer(texts, out: Path, vocab_size: int, extra_tokens=()):
+    """Byte-level BPE trained on `texts` (digits one per token), plus `extra_tokens` added whole (themis_vocab)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -93,6 +95,10 @@ def build_tokenizer(texts, out: Path, vocab_size: int):
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   additional_special_tokens=list(THEMIS_SPECIAL_TOKENS))
+    if extra_tokens:
+        from themis_vocab import add_word_tokens  # examples/themis_vocab.py, beside this script
+
+        add_word_tokens(tok, extra_tokens)
     tok.save_pretrained(str(out))
     return tok
 
@@ -113,21 +119,36 @@ def build_base(args, tok, out: Path, seed: int, log=None) -> tuple[str, dict | N
                           tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
         if args.copy_steps > 0:
-            from copy_pretrain import pretrain_copy  # examples/copy_pretrain.py, beside this script
+            from copy_pretrain import copy_eval, pretrain_copy_stages  # examples/copy_pretrain.py, beside this script
 
             c0, w0 = cpu_seconds(), time.perf_counter()
             special = set(tok.all_special_ids)
-            stats = pretrain_copy(model, [i for i in range(len(tok)) if i not in special], steps=args.copy_steps,
-                                  batch_size=args.copy_batch_size, lr=args.copy_lr, seed=seed, span=tuple(args.copy_span),
-                                  sep_id=tok("\n", add_special_tokens=False)["input_ids"][0], warmup=args.copy_warmup, log=log,
-                                  log_every=args.copy_steps // 4 or 1,
-                                  sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None, bos_id=tok.bos_token_id)
-            stats.update(cpu_s=cpu_seconds() - c0, wall_s=time.perf_counter() - w0)
+            vocab, sep = [i for i in range(len(tok)) if i not in special], tok("\n", add_special_tokens=False)["input_ids"][0]
+            # stage 1: positional rows; stage 2 (--copy-induct-steps): rows with random prefix / gap (content copy)
+            stages = [{"steps": args.copy_steps, "warmup": args.copy_warmup}]
+            if args.copy_induct_steps > 0:
+                stages.append({"steps": args.copy_induct_steps, "warmup": 20, "prefix": tuple(args.copy_prefix), "gap": tuple(args.copy_gap)})
+            stats = pretrain_copy_stages(model, vocab, stages, batch_size=args.copy_batch_size, lr=args.copy_lr, seed=seed,
+                                         span=tuple(args.copy_span), sep_id=sep, log=log, log_every=max(1, args.copy_steps // 4),
+                                         sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None, bos_id=copy_first_id(args, tok))
+            stats.update(cpu_s=cpu_seconds() - c0, wall_s=time.perf_counter() - w0,
+                         eval=copy_eval(model, vocab, sep, copy_first_id(args, tok)))  # held-out rows, after the CPU count
             out.mkdir(parents=True, exist_ok=True)
             stats_path.write_text(json.dumps(stats))
         model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
     return str(out), (json.loads(stats_path.read_text()) if stats_path.is_file() else None)
+
+
+def copy_first_id(args, tok) -> int:
+    """The fixed first token of every copy row: `<s>` (--copy-first-token bos), or the first token of every
+    task sequence, '###' of '### USER:' (task): the tokenizer adds no `<s>` to the Themis / plain texts, and
+    a copy circuit that leans on `<s>` as its attention sink does not copy in text that lacks it."""
+    if args.copy_first_token == "bos":
+        return tok.bos_token_id
+    from align.rewards.tara import render_user
+
+    return tok(render_user("q", "a"), add_special_tokens=False)["input_ids"][0]
 
 
 def batches_by_group(items, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -167,6 +188,7 @@ def train_themis(args, base: str, items, batches, seed: int, log):
     model, tok = create_themis(base)
     opts, rng = ThemisLossOptions(), random.Random(seed)
     segs = [(render_item(it, "pos"), render_item(it, "neg")) for it in items]
+    mix = copy_mixer(args, tok, seed) if args.mix_copy > 0 else None
     opt, sched = _opt_sched(model, args, len(batches))
     model.train()
     hist = []
@@ -178,6 +200,10 @@ def train_themis(args, base: str, items, batches, seed: int, log):
         mask = pad_left([[1] * len(r[0]) for r in rows], 0)
         logits, rewards = model(ids, mask)
         loss, parts = themis_loss(logits, ids, weights, rewards, 1.0, 0.5)
+        if mix is not None:  # --mix-copy: keep the copy pre-training's rows in the LM objective
+            closs = mix(model)
+            loss = loss + args.mix_copy * closs
+            parts = {**parts, "copy_loss": float(closs.detach())}
         _optimizer_step(loss, step, model, opt, sched, 1.0)
         hist.append({"step": step, "group": items[idx[0]].group, **parts})
         if step % args.log_every == 0:
@@ -186,6 +212,27 @@ def train_themis(args, base: str, items, batches, seed: int, log):
                 f"rm {sum(h['rm_loss'] for h in recent) / len(recent):.3f} acc {sum(h['pair_acc'] for h in recent) / len(recent):.2f}")
     model.eval()
     return model, tok, hist
+
+
+def copy_mixer(args, tok, seed: int):
+    """A function model -> the LM loss on a fresh batch of copy rows (the second copy stage's rows: random
+    prefix / gap), for mixing into the Themis steps: without it the Themis LM loss on task text alone can
+    overwrite the copy circuit the pre-training built (session 7 probe 1)."""
+    import torch
+    import torch.nn.functional as F
+    from copy_pretrain import copy_batch
+
+    special = set(tok.all_special_ids)
+    vocab, sep = [i for i in range(len(tok)) if i not in special], tok("\n", add_special_tokens=False)["input_ids"][0]
+    g = torch.Generator().manual_seed(10_000 + seed)
+
+    def loss(model):
+        x, y = copy_batch(vocab, args.mix_copy_batch, tuple(args.copy_span), sep, g, sub_vocab=tuple(args.copy_sub_vocab) if args.copy_sub_vocab else None,
+                          bos_id=copy_first_id(args, tok), prefix=tuple(args.copy_prefix), gap=tuple(args.copy_gap))
+        logits, _ = model(x, torch.ones_like(x))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1), ignore_index=-100)
+
+    return loss
 
 
 def train_plain(args, base: str, items, batches, seed: int, log):
@@ -237,8 +284,21 @@ def eval_themis(args, model, tok, test: dict, groups) -> dict:
                   "samples": [{"question": items[i % n].question, "answer": (items[i % n].pos if i < n else items[i % n].neg).answer,
                                "trace": res.info[i]["trace"], "score": res.scores[i]} for i in (0, n, 1, n + 1)],
                   "first_calls": [{"question": items[i % n].question, "call": (res.info[i]["tool_calls"] or [None])[0]}
-                                  for i in range(min(n, 12))]}
+                                  for i in range(min(n, 12))],
+                  "per_sample": [sample_record(info, st[0].observation, sc) for info, st, sc in zip(res.info, gold, res.scores)]}
     return out
+
+
+def sample_record(info: dict, gold_observation: str, score: float) -> dict:
+    """One sample, compactly: its first call's input and whether the tool accepted it and returned the gold
+    observation, the rationale's verdict ("match" / "differ" / None: the last of the two words after 'Work:'
+    in the trace) and the score."""
+    first = (info["tool_calls"] or [None])[0]
+    work = info["trace"].rsplit("Work:", 1)[1] if "Work:" in info["trace"] else ""
+    words = [w for w in ("match", "differ") if w in work]
+    verdict = max(words, key=work.rindex) if words else None
+    return {"input": None if first is None else first["input"], "ok": bool(first and first["ok"]),
+            "gold": bool(first and first["ok"] and first["observation"] == gold_observation), "verdict": verdict, "score": score}
 
 
 def call_shares(calls_per_sample: list[list[dict]], gold_observations: list[list[str]]) -> dict:
@@ -371,6 +431,18 @@ def main(argv=None) -> int:
     p.add_argument("--copy-span", type=int, nargs=2, default=[4, 16], metavar=("MIN", "MAX"))
     p.add_argument("--copy-sub-vocab", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="each copy row draws from a random sub-vocabulary of this many ids (log-uniform), so tokens recur as digits do")
+    p.add_argument("--copy-induct-steps", type=int, default=0,
+                   help="a second copy stage on rows with random prefix / gap (only content matching copies); 0: none")
+    p.add_argument("--copy-prefix", type=int, nargs=2, default=[0, 16], metavar=("MIN", "MAX"))
+    p.add_argument("--copy-gap", type=int, nargs=2, default=[0, 16], metavar=("MIN", "MAX"))
+    p.add_argument("--mix-copy", type=float, default=0.0, help="weight of a copy-row LM loss added to every Themis step (0: none)")
+    p.add_argument("--mix-copy-batch", type=int, default=16, help="copy rows per Themis step with --mix-copy")
+    p.add_argument("--copy-first-token", choices=["bos", "task"], default="bos",
+                   help="first token of the copy rows: <s>, or the first token of every task text ('###')")
+    p.add_argument("--copy-shared", action="store_true",
+                   help="one copy-pretrained base (from the first seed) shared by every seed; its CPU counted once")
+    p.add_argument("--city-tokens", action="store_true", help="one added token per weather-cache city (examples/themis_vocab.py)")
+    p.add_argument("--claim-first", action="store_true", help="synthetic traces state the answer's value in the first Thought")
     args = p.parse_args(argv)
     import torch
 
@@ -388,11 +460,19 @@ def main(argv=None) -> int:
     data = build_data(args)
     log(f"data: {data['counts']}; TARA train items dropped for a test city-date: {data['dropped_tara_train']}; "
         f"test city-dates banned: {data['banned']}; weather cache keys used: {data['weather_keys']}")
-    tok = build_tokenizer([render_item(it, s).text for it in data["train"] for s in ("pos", "neg")], args.out / "tokenizer", args.vocab)
+    extra = ()
+    if args.city_tokens:
+        from themis_vocab import city_token_strings
+
+        extra = city_token_strings(data["cache"])
+    tok = build_tokenizer([render_item(it, s).text for it in data["train"] for s in ("pos", "neg")], args.out / "tokenizer", args.vocab, extra)
     runs: dict[str, list] = {v: [] for v in args.variants}
     for seed in args.seeds:
-        name = f"base_seed{seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
-        base, copy_stats = build_base(args, tok, args.out / name, seed, log)
+        base_seed = args.seeds[0] if args.copy_shared else seed  # --copy-shared: one pretrained base for every seed
+        name = (f"base_seed{base_seed}" + (f"_copy{args.copy_steps}" if args.copy_steps > 0 else "")
+                + (f"_induct{args.copy_induct_steps}" if args.copy_steps > 0 and args.copy_induct_steps > 0 else "")
+                + ("_task" if args.copy_steps > 0 and args.copy_first_token == "task" else ""))
+        base, copy_stats = build_base(args, tok, args.out / name, base_seed, log)
         copy_cpu = copy_stats["cpu_s"] if copy_stats else 0.0
         if copy_stats:
             log(f"seed {seed}: copy pre-training {copy_stats['steps']} steps, copy loss {copy_stats['first_loss']:.2f} -> "
@@ -422,65 +502,17 @@ def main(argv=None) -> int:
                 + f" (train {tc:.0f} s CPU, total {rec['total_cpu_s']:.0f} s CPU, {rec['total_wall_s']:.0f} s wall)")
             (args.out / "results.partial.json").write_text(json.dumps(runs, indent=2))
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "data": {k: v for k, v in data.items() if k not in ("train", "test")}, "runs": runs,
+               "data": {k: v for k, v in data.items() if k not in ("train", "test", "cache")}, "runs": runs,
                "wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "loadavg_end": os.getloadavg()}
     if "themis" in runs and "plain" in runs:
         summary["paired"] = {g: paired_ci([r["eval"][g]["accuracy"] for r in runs["themis"]], [r["eval"][g]["accuracy"] for r in runs["plain"]])
                              for g in args.groups}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    from themis_report import plot, print_table  # examples/themis_report.py, beside this script
+
     plot(summary, args.groups, args.out / "results.png")
     print_table(summary, args.groups)
     return 0
-
-
-def plot(summary: dict, groups, path: Path) -> None:
-    """Pairwise accuracy per test split (bars: mean over seeds, dots: seeds) and Themis' valid-call share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = summary["runs"]
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    series = [(v, "accuracy") for v in ("plain", "themis") if v in runs] + ([("themis", "valid_call_share"), ("themis", "gold_observation_share")] if "themis" in runs else [])
-    width = 0.8 / len(series)
-    for k, (v, key) in enumerate(series):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        vals = [[100 * r["eval"][g][key] for r in runs[v]] for g in groups]
-        label = {"accuracy": f"{v} RM: pairwise accuracy", "valid_call_share": "themis: valid first call",
-                 "gold_observation_share": "themis: observation = gold"}[key]
-        ax.bar(xs, [sum(x) / len(x) for x in vals], width, label=label, alpha=0.8)
-        for x, vs in zip(xs, vals):
-            ax.scatter([x] * len(vs), vs, color="black", s=8, zorder=3)
-    ax.axhline(50, color="grey", lw=0.8, ls=":")
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("% of test pairs / samples")
-    ax.set_ylim(0, 125)
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
-    ax.set_title("Generative Themis vs plain RM (same 4x128 backbone, steps, pairs); dots: seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def print_table(summary: dict, groups) -> None:
-    import statistics
-
-    runs = summary["runs"]
-    for g in groups:
-        line = f"{g:<12}"
-        for v in runs:
-            acc = [100 * r["eval"][g]["accuracy"] for r in runs[v]]
-            line += f"  {v} acc {statistics.mean(acc):.1f} [{' '.join(f'{a:.1f}' for a in acc)}]"
-            if v == "themis":
-                for key in ("valid_call_share", "gold_observation_share"):
-                    vals = [100 * r["eval"][g][key] for r in runs[v]]
-                    line += f"  {key} {statistics.mean(vals):.1f}"
-        if "paired" in summary:
-            pc = summary["paired"][g]
-            ci = pc["ci95"]
-            line += f"  diff {100 * pc['mean_diff']:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
-        print(line)
-    print(f"total {summary['wall_s']:.0f} s wall, {summary['cpu_s']:.0f} s CPU")
 
 
 if __name__ == "__main__":

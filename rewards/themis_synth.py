@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 from datetime import date, timedelta
 from typing import Iterable, Sequence
 
@@ -97,17 +98,31 @@ def _rationale(claim: str, action: str, obs: str, correct: bool) -> str:
     return f"The answer says {claim}. The tool {action} returned {obs}. {verdict}"
 
 
+def _claim_first(steps: tuple[ToolCall, ...], claim: str) -> tuple[ToolCall, ...]:
+    """The first Thought opens with the answer's value: "The answer says X. I need to search ...". Written
+    there, X is copied from the answer line just above (a few tokens back, nothing in between to confuse it
+    with), and the rationale's "The answer says X" later repeats the same phrase (an exact-prefix copy)
+    instead of reaching past the observation, which a small model fills in instead (its rationale then says
+    "match" for both answers)."""
+    first = replace(steps[0], thought=f"The answer says {claim}. {steps[0].thought}")
+    return (first, *steps[1:])
+
+
 def _answers(question_id: str, group: str, question: str, call: ToolCall, calls: Sequence[ToolCall],
-             pos: tuple[str, str], neg: tuple[str, str], obs_value: str) -> TaraItem:
-    """Both sides share the gold trace (it depends on the question only); answers differ in the value."""
+             pos: tuple[str, str], neg: tuple[str, str], obs_value: str, claim_first: bool = False) -> TaraItem:
+    """Both sides share the gold trace (it depends on the question only); answers differ in the value.
+    claim_first: each side's first Thought states its answer's value (`_claim_first`); calls are unchanged."""
     steps = tuple(calls)
-    p = TaraAnswer(pos[0], 1.0, steps, _rationale(pos[1], call.action, obs_value, True))
-    n = TaraAnswer(neg[0], -1.0, steps, _rationale(neg[1], call.action, obs_value, False))
+    ps, ns = (_claim_first(steps, pos[1]), _claim_first(steps, neg[1])) if claim_first else (steps, steps)
+    p = TaraAnswer(pos[0], 1.0, ps, _rationale(pos[1], call.action, obs_value, True))
+    n = TaraAnswer(neg[0], -1.0, ns, _rationale(neg[1], call.action, obs_value, False))
     return TaraItem(question_id, group, question, p, n)
 
 
-def synth_calendar(n: int, rng: random.Random, templates: dict[str, list[str]], group: str = "synth_calendar") -> list[TaraItem]:
-    """n calendar pairs, kinds uniform over week_day / day_difference / target_day (after and before)."""
+def synth_calendar(n: int, rng: random.Random, templates: dict[str, list[str]], group: str = "synth_calendar",
+                   claim_first: bool = False) -> list[TaraItem]:
+    """n calendar pairs, kinds uniform over week_day / day_difference / target_day (after and before).
+    claim_first: see `_claim_first` (the same pairs otherwise: no extra random draws)."""
     items = []
     for i in range(n):
         kind = rng.choice(("week_day", "day_difference", "target_day"))
@@ -120,7 +135,7 @@ def synth_calendar(n: int, rng: random.Random, templates: dict[str, list[str]], 
             else:
                 wrong = WEEKDAYS[(WEEKDAYS.index(obs) + rng.choice((1, 2, 3, 4, 5, 6))) % 7]
             call = ToolCall("Calendar.week_day", d, f"I need to search what day of the week is {d}.", obs)
-            items.append(_answers(f"{group}_{i}", group, q, call, [call], (f"{d} is {obs}", obs), (f"{d} is {wrong}", wrong), obs))
+            items.append(_answers(f"{group}_{i}", group, q, call, [call], (f"{d} is {obs}", obs), (f"{d} is {wrong}", wrong), obs, claim_first))
         elif kind == "day_difference":
             d1, d2 = _rand_date(rng).isoformat(), _rand_date(rng).isoformat()
             while d2 == d1:
@@ -132,7 +147,7 @@ def synth_calendar(n: int, rng: random.Random, templates: dict[str, list[str]], 
                 wrong = str(int(obs) + 1)
             call = ToolCall("Calendar.day_difference", f"{d1}, {d2}", f"I need to search how many days is the difference between {d1} and {d2}.", obs)
             stem = f"The difference between {d1} and {d2} is "
-            items.append(_answers(f"{group}_{i}", group, q, call, [call], (stem + obs, obs), (stem + wrong, wrong), obs))
+            items.append(_answers(f"{group}_{i}", group, q, call, [call], (stem + obs, obs), (stem + wrong, wrong), obs, claim_first))
         else:
             direction = rng.choice(("after", "before"))
             d, k = _rand_date(rng).isoformat(), rng.randrange(1, 366)
@@ -146,7 +161,7 @@ def synth_calendar(n: int, rng: random.Random, templates: dict[str, list[str]], 
             wrong = wrong_d.isoformat()
             call = ToolCall("Calendar.target_day", f"{d}, {signed}", f"I need to search what day is {k} days {direction} {d}.", obs)
             stem = f"The day {direction} {d} {k} days is "
-            items.append(_answers(f"{group}_{i}", group, q, call, [call], (stem + obs, obs), (stem + wrong, wrong), obs))
+            items.append(_answers(f"{group}_{i}", group, q, call, [call], (stem + obs, obs), (stem + wrong, wrong), obs, claim_first))
     return items
 
 
@@ -193,8 +208,9 @@ def weather_keys(cache: dict[str, str], exclude: set[str]) -> list[str]:
 
 
 def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Sequence[str], answer_templates: dict[str, list[str]],
-                  multi: bool = False, group: str | None = None) -> list[TaraItem]:
-    """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`."""
+                  multi: bool = False, group: str | None = None, claim_first: bool = False) -> list[TaraItem]:
+    """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`.
+    claim_first: see `_claim_first`."""
     group = group or ("synth_multi_tools" if multi else "synth_weather")
     conditions = sorted({observation_value("overall weather", cache[k]) for k in weather_keys(cache, set())})
     if len(conditions) < 2:
@@ -213,7 +229,7 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
             tp, tn = rng.choice(answer_templates[attr]), rng.choice(answer_templates[attr])
             pos = tp.format(city=city, date=day, value=value)
             neg = tn.format(city=city, date=day, value=wrong)
-            items.append(_answers(f"{group}_{i}", group, q, weather_call, [weather_call], (pos, value), (neg, wrong), value))
+            items.append(_answers(f"{group}_{i}", group, q, weather_call, [weather_call], (pos, value), (neg, wrong), value, claim_first))
         else:
             k = rng.randrange(1, 200)
             start = (date.fromisoformat(day) - timedelta(days=k)).isoformat()
@@ -221,7 +237,7 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
             stem = f"The {attr} in {city} on the {k} days after {start} is "
             cal = ToolCall("Calendar.target_day", f"{start}, {k}", f"I need to search what day is {k} days after {start}.", day)
             items.append(_answers(f"{group}_{i}", group, q, weather_call, [cal, weather_call], (stem + value + ".", value),
-                                  (stem + wrong + ".", wrong), value))
+                                  (stem + wrong + ".", wrong), value, claim_first))
     return items
 
 

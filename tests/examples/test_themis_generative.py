@@ -70,10 +70,10 @@ def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
         return {"action": "Calendar.week_day", "input": "2015-03-24", "ok": ok, "observation": observation, "error": error}
 
     infos = [  # pos of item 0, pos of item 1, neg of item 0, neg of item 1
-        {"tool_calls": [rec(True, "Tuesday")], "trace": "t0"},
-        {"tool_calls": [rec(True, "Monday")], "trace": "t1"},
+        {"tool_calls": [rec(True, "Tuesday")], "trace": "Thought: They differ? <start_work> Work: They match, so it is correct."},
+        {"tool_calls": [rec(True, "Monday")], "trace": "<start_work> Work: match? They differ, so it is wrong."},
         {"tool_calls": [rec(False, error="invalid date '2000-01-00'")], "trace": "t2"},
-        {"tool_calls": [], "trace": "t3"},
+        {"tool_calls": [], "trace": "Work: nothing to compare"},
     ]
 
     class FakeThemis:
@@ -93,3 +93,61 @@ def test_call_shares_read_the_trace_records_themis_writes(monkeypatch):
     assert ev["accuracy"] == 0.5  # 0.9 > 0.2 right, 0.1 < 0.5 wrong
     assert ev["valid_call_share"] == 0.5 and ev["gold_observation_share"] == 0.25 and ev["all_gold_observations_share"] == 0.25
     assert ev["call_failures"] == {"invalid date '2000-01-00'": 1, "no tool call": 1}
+    # per sample: the first call's input, accepted, gold observation, the rationale's last verdict word, the score
+    assert ev["per_sample"] == [
+        {"input": "2015-03-24", "ok": True, "gold": True, "verdict": "match", "score": 0.9},
+        {"input": "2015-03-24", "ok": True, "gold": False, "verdict": "differ", "score": 0.1},
+        {"input": "2015-03-24", "ok": False, "gold": False, "verdict": None, "score": 0.2},
+        {"input": None, "ok": False, "gold": False, "verdict": None, "score": 0.5},
+    ]
+
+
+@pytest.mark.tara
+def test_tiny_run_with_a_shared_base_city_tokens_and_claim_first(tmp_path):
+    """--copy-shared: one copy-pretrained base for both seeds (one folder, the same stats in every run);
+    --city-tokens: every city of the weather cache is one token of the saved tokenizer; --mix-copy: the
+    Themis steps carry a copy-row loss."""
+    from transformers import AutoTokenizer
+
+    from align.rewards.tara import load_weather_cache
+    from align.tools.weather import parse_query
+
+    rc = themis_generative.main(["--out", str(tmp_path), "--seeds", "0", "1", "--groups", "weather", "--steps", "2", "--layers", "1",
+                                 "--hidden", "32", "--ffn", "64", "--vocab", "300", "--max-new-tokens", "16", "--synth-calendar", "10",
+                                 "--synth-weather", "10", "--synth-multi", "2", "--tara-multi", "2", "--tara-groups", "--test-limit", "2",
+                                 "--segment-pairs", "1", "--copy-steps", "2", "--copy-batch-size", "4", "--copy-shared",
+                                 "--city-tokens", "--claim-first", "--mix-copy", "1.0", "--mix-copy-batch", "2"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(p.name for p in tmp_path.glob("base_*")) == ["base_seed0_copy2"]
+    stats = [r["copy_pretrain"] for v in ("themis", "plain") for r in res["runs"][v]]
+    assert len(stats) == 4 and all(s == stats[0] for s in stats)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    # --mix-copy: each Themis step also scores copy rows; 2 steps in, about log(#ids drawn) nats per copied token
+    n_ids = len(tok) - len(set(tok.all_special_ids))
+    assert all(abs(r["final_train"]["copy_loss"] - math.log(n_ids)) < 1.0 for r in res["runs"]["themis"])
+    assert all("copy_loss" not in r["final_train"] for r in res["runs"]["plain"])
+    cities = {parse_query(k)[0] for k in load_weather_cache()}
+    assert len(cities) > 500
+    for c in cities:
+        ids = tok(f"in {c} on", add_special_tokens=False)["input_ids"]
+        assert f" {c}" in tok.convert_ids_to_tokens(ids) and tok.decode(ids) == f"in {c} on"
+
+
+@pytest.mark.tara
+def test_copy_first_token_task_is_the_first_token_of_every_training_text(tmp_path):
+    """--copy-first-token task: the copy rows open with the token every Themis / plain training text opens
+    with (the tokenizer adds no <s>), read here from the tokenised texts themselves."""
+    from types import SimpleNamespace
+
+    from align.rewards.tara import load_tara, render_item, render_plain
+
+    items = load_tara(["calendar", "weather"], "train")[:40]
+    texts = [render_item(it, s).text for it in items for s in ("pos", "neg")]
+    tok = themis_generative.build_tokenizer(texts, tmp_path / "tok", 300)
+    task_id = themis_generative.copy_first_id(SimpleNamespace(copy_first_token="task"), tok)
+    assert {tok(t)["input_ids"][0] for t in texts} == {task_id} and "### USER:".startswith(tok.decode([task_id]))
+    assert task_id != tok.bos_token_id
+    # the plain RM's texts ('Question: q\nAnswer: a') open with no <s> either (with their own first token)
+    assert tok.bos_token_id not in {tok(render_plain(it.question, it.pos.answer, it.context))["input_ids"][0] for it in items}
+    assert themis_generative.copy_first_id(SimpleNamespace(copy_first_token="bos"), tok) == tok.bos_token_id

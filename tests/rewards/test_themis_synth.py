@@ -131,3 +131,34 @@ def test_tara_templates_and_the_training_split_has_no_test_city_date():
     assert not city_dates_of(synth) & banned
     # TARA's own train split repeats a couple of test city-dates: the experiment drops those items
     assert 0 < len(city_dates_of(train) & banned) < 5
+
+
+def test_claim_first_states_each_answers_value_and_leaves_the_pairs_unchanged():
+    """claim_first: the first Thought of each side opens with that side's value; questions, answers, calls
+    and observations are the same pairs as without it (same rng draws), and the rationale is unchanged."""
+    plain = synth_calendar(120, random.Random(5), CAL_TEMPLATES)
+    claim = synth_calendar(120, random.Random(5), CAL_TEMPLATES, claim_first=True)
+    cache = {f"City{i}, 2023-06-{10 + i}": _obs(["Sunny", "Cloudy", "Mist"][i % 3], 20.0 + i) for i in range(4)}
+    keys = weather_keys(cache, set())
+    plain += synth_weather(60, random.Random(6), cache, keys, WEATHER_TEMPLATES, multi=True)
+    claim += synth_weather(60, random.Random(6), cache, keys, WEATHER_TEMPLATES, multi=True, claim_first=True)
+    for a, b in zip(plain, claim, strict=True):
+        assert (a.question, a.pos.answer, a.neg.answer) == (b.question, b.pos.answer, b.neg.answer)
+        for side_a, side_b in ((a.pos, b.pos), (a.neg, b.neg)):
+            assert side_a.rationale == side_b.rationale
+            assert [(s.action, s.action_input, s.observation) for s in side_a.steps] == \
+                   [(s.action, s.action_input, s.observation) for s in side_b.steps]
+            assert [s.thought for s in side_a.steps[1:]] == [s.thought for s in side_b.steps[1:]]
+            # the value the rationale attributes to the answer ("The answer says X. The tool ...")
+            value = re.match(r"The answer says (.*?)\. The tool ", side_a.rationale).group(1)
+            assert side_b.steps[0].thought == f"The answer says {value}. {side_a.steps[0].thought}"
+            assert value in side_a.answer
+        # the two sides now differ in their first Thought only where the values differ
+        pv = re.match(r"The answer says (.*?)\. ", b.pos.steps[0].thought).group(1)
+        nv = re.match(r"The answer says (.*?)\. ", b.neg.steps[0].thought).group(1)
+        assert pv != nv
+    # independent check of the week_day values: the positive's claim is datetime's weekday name
+    for it in claim[:120]:
+        if it.question.startswith("Which day"):
+            d = date.fromisoformat(re.search(r"\d{4}-\d{2}-\d{2}", it.question).group())
+            assert it.pos.steps[0].thought.startswith(f"The answer says {d.strftime('%A')}. ")
