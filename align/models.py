@@ -263,18 +263,11 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     return scale, float(softcap) if softcap else None
 
 
-def check_head_path(model: nn.Module) -> bool:
-    """Whether `transform_logits(lm_head(decoder(x)))` reproduces the model's own logits on a short probe.
-
-    The trainer computes log-probs from the hidden states and the lm_head (fused, chunked) and the rollout
-    engine samples from the model's own logits; an architecture that changes its logits in a way
-    `logit_transform` does not know (Granite's logits_scaling was one) would make the two disagree silently.
-    The result is kept on the model: False sends the trainer to the model's full logits (`needs_full_logits`)."""
-    import warnings
-
+def _head_path_mismatch(model: nn.Module) -> str | None:
+    """Why `transform_logits(lm_head(decoder(x)))` does not reproduce the model's own logits on a short probe,
+    or None when it does."""
     from align.kernels import transform_logits
 
-    flag = False
     try:
         decoder, head = decoder_and_head(model)
         weight = head.weight
@@ -283,18 +276,29 @@ def check_head_path(model: nn.Module) -> bool:
             full = model(input_ids=ids, use_cache=False).logits.float()
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
             ours = transform_logits(torch.nn.functional.linear(hidden, weight, head.bias).float(), *logit_transform(model))
-        tol = (1e-4 if weight.dtype == torch.float32 else 2e-2) * (1.0 + float(full.abs().max()))
-        flag = ours.shape != full.shape or bool((ours - full).abs().max() > tol)
     except Exception as err:  # noqa: BLE001 - a model without the decoder / head split, or a forward that needs more inputs
-        flag = True
-        reason = f"{type(err).__name__}: {err}"
-    else:
-        reason = "its logits are not lm_head(hidden) with a known scale / soft-cap"
-    if flag:
+        return f"{type(err).__name__}: {err}"
+    tol = (1e-4 if weight.dtype == torch.float32 else 2e-2) * (1.0 + float(full.abs().max()))
+    if ours.shape != full.shape or bool((ours - full).abs().max() > tol):
+        return "its logits are not lm_head(hidden) with a known scale / soft-cap"
+    return None
+
+
+def check_head_path(model: nn.Module) -> bool:
+    """Whether the trainer's lm_head path reproduces the model's own logits (`_head_path_mismatch`).
+
+    The trainer computes log-probs from the hidden states and the lm_head (fused, chunked) and the rollout
+    engine samples from the model's own logits; an architecture that changes its logits in a way
+    `logit_transform` does not know (Granite's logits_scaling was one) would make the two disagree silently.
+    The result is kept on the model: False sends the trainer to the model's full logits (`needs_full_logits`)."""
+    import warnings
+
+    reason = _head_path_mismatch(model)
+    if reason is not None:
         warnings.warn(f"{type(model).__name__}: {reason}; the trainer computes log-probs from the model's full "
                       "[N, T, V] logits (more memory than the fused lm_head path)", stacklevel=2)
-    model._align_full_logits = flag
-    return not flag
+    model._align_full_logits = reason is not None
+    return reason is None
 
 
 def needs_full_logits(model: nn.Module) -> bool:

@@ -187,12 +187,12 @@ def repeat_copy_loss(model: torch.nn.Module, texts_ids: Sequence[Sequence[int]],
             x = torch.tensor([ids])
             logits = model(input_ids=x).logits[0]
             s0 = len(header_ids) + len(t) + 1  # index of the repeat's first token
-            for k in range(2, len(t) + 1):
-                pos = s0 + k - 1
-                ce = float(F.cross_entropy(logits[pos - 1:pos], x[0, pos:pos + 1]))
+            # the loss of repeat token k (k = 2..len(t), at position s0 + k - 1) is predicted at position s0 + k - 2
+            ce = F.cross_entropy(logits[s0:s0 + len(t) - 1], x[0, s0 + 1:s0 + len(t)], reduction="none").tolist()
+            for k, loss in enumerate(ce, start=2):
                 for lo, hi in buckets:
                     if lo <= k <= hi:
-                        sums[f"{lo}-{hi}"][0] += ce
+                        sums[f"{lo}-{hi}"][0] += loss
                         sums[f"{lo}-{hi}"][1] += 1
     model.train(was_training)
     return {k: s / n for k, (s, n) in sums.items() if n}
