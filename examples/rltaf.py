@@ -85,7 +85,7 @@ def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
     from align.rewards.training import evaluate_reward_model, train_reward_model
     from align.testing import make_tiny_model
 
-    splits = task.split_questions()
+    splits = task.split_questions(form=p["question_form"])
     data = out / "data"
     trace = themis_trace(p)  # only Themis reads traces and rationales; the plain RM's text is the same either way
     train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1, trace=trace,
@@ -219,8 +219,8 @@ def call_shares(questions: Sequence[task.Question], infos: Sequence[dict[str, An
         verdict += (task.RIGHT if a == q.answer else task.WRONG) in info["rationale"]
     n = max(1, len(questions))
     out = {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n}
-    if answers is not None:
-        out["verdict_share"] = verdict / n
+    if answers is not None:  # None for a Themis without a rationale (scored after the last observation)
+        out["verdict_share"] = verdict / n if any(info["rationale"] for info in infos) else None
     if answers is not None and compare:
         out.update(second_call_share=second / n, both_calls_share=both / n)
     return out
@@ -240,7 +240,7 @@ def make_policy_base(path: Path, seed: int, p: dict[str, Any]) -> Path:
 def warm_start(out: Path, seed: int, p: dict[str, Any]) -> Path:
     from align.supervised import sft
 
-    splits = task.split_questions()
+    splits = task.split_questions(form=p["question_form"])
     root = out / f"seed{seed}"
     sft_dir = root / "sft-model"
     if not (sft_dir / "config.json").is_file():
@@ -294,7 +294,8 @@ def run_arm(out: Path, seed: int, arm: str, sft_dir: Path, p: dict[str, Any], al
     import align
 
     root = out / f"seed{seed}"
-    prompts = task.write_jsonl(root / "rl_prompts.jsonl", task.prompt_rows(task.split_questions(rl=p["rl_questions"])["rl"]))
+    rl_questions = task.split_questions(rl=p["rl_questions"], form=p["question_form"])["rl"]
+    prompts = task.write_jsonl(root / "rl_prompts.jsonl", task.prompt_rows(rl_questions))
     run_dir = root / f"{algorithm}-{arm}"
     t0, c0 = time.perf_counter(), cpu_seconds()
     align.train(rl_config(algorithm, arm, sft_dir, prompts, run_dir, seed, steps or p["rl_steps"], out, p))
@@ -330,7 +331,7 @@ def expected_accuracy(policy_dir: Path, questions: Sequence[task.Question]) -> f
 
 def rm_params(p: dict[str, Any]) -> dict[str, Any]:
     """The settings the two RMs and their measurements depend on."""
-    return {k: v for k, v in p.items() if k.startswith(("rm_", "themis_", "copy_"))}
+    return {k: v for k, v in p.items() if k.startswith(("rm_", "themis_", "copy_")) or k == "question_form"}
 
 
 def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3,
@@ -339,7 +340,7 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
     load0 = os.getloadavg()
-    heldout = task.split_questions()["heldout"][:p["heldout"]]
+    heldout = task.split_questions(form=p["question_form"])["heldout"][:p["heldout"]]
     measured = out / "rms.json"
     prior = json.loads(measured.read_text()) if measured.is_file() else None
     if not rm_only and prior is not None and rm_params(prior["params"]) == rm_params(p) \
@@ -355,6 +356,13 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
         return rms
     seeds_out = []
     for seed in seeds:
+        # a seed finished with the same settings (e.g. by another process given other --seeds: seeds run in
+        # parallel that way, one process per core) is read back, not run again
+        done = out / f"seed{seed}" / "record.json"
+        if done.is_file() and json.loads(done.read_text())["params"] == p:
+            seeds_out.append(json.loads(done.read_text())["record"])
+            print(f"seed {seed}: read back from {done} (same settings)", flush=True)
+            continue
         ts = time.perf_counter()
         sft_dir = warm_start(out, seed, p)
         rec: dict[str, Any] = {"seed": seed, "sft": {"correct": evaluate_policy(sft_dir, heldout),
@@ -371,6 +379,7 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
             shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # numbers kept, weights not needed
             rec[arm] = r
         rec["wall_s"] = time.perf_counter() - ts
+        done.write_text(json.dumps({"params": p, "record": rec}))
         seeds_out.append(rec)
     smoke = None
     if ppo_smoke_steps:
@@ -405,6 +414,9 @@ DEFAULTS: dict[str, Any] = {
     "rm_far": 0.0, "rm_malformed": 0.0, "rm_test_mixed": 0,
     # a run dir whose rm-plain and rm-themis the two RMs continue from ("" = the shared base, as in runs 1-2)
     "rm_init": "",
+    # the questions' phrasing (rltaf_task.FORMS): "after" (runs 1-3), "later" (run 4: the first call's input
+    # `YYYY-MM-DD, N` is a span of the question)
+    "question_form": "after",
     "policy_hidden": 64, "policy_layers": 2, "sft_examples": 3000, "sft_steps": 350, "sft_lr": 3e-3,
     # GRPO: AdamW's first step moves every weight by lr * sign(gradient); at the former lr 5e-4 with no warm-up
     # that one step took the oracle arm from 44.0% to 9.8% greedy (docs/experiments/rltaf.md, "Why the oracle

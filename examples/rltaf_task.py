@@ -1,5 +1,9 @@
 """The RLTAF task: "What date is N days after YYYY-MM-DD?" with 1 <= N <= 9 and no month wrap.
 
+Two phrasings of the same questions (`FORMS`): "after" (above: runs 1-3) and "later" ("What date is
+YYYY-MM-DD, N days later?": run 4), where the first tool call's input `YYYY-MM-DD, N` is a span of the
+question, so an RM that copies spans writes it; the policy's task and the plain RM's are the same either way.
+
 A tiny policy can learn it (the answer is the question's date with the day raised by N), a plain reward model
 has to do that arithmetic in its head to tell a right answer from a date one to three days off, and a
 tool-augmented one (Themis) can call `Calendar.target_day('YYYY-MM-DD, N')` and compare. Everything here is
@@ -15,7 +19,7 @@ import calendar
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,17 +39,23 @@ TRACES = ("compare", "worked", "released")
 _GARBLE = "0123456789-abcdefghijklmnopqrstuvwxyzKGX@{|(]?'"
 RIGHT = "The answer matches the tool's date."
 WRONG = "The answer differs from the tool's date."
-_QUESTION_RE = re.compile(r"What date is (\d) days? after (\d{4}-\d{2}-\d{2})\?")
+FORMS = ("after", "later")
+_QUESTION_RES = {"after": re.compile(r"What date is (?P<n>\d) days? after (?P<date>\d{4}-\d{2}-\d{2})\?"),
+                 "later": re.compile(r"What date is (?P<date>\d{4}-\d{2}-\d{2}), (?P<n>\d) days? later\?")}
 
 
 @dataclass(frozen=True, order=True)
 class Question:
     start: date
     n: int
+    form: str = field(default="after", compare=False)  # the phrasing (FORMS); the same question either way
 
     @property
     def text(self) -> str:
-        return f"What date is {self.n} day{'s' if self.n != 1 else ''} after {self.start.isoformat()}?"
+        days = f"{self.n} day{'s' if self.n != 1 else ''}"
+        if self.form == "later":
+            return f"What date is {self.start.isoformat()}, {days} later?"
+        return f"What date is {days} after {self.start.isoformat()}?"
 
     @property
     def answer(self) -> str:
@@ -64,11 +74,15 @@ def all_questions(years: Sequence[int] = YEARS) -> list[Question]:
 
 
 def parse_question(text: str) -> Question | None:
-    m = _QUESTION_RE.fullmatch(text.strip())
-    if not m:
-        return None
-    y, mo, d = map(int, m.group(2).split("-"))
-    return Question(date(y, mo, d), int(m.group(1)))
+    """A question in either phrasing -> the Question (None if it is neither, or no valid date)."""
+    for form, pattern in _QUESTION_RES.items():
+        m = pattern.fullmatch(text.strip())
+        if m:
+            try:
+                return Question(date.fromisoformat(m.group("date")), int(m.group("n")), form)
+            except ValueError:
+                return None
+    return None
 
 
 def hard_negative(q: Question, rng: random.Random) -> str:
@@ -163,16 +177,19 @@ def actions_text(steps: Sequence[dict[str, str]]) -> str:
                      f"Observation: {s['Observation']}" for s in steps)
 
 
-def split_questions(seed: int = 0, sizes: dict[str, int] | None = None, rl: int = 2000) -> dict[str, list[Question]]:
+def split_questions(seed: int = 0, sizes: dict[str, int] | None = None, rl: int = 2000,
+                    form: str = "after") -> dict[str, list[Question]]:
     """Disjoint question sets (consecutive slices of one shuffled list). The split seed is fixed for the task
     (the same held-out set for every experiment seed); `rl` sizes the last slice (the RL prompts) only, so the
-    other sets do not depend on it."""
+    other sets do not depend on it; `form` phrases them (FORMS) without changing which questions they are."""
+    if form not in FORMS:
+        raise ValueError(f"question form must be one of {', '.join(FORMS)}, got {form!r}")
     sizes = sizes or {"heldout": 600, "rm_test": 400, "rm_train": 3000, "sft": 3000, "rl": rl}
     qs = all_questions()
     random.Random(seed).shuffle(qs)
     out, start = {}, 0
     for name, k in sizes.items():
-        out[name] = qs[start:start + k]
+        out[name] = [replace(q, form=form) for q in qs[start:start + k]] if form != "after" else qs[start:start + k]
         start += k
     if start > len(qs):
         raise ValueError(f"asked for {start} questions, the task has {len(qs)}")

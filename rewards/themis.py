@@ -189,7 +189,8 @@ class ThemisRewardModel(RewardFunction):
     `tool_timeout_s`). max_new_tokens: tokens per tool round and for the rationale; max_length: the scored
     window (the last this many ids). cache_size: finished scores kept for repeated (question, answer,
     columns) samples (LRU; 0 = off); a hit skips generation. info[i]: trace, tool_calls, rationale,
-    stop_reason, rounds, cached.
+    stop_reason, rounds, cached. rationale: False scores right after the last observation (a model trained with
+    omega = 0, the released `--no_work`); None reads it from the checkpoint's themis.json (True if absent).
     """
 
     name = "themis"
@@ -197,7 +198,8 @@ class ThemisRewardModel(RewardFunction):
     def __init__(self, model_path: str | None = None, *, model: ThemisModel | None = None, tokenizer: Any = None,
                  tools: Any = None, max_rounds: int = 3, max_new_tokens: int = 128, max_length: int = 1024,
                  batch_size: int = 8, max_workers: int = 8, tool_timeout_s: float = 30.0,
-                 max_observation_tokens: int = 256, cache_size: int = 1024, device: str | None = None):
+                 max_observation_tokens: int = 256, cache_size: int = 1024, device: str | None = None,
+                 rationale: bool | None = None):
         if max_rounds < 0 or max_new_tokens < 1 or batch_size < 1 or cache_size < 0:
             raise ValueError("max_rounds and cache_size must be >= 0, max_new_tokens and batch_size >= 1")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -205,13 +207,16 @@ class ThemisRewardModel(RewardFunction):
             if model_path is None:
                 raise ValueError("ThemisRewardModel needs model_path or model= and tokenizer=")
             model, tokenizer = load_themis(model_path)
+            if rationale is None:
+                rationale = bool(themis_meta(model_path).get("rationale", True))
         elif tokenizer is None:
             raise ValueError("pass tokenizer= together with model=")
         self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
         self.max_length, self.batch_size = max_length, batch_size
         self.tracer = ThemisTracer(self.model.lm, tokenizer, tools=tools, max_rounds=max_rounds,
                                    max_new_tokens=max_new_tokens, max_observation_tokens=max_observation_tokens,
-                                   batch_size=batch_size, max_workers=max_workers, tool_timeout_s=tool_timeout_s)
+                                   batch_size=batch_size, max_workers=max_workers, tool_timeout_s=tool_timeout_s,
+                                   rationale=True if rationale is None else bool(rationale))
         self.cache = ResultCache(cache_size) if cache_size else None
         self._lock = threading.Lock()  # one batch at a time: the engine is not reentrant
 
@@ -322,6 +327,12 @@ def save_themis(model: ThemisModel, tokenizer, out_dir: str | Path, **meta: Any)
     (out / THEMIS_META_FILE).write_text(json.dumps({"kind": "themis", **meta}, indent=2))
 
 
+def themis_meta(path: str | Path) -> dict[str, Any]:
+    """The training settings save_themis recorded (themis.json), {} for a checkpoint without them."""
+    f = Path(path) / THEMIS_META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def load_themis(path: str | Path):
     """A directory written by save_themis -> (ThemisModel, tokenizer)."""
     from safetensors.torch import load_file
@@ -337,4 +348,4 @@ def load_themis(path: str | Path):
 
 
 __all__ = ["ThemisModel", "ThemisRewardModel", "ThemisLossOptions", "encode_themis", "themis_loss",
-           "pad_left", "parse_action", "add_themis_tokens", "create_themis", "save_themis", "load_themis", "ACTION_RE"]
+           "pad_left", "parse_action", "add_themis_tokens", "create_themis", "save_themis", "load_themis", "themis_meta", "ACTION_RE"]

@@ -14,6 +14,9 @@ One trace per (question, answer, context):
    the rationale (greedy, `max_new_tokens`, no tools); a trace that still has no EOS gets one appended.
 4. The value head scores the final EOS of exactly these ids (prompt + generated + appended), never a string
    re-tokenised; `max_length` keeps the last that many ids (the EOS carries the score, as in training).
+   Without a rationale (`rationale=False`, a model trained with omega = 0, the released `--no_work`) step 3
+   is replaced: the trace ends where its last observation's output ends, as that training text does (the
+   loop's newline after it and whatever the model wrote next are dropped), and the EOS is appended there.
 
 Everything a tool returns is hostile: it is tokenised with special tokens split (an observation holding
 `<start_work>` or `</s>` yields ordinary characters), cut at `max_observation_tokens`, and a tool that
@@ -51,6 +54,7 @@ STOP_TRACE_EOS = "eos"              # the model wrote the rationale and its EOS 
 STOP_TRACE_FORCED = "forced_rationale"  # the trace ended without a rationale; <start_work> was appended
 STOP_TRACE_TOOL_BUDGET = "tool_budget"  # a call beyond max_rounds; its observation says so, then <start_work>
 STOP_TRACE_LENGTH = "length"        # a token budget ran out; the EOS was appended
+STOP_TRACE_OBSERVATION = "observation"  # no rationale: cut after the last observation, the EOS appended there
 
 
 class _Accepted(str):
@@ -165,10 +169,11 @@ class ThemisTracer:
 
     def __init__(self, lm: torch.nn.Module, tokenizer, *, tools: Any = None, max_rounds: int = 3,
                  max_new_tokens: int = 128, max_observation_tokens: int = 256, batch_size: int = 8,
-                 max_workers: int = 8, tool_timeout_s: float = 30.0):
+                 max_workers: int = 8, tool_timeout_s: float = 30.0, rationale: bool = True):
         if tokenizer.eos_token_id is None:
             raise ValueError("Themis needs a tokenizer with an EOS token: the value head scores the final EOS")
         self.tokenizer, self.max_rounds, self.max_new_tokens = tokenizer, max_rounds, max_new_tokens
+        self.rationale = rationale
         self.engine = RolloutEngine(lm, tokenizer, micro_batch_size=batch_size, gate_top_k=0)
         self.env = ThemisToolEnvironment(tools)
         self.fmt = _TraceFormat(tokenizer, action_re=ACTION_RE)
@@ -201,15 +206,22 @@ class ThemisTracer:
         traces: list[Trace] = []
         for i in range(len(prompts)):
             prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
-            ids = batch.response_ids[i][batch.mask[i].bool()].tolist()
-            traces.append(self._close(prompt, ids, int(batch.stop_reason[i]), env.states[i],
-                                      [m["content"] for m in batch.columns["trajectory"][i] if m["role"] == "tool"]))
-        self._write_rationales([t for t in traces if t.stop_reason != STOP_TRACE_EOS or t.ids[-1:] != [self.eos]])
+            valid = batch.mask[i].bool()
+            ids = batch.response_ids[i][valid].tolist()
+            shown = [m["content"] for m in batch.columns["trajectory"][i] if m["role"] == "tool"]
+            if self.rationale:
+                traces.append(self._close(prompt, ids, int(batch.stop_reason[i]), env.states[i], shown))
+            else:
+                observed = batch.tool_mask[i][valid].tolist() if batch.tool_mask is not None else [False] * len(ids)
+                traces.append(self._close_at_observation(prompt, ids, observed, int(batch.stop_reason[i]),
+                                                         env.states[i], shown))
+        if self.rationale:
+            self._write_rationales([t for t in traces if t.stop_reason != STOP_TRACE_EOS or t.ids[-1:] != [self.eos]])
         return traces
 
-    def _close(self, prompt: list[int], ids: list[int], code: int, state: _Sample, shown: list[str]) -> Trace:
-        """The tool phase's result -> a Trace whose ids end in EOS, or one left open for the rationale phase
-        (`_write_rationales`) with the released forcing already appended."""
+    @staticmethod
+    def _record_observations(state: _Sample, shown: list[str]) -> list[dict[str, Any]]:
+        """Each call's record gets the observation text the loop appended (or why none fitted)."""
         calls = state.calls
         for rec, text in zip(calls, shown):
             rec["observation"] = text
@@ -218,6 +230,29 @@ class ThemisTracer:
             rec["ok"], rec["error"] = False, rec["error"] or "no room left for the observation (token budget)"
         for rec in calls:
             rec["error"] = rec.pop("error")  # keys in a fixed order: action, input, ok, observation, error
+        return calls
+
+    def _close_at_observation(self, prompt: list[int], ids: list[int], observed: list[bool], code: int,
+                              state: _Sample, shown: list[str]) -> Trace:
+        """No rationale: the ids through the last observation's output (`observed` marks the loop's tokens; its
+        trailing newline goes), then EOS. A trace without an observation keeps what the model wrote, through
+        its own EOS or up to the budget (EOS appended)."""
+        calls = self._record_observations(state, shown)
+        last = max((k for k, o in enumerate(observed) if o), default=None)
+        if last is None:
+            body = ids[:-1] if ids[-1:] == [self.eos] else ids
+            stop = STOP_TRACE_EOS if code == STOP_EOS else STOP_TRACE_LENGTH
+        else:
+            body, newline = ids[:last + 1], self._ids("\n")  # the observation's own "\n" piece, same ids
+            if newline and body[-len(newline):] == newline:
+                body = body[:-len(newline)]
+            stop = STOP_TRACE_OBSERVATION
+        return Trace(prompt, body + [self.eos], calls, stop, STOP_REASONS[code])
+
+    def _close(self, prompt: list[int], ids: list[int], code: int, state: _Sample, shown: list[str]) -> Trace:
+        """The tool phase's result -> a Trace whose ids end in EOS, or one left open for the rationale phase
+        (`_write_rationales`) with the released forcing already appended."""
+        calls = self._record_observations(state, shown)
         trace = Trace(prompt, ids, calls, STOP_TRACE_EOS, STOP_REASONS[code])
         has_work = self.work_id in ids
         if code == STOP_EOS and has_work:

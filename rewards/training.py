@@ -218,7 +218,8 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> tupl
             if step % cfg.train.log_every == 0:
                 log(f"step {step}/{len(batches)} loss {rec['loss']:.4f} lm {parts['lm_loss']:.3f} rm {parts['rm_loss']:.3f}")
     model.eval()
-    save_themis(model, tok, out, max_rounds=t.max_rounds, max_new_tokens=t.max_new_tokens, max_length=cfg.model.max_length)
+    save_themis(model, tok, out, max_rounds=t.max_rounds, max_new_tokens=t.max_new_tokens, max_length=cfg.model.max_length,
+                rationale=include_rationale)
     return len(batches), history
 
 
@@ -269,9 +270,9 @@ def evaluate_reward_model(model: Any, sources: Sequence[str], cfg: Any = None, l
         raise ValueError(f"evaluation sources {list(sources)} hold no pairs")
     t0 = time.perf_counter()
     if _checkpoint_kind(path) == "themis":
-        from align.rewards.themis import ThemisRewardModel
+        from align.rewards.themis import ThemisRewardModel, themis_meta
 
-        meta = json.loads((path / "themis.json").read_text()) if (path / "themis.json").is_file() else {}
+        meta = themis_meta(path)
         bs = eval_batch_size or 8
         rm = ThemisRewardModel(str(path), tools=tools, max_rounds=meta.get("max_rounds", 3),
                                max_new_tokens=meta.get("max_new_tokens", 128), max_length=meta.get("max_length", 1024), batch_size=bs)

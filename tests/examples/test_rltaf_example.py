@@ -182,3 +182,39 @@ def test_worked_rationale_marks_each_day_digit_and_keeps_the_verdict():
         assert task.tara_record(q, neg, 0)["neg_answer"]["score_agent"]["explanation"] == task.WRONG  # default unchanged
     # an answer too short to hold a day is padded, never read past its end
     assert task.worked_comparison("2017-10-1", "2017-10-17") == "Answer: 2017-10-1. Observation: 2017-10-17. Days 1? 17: =x. "
+
+
+def test_the_later_form_asks_the_same_questions_with_the_first_call_input_as_a_span():
+    after, later = task.split_questions(), task.split_questions(form="later")
+    assert {k: [(q.start, q.n) for q in v] for k, v in after.items()} == {k: [(q.start, q.n) for q in v] for k, v in later.items()}
+    for q in later["heldout"][:200]:
+        y, m, d = (int(x) for x in q.text.split()[3].rstrip(",").split("-"))
+        n = int(q.text.split()[4])
+        assert q.text == f"What date is {date(y, m, d).isoformat()}, {n} day{'s' if n > 1 else ''} later?"
+        assert (date(y, m, d), n) == (q.start, q.n) and q.answer == (date(y, m, d) + timedelta(days=n)).isoformat()
+        assert f"{q.start.isoformat()}, {q.n}" in q.text  # the Calendar.target_day input, verbatim
+        assert task.parse_question(q.text) == q and task.parse_question(q.text).form == "later"
+        assert task.is_correct(q.text, q.answer) and not task.is_correct(q.text, task.hard_negative(q, random.Random(0)))
+    assert task.parse_question("What date is 2023-06-01, 1 day later?").answer == "2023-06-02"
+    assert task.parse_question("What date is 2023-02-30, 1 day later?") is None  # no such date
+    with pytest.raises(ValueError, match="question form"):
+        task.split_questions(form="before")
+
+
+def test_pipeline_smoke_later_form_without_rationale_and_seed_records(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--smoke", "--seeds", "0", "--no-tara", "--ppo-smoke-steps", "0", "--set",
+            "themis_trace=compare", "question_form=later", "themis_omega=0"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "rm-themis" / "themis.json").read_text())["rationale"] is False
+    first = json.loads((out / "data" / "rm_train.jsonl").read_text().splitlines()[0])
+    assert task.parse_question(first["question"]).form == "later"
+    rows = [json.loads(line) for line in (out / "seed0" / "grpo-themis" / "completions.jsonl").read_text().splitlines()]
+    assert all(task.parse_question(r["prompt"]).form == "later" for r in rows)
+    assert all("<start_work>" not in r["trace"] for r in rows)  # scored after the last observation
+    # a second run with the same settings reads the seed back instead of running it again
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "seed 0: read back from" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"] == res["runs"]

@@ -344,3 +344,60 @@ def test_memorised_model_greedy_trace_equals_a_step_by_step_reference(memorised)
         assert score == pytest.approx(reference_score(model, seq), abs=1e-4)
     pos_scores = [s for s, r in zip(out.scores, rows) if r[4]]
     assert min(pos_scores) > max(s for s, r in zip(out.scores, rows) if not r[4])
+
+
+def test_without_rationale_the_value_head_reads_the_end_of_the_last_observation(scripted):
+    """rationale=False (a model trained with omega = 0): the scored ids are exactly training's encoding of the
+    same trace without a rationale (observation text, then EOS); the loop's newline after the last
+    observation and the call the model asks for beyond max_rounds are not part of it."""
+    from align.rewards.tara import render_themis
+    from align.rewards.themis import encode_themis
+    from align.tools.trace import ToolCall
+
+    model, tok, hook = scripted
+    first, second = Recording(lambda s: ok("2008-06-15")), Recording(lambda s: ok("1"))
+    hook.set({user("q", "a"): [call_turn(tok, "t1", "2008-06-09, 6"), ANY, call_turn(tok, "t2", "a, 2008-06-15"), ANY,
+                               call_turn(tok, "t1", "once more")]})
+    rm = ThemisRewardModel(model=model, tokenizer=tok, tools={"t1": first, "t2": second}, max_rounds=2,
+                           rationale=False, device="cpu")
+    out = rm.score(["q"], ["a"])
+    assert [c[0] for c in first.calls] == ["2008-06-09, 6"] and [c[0] for c in second.calls] == ["a, 2008-06-15"]
+    seg = render_themis("q", "a", [ToolCall("t1", "2008-06-09, 6", "check it", "2008-06-15"),
+                                   ToolCall("t2", "a, 2008-06-15", "check it", "1")], None, include_rationale=False)
+    train_ids, _ = encode_themis(tok, seg, positive=True)
+    assert train_ids[-1] == tok.eos_token_id and tok.decode(train_ids[-3:-1]) == " 1"  # ends "...: 1" + EOS
+    trace = rm.run_traces(["q"], ["a"], [None], [{}])[0]
+    assert trace.prompt_ids + trace.ids == train_ids
+    assert out.scores[0] == pytest.approx(reference_score(model, train_ids), abs=1e-5)
+    info = out.info[0]
+    assert info["stop_reason"] == "observation" and info["rationale"] == "" and info["rounds"] == 2
+    assert [(c["input"], c["observation"], c["ok"]) for c in info["tool_calls"]] == [
+        ("2008-06-09, 6", "2008-06-15", True), ("a, 2008-06-15", "1", True)]
+    # the same script with the rationale (the default): the budget note and a forced rationale follow instead
+    with_work = ThemisRewardModel(model=model, tokenizer=tok, tools={"t1": first, "t2": second}, max_rounds=2,
+                                  device="cpu").run_traces(["q"], ["a"], [None], [{}])[0]
+    assert with_work.stop_reason == "tool_budget" and with_work.ids[:len(trace.ids) - 1] == trace.ids[:-1]
+
+
+def test_without_rationale_a_trace_without_calls_keeps_its_text(scripted):
+    model, tok, hook = scripted
+    finished = ids(tok, "<start_tool> Thought: Do I need to use a tool? No\nFinished.") + [tok.eos_token_id]
+    hook.set({user("q", "a"): [finished]})
+    rm = ThemisRewardModel(model=model, tokenizer=tok, tools={}, rationale=False, device="cpu")
+    out = rm.score(["q"], ["a"])
+    assert out.info[0]["trace"] == "<start_tool> Thought: Do I need to use a tool? No\nFinished."
+    assert out.info[0]["stop_reason"] == "eos" and out.info[0]["tool_calls"] == []
+    assert out.scores[0] == pytest.approx(reference_score(model, tok(user("q", "a")).input_ids + finished), abs=1e-5)
+
+
+def test_rationale_setting_comes_from_the_checkpoint(themis, tmp_path):
+    from align.rewards.themis import save_themis, themis_meta
+
+    model, tok = themis
+    save_themis(model, tok, tmp_path / "no-work", rationale=False)
+    save_themis(model, tok, tmp_path / "released")
+    (tmp_path / "released" / "themis.json").unlink()  # an older checkpoint: no record, the released default
+    assert themis_meta(tmp_path / "no-work")["rationale"] is False
+    assert ThemisRewardModel(str(tmp_path / "no-work"), device="cpu").tracer.rationale is False
+    assert ThemisRewardModel(str(tmp_path / "no-work"), rationale=True, device="cpu").tracer.rationale is True
+    assert ThemisRewardModel(str(tmp_path / "released"), device="cpu").tracer.rationale is True
