@@ -271,7 +271,7 @@ def reward_spec(arm: str, out: Path, p: dict[str, Any]) -> list[dict[str, Any]]:
 def rl_config(algorithm: str, arm: str, model: Path, prompts: Path, run_dir: Path, seed: int, steps: int,
               out: Path, p: dict[str, Any]) -> dict[str, Any]:
     rows = p["prompts_per_step"] * p["group_size"]
-    algo = ({"group_size": p["group_size"], "scale": "group", "kl_coef": p["kl_coef"], "epochs": 1,
+    algo = ({"group_size": p["group_size"], "scale": p["rl_scale"], "kl_coef": p["kl_coef"], "epochs": 1,
              "filter_zero_variance": bool(p["filter_zero_variance"])}
             if algorithm == "grpo" else {"kl_coef": 0.05, "epochs": 1})
     return {
@@ -423,6 +423,9 @@ DEFAULTS: dict[str, Any] = {
     # arm fell"); 3e-5 with 10 warm-up steps keeps the steps inside the region where the gradient is right
     "prompts_per_step": 8, "group_size": 4, "rl_steps": 40, "rl_lr": 3e-5, "rl_warmup": 10, "rl_temperature": 1.0,
     "filter_zero_variance": 0, "kl_coef": 0.0, "heldout": 600,
+    # GRPO's advantage scale (algo.scale): "group" divides by each group's std, so the RM's spread among eight
+    # wrong answers becomes a full-size advantage; "batch" divides by the batch's std (TRL scale_rewards="batch")
+    "rl_scale": "group",
     # RL prompt pool (the last slice of rltaf_task.split_questions: the other splits do not depend on it)
     "rl_questions": 2000,
     # copy pre-training (examples/copy_pretrain.py) of the RM base (shared by both RMs) and of each policy base

@@ -204,7 +204,7 @@ def test_the_later_form_asks_the_same_questions_with_the_first_call_input_as_a_s
 def test_pipeline_smoke_later_form_without_rationale_and_seed_records(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--out", str(out), "--smoke", "--seeds", "0", "--no-tara", "--ppo-smoke-steps", "0", "--set",
-            "themis_trace=compare", "question_form=later", "themis_omega=0"]
+            "themis_trace=compare", "question_form=later", "themis_omega=0", "rl_scale=batch"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert json.loads((out / "rm-themis" / "themis.json").read_text())["rationale"] is False
@@ -213,6 +213,10 @@ def test_pipeline_smoke_later_form_without_rationale_and_seed_records(tmp_path, 
     rows = [json.loads(line) for line in (out / "seed0" / "grpo-themis" / "completions.jsonl").read_text().splitlines()]
     assert all(task.parse_question(r["prompt"]).form == "later" for r in rows)
     assert all("<start_work>" not in r["trace"] for r in rows)  # scored after the last observation
+    from rltaf import rl_config
+
+    config = rl_config("grpo", "themis", out, out, out, 0, 1, out, res["params"])
+    assert res["params"]["rl_scale"] == config["algo"]["scale"] == "batch"
     # a second run with the same settings reads the seed back instead of running it again
     capsys.readouterr()
     assert main(args) == 0
