@@ -178,8 +178,10 @@ class ThemisTracer:
         self.env = ThemisToolEnvironment(tools)
         self.fmt = _TraceFormat(tokenizer, action_re=ACTION_RE)
         # a call in turn max_rounds + 1 is not run (STOP_MAX_TURNS): exactly max_rounds calls, also for 0
+        # without a rationale nothing after the last allowed call's observation is scored: the episode ends there
         self.limits = EpisodeLimits(max_turns=max_rounds + 1, max_tool_calls=max(1, max_rounds),
-                                    max_observation_tokens=max_observation_tokens)
+                                    max_observation_tokens=max_observation_tokens,
+                                    end_at_max_tool_calls=not rationale and max_rounds >= 1)
         self.max_workers, self.tool_timeout_s = max_workers, tool_timeout_s
         self.eos = tokenizer.eos_token_id
         if not {START_WORK, START_OBSERVATION} <= set(tokenizer.get_vocab()):

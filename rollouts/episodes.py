@@ -13,7 +13,8 @@ One episode per prompt. Each turn is one engine call on the live rows' (prompt +
 
 Limits (each row's stop_reason names the one that ended it): `max_turns` policy turns (a call in the last
 allowed turn is not run: STOP_MAX_TURNS), `max_tool_calls` calls per episode (a turn whose calls would pass
-it is not run: STOP_MAX_TOOL_CALLS), and `params.max_new_tokens` total response tokens, policy and observation
+it is not run: STOP_MAX_TOOL_CALLS; with `end_at_max_tool_calls` the episode ends as soon as the observation of
+its last allowed call is appended, for a reader that has nothing to wait for after it), and `params.max_new_tokens` total response tokens, policy and observation
 together (an observation that does not fit, or a turn cut after an observation: STOP_MAX_LENGTH; a row
 that never called a tool and runs out keeps the engine's STOP_LENGTH). `max_observation_tokens` caps each
 tool output (cut with a marker). Random draws of turn j of sample s are keyed by s + j * SEGMENT_STRIDE.
@@ -47,6 +48,7 @@ class EpisodeLimits:
     max_turns: int = 8
     max_tool_calls: int = 16
     max_observation_tokens: int = 512
+    end_at_max_tool_calls: bool = False  # end right after the last allowed call's observation (STOP_MAX_TOOL_CALLS)
 
     def __post_init__(self):
         for k in ("max_turns", "max_tool_calls", "max_observation_tokens"):
@@ -141,6 +143,9 @@ def generate_episodes(engine, prompts: list[str] | list[list[int]], params: Samp
                     continue
                 row.add(ids, tool=True)
                 row.messages += [{"role": "tool", "name": name, "content": s} for (name, _), s in zip(results, shown)]
+                if limits.end_at_max_tool_calls and row.calls >= limits.max_tool_calls:
+                    row.reason = STOP_MAX_TOOL_CALLS  # nothing the policy writes next would be run or read
+                    continue
                 live.append(i)
             turn += 1
     finally:

@@ -368,12 +368,14 @@ def test_without_rationale_the_value_head_reads_the_end_of_the_last_observation(
     assert train_ids[-1] == tok.eos_token_id and tok.decode(train_ids[-3:-1]) == " 1"  # ends "...: 1" + EOS
     trace = rm.run_traces(["q"], ["a"], [None], [{}])[0]
     assert trace.prompt_ids + trace.ids == train_ids
+    assert trace.episode_stop == "max_tool_calls"  # ended at the 2nd observation: the 3rd call is never written
     assert out.scores[0] == pytest.approx(reference_score(model, train_ids), abs=1e-5)
     info = out.info[0]
     assert info["stop_reason"] == "observation" and info["rationale"] == "" and info["rounds"] == 2
     assert [(c["input"], c["observation"], c["ok"]) for c in info["tool_calls"]] == [
         ("2008-06-09, 6", "2008-06-15", True), ("a, 2008-06-15", "1", True)]
-    # the same script with the rationale (the default): the budget note and a forced rationale follow instead
+    # the same script with the rationale (the default): the 3rd call is written, then the budget note and a
+    # forced rationale follow
     with_work = ThemisRewardModel(model=model, tokenizer=tok, tools={"t1": first, "t2": second}, max_rounds=2,
                                   device="cpu").run_traces(["q"], ["a"], [None], [{}])[0]
     assert with_work.stop_reason == "tool_budget" and with_work.ids[:len(trace.ids) - 1] == trace.ids[:-1]

@@ -265,6 +265,11 @@ def test_limits_stop_a_policy_that_calls_forever(policy):
     b = run(policy, {"Q5 ": turns}, limits=EpisodeLimits(max_tool_calls=2))
     assert b.stop_reason.tolist() == [STOP_MAX_TOOL_CALLS]
     assert sum(m["role"] == "tool" for m in b.columns["trajectory"][0]) == 2
+    # end_at_max_tool_calls: the episode ends with the 2nd call's observation; the 3rd turn is never generated
+    b = run(policy, {"Q5 ": turns}, limits=EpisodeLimits(max_tool_calls=2, end_at_max_tool_calls=True))
+    assert b.stop_reason.tolist() == [STOP_MAX_TOOL_CALLS]
+    check_row(b, 0, tok, [(turns[0], False), (hermes_obs(tok, ["1"]), True), (turns[1], False),
+                          (hermes_obs(tok, ["2"]), True)])
     # length: policy + observation tokens together within max_new_tokens
     n_turn, n_obs = len(ids(tok, turns[0])), len(hermes_obs(tok, ["1"]))
     cap = 2 * n_turn + n_obs + 5
