@@ -47,7 +47,9 @@ def assert_steps_match(got: list[dict], want: list[dict]) -> None:
     assert [h["step"] for h in got] == [h["step"] for h in want]
     for g, w in zip(got, want):
         for key in COMPARED:
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+            # abs 1e-6: loss/policy is a mean of O(1) terms that nearly cancel (about 4e-3 at step 2), so the
+            # two ranks' all-reduce order leaves about 1e-7 absolute (1.2e-7 measured on an AMD EPYC VM)
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (g["step"], key)
 
 
 def assert_weights_match(got: dict, want: dict) -> None:
