@@ -359,8 +359,9 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
         # a seed finished with the same settings (e.g. by another process given other --seeds: seeds run in
         # parallel that way, one process per core) is read back, not run again
         done = out / f"seed{seed}" / "record.json"
-        if done.is_file() and json.loads(done.read_text())["params"] == p:
-            seeds_out.append(json.loads(done.read_text())["record"])
+        saved = json.loads(done.read_text()) if done.is_file() else None
+        if saved is not None and saved["params"] == p:
+            seeds_out.append(saved["record"])
             print(f"seed {seed}: read back from {done} (same settings)", flush=True)
             continue
         ts = time.perf_counter()

@@ -189,7 +189,7 @@ def split_questions(seed: int = 0, sizes: dict[str, int] | None = None, rl: int 
     random.Random(seed).shuffle(qs)
     out, start = {}, 0
     for name, k in sizes.items():
-        out[name] = [replace(q, form=form) for q in qs[start:start + k]] if form != "after" else qs[start:start + k]
+        out[name] = [replace(q, form=form) for q in qs[start:start + k]]
         start += k
     if start > len(qs):
         raise ValueError(f"asked for {start} questions, the task has {len(qs)}")

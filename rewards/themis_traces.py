@@ -187,6 +187,7 @@ class ThemisTracer:
         if not {START_WORK, START_OBSERVATION} <= set(tokenizer.get_vocab()):
             raise ValueError("the tokenizer lacks the Themis tokens; add them with align.rewards.themis.add_themis_tokens")
         self.work_id = tokenizer.convert_tokens_to_ids(START_WORK)
+        self.newline_ids = self._ids("\n")  # the observation's own closing "\n" piece (encode_observation), same ids
         self.observation_id = tokenizer.convert_tokens_to_ids(START_OBSERVATION)
 
     def _ids(self, text: str) -> list[int]:
@@ -245,7 +246,7 @@ class ThemisTracer:
             body = ids[:-1] if ids[-1:] == [self.eos] else ids
             stop = STOP_TRACE_EOS if code == STOP_EOS else STOP_TRACE_LENGTH
         else:
-            body, newline = ids[:last + 1], self._ids("\n")  # the observation's own "\n" piece, same ids
+            body, newline = ids[:last + 1], self.newline_ids
             if newline and body[-len(newline):] == newline:
                 body = body[:-len(newline)]
             stop = STOP_TRACE_OBSERVATION

@@ -275,7 +275,8 @@ def evaluate_reward_model(model: Any, sources: Sequence[str], cfg: Any = None, l
         meta = themis_meta(path)
         bs = eval_batch_size or 8
         rm = ThemisRewardModel(str(path), tools=tools, max_rounds=meta.get("max_rounds", 3),
-                               max_new_tokens=meta.get("max_new_tokens", 128), max_length=meta.get("max_length", 1024), batch_size=bs)
+                               max_new_tokens=meta.get("max_new_tokens", 128), max_length=meta.get("max_length", 1024), batch_size=bs,
+                               rationale=meta.get("rationale", True))
         prompts = [p.prompt for p in pairs] * 2
         completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         columns: dict[str, list] = {"context": [p.context for p in pairs] * 2}
