@@ -15,15 +15,19 @@ Pipeline, every stage through the library's public entry points:
   5. greedy ground-truth accuracy on held-out questions, per-question win/tie/lose, paired-by-seed t-interval;
   6. a PPO smoke run (a few steps, Themis reward).
 
-    python examples/rltaf.py --out runs/rltaf --docs docs/experiments     # the experiment (JSON, table, plot)
-    python examples/rltaf.py --out X --smoke                                # seconds: the whole pipeline, tiny
+The stages are jobs of a graph (examples/jobgraph.py; RMs in examples/rltaf_rms.py): a job waits only for
+what it reads, `--workers W` runs them on W one-thread processes (2 on a 2-core machine: the SFT models, the
+plain RM and the cheap arms fill one core while the Themis RM trains), and a rerun with the same settings
+reads every finished job back from OUT/jobs/.
+
+    python examples/rltaf.py --out runs/rltaf --workers 2 --docs docs/experiments   # the experiment
+    python examples/rltaf.py --out X --smoke                                          # seconds, tiny
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -34,6 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the task and report 
 
 import rltaf_report as report  # noqa: E402
 import rltaf_task as task  # noqa: E402
+from jobgraph import Job, cpu_seconds, graph_cost, run_jobs  # noqa: E402
+from rltaf_rms import (  # noqa: E402
+    KINDS,
+    assemble_rms,
+    copy_pretrain_base,
+    measure_rm_job,
+    rm_base_job,
+    rm_params,
+    themis_rounds,
+    train_rm_job,
+    write_rm_data,
+)
 
 ARMS = ("themis", "plain", "oracle")
 PLAIN_TEMPLATE = "Question: {prompt}\nAnswer: {completion}"  # render_plain: what the plain RM was trained on
@@ -45,185 +61,6 @@ def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def copy_pretrain_base(base: Path, steps: int, p: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """Give a random-init backbone the copy skill a pretrained LM has (examples/copy_pretrain.py: uniform
-    random spans over the tokenizer's ordinary tokens, a newline, the span again; no task text), in place.
-    Runs once per directory (copy_pretrain.json records it); steps 0 = off."""
-    if steps <= 0:
-        return None
-    done = base / "copy_pretrain.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    from copy_pretrain import pretrain_copy
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    vocab = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)]
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    stats = pretrain_copy(model, vocab, steps=steps, batch_size=p["copy_batch"], lr=p["copy_lr"], seed=seed,
-                          span=(p["copy_span_min"], p["copy_span_max"]), sep_id=tok.convert_tokens_to_ids("\n"),
-                          log=lambda s: print(f"  [{base.name}] {s}", flush=True), log_every=250)
-    model.save_pretrained(base)
-    stats.update(vocab_size=len(vocab), wall_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0)
-    done.write_text(json.dumps(stats))
-    return stats
-
-
-# ----- reward models ---------------------------------------------------------------------------------------
-
-def train_rms(out: Path, p: dict[str, Any], tara: bool) -> dict[str, Any]:
-    """Both RMs from one backbone, the same pairs, steps, batch and lr; then held-out pairwise accuracy."""
-    from align.command_configs import RMTrainConfig
-    from align.rewards.training import evaluate_reward_model, train_reward_model
-    from align.testing import make_tiny_model
-
-    splits = task.split_questions(form=p["question_form"])
-    data = out / "data"
-    trace = themis_trace(p)  # only Themis reads traces and rationales; the plain RM's text is the same either way
-    train_pairs = task.write_pairs(data / "rm_train.jsonl", splits["rm_train"][:p["rm_pairs"]], seed=1, trace=trace,
-                                   far=p["rm_far"], malformed=p["rm_malformed"])
-    # held-out: run 1's and run 2's pairs (hard negatives only, the same questions and negatives whatever the
-    # trace), and with rm_test_mixed > 0 pairs of the first held-out questions whose negatives are only dates
-    # in another month or malformed strings (the SFT policy's other wrong answers)
-    test_pairs = task.write_pairs(data / "rm_test.jsonl", splits["rm_test"][:p["rm_test"]], seed=2, trace=trace)
-    mixed = ([task.write_pairs(data / "rm_test_mixed.jsonl", splits["rm_test"][:p["rm_test_mixed"]], seed=3,
-                               trace=trace, far=0.4, malformed=0.6)] if p["rm_test_mixed"] else [])
-    base = out / "rm-base"
-    if not (base / "config.json").is_file():
-        make_tiny_model(base, hidden_size=p["rm_hidden"], num_layers=p["rm_layers"], num_heads=4, seed=1234,
-                        max_position_embeddings=p["rm_max_length"] + 128)
-    # one copy-pretrained base for BOTH RMs (same backbone and budget); seed 1234 as the init
-    copy_stats = copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)
-    sources = [str(train_pairs)] + (["tara:calendar"] if tara else [])
-    evals = [str(test_pairs)] + [str(m) for m in mixed] + (["tara:calendar:test"] if tara else [])
-    results: dict[str, Any] = {"train_sources": sources, "eval_sources": evals, "copy_pretrain": copy_stats}
-    for kind in ("plain", "themis"):
-        rm_dir = out / f"rm-{kind}"
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        # stage 1 from the shared backbone; stage 2 (rm_steps2 > 0) continues from stage 1's checkpoint with a
-        # fresh cosine cycle and new shuffling: a warm restart, the same for both RMs
-        # rm_init: both RMs continue from their namesakes in an earlier run dir (same budget for both) instead
-        # of starting from the shared base; a Themis checkpoint's LM is the start, its value head new
-        start0 = Path(p["rm_init"]) / f"rm-{kind}" if p["rm_init"] else base
-        stages = [(out / f"rm-{kind}-stage1", start0, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
-        stages.append((rm_dir, stages[0][0] if stages else start0, p["rm_steps2"] or p["rm_steps"],
-                       p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], 1 if p["rm_steps2"] else 0))
-        for stage_dir, start, steps, lr, seed in stages:
-            if (stage_dir / "train_metrics.json").is_file():
-                continue
-            model = ({"kind": "classifier", "path": str(start), "head": "value_head"} if kind == "plain"
-                     else {"kind": "themis", "path": str(start)})
-            cfg = RMTrainConfig.from_dict({
-                "model": {**model, "max_length": p["rm_max_length"]},
-                "data": {"train": sources},
-                "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
-                          "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": seed, "threads": 1,
-                          "log_every": 50},
-                "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": themis_rounds(p),
-                           "omega": p["themis_omega"]},
-                "output_dir": str(stage_dir)})
-            train_reward_model(cfg, log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))
-        train_metrics = json.loads((rm_dir / "train_metrics.json").read_text())
-        t1, c1 = time.perf_counter(), cpu_seconds()
-        ev = {}
-        for src in evals:
-            r = evaluate_reward_model(str(rm_dir), [src])
-            ev[Path(src).stem if src.endswith(".jsonl") else src] = {"accuracy": r["pairwise_accuracy"], "n": r["n"]}
-        results[kind] = {"train": train_metrics, "eval": ev, "train_wall_s": t1 - t0, "train_cpu_s": c1 - c0,
-                         "eval_wall_s": time.perf_counter() - t1, "eval_cpu_s": cpu_seconds() - c1}
-        if len(stages) == 2:
-            results[kind]["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
-        if kind == "themis":
-            results[kind]["trace_checks"] = themis_trace_checks(rm_dir, splits["rm_test"][:p["rm_test"]][:64], p)
-        print(f"  [rm {kind}] held-out pairwise accuracy: " +
-              ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in ev.items()), flush=True)
-    return results
-
-
-def themis_trace(p: dict[str, Any]) -> str:
-    """The synthetic traces Themis learns (rltaf_task.TRACES); `themis_worked=1` is run 2's name for "worked"."""
-    trace = "worked" if p["themis_worked"] else p["themis_trace"]
-    if trace not in task.TRACES:
-        raise ValueError(f"themis_trace must be one of {', '.join(task.TRACES)}, got {trace!r}")
-    return trace
-
-
-def themis_rounds(p: dict[str, Any]) -> int:
-    """Tool calls a Themis trace may make: two for "compare" (target_day, then day_difference), else one."""
-    return 2 if themis_trace(p) == "compare" else 1
-
-
-def themis_trace_checks(rm_dir: Path, questions: Sequence[task.Question], p: dict[str, Any]) -> dict[str, Any]:
-    """On held-out questions, Themis' full trace loop for three answers each: the right date, a hard negative
-    and a malformed string (rltaf_task.malformed_negative): the call shares (`call_shares`) and example traces."""
-    import random
-
-    from align.rewards.registry import get_reward
-
-    rm = get_reward("themis", model_path=str(rm_dir), max_rounds=themis_rounds(p),
-                    max_new_tokens=p["themis_new_tokens"], batch_size=32)
-    rng = random.Random(4)
-    answers = {"right": [q.answer for q in questions], "hard": [task.hard_negative(q, rng) for q in questions],
-               "malformed": [task.malformed_negative(q, rng) for q in questions]}
-    res: dict[str, Any] = {}
-    scores = {}
-    for kind, ans in answers.items():
-        out = rm.score([q.text for q in questions], ans)
-        scores[kind] = out.scores
-        res[kind] = {**call_shares(questions, out.info, ans, compare=themis_rounds(p) == 2),
-                     "mean_score": sum(out.scores) / max(1, len(out.scores)),
-                     "example_trace": out.info[0]["trace"] if questions else None}
-    n = max(1, len(questions))
-    for kind in ("hard", "malformed"):  # the right answer scored above this wrong one, per question
-        res[kind]["pairwise_vs_right"] = sum(r > w for r, w in zip(scores["right"], scores[kind])) / n
-    # run 1 / run 2 field names: the first call's shares on right answers
-    res.update(n=len(questions), tool_accepts_share=res["right"]["tool_accepts_share"],
-               valid_call_share=res["right"]["valid_call_share"], example_question=questions[0].text if questions else None)
-    return res
-
-
-def call_shares(questions: Sequence[task.Question], infos: Sequence[dict[str, Any]],
-                answers: Sequence[str] | None = None, compare: bool = False) -> dict[str, Any]:
-    """From each trace's call records (align.rewards.themis_traces: action, input, ok, observation, error):
-    the share whose first call is Calendar.target_day and accepted by the tool, the share whose input is the
-    question's own date and N and whose observation is therefore the right date. With the judged `answers`:
-    the share whose rationale states the right verdict, and with `compare` the share whose second call is
-    Calendar.day_difference of exactly '<answer>, <right date>' with the tool's answer
-    (rltaf_task.compare_observation) as its observation, and the share with both calls right."""
-    ok = good = second = both = verdict = 0
-    for i, (q, info) in enumerate(zip(questions, infos)):
-        calls = info["tool_calls"]
-        call = calls[0] if calls else None
-        accepted = call is not None and call["action"] == task.ACTION and call["ok"]
-        ok += accepted
-        first = accepted and call["input"].strip() == f"{q.start.isoformat()}, {q.n}" and \
-            call["observation"].strip() == q.answer
-        good += first
-        if answers is None:
-            continue
-        a = answers[i]
-        if compare:
-            c2 = calls[1] if len(calls) > 1 else None
-            right2 = c2 is not None and c2["action"] == task.COMPARE_ACTION and \
-                c2["input"].strip() == f"{a}, {q.answer}" and c2["observation"].strip() == task.compare_observation(a, q.answer)
-            second += right2
-            both += first and right2
-        verdict += (task.RIGHT if a == q.answer else task.WRONG) in info["rationale"]
-    n = max(1, len(questions))
-    out = {"n": len(questions), "tool_accepts_share": ok / n, "valid_call_share": good / n}
-    if answers is not None:  # None for a Themis without a rationale (scored after the last observation)
-        out["verdict_share"] = verdict / n if any(info["rationale"] for info in infos) else None
-    if answers is not None and compare:
-        out.update(second_call_share=second / n, both_calls_share=both / n)
-    return out
 
 
 # ----- policy ----------------------------------------------------------------------------------------------
@@ -329,75 +166,108 @@ def expected_accuracy(policy_dir: Path, questions: Sequence[task.Question]) -> f
     return sum(math.exp(v) for v in lp) / len(lp)
 
 
-def rm_params(p: dict[str, Any]) -> dict[str, Any]:
-    """The settings the two RMs and their measurements depend on."""
-    return {k: v for k, v in p.items() if k.startswith(("rm_", "themis_", "copy_")) or k == "question_form"}
+def sft_params(p: dict[str, Any]) -> dict[str, Any]:
+    """The settings a seed's SFT model and its held-out measurement depend on."""
+    return {k: v for k, v in p.items() if k.startswith(("policy_", "sft_", "copy_")) or k in ("question_form", "heldout")}
+
+
+def heldout_questions(p: dict[str, Any]) -> list[task.Question]:
+    return task.split_questions(form=p["question_form"])["heldout"][:p["heldout"]]
+
+
+def sft_job(out: Path, seed: int, p: dict[str, Any]) -> dict[str, Any]:
+    """A seed's SFT warm start and its held-out greedy and expected accuracy."""
+    heldout = heldout_questions(p)
+    sft_dir = warm_start(out, seed, p)
+    rec = {"sft": {"correct": evaluate_policy(sft_dir, heldout), "expected": expected_accuracy(sft_dir, heldout)}}
+    copied = out / f"seed{seed}" / "policy-base" / "copy_pretrain.json"
+    rec["policy_copy_pretrain"] = json.loads(copied.read_text()) if copied.is_file() else None
+    print(f"seed {seed}: SFT accuracy {sum(rec['sft']['correct']) / len(heldout):.3f}", flush=True)
+    return rec
+
+
+def arm_job(out: Path, seed: int, arm: str, p: dict[str, Any]) -> dict[str, Any]:
+    """GRPO of one arm from the seed's SFT model; the final policy's held-out accuracies."""
+    heldout = heldout_questions(p)
+    r = run_arm(out, seed, arm, out / f"seed{seed}" / "sft-model", p)
+    r["correct"] = evaluate_policy(Path(r["final"]), heldout)
+    r["expected"] = expected_accuracy(Path(r["final"]), heldout)
+    print(f"seed {seed}: GRPO {arm:<6} accuracy {sum(r['correct']) / len(heldout):.3f}  "
+          f"({r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU)", flush=True)
+    shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # numbers kept, weights not needed
+    return r
+
+
+def ppo_smoke_job(out: Path, seed: int, steps: int, p: dict[str, Any]) -> dict[str, Any]:
+    """A few PPO steps with the Themis reward: the pipeline runs with PPO as well."""
+    r = run_arm(out, seed, "themis", out / f"seed{seed}" / "sft-model", p, algorithm="ppo", steps=steps)
+    shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)
+    return {"seed": seed, "steps": steps, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "curve": r["curve"]}
+
+
+def pipeline_jobs(out: Path, seeds: Sequence[int], p: dict[str, Any], data: dict[str, list[str]], tara: bool,
+                  ppo_smoke_steps: int, rm_only: bool) -> list[Job]:
+    """The experiment as a job graph, in priority order: the critical path (RM base, Themis RM, Themis arms)
+    first, the SFT models, the plain RM and the oracle and plain arms in the gaps, the Themis RM's held-out
+    measurement (which no arm waits for) last."""
+    rm_key, key = {"rm": rm_params(p), "tara": tara}, {"p": p, "tara": tara}
+
+    def rm(kind: str, stage: str, after: str) -> Job:
+        fn, src = (train_rm_job, "train_sources") if stage == "train" else (measure_rm_job, "eval_sources")
+        return Job(f"rm-{kind}-{stage}", fn, (out, kind, p, data[src]), (after,), rm_key)
+
+    base = Job("rm-base", rm_base_job, (out, p), (), rm_key)
+    themis_train, themis_eval = rm("themis", "train", "rm-base"), rm("themis", "eval", "rm-themis-train")
+    plain = [rm("plain", "train", "rm-base"), rm("plain", "eval", "rm-plain-train")]
+    if rm_only:
+        return [base, themis_train, *plain, themis_eval]
+    sfts = [Job(f"seed{s}-sft", sft_job, (out, s, p), (), sft_params(p)) for s in seeds]
+    arms = [Job(f"seed{s}-{arm}", arm_job, (out, s, arm, p), (f"seed{s}-sft",) + ((f"rm-{arm}-train",) if arm in KINDS else ()),
+                key) for arm in ("oracle", "plain", "themis") for s in seeds]
+    smoke = ([Job("ppo-smoke", ppo_smoke_job, (out, seeds[0], ppo_smoke_steps, p), (f"seed{seeds[0]}-sft", "rm-themis-train"),
+                  {**key, "steps": ppo_smoke_steps})] if ppo_smoke_steps else [])
+    return [base, themis_train, *sfts, *plain, *arms, themis_eval, *smoke]
+
+
+def _tree_cpu_seconds() -> float:
+    """CPU of this process and of its finished children (the job graph's worker processes)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return cpu_seconds() + r.ru_utime + r.ru_stime
 
 
 def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3,
-                   rm_only: bool = False) -> dict[str, Any]:
+                   rm_only: bool = False, workers: int = 1) -> dict[str, Any]:
     _one_thread()
     out.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.perf_counter(), cpu_seconds()
+    t0, c0 = time.perf_counter(), _tree_cpu_seconds()
     load0 = os.getloadavg()
-    heldout = task.split_questions(form=p["question_form"])["heldout"][:p["heldout"]]
-    measured = out / "rms.json"
-    prior = json.loads(measured.read_text()) if measured.is_file() else None
-    if not rm_only and prior is not None and rm_params(prior["params"]) == rm_params(p) \
-            and ("tara:calendar" in prior["train_sources"]) == tara:
-        rms = prior  # the RMs were trained and measured by `--rm-only` with these settings: not measured twice
-        print(f"RMs and their held-out measurements from {measured} (same RM settings)", flush=True)
-    else:
-        rms = train_rms(out, p, tara)
+    data = write_rm_data(out, p, tara)
+    done = run_jobs(pipeline_jobs(out, seeds, p, data, tara, ppo_smoke_steps, rm_only), out / "jobs", workers=workers,
+                    initializer=_one_thread)
+    rms = assemble_rms(data, done["rm-base"], {k: done[f"rm-{k}-train"] for k in KINDS},
+                       {k: done[f"rm-{k}-eval"] for k in KINDS})
+    cost = {"wall_s": time.perf_counter() - t0, "cpu_s": _tree_cpu_seconds() - c0, "workers": workers,
+            "graph": graph_cost(done), "jobs": {name: r["_job"] for name, r in done.items()},
+            "loadavg_start": load0, "loadavg_end": os.getloadavg()}
     if rm_only:  # step 3 of the recipe: measure the RMs before any RL
-        rms.update(params=p, wall_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0, loadavg_start=load0,
-                   loadavg_end=os.getloadavg())
+        rms.update(params=p, **cost)
         (out / "rms.json").write_text(json.dumps(rms, indent=1))
         return rms
-    seeds_out = []
-    for seed in seeds:
-        # a seed finished with the same settings (e.g. by another process given other --seeds: seeds run in
-        # parallel that way, one process per core) is read back, not run again
-        done = out / f"seed{seed}" / "record.json"
-        saved = json.loads(done.read_text()) if done.is_file() else None
-        if saved is not None and saved["params"] == p:
-            seeds_out.append(saved["record"])
-            print(f"seed {seed}: read back from {done} (same settings)", flush=True)
-            continue
-        ts = time.perf_counter()
-        sft_dir = warm_start(out, seed, p)
-        rec: dict[str, Any] = {"seed": seed, "sft": {"correct": evaluate_policy(sft_dir, heldout),
-                                                     "expected": expected_accuracy(sft_dir, heldout)}}
-        copied = out / f"seed{seed}" / "policy-base" / "copy_pretrain.json"
-        rec["policy_copy_pretrain"] = json.loads(copied.read_text()) if copied.is_file() else None
-        print(f"seed {seed}: SFT accuracy {sum(rec['sft']['correct']) / len(heldout):.3f}", flush=True)
-        for arm in ARMS:
-            r = run_arm(out, seed, arm, sft_dir, p)
-            r["correct"] = evaluate_policy(Path(r["final"]), heldout)
-            r["expected"] = expected_accuracy(Path(r["final"]), heldout)
-            print(f"seed {seed}: GRPO {arm:<6} accuracy {sum(r['correct']) / len(heldout):.3f}  "
-                  f"({r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU)", flush=True)
-            shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # numbers kept, weights not needed
-            rec[arm] = r
-        rec["wall_s"] = time.perf_counter() - ts
-        done.write_text(json.dumps({"params": p, "record": rec}))
-        seeds_out.append(rec)
-    smoke = None
-    if ppo_smoke_steps:
-        seed = seeds[0]
-        r = run_arm(out, seed, "themis", out / f"seed{seed}" / "sft-model", p, algorithm="ppo", steps=ppo_smoke_steps)
-        shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)
-        smoke = {"seed": seed, "steps": ppo_smoke_steps, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "curve": r["curve"]}
-    results = {"params": p, "seeds": list(seeds), "heldout_questions": len(heldout), "tara": tara, "rms": rms,
-               "runs": seeds_out, "ppo_smoke": smoke, "wall_s": time.perf_counter() - t0,
-               "cpu_s": cpu_seconds() - c0, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-               "machine": report.machine()}
+    runs = []
+    for s in seeds:
+        rec = {"seed": s, **{k: v for k, v in done[f"seed{s}-sft"].items() if k != "_job"}}
+        rec.update({arm: done[f"seed{s}-{arm}"] for arm in ARMS})
+        rec["wall_s"] = sum(done[f"seed{s}-{j}"]["_job"]["wall_s"] for j in ("sft", *ARMS))
+        runs.append(rec)
+    results = {"params": p, "seeds": list(seeds), "heldout_questions": len(heldout_questions(p)), "tara": tara, "rms": rms,
+               "runs": runs, "ppo_smoke": done.get("ppo-smoke"), **cost, "machine": report.machine()}
     results["summary"] = report.summarise(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(report.format_tables(results))
     report.plot(results, out / "rltaf.png")
     return results
-
 
 DEFAULTS: dict[str, Any] = {
     "rm_hidden": 128, "rm_layers": 3, "rm_max_length": 320, "rm_pairs": 2000, "rm_test": 400, "rm_epochs": 100.0,
@@ -447,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tara", action="store_true", help="RMs on the synthetic pairs only (no ALIGN_TARA_DIR needed)")
     ap.add_argument("--ppo-smoke-steps", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"override a size ({', '.join(DEFAULTS)})")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes running the pipeline's jobs (one torch thread each); 2 on a 2-core machine")
     ap.add_argument("--rm-only", action="store_true", help="train and measure the two RMs only (OUT/rms.json)")
     ap.add_argument("--report-only", action="store_true", help="recompute summary, table and plot from OUT/results.json")
     ap.add_argument("--docs", default=None, help="copy results.json (as rltaf_results.json) and rltaf.png here")
@@ -466,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"unknown size {k!r}")
             p[k] = type(p[k])(v)
         results = run_experiment(out, args.seeds, p, tara=not args.no_tara, ppo_smoke_steps=args.ppo_smoke_steps,
-                                 rm_only=args.rm_only)
+                                 rm_only=args.rm_only, workers=args.workers)
         if args.rm_only:
             return 0
     print(report.format_tables(results))

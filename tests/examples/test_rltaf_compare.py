@@ -8,7 +8,7 @@ import re
 from datetime import date, timedelta
 
 import rltaf_task as task
-from rltaf import call_shares, themis_rounds, themis_trace
+from rltaf_rms import call_shares, themis_rounds, themis_trace
 
 FAILED = "Error: the tool 'Calendar.day_difference' failed: "
 

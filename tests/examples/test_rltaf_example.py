@@ -152,7 +152,7 @@ def run_sft_expected(res):
 def test_call_shares_read_the_trace_records_of_the_rollout_engine():
     # records as align.rewards.themis_traces writes them: action, input, ok, observation, error (no "output":
     # reading that key raised KeyError once a Themis RM made accepted calls)
-    from rltaf import call_shares
+    from rltaf_rms import call_shares
 
     qs = [task.Question(date(2017, 10, 8), 9), task.Question(date(2013, 9, 28), 2), task.Question(date(2007, 5, 6), 1),
           task.Question(date(2010, 1, 26), 4)]
@@ -201,7 +201,7 @@ def test_the_later_form_asks_the_same_questions_with_the_first_call_input_as_a_s
         task.split_questions(form="before")
 
 
-def test_pipeline_smoke_later_form_without_rationale_and_seed_records(tmp_path, capsys):
+def test_pipeline_smoke_later_form_without_rationale_and_job_records(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--out", str(out), "--smoke", "--seeds", "0", "--no-tara", "--ppo-smoke-steps", "0", "--set",
             "themis_trace=compare", "question_form=later", "themis_omega=0", "rl_scale=batch"]
@@ -217,8 +217,37 @@ def test_pipeline_smoke_later_form_without_rationale_and_seed_records(tmp_path, 
 
     config = rl_config("grpo", "themis", out, out, out, 0, 1, out, res["params"])
     assert res["params"]["rl_scale"] == config["algo"]["scale"] == "batch"
-    # a second run with the same settings reads the seed back instead of running it again
+    # a second run with the same settings reads every job back instead of running it again
     capsys.readouterr()
     assert main(args) == 0
-    assert "seed 0: read back from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[jobs] seed0-themis: read back from" in printed and ": done (" not in printed
     assert json.loads((out / "results.json").read_text())["runs"] == res["runs"]
+    # a changed RL setting reruns the arms only: the RMs and the SFT model are read back
+    capsys.readouterr()
+    assert main(args + ["kl_coef=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "[jobs] rm-themis-train: read back" in printed and "[jobs] seed0-sft: read back" in printed
+    assert "[jobs] seed0-themis: done (" in printed
+
+
+def test_pipeline_on_two_worker_processes_measures_what_one_process_does(tmp_path):
+    """The job graph on two spawned workers (how the timed run uses both cores) is the same experiment as the
+    in-process run: every held-out judgement, RM accuracy and per-step curve equal; only the timings differ."""
+    args = ["--smoke", "--seeds", "0", "--no-tara", "--ppo-smoke-steps", "0", "--set", "themis_trace=compare",
+            "question_form=later", "themis_omega=0", "rl_scale=batch"]
+    assert main(["--out", str(tmp_path / "one"), *args]) == 0
+    assert main(["--out", str(tmp_path / "two"), "--workers", "2", *args]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["workers"] == 2 and two["graph"]["workers"] == 2  # both workers ran jobs
+    for kind in ("plain", "themis"):
+        assert one["rms"][kind]["eval"] == two["rms"][kind]["eval"]
+        assert one["rms"][kind]["train"]["train/final_loss"] == two["rms"][kind]["train"]["train/final_loss"]
+    for a, b in zip(one["runs"], two["runs"], strict=True):
+        assert a["sft"] == b["sft"]
+        for arm in ("themis", "plain", "oracle"):
+            assert (a[arm]["correct"], a[arm]["expected"], a[arm]["curve"]) == (b[arm]["correct"], b[arm]["expected"], b[arm]["curve"])
+    assert one["summary"] == two["summary"]
+    # the graph's CPU is the sum of its jobs'; this run's own CPU (main + workers) covers it
+    assert two["graph"]["cpu_s"] == pytest.approx(sum(j["cpu_s"] for j in two["jobs"].values()))
+    assert two["cpu_s"] >= 0.9 * two["graph"]["cpu_s"]
