@@ -75,8 +75,11 @@ def rm_base_job(out: Path, p: dict[str, Any]) -> dict[str, Any]:
     return {"copy_pretrain": copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)}
 
 
-def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]) -> dict[str, Any]:
-    """Train one RM (`kind` plain or themis) from the shared base; its training metrics."""
+def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str], seed: int = 0,
+                 max_rounds: int | None = None) -> dict[str, Any]:
+    """Train one RM (`kind` plain or themis) from the shared base; its training metrics. `seed` sets the value
+    head's init and the batch order (stage 2 uses seed + 1); `max_rounds` the Themis call budget (default:
+    `themis_rounds(p)`)."""
     from align.command_configs import RMTrainConfig
     from align.rewards.training import train_reward_model
 
@@ -86,10 +89,10 @@ def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]
     # rm_init: both RMs continue from their namesakes in an earlier run dir (same budget for both) instead
     # of starting from the shared base; a Themis checkpoint's LM is the start, its value head new
     start0 = Path(p["rm_init"]) / f"rm-{kind}" if p["rm_init"] else out / "rm-base"
-    stages = [(out / f"rm-{kind}-stage1", start0, p["rm_steps"], p["rm_lr"], 0)] if p["rm_steps2"] else []
+    stages = [(out / f"rm-{kind}-stage1", start0, p["rm_steps"], p["rm_lr"], seed)] if p["rm_steps2"] else []
     stages.append((rm_dir, stages[0][0] if stages else start0, p["rm_steps2"] or p["rm_steps"],
-                   p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], 1 if p["rm_steps2"] else 0))
-    for stage_dir, start, steps, lr, seed in stages:
+                   p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], seed + 1 if p["rm_steps2"] else seed))
+    for stage_dir, start, steps, lr, stage_seed in stages:
         if (stage_dir / "train_metrics.json").is_file():
             continue
         model = ({"kind": "classifier", "path": str(start), "head": "value_head"} if kind == "plain"
@@ -98,9 +101,9 @@ def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]
             "model": {**model, "max_length": p["rm_max_length"]},
             "data": {"train": list(sources)},
             "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
-                      "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": seed, "threads": 1,
+                      "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": stage_seed, "threads": 1,
                       "log_every": 50},
-            "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": themis_rounds(p),
+            "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": max_rounds or themis_rounds(p),
                        "omega": p["themis_omega"]},
             "output_dir": str(stage_dir)})
         train_reward_model(cfg, log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))

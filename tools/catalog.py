@@ -34,6 +34,7 @@ def call_tool(name: str, input: str, context: dict | None = None) -> ToolResult:
 
 
 def _register_builtins() -> None:
+    from align.tools.answer_check import AnswerMentions
     from align.tools.calculator import Calculator
     from align.tools.calendar_tools import DayDifference, TargetDay, WeekDay
     from align.tools.code_run import CodeRun
@@ -47,6 +48,7 @@ def _register_builtins() -> None:
     register_tool("Calendar.day_difference", DayDifference(), aliases=("day_difference", "calendar.day_difference"))
     register_tool("Calendar.target_day", TargetDay(), aliases=("target_day", "calendar.target_day"))
     register_tool("history_weather", HistoryWeather(), aliases=("weather",))
+    register_tool("Answer.mentions", AnswerMentions(), aliases=("answer_mentions", "answer.mentions"))
     register_tool("translate", Translate(), aliases=("translator",))
     register_tool("google_serper", GoogleSerper(), aliases=("web_search", "serper", "google_search"))
     register_tool("wiki_search", WikiSearch(), aliases=("wikipedia", "wikisearch", "WikiSearch"))

@@ -1,0 +1,207 @@
+"""Generative Themis on TARA calendar with a character-level, copy-pretrained backbone, optionally with a check
+call: after the calendar tool, `Answer.mentions('<observation>')` (align.tools.answer_check) says whether the
+judged answer states what the tool returned, and the value head reads that `yes` / `no`.
+
+Why (docs/experiments/themis_tara.md, "Session 9"): the RLTAF experiment's Themis (3 x 128, character
+tokens, copy pre-training; examples/rltaf.py) judges its task perfectly once the tool does the comparison
+and the model only copies spans; on TARA calendar the same model copies the dates of about half the test
+questions and its value head does not compare answer and observation (52.5% on pairs with both observations
+right). This script trains, from one copy-pretrained character-level base, with the same pairs, steps, batch
+and lr per seed:
+  plain   Bradley-Terry on "Question: q\\nAnswer: a" (value head at the EOS);
+  themis  Themis without a rationale (the released loss with omega = 0, scored after the last observation),
+          its traces TARA's gold call, plus the check call with `--check` (`max_rounds` 2).
+Data: TARA calendar train (320 pairs) plus `--synth` synthetic calendar pairs from TARA's own question
+templates (align.rewards.themis_synth); a training pair (TARA's or synthetic) whose call a test question needs is
+dropped. Measured on the
+106 TARA calendar test pairs through the public scoring path (`ThemisRewardModel.score`, real tools): valid
+first call, gold first observation, pairwise accuracy, accuracy on pairs whose both sides got the gold
+observation; plain RM pairwise accuracy. Jobs run on `--workers` one-thread processes (examples/jobgraph.py).
+
+    ALIGN_TARA_DIR=/path/to/tara python examples/themis_tara_check.py --out runs/tara_check --check --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jobgraph import Job, graph_cost, run_jobs  # noqa: E402
+from rltaf_rms import copy_pretrain_base, train_rm_job  # noqa: E402
+
+CHECK_ACTION = "Answer.mentions"
+CHECK_THOUGHT = "Check the answer."
+RM_SETTINGS = {"rm_epochs": 100.0, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 0, "rm_init": "", "rm_max_length": 560,
+               "themis_new_tokens": 128, "themis_omega": 0.0, "themis_worked": 0, "copy_batch": 32, "copy_lr": 1e-3,
+               "copy_span_min": 4, "copy_span_max": 24}
+
+
+def _one_thread() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _side(answer: Any, check: bool) -> dict[str, Any]:
+    """One side of a pair as a raw TARA record; with `check` the Answer.mentions call of the first call's
+    observation follows it, its observation computed by the real tool on this side's answer."""
+    from align.tools import call_tool
+
+    steps = [{"Thought": s.thought, "Action": s.action, "Action Input": s.action_input, "Observation": s.observation}
+             for s in answer.steps]
+    if check:
+        obs = answer.steps[0].observation
+        res = call_tool(CHECK_ACTION, obs, {"answer": answer.answer})
+        steps.append({"Thought": CHECK_THOUGHT, "Action": CHECK_ACTION, "Action Input": obs, "Observation": res.observation()})
+    actions = "\n".join(f"Thought: {s['Thought']}\nAction: {s['Action']}\nAction Input: {s['Action Input']}\n"
+                        f"Observation: {s['Observation']}" for s in steps)
+    return {"answer": answer.answer, "score": answer.score, "actions": actions,
+            "score_agent": {"explanation": answer.rationale, "score": str(answer.score)}}
+
+
+def pair_record(item: Any, check: bool) -> dict[str, Any]:
+    """A TARA item as a raw TARA record (what `train-rm` reads), each side with the check call if `check`."""
+    return {"id": item.id, "question": item.question, "pos_answer": _side(item.pos, check),
+            "neg_answer": _side(item.neg, check)}
+
+
+def write_data(out: Path, synth: int, check: bool) -> dict[str, Any]:
+    """TARA calendar train + synthetic pairs as TARA-format jsonl (OUT/data/train.jsonl)."""
+    from align.rewards.tara import load_tara
+    from align.rewards.themis_synth import calendar_templates, synth_calendar
+
+    train, test = load_tara(["calendar"], "train"), load_tara(["calendar"], "test")
+    banned = {(s.action, s.action_input.strip()) for it in test for s in it.pos.steps}
+    made = synth_calendar(synth, random.Random(1234), calendar_templates(train)) if synth else []
+
+    def unseen(items: list) -> list:  # no training pair makes a call a test question needs (TARA's train has some)
+        return [it for it in items if (it.pos.steps[0].action, it.pos.steps[0].action_input.strip()) not in banned]
+
+    tara, kept = unseen(train), unseen(made)
+    rows = [pair_record(it, check) for it in tara + kept]
+    path = out / "data" / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"path": str(path), "tara_train": len(tara), "tara_train_dropped": len(train) - len(tara),
+            "synthetic": len(kept), "synthetic_dropped": len(made) - len(kept)}
+
+
+def base_job(out: Path, p: dict[str, Any]) -> dict[str, Any]:
+    from align.testing import make_tiny_model
+
+    base = out / "rm-base"
+    if not (base / "config.json").is_file():
+        make_tiny_model(base, hidden_size=p["hidden"], num_layers=p["layers"], num_heads=4, seed=1234,
+                        max_position_embeddings=p["rm_max_length"] + 128)
+    return {"copy_pretrain": copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)}
+
+
+def rm_job(out: Path, kind: str, seed: int, p: dict[str, Any], source: str) -> dict[str, Any]:
+    """One RM of one seed (OUT/seedS/rm-KIND), trained from the shared base with the seed's batch order."""
+    root = out / f"seed{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "rm-base").exists():
+        (root / "rm-base").symlink_to((out / "rm-base").resolve())
+    res = train_rm_job(root, kind, {**p, "themis_trace": "released"}, [source], seed=seed, max_rounds=p["rounds"])
+    return {**res, **measure(root / f"rm-{kind}", kind, p)}
+
+
+def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:
+    from align.rewards.tara import load_tara
+
+    items = load_tara(["calendar"], "test")
+    n = len(items)
+    if kind == "plain":
+        from align.rewards.training import evaluate_reward_model
+
+        r = evaluate_reward_model(str(rm_dir), ["tara:calendar:test"])
+        return {"accuracy": r["pairwise_accuracy"], "n_pairs": r["n"]}
+    from themis_generative import call_shares
+
+    from align.rewards.themis import ThemisRewardModel
+
+    rm = ThemisRewardModel(str(rm_dir), max_rounds=p["rounds"], max_new_tokens=p["themis_new_tokens"],
+                           max_length=p["rm_max_length"], batch_size=32, device="cpu")
+    res = rm.score([it.question for it in items] * 2, [it.pos.answer for it in items] + [it.neg.answer for it in items],
+                   context=[it.context for it in items] * 2)
+    pos, neg = res.scores[:n], res.scores[n:]
+    calls = [info["tool_calls"] for info in res.info]
+    gold_obs = [it.pos.steps[0].observation for it in items] * 2
+    gold = [bool(c) and c[0]["ok"] and c[0]["observation"] == g for c, g in zip(calls, gold_obs)]
+    both = [k for k in range(n) if gold[k] and gold[k + n]]
+    sides = ["pos"] * n + ["neg"] * n
+    check_right = [len(c) > 1 and c[1]["action"] == CHECK_ACTION and c[1]["input"].strip() == g and
+                   c[1]["observation"] == ("yes" if s == "pos" else "no") for c, g, s in zip(calls, gold_obs, sides)]
+    return {"accuracy": sum(a > b for a, b in zip(pos, neg)) / n, "n_pairs": n,
+            **call_shares(calls, [[g] for g in gold_obs]),
+            "both_gold_pairs": len(both), "accuracy_both_gold": sum(pos[k] > neg[k] for k in both) / max(1, len(both)),
+            "check_call_right_share": sum(check_right) / (2 * n) if p["rounds"] > 1 else None,
+            "examples": [{"question": items[k % n].question, "trace": res.info[k]["trace"], "score": res.scores[k]}
+                         for k in (0, n, 1, n + 1, 2, n + 2)]}
+
+
+def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dict[str, Any]:
+    _one_thread()
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    data = write_data(out, p["synth"], p["check"])
+    key = dict(p)
+    jobs = [Job("rm-base", base_job, (out, p), (), key)]
+    # the Themis RMs first (the long jobs), the plain RMs fill the other worker
+    jobs += [Job(f"seed{s}-{kind}", rm_job, (out, kind, s, p, data["path"]), ("rm-base",), key)
+             for kind in ("themis", "plain") for s in seeds]
+    done = run_jobs(jobs, out / "jobs", workers=workers, initializer=_one_thread)
+    results = {"params": p, "seeds": list(seeds), "data": data, "copy_pretrain": done["rm-base"]["copy_pretrain"],
+               "runs": [{"seed": s, "themis": done[f"seed{s}-themis"], "plain": done[f"seed{s}-plain"]} for s in seeds],
+               "wall_s": time.perf_counter() - t0, "graph": graph_cost(done), "workers": workers,
+               "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+    diffs = [r["themis"]["accuracy"] - r["plain"]["accuracy"] for r in results["runs"]]
+    from rltaf_report import t_interval
+
+    results["themis_minus_plain"] = t_interval(diffs) if len(diffs) > 1 else {"mean": diffs[0]}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/tara_check"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--check", action="store_true", help="traces end with the Answer.mentions check call")
+    ap.add_argument("--synth", type=int, default=3000, help="synthetic calendar pairs added to TARA's 320")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--copy-steps", type=int, default=1500)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--measure", type=Path, default=None, metavar="THEMIS_DIR",
+                    help="only measure this Themis checkpoint on the TARA calendar test pairs (--rounds calls)")
+    ap.add_argument("--rounds", type=int, default=None, help="with --measure: the call budget (default 2 with --check, else 1)")
+    args = ap.parse_args(argv)
+    if args.measure:
+        _one_thread()
+        rounds = args.rounds or (2 if args.check else 1)
+        m = measure(args.measure, "themis", {**RM_SETTINGS, "rounds": rounds, "rm_max_length": 1024})
+        print(json.dumps({k: v for k, v in m.items() if k != "examples"}))
+        return 0
+    p = {**RM_SETTINGS, "rm_steps": args.steps, "rm_copy_steps": args.copy_steps, "layers": args.layers,
+         "hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1}
+    res = run(args.out, args.seeds, p, args.workers)
+    for r in res["runs"]:
+        t, pl = r["themis"], r["plain"]
+        print(f"seed {r['seed']}: themis acc {100 * t['accuracy']:.1f} valid {100 * t['valid_call_share']:.1f} "
+              f"gold {100 * t['gold_observation_share']:.1f} both-gold {t['both_gold_pairs']} at "
+              f"{100 * t['accuracy_both_gold']:.1f} check {t['check_call_right_share']} | plain acc {100 * pl['accuracy']:.1f}")
+    print(json.dumps(res["themis_minus_plain"]), f"wall {res['wall_s']:.0f} s, graph CPU {res['graph']['cpu_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""examples/themis_tara_check.py: the check call appended to each side of a calendar pair is what the real
+tools return for that side's answer, and the record reads back as TARA data with both steps."""
+from __future__ import annotations
+
+import calendar
+import random
+from datetime import date
+
+from themis_tara_check import CHECK_ACTION, pair_record
+
+from align.rewards.tara import parse_item, render_item
+from align.rewards.themis_synth import synth_calendar
+
+TEMPLATES = {"week_day": ["What day of the week is {date}?"], "day_difference": ["Days from {d1} to {d2}?"],
+             "after": ["What is the day {n} days after {date}?"], "before": ["What is the day {n} days before {date}?"]}
+
+
+def test_each_side_gets_the_tools_answer_for_its_own_answer():
+    items = synth_calendar(60, random.Random(0), TEMPLATES)
+    for it in items:
+        raw = pair_record(it, check=True)
+        back = parse_item(raw, "calendar")
+        for side, want in (("pos", "yes"), ("neg", "no")):
+            ans = getattr(back, side)
+            first, second = ans.steps  # the gold calendar call, then the check
+            assert first == getattr(it, side).steps[0]
+            assert (second.action, second.action_input, second.observation) == (CHECK_ACTION, first.observation, want)
+            # the value the check looks for is the calendar tool's answer, independently recomputed here
+            if first.action == "Calendar.week_day":
+                d = date.fromisoformat(first.action_input)
+                assert first.observation == calendar.day_name[d.weekday()]
+            text = render_item(back, side, include_rationale=False).text
+            assert text.count("Action: ") == 2 and text.rstrip().endswith(f"Observation: {want}")
+        assert parse_item(pair_record(it, check=False), "calendar").pos.steps == it.pos.steps[:1]
