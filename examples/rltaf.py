@@ -241,7 +241,7 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
                    rm_only: bool = False, workers: int = 1) -> dict[str, Any]:
     _one_thread()
     out.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.perf_counter(), _tree_cpu_seconds()
+    t0, c0, started = time.perf_counter(), _tree_cpu_seconds(), time.time()
     load0 = os.getloadavg()
     data = write_rm_data(out, p, tara)
     done = run_jobs(pipeline_jobs(out, seeds, p, data, tara, ppo_smoke_steps, rm_only), out / "jobs", workers=workers,
@@ -250,6 +250,7 @@ def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: boo
                        {k: done[f"rm-{k}-eval"] for k in KINDS})
     cost = {"wall_s": time.perf_counter() - t0, "cpu_s": _tree_cpu_seconds() - c0, "workers": workers,
             "graph": graph_cost(done), "jobs": {name: r["_job"] for name, r in done.items()},
+            "read_back": sorted(name for name, r in done.items() if r["_job"]["end"] < started),
             "loadavg_start": load0, "loadavg_end": os.getloadavg()}
     if rm_only:  # step 3 of the recipe: measure the RMs before any RL
         rms.update(params=p, **cost)

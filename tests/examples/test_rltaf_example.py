@@ -229,6 +229,9 @@ def test_pipeline_smoke_later_form_without_rationale_and_job_records(tmp_path, c
     printed = capsys.readouterr().out
     assert "[jobs] rm-themis-train: read back" in printed and "[jobs] seed0-sft: read back" in printed
     assert "[jobs] seed0-themis: done (" in printed
+    again = json.loads((out / "results.json").read_text())
+    assert "rm-themis-train" in again["read_back"] and "seed0-themis" not in again["read_back"]
+    assert f"{len(again['read_back'])} jobs read back" in (out / "table.md").read_text()
 
 
 def test_pipeline_on_two_worker_processes_measures_what_one_process_does(tmp_path):
