@@ -6,11 +6,13 @@ only for its own SFT model and reward model. Each job is a top-level function th
 and reads what its dependencies wrote from disk.
 
 - The result is saved to `<jobs_dir>/<name>.json` with the job's `key` (the settings it depends on) and read
-  back instead of running the job again when the key matches: an interrupted run continues where it stopped.
+  back instead of running the job again when the key matches and every job it waits for was read back too
+  (a job downstream of one that runs again runs again): an interrupted run continues where it stopped.
 - Ready jobs start in list order, so the list order is the priority: put the critical path first.
 - `workers=1` runs every job in this process; more use a spawn-context process pool whose workers run
   `initializer` first (pin torch to one thread there: two processes at two threads each run ~5x slower).
-- A failing job stops the run with an error naming the job; no result is made up for it.
+- A failing job stops the run with an error naming the job (jobs already running on other workers finish
+  first; none is started after it); no result is made up for it.
 
 Each result carries `_job`: the job's own CPU seconds (user + system, measured in the process that ran it),
 wall seconds, start and end (epoch seconds) and the worker's pid, so the caller can report the CPU of the
@@ -93,7 +95,16 @@ def run_jobs(jobs: Sequence[Job], jobs_dir: str | Path, workers: int = 1,
             saved = json.loads(saved_file.read_text())
             if saved["key"] == json.loads(json.dumps(j.key)):
                 results[j.name] = saved["result"]
-                log(f"[jobs] {j.name}: read back from {saved_file} (same settings)")
+    stale = True
+    while stale:  # a saved result downstream of a job that runs again is out of date
+        stale = False
+        for j in jobs:
+            if j.name in results and any(a not in results for a in j.after):
+                del results[j.name]
+                stale = True
+    for j in jobs:
+        if j.name in results:
+            log(f"[jobs] {j.name}: read back from {jobs_dir / (j.name + '.json')} (same settings)")
     todo = [j for j in jobs if j.name not in results]
 
     def finish(j: Job, result: dict[str, Any]) -> None:

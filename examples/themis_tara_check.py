@@ -34,7 +34,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jobgraph import Job, graph_cost, run_jobs  # noqa: E402
-from rltaf_rms import copy_pretrain_base, train_rm_job  # noqa: E402
+from rltaf_rms import rm_base_job, train_rm_job  # noqa: E402
 
 CHECK_ACTION = "Answer.mentions"
 CHECK_THOUGHT = "Check the answer."
@@ -94,16 +94,6 @@ def write_data(out: Path, synth: int, check: bool) -> dict[str, Any]:
             "synthetic": len(kept), "synthetic_dropped": len(made) - len(kept)}
 
 
-def base_job(out: Path, p: dict[str, Any]) -> dict[str, Any]:
-    from align.testing import make_tiny_model
-
-    base = out / "rm-base"
-    if not (base / "config.json").is_file():
-        make_tiny_model(base, hidden_size=p["hidden"], num_layers=p["layers"], num_heads=4, seed=1234,
-                        max_position_embeddings=p["rm_max_length"] + 128)
-    return {"copy_pretrain": copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)}
-
-
 def rm_job(out: Path, kind: str, seed: int, p: dict[str, Any], source: str) -> dict[str, Any]:
     """One RM of one seed (OUT/seedS/rm-KIND), trained from the shared base with the seed's batch order."""
     root = out / f"seed{seed}"
@@ -153,7 +143,7 @@ def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dic
     t0, load0 = time.perf_counter(), os.getloadavg()
     data = write_data(out, p["synth"], p["check"])
     key = dict(p)
-    jobs = [Job("rm-base", base_job, (out, p), (), key)]
+    jobs = [Job("rm-base", rm_base_job, (out, p), (), key)]
     # the Themis RMs first (the long jobs), the plain RMs fill the other worker
     jobs += [Job(f"seed{s}-{kind}", rm_job, (out, kind, s, p, data["path"]), ("rm-base",), key)
              for kind in ("themis", "plain") for s in seeds]
@@ -167,7 +157,35 @@ def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dic
 
     results["themis_minus_plain"] = t_interval(diffs) if len(diffs) > 1 else {"mean": diffs[0]}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "themis_tara_check.png")
     return results
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per seed: Themis and plain pairwise accuracy, Themis' valid-call and gold-observation shares."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the numbers are in results.json either way
+        return
+    runs = results["runs"]
+    bars = {"themis accuracy": [r["themis"]["accuracy"] for r in runs], "plain accuracy": [r["plain"]["accuracy"] for r in runs],
+            "themis valid call": [r["themis"]["valid_call_share"] for r in runs],
+            "themis gold observation": [r["themis"]["gold_observation_share"] for r in runs]}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(bars)
+    for k, (name, vals) in enumerate(bars.items()):
+        ax.bar([i + k * width for i in range(len(runs))], [100 * v for v in vals], width, label=name)
+    ax.axhline(90, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))], [f"seed {r['seed']}" for r in runs])
+    ax.set_ylabel("% of TARA calendar test pairs / samples")
+    ax.set_title("Themis with a check call vs plain RM (character-level 3 x 128, TARA calendar)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         m = measure(args.measure, "themis", {**RM_SETTINGS, "rounds": rounds, "rm_max_length": 1024})
         print(json.dumps({k: v for k, v in m.items() if k != "examples"}))
         return 0
-    p = {**RM_SETTINGS, "rm_steps": args.steps, "rm_copy_steps": args.copy_steps, "layers": args.layers,
-         "hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1}
+    p = {**RM_SETTINGS, "rm_steps": args.steps, "rm_copy_steps": args.copy_steps, "rm_layers": args.layers,
+         "rm_hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1}
     res = run(args.out, args.seeds, p, args.workers)
     for r in res["runs"]:
         t, pl = r["themis"], r["plain"]

@@ -63,6 +63,12 @@ def test_results_are_read_back_by_key_and_rerun_when_it_changes(tmp_path):
     logs.clear()
     run_jobs(changed, tmp_path / "jobs", log=logs.append)
     assert [s for s in logs if "done" in s] == [s for s in logs if s.startswith("[jobs] d: done")] and len(logs) == 5
+    # a job that runs again takes everything downstream with it: a's new key reruns b, c and d; e is read back
+    upstream = [Job(j.name, j.fn, j.args, j.after, {"v": 3}) if j.name == "a" else j for j in changed]
+    logs.clear()
+    run_jobs(upstream, tmp_path / "jobs", log=logs.append)
+    assert sorted(s.split(":")[0][7:] for s in logs if ": done" in s) == ["a", "b", "c", "d"]
+    assert [s.split(":")[0][7:] for s in logs if "read back" in s] == ["e"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
