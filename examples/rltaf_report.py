@@ -198,10 +198,11 @@ def format_tables(results: dict[str, Any]) -> str:
         c = sm["curve"]
         lines += ["", f"PPO smoke (Themis reward, seed {sm['seed']}, {sm['steps']} steps, {sm['wall_s']:.0f} s wall, "
                   f"{sm['cpu_s']:.0f} s CPU): per-step truth " + ", ".join(_pct(x["true_accuracy"]) for x in c) + "%"]
-    graph = results.get("graph")  # runs before the job graph (session 9) have none
-    old = len(results.get("read_back", []))
-    cost = (f"{results['workers']} one-thread worker process(es); the job graph's CPU {graph['cpu_s']:.0f} s"
-            + (f", {old} jobs read back from an earlier run included" if old else "") if graph else "1 thread")
+    cost = "1 thread"  # runs before the job graph (session 9) record no graph
+    if results.get("graph"):
+        cost = f"{results['workers']} one-thread worker process(es); the job graph's CPU {results['graph']['cpu_s']:.0f} s"
+        if results.get("read_back"):
+            cost += f", {len(results['read_back'])} jobs read back from an earlier run included"
     lines += ["", f"Total {results['wall_s']:.0f} s wall, {results['cpu_s']:.0f} s CPU ({cost}); load average "
               f"{results['loadavg_start'][0]:.2f} at start, {results['loadavg_end'][0]:.2f} at end; {results['machine']}"]
     return "\n".join(lines)

@@ -76,20 +76,20 @@ def rm_base_job(out: Path, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str], seed: int = 0,
-                 max_rounds: int | None = None) -> dict[str, Any]:
-    """Train one RM (`kind` plain or themis) from the shared base; its training metrics. `seed` sets the value
-    head's init and the batch order (stage 2 uses seed + 1); `max_rounds` the Themis call budget (default:
-    `themis_rounds(p)`)."""
+                 max_rounds: int | None = None, rm_dir: Path | None = None) -> dict[str, Any]:
+    """Train one RM (`kind` plain or themis) from the shared base OUT/rm-base into `rm_dir` (default
+    OUT/rm-KIND); its training metrics. `seed` sets the value head's init and the batch order (stage 2 uses
+    seed + 1); `max_rounds` the Themis call budget (default: `themis_rounds(p)`)."""
     from align.command_configs import RMTrainConfig
     from align.rewards.training import train_reward_model
 
-    rm_dir = out / f"rm-{kind}"
+    rm_dir = rm_dir or out / f"rm-{kind}"
     # stage 1 from the shared backbone; stage 2 (rm_steps2 > 0) continues from stage 1's checkpoint with a
     # fresh cosine cycle and new shuffling: a warm restart, the same for both RMs
     # rm_init: both RMs continue from their namesakes in an earlier run dir (same budget for both) instead
     # of starting from the shared base; a Themis checkpoint's LM is the start, its value head new
     start0 = Path(p["rm_init"]) / f"rm-{kind}" if p["rm_init"] else out / "rm-base"
-    stages = [(out / f"rm-{kind}-stage1", start0, p["rm_steps"], p["rm_lr"], seed)] if p["rm_steps2"] else []
+    stages = [(rm_dir.with_name(f"{rm_dir.name}-stage1"), start0, p["rm_steps"], p["rm_lr"], seed)] if p["rm_steps2"] else []
     stages.append((rm_dir, stages[0][0] if stages else start0, p["rm_steps2"] or p["rm_steps"],
                    p["rm_lr2"] if p["rm_steps2"] else p["rm_lr"], seed + 1 if p["rm_steps2"] else seed))
     for stage_dir, start, steps, lr, stage_seed in stages:

@@ -33,13 +33,14 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import rltaf_task as task  # noqa: E402
 from jobgraph import Job, graph_cost, run_jobs  # noqa: E402
 from rltaf_rms import rm_base_job, train_rm_job  # noqa: E402
 
 CHECK_ACTION = "Answer.mentions"
 CHECK_THOUGHT = "Check the answer."
 RM_SETTINGS = {"rm_epochs": 100.0, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 0, "rm_init": "", "rm_max_length": 560,
-               "themis_new_tokens": 128, "themis_omega": 0.0, "themis_worked": 0, "copy_batch": 32, "copy_lr": 1e-3,
+               "themis_new_tokens": 128, "themis_omega": 0.0, "themis_trace": "released", "themis_worked": 0, "copy_batch": 32, "copy_lr": 1e-3,
                "copy_span_min": 4, "copy_span_max": 24}
 
 
@@ -61,9 +62,7 @@ def _side(answer: Any, check: bool) -> dict[str, Any]:
         obs = answer.steps[0].observation
         res = call_tool(CHECK_ACTION, obs, {"answer": answer.answer})
         steps.append({"Thought": CHECK_THOUGHT, "Action": CHECK_ACTION, "Action Input": obs, "Observation": res.observation()})
-    actions = "\n".join(f"Thought: {s['Thought']}\nAction: {s['Action']}\nAction Input: {s['Action Input']}\n"
-                        f"Observation: {s['Observation']}" for s in steps)
-    return {"answer": answer.answer, "score": answer.score, "actions": actions,
+    return {"answer": answer.answer, "score": answer.score, "actions": task.actions_text(steps),
             "score_agent": {"explanation": answer.rationale, "score": str(answer.score)}}
 
 
@@ -86,22 +85,16 @@ def write_data(out: Path, synth: int, check: bool) -> dict[str, Any]:
         return [it for it in items if (it.pos.steps[0].action, it.pos.steps[0].action_input.strip()) not in banned]
 
     tara, kept = unseen(train), unseen(made)
-    rows = [pair_record(it, check) for it in tara + kept]
-    path = out / "data" / "train.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = task.write_jsonl(out / "data" / "train.jsonl", [pair_record(it, check) for it in tara + kept])
     return {"path": str(path), "tara_train": len(tara), "tara_train_dropped": len(train) - len(tara),
             "synthetic": len(kept), "synthetic_dropped": len(made) - len(kept)}
 
 
 def rm_job(out: Path, kind: str, seed: int, p: dict[str, Any], source: str) -> dict[str, Any]:
     """One RM of one seed (OUT/seedS/rm-KIND), trained from the shared base with the seed's batch order."""
-    root = out / f"seed{seed}"
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / "rm-base").exists():
-        (root / "rm-base").symlink_to((out / "rm-base").resolve())
-    res = train_rm_job(root, kind, {**p, "themis_trace": "released"}, [source], seed=seed, max_rounds=p["rounds"])
-    return {**res, **measure(root / f"rm-{kind}", kind, p)}
+    rm_dir = out / f"seed{seed}" / f"rm-{kind}"
+    res = train_rm_job(out, kind, p, [source], seed=seed, max_rounds=p["rounds"], rm_dir=rm_dir)
+    return {**res, **measure(rm_dir, kind, p)}
 
 
 def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:

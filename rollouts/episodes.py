@@ -17,7 +17,8 @@ it is not run: STOP_MAX_TOOL_CALLS; with `end_at_max_tool_calls` the episode end
 its last allowed call is appended, for a reader that has nothing to wait for after it), and
 `params.max_new_tokens` total response tokens, policy and observation together (an observation that does not
 fit, or a turn cut after an observation: STOP_MAX_LENGTH; a row that never called a tool and runs out keeps the
-engine's STOP_LENGTH). `max_observation_tokens` caps each tool output (cut with a marker). Random draws of turn j of sample s are keyed by s + j * SEGMENT_STRIDE.
+engine's STOP_LENGTH). `max_observation_tokens` caps each tool output (cut with a marker). Random draws of turn
+j of sample s are keyed by s + j * SEGMENT_STRIDE.
 """
 from __future__ import annotations
 
