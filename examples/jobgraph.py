@@ -11,10 +11,15 @@ and reads what its dependencies wrote from disk.
 - Ready jobs start in list order, so the list order is the priority: put the critical path first.
 - `workers=1` runs every job in this process; more use a spawn-context process pool whose workers run
   `initializer` first (pin torch to one thread there: two processes at two threads each run ~5x slower).
+- A job may need several workers' cores (`slots`: a job that starts its own processes, such as data-parallel
+  ranks under torchrun): it starts only when that many workers are free, and no job listed after it starts
+  before it (strict priority, so a wide job is not held back for ever by narrow ones); on one worker it runs
+  like any other.
 - A failing job stops the run with an error naming the job (jobs already running on other workers finish
   first; none is started after it); no result is made up for it.
 
-Each result carries `_job`: the job's own CPU seconds (user + system, measured in the process that ran it),
+Each result carries `_job`: the job's own CPU seconds (user + system, measured in the process that ran it,
+with the processes it started and waited for),
 wall seconds, start and end (epoch seconds) and the worker's pid, so the caller can report the CPU of the
 whole graph and which worker ran what when.
 """
@@ -42,12 +47,13 @@ class Job:
     args: tuple = ()
     after: tuple[str, ...] = ()
     key: Any = None  # JSON-able: a saved result is reused only when its key equals this one
+    slots: int = 1  # workers' cores the job occupies (it starts slots - 1 processes of its own)
 
 
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """User + system CPU seconds of this process and of the child processes it has waited for, so far."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _timed(fn: Callable[..., dict[str, Any]], args: tuple) -> dict[str, Any]:
@@ -66,6 +72,8 @@ def _check(jobs: Sequence[Job]) -> None:
         raise ValueError(f"job names must be unique: {sorted(n for n in set(names) if names.count(n) > 1)}")
     known = set(names)
     for j in jobs:
+        if j.slots < 1:
+            raise ValueError(f"job {j.name!r} needs slots >= 1, got {j.slots}")
         missing = [a for a in j.after if a not in known]
         if missing:
             raise ValueError(f"job {j.name!r} waits for unknown jobs {missing}")
@@ -127,10 +135,14 @@ def run_jobs(jobs: Sequence[Job], jobs_dir: str | Path, workers: int = 1,
     running: dict[Future, Job] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=initializer) as pool:
         while todo or running:
-            for j in ready()[:workers - len(running)]:
+            free = workers - sum(min(r.slots, workers) for r in running.values())
+            for j in ready():
+                if min(j.slots, workers) > free:
+                    break  # strict priority: it waits for free workers, and the jobs after it wait with it
                 todo.remove(j)
+                free -= min(j.slots, workers)
                 running[pool.submit(_timed, j.fn, j.args)] = j
-                log(f"[jobs] {j.name}: started")
+                log(f"[jobs] {j.name}: started" + (f" ({j.slots} slots)" if j.slots > 1 else ""))
             if not running:  # unreachable after _check: every job left waits for one still to run
                 raise JobFailed(f"no job can start: {[j.name for j in todo]}")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)

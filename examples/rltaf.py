@@ -214,7 +214,8 @@ def pipeline_jobs(out: Path, seeds: Sequence[int], p: dict[str, Any], data: dict
 
     def rm(kind: str, stage: str, after: str) -> Job:
         fn, src = (train_rm_job, "train_sources") if stage == "train" else (measure_rm_job, "eval_sources")
-        return Job(f"rm-{kind}-{stage}", fn, (out, kind, p, data[src]), (after,), rm_key)
+        return Job(f"rm-{kind}-{stage}", fn, (out, kind, p, data[src]), (after,), rm_key,
+                   p["rm_ranks"] if stage == "train" else 1)
 
     base = Job("rm-base", rm_base_job, (out, p), (), rm_key)
     themis_train, themis_eval = rm("themis", "train", "rm-base"), rm("themis", "eval", "rm-themis-train")
@@ -229,26 +230,18 @@ def pipeline_jobs(out: Path, seeds: Sequence[int], p: dict[str, Any], data: dict
     return [base, themis_train, *sfts, *plain, *arms, themis_eval, *smoke]
 
 
-def _tree_cpu_seconds() -> float:
-    """CPU of this process and of its finished children (the job graph's worker processes)."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return cpu_seconds() + r.ru_utime + r.ru_stime
-
-
 def run_experiment(out: Path, seeds: Sequence[int], p: dict[str, Any], tara: bool = True, ppo_smoke_steps: int = 3,
                    rm_only: bool = False, workers: int = 1) -> dict[str, Any]:
     _one_thread()
     out.mkdir(parents=True, exist_ok=True)
-    t0, c0, started = time.perf_counter(), _tree_cpu_seconds(), time.time()
+    t0, c0, started = time.perf_counter(), cpu_seconds(), time.time()
     load0 = os.getloadavg()
     data = write_rm_data(out, p, tara)
     done = run_jobs(pipeline_jobs(out, seeds, p, data, tara, ppo_smoke_steps, rm_only), out / "jobs", workers=workers,
                     initializer=_one_thread)
     rms = assemble_rms(data, done["rm-base"], {k: done[f"rm-{k}-train"] for k in KINDS},
                        {k: done[f"rm-{k}-eval"] for k in KINDS})
-    cost = {"wall_s": time.perf_counter() - t0, "cpu_s": _tree_cpu_seconds() - c0, "workers": workers,
+    cost = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "workers": workers,
             "graph": graph_cost(done), "jobs": {name: r["_job"] for name, r in done.items()},
             "read_back": sorted(name for name, r in done.items() if r["_job"]["end"] < started),
             "loadavg_start": load0, "loadavg_end": os.getloadavg()}
@@ -286,6 +279,10 @@ DEFAULTS: dict[str, Any] = {
     "rm_far": 0.0, "rm_malformed": 0.0, "rm_test_mixed": 0,
     # a run dir whose rm-plain and rm-themis the two RMs continue from ("" = the shared base, as in runs 1-2)
     "rm_init": "",
+    # data-parallel ranks (gloo, one thread each) that train each RM: `torchrun -m align.cli train-rm`, the same
+    # steps and batch as one process (tests/distributed/test_train_rm_ranks.py), each rank half of every batch;
+    # the job occupies that many of the graph's workers
+    "rm_ranks": 1,
     # the questions' phrasing (rltaf_task.FORMS): "after" (runs 1-3), "later" (run 4: the first call's input
     # `YYYY-MM-DD, N` is a span of the question)
     "question_form": "after",

@@ -97,7 +97,7 @@ def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]
             continue
         model = ({"kind": "classifier", "path": str(start), "head": "value_head"} if kind == "plain"
                  else {"kind": "themis", "path": str(start)})
-        cfg = RMTrainConfig.from_dict({
+        settings = {
             "model": {**model, "max_length": p["rm_max_length"]},
             "data": {"train": list(sources)},
             "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
@@ -105,12 +105,33 @@ def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]
                       "log_every": 50},
             "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": max_rounds or themis_rounds(p),
                        "omega": p["themis_omega"]},
-            "output_dir": str(stage_dir)})
-        train_reward_model(cfg, log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))
+            "output_dir": str(stage_dir)}
+        if p["rm_ranks"] > 1:
+            train_on_ranks(settings, p["rm_ranks"], out / "jobs" / f"{stage_dir.name}.train-rm.json")
+        else:
+            train_reward_model(RMTrainConfig.from_dict(settings), log=lambda s, k=kind: print(f"  [rm {k}] {s}", flush=True))
     res: dict[str, Any] = {"train": json.loads((rm_dir / "train_metrics.json").read_text())}
     if len(stages) == 2:
         res["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
     return res
+
+
+def train_on_ranks(settings: dict[str, Any], ranks: int, config_file: Path) -> None:
+    """`align train-rm` data-parallel on `ranks` local gloo ranks of one torch thread each, as a user runs it:
+    `torchrun --standalone --nproc-per-node RANKS -m align.cli train-rm CONFIG`. Its output goes to this job's
+    log; a rank that fails fails the job (CalledProcessError), a stalled collective ends at its timeout."""
+    import os
+    import subprocess
+    import sys
+
+    from align.command_configs import RMTrainConfig
+
+    RMTrainConfig.from_dict(settings)  # a bad setting fails here, in this process, with the config's message
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(settings, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                    "-m", "align.cli", "train-rm", str(config_file)], check=True, env=env)
 
 
 def measure_rm_job(out: Path, kind: str, p: dict[str, Any], evals: Sequence[str]) -> dict[str, Any]:

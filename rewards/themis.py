@@ -156,20 +156,25 @@ def pad_left(rows: Sequence[Sequence[float]], pad_value: float, dtype=torch.long
 
 
 def themis_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor, rewards: torch.Tensor,
-                lm_coef: float = 1.0, rm_coef: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
+                lm_coef: float = 1.0, rm_coef: float = 0.5, token_total: float | None = None,
+                pair_total: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Released Themis loss: lm_coef * token-mean CE + rm_coef * mean(-log sigmoid(r_pos - r_neg)).
 
     logits [2B, T, V], input_ids [2B, T], weights [2B, T] (0 = not supervised), rewards [2B] with the B
     positives first. Token t is predicted from position t-1. (Released main.py / reward_model.py; the
     paper's form is lm_coef = alpha, rm_coef = 1.)
+    token_total / pair_total: the supervised-token weight and the pairs of the whole data-parallel batch
+    (default: this batch's), so that the ranks' losses sum to the loss of the whole batch
+    (align.rewards.data_parallel); lm_loss / rm_loss are then this rank's shares.
     """
     shift_logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
     w = weights[:, 1:].to(shift_logits.dtype)
     ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(w)
-    lm = (ce * w).sum() / w.sum().clamp(min=1e-8)
+    tokens = w.sum() if token_total is None else torch.tensor(float(token_total), dtype=shift_logits.dtype)
+    lm = (ce * w).sum() / tokens.clamp(min=1e-8)
     b = rewards.shape[0] // 2
-    rm = -F.logsigmoid(rewards[:b].float() - rewards[b:].float()).mean()
+    rm = -F.logsigmoid(rewards[:b].float() - rewards[b:].float()).sum() / (pair_total or b)
     loss = lm_coef * lm + rm_coef * rm
     acc = (rewards[:b] > rewards[b:]).float().mean()
     return loss, {"lm_loss": float(lm.detach()), "rm_loss": float(rm.detach()), "pair_acc": float(acc)}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from align.algos.schedule import lambda_lr
 from align.errors import MissingFileError
+from align.rewards.data_parallel import Ranks, current_ranks
 from align.rewards.preference_pairs import (  # noqa: F401  (re-exported)
     PreferencePair,
     ToolObserver,
@@ -50,9 +51,10 @@ class RMTrainResult:
     metrics: dict[str, Any]
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """mean(-log sigmoid(r_w - r_l)) over [B] pairs (Bradley-Terry / InstructGPT RM loss)."""
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pair_total: int | None = None) -> torch.Tensor:
+    """mean(-log sigmoid(r_w - r_l)) over [B] pairs (Bradley-Terry / InstructGPT RM loss); pair_total: the pairs
+    of the whole data-parallel batch (default B), so that the ranks' losses sum to the whole batch's."""
+    return -F.logsigmoid(r_chosen - r_rejected).sum() / (pair_total or r_chosen.shape[0])
 
 
 def pairwise_accuracy(r_chosen: Sequence[float], r_rejected: Sequence[float]) -> float:
@@ -75,12 +77,15 @@ def _optimizer(params, cfg: Any):  # cfg: the config's train section
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def _optimizer_step(loss: torch.Tensor, step: int, model, opt, sched, grad_clip: float) -> float:
-    """backward + clip + step; a non-finite loss stops before the optimizer. Returns the gradient norm."""
-    if not torch.isfinite(loss):
+def _optimizer_step(loss: torch.Tensor, step: int, model, opt, sched, grad_clip: float, ranks: Ranks = Ranks(),
+                    batch_loss: float | None = None) -> float:
+    """backward + (summed over data-parallel ranks) + clip + step; a non-finite loss stops before the optimizer.
+    batch_loss: the whole batch's loss (the ranks' sum), so every rank stops together. Returns the gradient norm."""
+    if not math.isfinite(float(loss.detach()) if batch_loss is None else batch_loss):
         raise FloatingPointError(f"non-finite RM loss at step {step}; lower train.lr or check the data (NaN never reaches the optimizer)")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    ranks.sum_gradients(model)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     sched.step()
@@ -88,32 +93,44 @@ def _optimizer_step(loss: torch.Tensor, step: int, model, opt, sched, grad_clip:
 
 
 def train_reward_model(cfg: Any, log: Callable[[str], None] = print) -> RMTrainResult:
-    """Train the RM the config describes, save it to cfg.output_dir, evaluate on data.eval; returns metrics."""
+    """Train the RM the config describes, save it to cfg.output_dir, evaluate on data.eval; returns metrics.
+
+    Under torchrun (the command joined the process group) the ranks train data-parallel
+    (align.rewards.data_parallel): the same steps as one process, each rank computing its share of every batch;
+    rank 0 alone logs, writes the checkpoint and metrics, and evaluates."""
     if not cfg.data.train:
         raise ValueError("data.train is empty: nothing to train on")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    ranks = current_ranks()
+    log = log if ranks.is_main else (lambda s: None)
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rm_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if ranks.is_main:
+        (out / "rm_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     pairs = load_sources(cfg.data.train, "train", cfg.data.limit)
     if not pairs:
         raise ValueError(f"data.train {cfg.data.train} holds no pairs")
     t0 = time.perf_counter()
     if cfg.model.kind == "classifier":
-        steps, history = _train_classifier(cfg, pairs, out, log)
+        steps, history, local_pairs = _train_classifier(cfg, pairs, out, log, ranks)
     else:
-        steps, history = _train_themis(cfg, pairs, out, log)
+        steps, history, local_pairs = _train_themis(cfg, pairs, out, log, ranks)
     seconds = time.perf_counter() - t0
-    metrics: dict[str, Any] = {"train/steps": steps, "train/seconds": seconds, "train/pairs": len(pairs)}
+    metrics: dict[str, Any] = {"train/steps": steps, "train/seconds": seconds, "train/pairs": len(pairs),
+                               "train/ranks": ranks.world_size,
+                               # the pairs each rank forwarded: the batches' split, checkable from outside
+                               "train/rank_pairs": [int(n) for n in ranks.gather(local_pairs)]}
     if history:
         metrics.update({f"train/final_{k}": v for k, v in history[-1].items() if k != "step"})
-    if cfg.data.eval:
-        ev = evaluate_reward_model(str(out), cfg.data.eval, cfg=cfg)
-        metrics.update({f"eval/{k}": v for k, v in ev.items()})
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if ranks.is_main:
+        if cfg.data.eval:
+            ev = evaluate_reward_model(str(out), cfg.data.eval, cfg=cfg)
+            metrics.update({f"eval/{k}": v for k, v in ev.items()})
+        (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    ranks.barrier()  # no rank returns (and no launcher reads the checkpoint) before rank 0 has written it
     return RMTrainResult(str(out), steps, seconds, metrics)
 
 
@@ -130,9 +147,23 @@ def _batches(n: int, batch_size: int, epochs: float, seed: int, max_steps: int |
     return batches[:total]
 
 
-def _write_metrics(fh, record: dict[str, Any]) -> None:
-    fh.write(json.dumps(record) + "\n")
-    fh.flush()
+class _MetricsLog:
+    """metrics.jsonl, one record per step, written by rank 0 only."""
+
+    def __init__(self, path: Path, write: bool):
+        self.fh = path.open("w") if write else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fh:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
+
+    def __enter__(self) -> _MetricsLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fh:
+            self.fh.close()
 
 
 def saved_template(pairs: list[PreferencePair], template: str, observations: str) -> str:
@@ -144,7 +175,7 @@ def saved_template(pairs: list[PreferencePair], template: str, observations: str
     return template
 
 
-def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
+def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: Ranks) -> tuple[int, list[dict], int]:
     from align.rewards.classifier import ClassifierRewardModel
 
     rm = ClassifierRewardModel(cfg.model.path, head=cfg.model.head, template=cfg.model.template,
@@ -158,26 +189,34 @@ def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> 
     opt = _optimizer(model.named_parameters(), cfg.train)
     sched = _schedule(opt, len(batches), cfg.train.warmup_ratio)
     history: list[dict] = []
-    with (out / "metrics.jsonl").open("w") as fh:
-        for step, idx in enumerate(_progress(batches, "train-rm"), start=1):
-            enc = rm.encode([texts[i][0] for i in idx] + [texts[i][1] for i in idx])
-            r = rm.forward_scores(**enc).float()
-            b = len(idx)
-            loss = bradley_terry_loss(r[:b], r[b:])
-            gnorm = _optimizer_step(loss, step, model, opt, sched, cfg.train.grad_clip)
-            rec = {"step": step, "loss": float(loss.detach()), "pair_acc": float((r[:b] > r[b:]).float().mean()),
-                   "grad_norm": gnorm, "lr": sched.get_last_lr()[0]}
+    local_pairs = 0
+    with _MetricsLog(out / "metrics.jsonl", ranks.is_main) as metrics_log:
+        for step, idx in enumerate(_progress(batches, "train-rm", ranks), start=1):
+            mine, b = ranks.share(idx), len(idx)
+            local_pairs += len(mine)
+            loss, right = torch.zeros((), requires_grad=True), 0.0  # a rank without pairs adds zero gradients
+            if mine:
+                enc = rm.encode([texts[i][0] for i in mine] + [texts[i][1] for i in mine])
+                r = rm.forward_scores(**enc).float()
+                m = len(mine)
+                loss = bradley_terry_loss(r[:m], r[m:], pair_total=b)
+                right = float((r[:m] > r[m:]).sum())
+            batch_loss, batch_right = ranks.sum([float(loss.detach()), right])
+            gnorm = _optimizer_step(loss, step, model, opt, sched, cfg.train.grad_clip, ranks, batch_loss)
+            rec = {"step": step, "loss": batch_loss, "pair_acc": batch_right / b, "grad_norm": gnorm,
+                   "lr": sched.get_last_lr()[0]}
             history.append(rec)
-            _write_metrics(fh, rec)
+            metrics_log.write(rec)
             if step % cfg.train.log_every == 0:
                 log(f"step {step}/{len(batches)} loss {rec['loss']:.4f} acc {rec['pair_acc']:.3f}")
     model.eval()
     rm.template = saved_template(pairs, cfg.model.template, cfg.data.observations)
-    rm.save_pretrained(out)
-    return len(batches), history
+    if ranks.is_main:
+        rm.save_pretrained(out)
+    return len(batches), history, local_pairs
 
 
-def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> tuple[int, list[dict]]:
+def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: Ranks) -> tuple[int, list[dict], int]:
     from align.rewards.themis import (
         ThemisLossOptions,
         create_themis,
@@ -202,28 +241,44 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log) -> tupl
     sched = _schedule(opt, len(batches), cfg.train.warmup_ratio)
     model.train()
     history: list[dict] = []
-    with (out / "metrics.jsonl").open("w") as fh:
-        for step, idx in enumerate(_progress(batches, "train-rm (themis)"), start=1):
-            rows = [encode_themis(tok, segs[i][0], True, opts, rng, cfg.model.max_length) for i in idx]
-            rows += [encode_themis(tok, segs[i][1], False, opts, rng, cfg.model.max_length) for i in idx]
-            ids = pad_left([r[0] for r in rows], tok.pad_token_id)
-            weights = pad_left([r[1] for r in rows], 0.0, dtype=torch.float32)
-            mask = pad_left([[1] * len(r[0]) for r in rows], 0)
-            logits, rewards = model(ids, mask)
-            loss, parts = themis_loss(logits, ids, weights, rewards, t.lm_coef, t.rm_coef)
-            gnorm = _optimizer_step(loss, step, model, opt, sched, cfg.train.grad_clip)
-            rec = {"step": step, "loss": float(loss.detach()), **parts, "grad_norm": gnorm, "lr": sched.get_last_lr()[0]}
+    local_pairs = 0
+    with _MetricsLog(out / "metrics.jsonl", ranks.is_main) as metrics_log:
+        for step, idx in enumerate(_progress(batches, "train-rm (themis)", ranks), start=1):
+            # every rank encodes the whole batch (cheap next to the forward), so observation dropout draws the
+            # same numbers as one process, and the batch's supervised-token total is known without a collective
+            pos = [encode_themis(tok, segs[i][0], True, opts, rng, cfg.model.max_length) for i in idx]
+            neg = [encode_themis(tok, segs[i][1], False, opts, rng, cfg.model.max_length) for i in idx]
+            tokens = sum(sum(w[1:]) for _, w in pos + neg)  # weights of predicted tokens (the first is not)
+            mine = ranks.share(range(len(idx)))
+            local_pairs += len(mine)
+            loss, lm, rm_part, right = torch.zeros((), requires_grad=True), 0.0, 0.0, 0.0
+            if mine:
+                rows = [pos[k] for k in mine] + [neg[k] for k in mine]
+                ids = pad_left([r[0] for r in rows], tok.pad_token_id)
+                weights = pad_left([r[1] for r in rows], 0.0, dtype=torch.float32)
+                mask = pad_left([[1] * len(r[0]) for r in rows], 0)
+                logits, rewards = model(ids, mask)
+                loss, parts = themis_loss(logits, ids, weights, rewards, t.lm_coef, t.rm_coef,
+                                          token_total=tokens, pair_total=len(idx))
+                lm, rm_part, right = parts["lm_loss"], parts["rm_loss"], parts["pair_acc"] * len(mine)
+            batch_loss, lm, rm_part, right = ranks.sum([float(loss.detach()), lm, rm_part, right])
+            gnorm = _optimizer_step(loss, step, model, opt, sched, cfg.train.grad_clip, ranks, batch_loss)
+            rec = {"step": step, "loss": batch_loss, "lm_loss": lm, "rm_loss": rm_part, "pair_acc": right / len(idx),
+                   "grad_norm": gnorm, "lr": sched.get_last_lr()[0]}
             history.append(rec)
-            _write_metrics(fh, rec)
+            metrics_log.write(rec)
             if step % cfg.train.log_every == 0:
-                log(f"step {step}/{len(batches)} loss {rec['loss']:.4f} lm {parts['lm_loss']:.3f} rm {parts['rm_loss']:.3f}")
+                log(f"step {step}/{len(batches)} loss {rec['loss']:.4f} lm {lm:.3f} rm {rm_part:.3f}")
     model.eval()
-    save_themis(model, tok, out, max_rounds=t.max_rounds, max_new_tokens=t.max_new_tokens, max_length=cfg.model.max_length,
-                rationale=include_rationale)
-    return len(batches), history
+    if ranks.is_main:
+        save_themis(model, tok, out, max_rounds=t.max_rounds, max_new_tokens=t.max_new_tokens,
+                    max_length=cfg.model.max_length, rationale=include_rationale)
+    return len(batches), history, local_pairs
 
 
-def _progress(items, desc: str):
+def _progress(items, desc: str, ranks: Ranks = Ranks()):
+    if not ranks.is_main:
+        return items
     try:
         from tqdm import tqdm
 

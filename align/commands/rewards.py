@@ -121,13 +121,18 @@ def register_serve_rewards(subparsers) -> None:
 
 def _train_rm(args: argparse.Namespace) -> int:
     from align.command_configs import load_rm_config
+    from align.distributed import init_from_env
     from align.rewards.training import format_accuracy_table, train_reward_model
 
     cfg = load_rm_config(args.config, args.overrides)
+    # under torchrun (WORLD_SIZE > 1) the ranks train data-parallel; alone this is a no-op
+    ctx = init_from_env(threads=cfg.train.threads or 0)
     try:
         res = train_reward_model(cfg)
     except ValueError as err:  # data errors a user can fix (missing columns, empty sources, unknown TARA group)
         raise UserError(str(err)) from None
+    if not ctx.is_main:
+        return 0
     print(f"trained {cfg.model.kind} reward model: {res.steps} steps in {res.train_seconds:.0f} s -> {res.output_dir}")
     ev = {k[len("eval/"):]: v for k, v in res.metrics.items() if k.startswith("eval/")}
     if ev:
@@ -165,7 +170,9 @@ def _eval_rm(args: argparse.Namespace) -> int:
 def register_train_rm(subparsers) -> None:
     p = subparsers.add_parser("train-rm", help="train a reward model (classifier RM or Themis) on preference pairs",
                               description="Train a reward model: pairwise Bradley-Terry for classifier RMs, "
-                                          "lm + 0.5 * BT for Themis (model.kind: themis). Prints pairwise accuracy.")
+                                          "lm + 0.5 * BT for Themis (model.kind: themis). Prints pairwise accuracy. Under "
+                                          "torchrun (torchrun --nproc-per-node N -m align.cli train-rm CONFIG) the "
+                                          "ranks train data-parallel: the same steps, each rank a share of every batch.")
     p.add_argument("config", help="RM config YAML (see examples/configs/rm_*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")

@@ -92,3 +92,36 @@ def test_a_malformed_graph_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         run_jobs([j("a")], tmp_path / "jobs", workers=0)
     assert not list(tmp_path.glob("*.out"))
+
+
+def spin_in_a_child(seconds: float) -> dict:
+    """A job whose work is done by a process it starts and waits for (as a torchrun launch is)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass"],
+                   check=True)
+    return {"pid": os.getpid()}
+
+
+def test_a_wide_job_runs_alone_and_holds_back_the_jobs_after_it(tmp_path):
+    j = lambda name, slots=1: Job(name, write_after, (str(tmp_path), name, [], 0.4), (), None, slots)  # noqa: E731
+    # x takes one worker; wide (2 slots) is next and waits for the other; y, listed after wide, waits with it
+    res = run_jobs([j("x"), j("wide", 2), j("y")], tmp_path / "jobs", workers=2, log=lambda s: None)
+    t = {k: (v["_job"]["start"], v["_job"]["end"]) for k, v in res.items()}
+    assert t["x"][1] <= t["wide"][0] and t["wide"][1] <= t["y"][0]
+    # first in the list it starts at once, alone; the narrow jobs after it then overlap each other
+    res = run_jobs([j("wide2", 2), j("p"), j("q")], tmp_path / "jobs2", workers=2, log=lambda s: None)
+    t = {k: (v["_job"]["start"], v["_job"]["end"]) for k, v in res.items()}
+    assert t["wide2"][1] <= min(t["p"][0], t["q"][0]) and t["p"][0] < t["q"][1] and t["q"][0] < t["p"][1]
+    # on one worker a wide job simply runs in turn
+    res = run_jobs([j("solo", 2)], tmp_path / "jobs3", workers=1, log=lambda s: None)
+    assert res["solo"]["value"] == 1
+    with pytest.raises(ValueError, match="slots >= 1"):
+        run_jobs([j("none", 0)], tmp_path / "jobs4", log=lambda s: None)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_jobs_cpu_counts_the_processes_it_waited_for(tmp_path, workers):
+    res = run_jobs([Job("child", spin_in_a_child, (0.6,), (), None)], tmp_path / "jobs", workers=workers, log=lambda s: None)
+    assert res["child"]["_job"]["cpu_s"] >= 0.55

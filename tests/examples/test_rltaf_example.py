@@ -254,3 +254,20 @@ def test_pipeline_on_two_worker_processes_measures_what_one_process_does(tmp_pat
     # the graph's CPU is the sum of its jobs'; this run's own CPU (main + workers) covers it
     assert two["graph"]["cpu_s"] == pytest.approx(sum(j["cpu_s"] for j in two["jobs"].values()))
     assert two["cpu_s"] >= 0.9 * two["graph"]["cpu_s"]
+
+
+def test_the_rms_train_data_parallel_under_torchrun_in_a_two_slot_job(tmp_path):
+    """rm_ranks=2: each RM is trained by `torchrun -m align.cli train-rm` on two ranks (the user's command), as a
+    job holding both workers; each rank forwarded half of the pairs, and the job's CPU counts both ranks."""
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--smoke", "--rm-only", "--no-tara", "--workers", "2", "--set", "rm_ranks=2"]) == 0
+    rms = json.loads((out / "rms.json").read_text())
+    for kind in ("plain", "themis"):
+        train = rms[kind]["train"]
+        assert train["train/ranks"] == 2 and train["train/rank_pairs"] == [4, 4]  # 2 steps x 4 pairs, split
+        assert rms[kind]["train_cpu_s"] > rms[kind]["train_wall_s"]  # two processes worked at once
+        assert 0.0 <= rms[kind]["eval"]["rm_test"]["accuracy"] <= 1.0
+    jobs = rms["jobs"]
+    for other in ("rm-plain-train", "rm-plain-eval", "rm-themis-eval"):  # nothing ran beside the wide Themis job
+        o, t = jobs[other], jobs["rm-themis-train"]
+        assert o["end"] <= t["start"] or o["start"] >= t["end"]
