@@ -39,7 +39,7 @@ from rltaf_rms import rm_base_job, train_rm_job  # noqa: E402
 
 CHECK_ACTION = "Answer.mentions"
 CHECK_THOUGHT = "Check the answer."
-RM_SETTINGS = {"rm_epochs": 100.0, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 0, "rm_init": "", "rm_max_length": 560,
+RM_SETTINGS = {"rm_ranks": 1, "rm_epochs": 100.0, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 0, "rm_init": "", "rm_max_length": 560,
                "themis_new_tokens": 128, "themis_omega": 0.0, "themis_trace": "released", "themis_worked": 0, "copy_batch": 32, "copy_lr": 1e-3,
                "copy_span_min": 4, "copy_span_max": 24}
 
@@ -91,10 +91,24 @@ def write_data(out: Path, synth: int, check: bool) -> dict[str, Any]:
 
 
 def rm_job(out: Path, kind: str, seed: int, p: dict[str, Any], source: str) -> dict[str, Any]:
-    """One RM of one seed (OUT/seedS/rm-KIND), trained from the shared base with the seed's batch order."""
+    """One RM of one seed (OUT/seedS/rm-KIND), trained from the shared base with the seed's batch order, then
+    measured (the plain RM always in one process)."""
     rm_dir = out / f"seed{seed}" / f"rm-{kind}"
-    res = train_rm_job(out, kind, p, [source], seed=seed, max_rounds=p["rounds"], rm_dir=rm_dir)
+    res = train_rm_job(out, kind, {**p, "rm_ranks": 1}, [source], seed=seed, max_rounds=p["rounds"], rm_dir=rm_dir)
     return {**res, **measure(rm_dir, kind, p)}
+
+
+def themis_train_job(out: Path, seed: int, p: dict[str, Any], source: str) -> dict[str, Any]:
+    """The Themis RM of one seed trained on p["rm_ranks"] data-parallel ranks (a job holding that many workers)."""
+    return train_rm_job(out, "themis", p, [source], seed=seed, max_rounds=p["rounds"],
+                        rm_dir=out / f"seed{seed}" / "rm-themis")
+
+
+def themis_measure_job(out: Path, seed: int, p: dict[str, Any], trained: str) -> dict[str, Any]:
+    """The trained Themis RM of one seed measured; its training metrics read from that job's saved result."""
+    res = json.loads((out / "jobs" / f"{trained}.json").read_text())["result"]
+    return {**{k: v for k, v in res.items() if k != "_job"}, "train_job": res["_job"],
+            **measure(out / f"seed{seed}" / "rm-themis", "themis", p)}
 
 
 def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:
@@ -137,9 +151,17 @@ def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dic
     data = write_data(out, p["synth"], p["check"])
     key = dict(p)
     jobs = [Job("rm-base", rm_base_job, (out, p), (), key)]
-    # the Themis RMs first (the long jobs), the plain RMs fill the other worker
-    jobs += [Job(f"seed{s}-{kind}", rm_job, (out, kind, s, p, data["path"]), ("rm-base",), key)
-             for kind in ("themis", "plain") for s in seeds]
+    # the Themis RMs first (the long jobs), the plain RMs fill the other worker; with rm_ranks > 1 each Themis
+    # RM trains data-parallel in a job holding that many workers, and its measurement is a job of its own
+    if p["rm_ranks"] > 1:
+        jobs += [Job(f"seed{s}-themis-train", themis_train_job, (out, s, p, data["path"]), ("rm-base",), key,
+                     p["rm_ranks"]) for s in seeds]
+        jobs += [Job(f"seed{s}-themis", themis_measure_job, (out, s, p, f"seed{s}-themis-train"),
+                     (f"seed{s}-themis-train",), key) for s in seeds]
+        jobs += [Job(f"seed{s}-plain", rm_job, (out, "plain", s, p, data["path"]), ("rm-base",), key) for s in seeds]
+    else:
+        jobs += [Job(f"seed{s}-{kind}", rm_job, (out, kind, s, p, data["path"]), ("rm-base",), key)
+                 for kind in ("themis", "plain") for s in seeds]
     done = run_jobs(jobs, out / "jobs", workers=workers, initializer=_one_thread)
     results = {"params": p, "seeds": list(seeds), "data": data, "copy_pretrain": done["rm-base"]["copy_pretrain"],
                "runs": [{"seed": s, "themis": done[f"seed{s}-themis"], "plain": done[f"seed{s}-plain"]} for s in seeds],
@@ -192,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--rm-ranks", type=int, default=1,
+                    help="data-parallel ranks (torchrun -m align.cli train-rm) that train each Themis RM")
     ap.add_argument("--measure", type=Path, default=None, metavar="THEMIS_DIR",
                     help="only measure this Themis checkpoint on the TARA calendar test pairs (--rounds calls)")
     ap.add_argument("--rounds", type=int, default=None, help="with --measure: the call budget (default 2 with --check, else 1)")
@@ -203,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in m.items() if k != "examples"}))
         return 0
     p = {**RM_SETTINGS, "rm_steps": args.steps, "rm_copy_steps": args.copy_steps, "rm_layers": args.layers,
-         "rm_hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1}
+         "rm_hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1,
+         "rm_ranks": args.rm_ranks}
     res = run(args.out, args.seeds, p, args.workers)
     for r in res["runs"]:
         t, pl = r["themis"], r["plain"]

@@ -6,6 +6,7 @@ import calendar
 import random
 from datetime import date
 
+import pytest
 from themis_tara_check import CHECK_ACTION, pair_record
 
 from align.rewards.tara import parse_item, render_item
@@ -32,3 +33,24 @@ def test_each_side_gets_the_tools_answer_for_its_own_answer():
             text = render_item(back, side, include_rationale=False).text
             assert text.count("Action: ") == 2 and text.rstrip().endswith(f"Observation: {want}")
         assert parse_item(pair_record(it, check=False), "calendar").pos.steps == it.pos.steps[:1]
+
+
+@pytest.mark.tara
+def test_the_themis_rms_train_on_two_ranks_and_are_measured_in_jobs_of_their_own(tmp_path):
+    """--rm-ranks 2: each Themis RM trains under torchrun in a job holding both workers, its measurement is a
+    job of its own that reads the training job's result; the plain RM trains in one process."""
+    import json
+
+    from themis_tara_check import main
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--check", "--seeds", "0", "--synth", "8", "--steps", "2", "--copy-steps", "0",
+                 "--layers", "1", "--hidden", "32", "--workers", "2", "--rm-ranks", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    themis, plain = res["runs"][0]["themis"], res["runs"][0]["plain"]
+    assert themis["train"]["train/ranks"] == 2 and themis["train"]["train/rank_pairs"] == [8, 8]  # 2 steps x 8
+    assert plain["train"]["train/ranks"] == 1
+    assert themis["train_job"]["cpu_s"] > themis["train_job"]["wall_s"] > 0  # both ranks' CPU counted
+    assert themis["n_pairs"] == 106 and 0.0 <= themis["accuracy"] <= 1.0
+    jobs = json.loads((out / "jobs" / "seed0-themis-train.json").read_text())["result"]["_job"]
+    assert jobs["end"] <= json.loads((out / "jobs" / "seed0-themis.json").read_text())["result"]["_job"]["start"]
