@@ -207,9 +207,11 @@ def ppo_smoke_job(out: Path, seed: int, steps: int, p: dict[str, Any]) -> dict[s
 
 def pipeline_jobs(out: Path, seeds: Sequence[int], p: dict[str, Any], data: dict[str, list[str]], tara: bool,
                   ppo_smoke_steps: int, rm_only: bool) -> list[Job]:
-    """The experiment as a job graph, in priority order: the critical path (RM base, Themis RM, Themis arms)
-    first, the SFT models, the plain RM and the oracle and plain arms in the gaps, the Themis RM's held-out
-    measurement (which no arm waits for) last."""
+    """The experiment as a job graph, in priority order: the critical path (RM base, Themis RM) first, the SFT
+    models and the plain RM, then the Themis arms (the longest) ahead of the plain and oracle arms, which fill
+    the gaps, and the Themis RM's held-out measurement (which no arm waits for) last. The plain RM stays ahead
+    of the arms: trained on several ranks it holds every worker, and behind the Themis arms it would leave one
+    idle while the last Themis arm runs."""
     rm_key, key = {"rm": rm_params(p), "tara": tara}, {"p": p, "tara": tara}
 
     def rm(kind: str, stage: str, after: str) -> Job:
@@ -224,7 +226,7 @@ def pipeline_jobs(out: Path, seeds: Sequence[int], p: dict[str, Any], data: dict
         return [base, themis_train, *plain, themis_eval]
     sfts = [Job(f"seed{s}-sft", sft_job, (out, s, p), (), sft_params(p)) for s in seeds]
     arms = [Job(f"seed{s}-{arm}", arm_job, (out, s, arm, p), (f"seed{s}-sft",) + ((f"rm-{arm}-train",) if arm in KINDS else ()),
-                key) for arm in ("oracle", "plain", "themis") for s in seeds]
+                key) for arm in ("themis", "plain", "oracle") for s in seeds]
     smoke = ([Job("ppo-smoke", ppo_smoke_job, (out, seeds[0], ppo_smoke_steps, p), (f"seed{seeds[0]}-sft", "rm-themis-train"),
                   {**key, "steps": ppo_smoke_steps})] if ppo_smoke_steps else [])
     return [base, themis_train, *sfts, *plain, *arms, themis_eval, *smoke]

@@ -38,7 +38,7 @@ class Ranks:
         """Elementwise sum over ranks of a few float64 numbers (the values themselves in a world of one)."""
         if self.world_size == 1:
             return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64)
+        t = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
@@ -79,6 +79,14 @@ def _all_reduce_bucket(params: list[torch.nn.Parameter]) -> None:
         n = p.numel()
         p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
         offset += n
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces CUDA tensors only (this rank's current device), gloo
+    CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def current_ranks() -> Ranks:

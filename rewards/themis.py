@@ -171,7 +171,7 @@ def themis_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Te
     targets = input_ids[:, 1:]
     w = weights[:, 1:].to(shift_logits.dtype)
     ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(w)
-    tokens = w.sum() if token_total is None else torch.tensor(float(token_total), dtype=shift_logits.dtype)
+    tokens = w.sum() if token_total is None else torch.tensor(float(token_total), dtype=shift_logits.dtype, device=w.device)
     lm = (ce * w).sum() / tokens.clamp(min=1e-8)
     b = rewards.shape[0] // 2
     rm = -F.logsigmoid(rewards[:b].float() - rewards[b:].float()).sum() / (pair_total or b)

@@ -123,6 +123,9 @@ def train_reward_model(cfg: Any, log: Callable[[str], None] = print) -> RMTrainR
                                "train/ranks": ranks.world_size,
                                # the pairs each rank forwarded: the batches' split, checkable from outside
                                "train/rank_pairs": [int(n) for n in ranks.gather(local_pairs)]}
+    # the last collective: no rank returns (and no launcher reads the checkpoint) before rank 0 has written it,
+    # and the other ranks do not wait in a timed collective while rank 0 evaluates
+    ranks.barrier()
     if history:
         metrics.update({f"train/final_{k}": v for k, v in history[-1].items() if k != "step"})
     if ranks.is_main:
@@ -130,7 +133,6 @@ def train_reward_model(cfg: Any, log: Callable[[str], None] = print) -> RMTrainR
             ev = evaluate_reward_model(str(out), cfg.data.eval, cfg=cfg)
             metrics.update({f"eval/{k}": v for k, v in ev.items()})
         (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-    ranks.barrier()  # no rank returns (and no launcher reads the checkpoint) before rank 0 has written it
     return RMTrainResult(str(out), steps, seconds, metrics)
 
 
@@ -231,6 +233,9 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: 
         raise ValueError("Themis training needs TARA-format data (pos_answer / neg_answer with actions and score_agent)")
     src = Path(cfg.model.path)
     model, tok = load_themis(src) if (src / "v_head.safetensors").is_file() else create_themis(cfg.model.path, cfg.model.dtype)
+    # under torchrun each rank's current CUDA device is its own (init_from_env), so "cuda" is this rank's GPU
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     t = cfg.themis
     opts = ThemisLossOptions(t.positive_answer_lm, t.beta, t.omega, t.observation_dropout)
     rng = random.Random(cfg.train.seed)
@@ -251,12 +256,12 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: 
             tokens = sum(sum(w[1:]) for _, w in pos + neg)  # weights of predicted tokens (the first is not)
             mine = ranks.share(range(len(idx)))
             local_pairs += len(mine)
-            loss, lm, rm_part, right = torch.zeros((), requires_grad=True), 0.0, 0.0, 0.0
+            loss, lm, rm_part, right = torch.zeros((), device=device, requires_grad=True), 0.0, 0.0, 0.0
             if mine:
                 rows = [pos[k] for k in mine] + [neg[k] for k in mine]
-                ids = pad_left([r[0] for r in rows], tok.pad_token_id)
-                weights = pad_left([r[1] for r in rows], 0.0, dtype=torch.float32)
-                mask = pad_left([[1] * len(r[0]) for r in rows], 0)
+                ids = pad_left([r[0] for r in rows], tok.pad_token_id).to(device)
+                weights = pad_left([r[1] for r in rows], 0.0, dtype=torch.float32).to(device)
+                mask = pad_left([[1] * len(r[0]) for r in rows], 0).to(device)
                 logits, rewards = model(ids, mask)
                 loss, parts = themis_loss(logits, ids, weights, rewards, t.lm_coef, t.rm_coef,
                                           token_total=tokens, pair_total=len(idx))

@@ -271,3 +271,22 @@ def test_the_rms_train_data_parallel_under_torchrun_in_a_two_slot_job(tmp_path):
     for other in ("rm-plain-train", "rm-plain-eval", "rm-themis-eval"):  # nothing ran beside the wide Themis job
         o, t = jobs[other], jobs["rm-themis-train"]
         assert o["end"] <= t["start"] or o["start"] >= t["end"]
+
+
+def test_the_job_graph_puts_the_themis_arms_ahead_of_the_other_arms(tmp_path):
+    """Priority order (the workers take ready jobs first to last): the RM base and the Themis RM first, the
+    Themis arms (the longest jobs) ahead of every plain and oracle arm, the Themis RM's measurement after
+    every arm; the plain RM (it may hold every worker) ahead of the arms. Run 7 ran its Themis arms after
+    the ten plain and oracle arms, about a minute later than it could have."""
+    from rltaf import DEFAULTS, pipeline_jobs
+
+    p = {**DEFAULTS, "rm_ranks": 2}
+    data = {"train_sources": [], "eval_sources": []}
+    names = [j.name for j in pipeline_jobs(tmp_path, [0, 1, 2], p, data, False, 3, False)]
+    pos = {n: i for i, n in enumerate(names)}
+    assert names[:2] == ["rm-base", "rm-themis-train"]
+    themis_arms = [pos[f"seed{s}-themis"] for s in (0, 1, 2)]
+    others = [pos[f"seed{s}-{a}"] for s in (0, 1, 2) for a in ("plain", "oracle")]
+    assert max(themis_arms) < min(others)
+    assert pos["rm-plain-train"] < min(themis_arms)
+    assert pos["rm-themis-eval"] > max(themis_arms + others)
