@@ -66,11 +66,14 @@ def write_rm_data(out: Path, p: dict[str, Any], tara: bool) -> dict[str, list[st
 
 def rm_base_job(out: Path, p: dict[str, Any]) -> dict[str, Any]:
     """The backbone both RMs start from (same backbone and budget): random init with seed 1234, copy-pretrained."""
-    from align.testing import make_tiny_model
+    from align.testing import DEFAULT_ALPHABET, make_tiny_model
 
     base = out / "rm-base"
     if not (base / "config.json").is_file():
+        # rm_extra_chars: characters of the task's text beyond ASCII (TARA's weather cities: 'São Paulo'), so
+        # that a call can copy them instead of an unknown token
         make_tiny_model(base, hidden_size=p["rm_hidden"], num_layers=p["rm_layers"], num_heads=4, seed=1234,
+                        alphabet=DEFAULT_ALPHABET + p.get("rm_extra_chars", ""),
                         max_position_embeddings=p["rm_max_length"] + 128)
     return {"copy_pretrain": copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)}
 

@@ -1,6 +1,8 @@
-"""Generative Themis on TARA calendar with a character-level, copy-pretrained backbone, optionally with a check
-call: after the calendar tool, `Answer.mentions('<observation>')` (align.tools.answer_check) says whether the
-judged answer states what the tool returned, and the value head reads that `yes` / `no`.
+"""Generative Themis on TARA calendar or weather (`--task`) with a character-level, copy-pretrained backbone,
+optionally with a check call: after the calendar tool, `Answer.mentions('<observation>')`
+(align.tools.answer_check) says whether the judged answer states what the tool returned (after
+history_weather, the asked attribute's value in the observation: `Answer.mentions('27.0(C)')`), and the value
+head reads that `yes` / `no`.
 
 Why (docs/experiments/themis_tara.md, "Session 9"): the RLTAF experiment's Themis (3 x 128, character
 tokens, copy pre-training; examples/rltaf.py) judges its task perfectly once the tool does the comparison
@@ -13,8 +15,9 @@ and lr per seed:
           its traces TARA's gold call, plus the check call with `--check` (`max_rounds` 2).
 Data: TARA calendar train (320 pairs) plus `--synth` synthetic calendar pairs from TARA's own question
 templates (align.rewards.themis_synth); a training pair (TARA's or synthetic) whose call a test question needs is
-dropped. Measured on the
-106 TARA calendar test pairs through the public scoring path (`ThemisRewardModel.score`, real tools): valid
+dropped. Weather: TARA weather train (476 pairs) plus synthetic pairs from TARA's weather cache, never a
+city-date a test pair asks about or calls. Measured on the
+106 TARA calendar (158 weather) test pairs through the public scoring path (`ThemisRewardModel.score`, real tools): valid
 first call, gold first observation, pairwise accuracy, accuracy on pairs whose both sides got the gold
 observation; plain RM pairwise accuracy. Jobs run on `--workers` one-thread processes (examples/jobgraph.py).
 
@@ -39,6 +42,7 @@ from rltaf_rms import rm_base_job, train_rm_job  # noqa: E402
 
 CHECK_ACTION = "Answer.mentions"
 CHECK_THOUGHT = "Check the answer."
+TASKS = ("calendar", "weather")
 RM_SETTINGS = {"rm_ranks": 1, "rm_epochs": 100.0, "rm_batch": 8, "rm_lr": 3e-3, "rm_steps2": 0, "rm_init": "", "rm_max_length": 560,
                "themis_new_tokens": 128, "themis_omega": 0.0, "themis_trace": "released", "themis_worked": 0, "copy_batch": 32, "copy_lr": 1e-3,
                "copy_span_min": 4, "copy_span_max": 24}
@@ -51,38 +55,78 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _side(answer: Any, check: bool) -> dict[str, Any]:
+def check_input(question: str, observation: str) -> str:
+    """What the check call looks for: the calendar tool's whole observation; for a weather question ('What is
+    the ATTR in CITY on DATE?') the asked attribute's value in the history_weather observation."""
+    from align.rewards.themis_synth import _WEATHER_Q, observation_value
+
+    m = _WEATHER_Q.fullmatch(question.strip())
+    return observation_value(m["attr"], observation) if m and observation.startswith("The weather for") else observation
+
+
+def extra_chars(task_name: str) -> str:
+    """The characters of the task's TARA texts (both splits; for weather also the cache's keys) beyond the character tokenizer's ASCII alphabet,
+    sorted: TARA weather's cities ('São Paulo', 'Reykjavík') are copied into calls character by character."""
+    from align.rewards.tara import load_tara
+    from align.testing import DEFAULT_ALPHABET
+
+    seen = {c for split in ("train", "test") for it in load_tara([task_name], split)
+            for c in it.question + it.pos.answer + it.neg.answer}
+    if task_name == "weather":  # the synthetic pairs' cities: every key of the cache
+        from align.tools.data import load_json, tara_dir
+
+        seen |= {c for key in load_json(tara_dir() / "weather_history.json") for c in key}
+    return "".join(sorted(seen - set(DEFAULT_ALPHABET)))
+
+
+def _side(answer: Any, check: bool, question: str = "") -> dict[str, Any]:
     """One side of a pair as a raw TARA record; with `check` the Answer.mentions call of the first call's
-    observation follows it, its observation computed by the real tool on this side's answer."""
+    observation (`check_input`) follows it, its observation computed by the real tool on this side's answer."""
     from align.tools import call_tool
 
     steps = [{"Thought": s.thought, "Action": s.action, "Action Input": s.action_input, "Observation": s.observation}
              for s in answer.steps]
     if check:
-        obs = answer.steps[0].observation
-        res = call_tool(CHECK_ACTION, obs, {"answer": answer.answer})
-        steps.append({"Thought": CHECK_THOUGHT, "Action": CHECK_ACTION, "Action Input": obs, "Observation": res.observation()})
+        needle = check_input(question, answer.steps[0].observation)
+        res = call_tool(CHECK_ACTION, needle, {"answer": answer.answer})
+        steps.append({"Thought": CHECK_THOUGHT, "Action": CHECK_ACTION, "Action Input": needle, "Observation": res.observation()})
     return {"answer": answer.answer, "score": answer.score, "actions": task.actions_text(steps),
             "score_agent": {"explanation": answer.rationale, "score": str(answer.score)}}
 
 
 def pair_record(item: Any, check: bool) -> dict[str, Any]:
     """A TARA item as a raw TARA record (what `train-rm` reads), each side with the check call if `check`."""
-    return {"id": item.id, "question": item.question, "pos_answer": _side(item.pos, check),
-            "neg_answer": _side(item.neg, check)}
+    return {"id": item.id, "question": item.question, "pos_answer": _side(item.pos, check, item.question),
+            "neg_answer": _side(item.neg, check, item.question)}
 
 
-def write_data(out: Path, synth: int, check: bool) -> dict[str, Any]:
-    """TARA calendar train + synthetic pairs as TARA-format jsonl (OUT/data/train.jsonl)."""
+def _synthetic(task_name: str, n: int, train: list, test: list) -> tuple[list, Any]:
+    """n synthetic pairs of the task and the predicate a training pair must pass (it touches nothing a test
+    pair needs: a calendar call a test question makes; a weather city-date a test pair asks about or calls)."""
+    from align.rewards import themis_synth as ts
+
+    if task_name == "calendar":
+        banned = {(s.action, s.action_input.strip()) for it in test for s in it.pos.steps}
+        made = ts.synth_calendar(n, random.Random(1234), ts.calendar_templates(train)) if n else []
+        return made, lambda it: (it.pos.steps[0].action, it.pos.steps[0].action_input.strip()) not in banned
+    from align.tools.data import load_json, tara_dir
+
+    exclude = ts.city_dates_of(test)
+    cache = load_json(tara_dir() / "weather_history.json")
+    made = ts.synth_weather(n, random.Random(1234), cache, ts.weather_keys(cache, exclude),
+                            ts.weather_answer_templates(train)) if n else []
+    return made, lambda it: not (ts.city_dates_of([it]) & exclude)
+
+
+def write_data(out: Path, synth: int, check: bool, task_name: str = "calendar") -> dict[str, Any]:
+    """TARA train + synthetic pairs of the task as TARA-format jsonl (OUT/data/train.jsonl)."""
     from align.rewards.tara import load_tara
-    from align.rewards.themis_synth import calendar_templates, synth_calendar
 
-    train, test = load_tara(["calendar"], "train"), load_tara(["calendar"], "test")
-    banned = {(s.action, s.action_input.strip()) for it in test for s in it.pos.steps}
-    made = synth_calendar(synth, random.Random(1234), calendar_templates(train)) if synth else []
+    train, test = load_tara([task_name], "train"), load_tara([task_name], "test")
+    made, allowed = _synthetic(task_name, synth, train, test)
 
-    def unseen(items: list) -> list:  # no training pair makes a call a test question needs (TARA's train has some)
-        return [it for it in items if (it.pos.steps[0].action, it.pos.steps[0].action_input.strip()) not in banned]
+    def unseen(items: list) -> list:  # no training pair touches what a test pair needs (TARA's train has some)
+        return [it for it in items if allowed(it)]
 
     tara, kept = unseen(train), unseen(made)
     path = task.write_jsonl(out / "data" / "train.jsonl", [pair_record(it, check) for it in tara + kept])
@@ -114,12 +158,13 @@ def themis_measure_job(out: Path, seed: int, p: dict[str, Any], trained: str) ->
 def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:
     from align.rewards.tara import load_tara
 
-    items = load_tara(["calendar"], "test")
+    task_name = p.get("task", "calendar")  # settings written before --task (session 10) are calendar's
+    items = load_tara([task_name], "test")
     n = len(items)
     if kind == "plain":
         from align.rewards.training import evaluate_reward_model
 
-        r = evaluate_reward_model(str(rm_dir), ["tara:calendar:test"])
+        r = evaluate_reward_model(str(rm_dir), [f"tara:{task_name}:test"])
         return {"accuracy": r["pairwise_accuracy"], "n_pairs": r["n"]}
     from themis_generative import call_shares
 
@@ -135,8 +180,9 @@ def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:
     gold = [bool(c) and c[0]["ok"] and c[0]["observation"] == g for c, g in zip(calls, gold_obs)]
     both = [k for k in range(n) if gold[k] and gold[k + n]]
     sides = ["pos"] * n + ["neg"] * n
+    needles = [check_input(q, g) for q, g in zip([it.question for it in items] * 2, gold_obs)]
     check_right = [len(c) > 1 and c[1]["action"] == CHECK_ACTION and c[1]["input"].strip() == g and
-                   c[1]["observation"] == ("yes" if s == "pos" else "no") for c, g, s in zip(calls, gold_obs, sides)]
+                   c[1]["observation"] == ("yes" if s == "pos" else "no") for c, g, s in zip(calls, needles, sides)]
     return {"accuracy": sum(a > b for a, b in zip(pos, neg)) / n, "n_pairs": n,
             **call_shares(calls, [[g] for g in gold_obs]),
             "both_gold_pairs": len(both), "accuracy_both_gold": sum(pos[k] > neg[k] for k in both) / max(1, len(both)),
@@ -148,7 +194,7 @@ def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:
 def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dict[str, Any]:
     _one_thread()
     t0, load0 = time.perf_counter(), os.getloadavg()
-    data = write_data(out, p["synth"], p["check"])
+    data = write_data(out, p["synth"], p["check"], p.get("task", "calendar"))
     key = dict(p)
     jobs = [Job("rm-base", rm_base_job, (out, p), (), key)]
     # the Themis RMs first (the long jobs), the plain RMs fill the other worker; with rm_ranks > 1 each Themis
@@ -195,8 +241,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.bar([i + k * width for i in range(len(runs))], [100 * v for v in vals], width, label=name)
     ax.axhline(90, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))], [f"seed {r['seed']}" for r in runs])
-    ax.set_ylabel("% of TARA calendar test pairs / samples")
-    ax.set_title("Themis with a check call vs plain RM (character-level 3 x 128, TARA calendar)")
+    task_name = results["params"].get("task", "calendar")
+    ax.set_ylabel(f"% of TARA {task_name} test pairs / samples")
+    ax.set_title(f"Themis with a check call vs plain RM (character-level 3 x 128, TARA {task_name})")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -207,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/tara_check"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--task", choices=TASKS, default="calendar", help="the TARA tool group trained and measured")
     ap.add_argument("--check", action="store_true", help="traces end with the Answer.mentions check call")
-    ap.add_argument("--synth", type=int, default=3000, help="synthetic calendar pairs added to TARA's 320")
+    ap.add_argument("--synth", type=int, default=3000, help="synthetic pairs added to TARA's train split")
+    ap.add_argument("--max-length", type=int, default=RM_SETTINGS["rm_max_length"],
+                    help="characters of a trace the RMs see (the last ones); weather traces are longer")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--copy-steps", type=int, default=1500)
     ap.add_argument("--layers", type=int, default=3)
@@ -217,18 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rm-ranks", type=int, default=1,
                     help="data-parallel ranks (torchrun -m align.cli train-rm) that train each Themis RM")
     ap.add_argument("--measure", type=Path, default=None, metavar="THEMIS_DIR",
-                    help="only measure this Themis checkpoint on the TARA calendar test pairs (--rounds calls)")
+                    help="only measure this Themis checkpoint on the task's TARA test pairs (--rounds calls)")
     ap.add_argument("--rounds", type=int, default=None, help="with --measure: the call budget (default 2 with --check, else 1)")
     args = ap.parse_args(argv)
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)
-        m = measure(args.measure, "themis", {**RM_SETTINGS, "rounds": rounds, "rm_max_length": 1024})
+        m = measure(args.measure, "themis", {**RM_SETTINGS, "rounds": rounds, "rm_max_length": 1024, "task": args.task})
         print(json.dumps({k: v for k, v in m.items() if k != "examples"}))
         return 0
     p = {**RM_SETTINGS, "rm_steps": args.steps, "rm_copy_steps": args.copy_steps, "rm_layers": args.layers,
          "rm_hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1,
-         "rm_ranks": args.rm_ranks}
+         "rm_ranks": args.rm_ranks, "task": args.task, "rm_max_length": args.max_length,
+         **({"rm_extra_chars": extra} if (extra := extra_chars(args.task)) else {})}
     res = run(args.out, args.seeds, p, args.workers)
     for r in res["runs"]:
         t, pl = r["themis"], r["plain"]

@@ -54,3 +54,39 @@ def test_the_themis_rms_train_on_two_ranks_and_are_measured_in_jobs_of_their_own
     assert themis["n_pairs"] == 106 and 0.0 <= themis["accuracy"] <= 1.0
     jobs = json.loads((out / "jobs" / "seed0-themis-train.json").read_text())["result"]["_job"]
     assert jobs["end"] <= json.loads((out / "jobs" / "seed0-themis.json").read_text())["result"]["_job"]["start"]
+
+
+@pytest.mark.tara
+def test_weather_pairs_check_the_asked_value_and_train_on_no_test_city_date(tmp_path):
+    """--task weather: each side's check call looks for the asked attribute's value in the history_weather
+    observation (read here with a regex of our own) and the real tool answers yes for TARA's positive, no for
+    its negative; the written training data (TARA train + synthetic pairs from the weather cache) asks about
+    and calls no city-date of a test pair."""
+    import json
+    import re
+
+    from themis_tara_check import write_data
+
+    from align.rewards.tara import load_tara
+
+    test = load_tara(["weather"], "test")
+    for it in test:
+        raw = pair_record(it, check=True)
+        attr = re.fullmatch(r"What is the (.+?) in .+ on \d{4}-\d{2}-\d{2}\?", it.question)[1]
+        obs = it.pos.steps[0].observation
+        field = {"overall weather": r"overall weather: ([^;]+);", "humidity": r"humidity: ([\d.]+);",
+                 "UV index": r"UV index: ([\d.]+)\."}.get(attr, re.escape(attr) + r": ([\d.\-]+\(\w+\))")
+        want = re.search(field, obs)[1]
+        for side, verdict in (("pos_answer", "yes"), ("neg_answer", "no")):
+            check = raw[side]["actions"].split("Action: ")[-1]
+            assert check.startswith(f"{CHECK_ACTION}\nAction Input: {want}\nObservation: {verdict}"), check
+    info = write_data(tmp_path, 200, True, "weather")
+    assert info["synthetic"] + info["synthetic_dropped"] == 200 and info["synthetic"] > 150
+    assert info["tara_train"] + info["tara_train_dropped"] == 476
+    asked = {m for it in test for m in re.findall(r"in (.+?) on (\d{4}-\d{2}-\d{2})\?", it.question)}
+    rows = [json.loads(line) for line in open(info["path"])]
+    assert len(rows) == info["tara_train"] + info["synthetic"]
+    for row in rows:
+        text = row["question"] + row["pos_answer"]["actions"] + row["neg_answer"]["actions"]
+        for city, day in asked:
+            assert f"{city}, {day}" not in text and not (city in row["question"] and day in row["question"])
