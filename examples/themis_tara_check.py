@@ -100,9 +100,10 @@ def pair_record(item: Any, check: bool) -> dict[str, Any]:
             "neg_answer": _side(item.neg, check, item.question)}
 
 
-def _synthetic(task_name: str, n: int, train: list, test: list) -> tuple[list, Any]:
+def _synthetic(task_name: str, n: int, train: list, test: list, pseudo_cities: float = 0.0) -> tuple[list, Any]:
     """n synthetic pairs of the task and the predicate a training pair must pass (it touches nothing a test
-    pair needs: a calendar call a test question makes; a weather city-date a test pair asks about or calls)."""
+    pair needs: a calendar call a test question makes; a weather city-date a test pair asks about or calls).
+    pseudo_cities: the share of synthetic weather pairs with a made-up city (`themis_synth.pseudo_city`)."""
     from align.rewards import themis_synth as ts
 
     if task_name == "calendar":
@@ -114,16 +115,18 @@ def _synthetic(task_name: str, n: int, train: list, test: list) -> tuple[list, A
     exclude = ts.city_dates_of(test)
     cache = load_json(tara_dir() / "weather_history.json")
     made = ts.synth_weather(n, random.Random(1234), cache, ts.weather_keys(cache, exclude),
-                            ts.weather_answer_templates(train)) if n else []
+                            ts.weather_answer_templates(train), pseudo_cities=pseudo_cities,
+                            city_rng=random.Random(4321)) if n else []
     return made, lambda it: not (ts.city_dates_of([it]) & exclude)
 
 
-def write_data(out: Path, synth: int, check: bool, task_name: str = "calendar") -> dict[str, Any]:
+def write_data(out: Path, synth: int, check: bool, task_name: str = "calendar",
+               pseudo_cities: float = 0.0) -> dict[str, Any]:
     """TARA train + synthetic pairs of the task as TARA-format jsonl (OUT/data/train.jsonl)."""
     from align.rewards.tara import load_tara
 
     train, test = load_tara([task_name], "train"), load_tara([task_name], "test")
-    made, allowed = _synthetic(task_name, synth, train, test)
+    made, allowed = _synthetic(task_name, synth, train, test, pseudo_cities)
 
     def unseen(items: list) -> list:  # no training pair touches what a test pair needs (TARA's train has some)
         return [it for it in items if allowed(it)]
@@ -194,7 +197,7 @@ def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:
 def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dict[str, Any]:
     _one_thread()
     t0, load0 = time.perf_counter(), os.getloadavg()
-    data = write_data(out, p["synth"], p["check"], p.get("task", "calendar"))
+    data = write_data(out, p["synth"], p["check"], p.get("task", "calendar"), p.get("pseudo_cities", 0.0))
     key = dict(p)
     jobs = [Job("rm-base", rm_base_job, (out, p), (), key)]
     # the Themis RMs first (the long jobs), the plain RMs fill the other worker; with rm_ranks > 1 each Themis
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synth", type=int, default=3000, help="synthetic pairs added to TARA's train split")
     ap.add_argument("--max-length", type=int, default=RM_SETTINGS["rm_max_length"],
                     help="characters of a trace the RMs see (the last ones); weather traces are longer")
+    ap.add_argument("--pseudo-cities", type=float, default=0.0, metavar="SHARE",
+                    help="weather: the share of synthetic pairs whose city is a made-up name (so the call copies it)")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--copy-steps", type=int, default=1500)
     ap.add_argument("--layers", type=int, default=3)
@@ -270,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only measure this Themis checkpoint on the task's TARA test pairs (--rounds calls)")
     ap.add_argument("--rounds", type=int, default=None, help="with --measure: the call budget (default 2 with --check, else 1)")
     args = ap.parse_args(argv)
+    if args.pseudo_cities and (args.task != "weather" or not 0 < args.pseudo_cities <= 1):
+        ap.error("--pseudo-cities is a share in (0, 1] of the synthetic weather pairs: use it with --task weather")
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)
@@ -279,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p = {**RM_SETTINGS, "rm_steps": args.steps, "rm_copy_steps": args.copy_steps, "rm_layers": args.layers,
          "rm_hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1,
          "rm_ranks": args.rm_ranks, "task": args.task, "rm_max_length": args.max_length,
-         **({"rm_extra_chars": extra} if (extra := extra_chars(args.task)) else {})}
+         **({"rm_extra_chars": extra} if (extra := extra_chars(args.task)) else {}),
+         **({"pseudo_cities": args.pseudo_cities} if args.pseudo_cities else {})}
     res = run(args.out, args.seeds, p, args.workers)
     for r in res["runs"]:
         t, pl = r["themis"], r["plain"]

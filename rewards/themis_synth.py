@@ -192,6 +192,14 @@ def _wrong_value(attr: str, value: str, conditions: Sequence[str], rng: random.R
     return f"{round(y, 1):.1f}{unit}"
 
 
+def _parses(key: str) -> bool:
+    try:
+        parse_query(key)
+        return True
+    except Exception:
+        return False
+
+
 def weather_keys(cache: dict[str, str], exclude: set[str]) -> list[str]:
     """Cache keys usable for training: parseable, with every attribute, and not a test city-date."""
     keys = []
@@ -207,10 +215,35 @@ def weather_keys(cache: dict[str, str], exclude: set[str]) -> list[str]:
     return keys
 
 
+_ONSETS = ("b", "ch", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "q", "r", "s", "sh", "t", "w", "x", "y",
+           "z", "zh", "br", "kr", "tr", "")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ia", "ua", "ou", "ei")
+_CODAS = ("", "", "n", "ng", "r", "l", "s")
+
+
+def pseudo_city(rng: random.Random, taken: set[str] = frozenset()) -> str:
+    """A made-up city name: one word (sometimes two) of 2-4 random syllables, capitalised, none of `taken`.
+    Trained on, it cannot be predicted from the name's first letters: the call has to copy it."""
+    def word() -> str:
+        return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                       for _ in range(rng.randint(2, 4))).capitalize()
+    while True:
+        name = word() + (" " + word() if rng.random() < 0.2 else "")
+        if name not in taken:
+            return name
+
+
 def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Sequence[str], answer_templates: dict[str, list[str]],
-                  multi: bool = False, group: str | None = None, claim_first: bool = False) -> list[TaraItem]:
+                  multi: bool = False, group: str | None = None, claim_first: bool = False,
+                  pseudo_cities: float = 0.0, city_rng: random.Random | None = None) -> list[TaraItem]:
     """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`.
-    claim_first: see `_claim_first`."""
+    claim_first: see `_claim_first`. pseudo_cities: the share of pairs whose city is renamed (`pseudo_city`)
+    in the question, the answers, the call and the observation, drawn from `city_rng` so that the pairs are
+    otherwise the same; a small model fine-tuned on real names learns a prior over them instead of copying
+    the question's (`Pongyang` for `Phnom Penh`), while a made-up name can only be copied."""
+    if pseudo_cities and city_rng is None:
+        raise ValueError("pseudo_cities needs its own city_rng (the pairs' other draws stay those of rng)")
+    real = {parse_query(k)[0] for k in cache if _parses(k)}
     group = group or ("synth_multi_tools" if multi else "synth_weather")
     conditions = sorted({observation_value("overall weather", cache[k]) for k in weather_keys(cache, set())})
     if len(conditions) < 2:
@@ -220,6 +253,9 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
         key = rng.choice(list(keys))
         city, day = parse_query(key)
         obs = cache[key]
+        if pseudo_cities and city_rng.random() < pseudo_cities:
+            name = pseudo_city(city_rng, real)
+            obs, city = obs.replace(city, name), name
         attr = rng.choice(WEATHER_ATTRS)
         value = observation_value(attr, obs)
         wrong = _wrong_value(attr, value, conditions, rng)
@@ -242,4 +278,4 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
 
 
 __all__ = ["WEEKDAYS", "WEATHER_ATTRS", "calendar_templates", "weather_answer_templates", "synth_calendar",
-           "synth_weather", "city_dates_of", "weather_keys", "observation_value"]
+           "synth_weather", "pseudo_city", "city_dates_of", "weather_keys", "observation_value"]

@@ -90,3 +90,36 @@ def test_weather_pairs_check_the_asked_value_and_train_on_no_test_city_date(tmp_
         text = row["question"] + row["pos_answer"]["actions"] + row["neg_answer"]["actions"]
         for city, day in asked:
             assert f"{city}, {day}" not in text and not (city in row["question"] and day in row["question"])
+
+
+def test_pseudo_cities_is_a_share_of_the_weather_pairs(capsys):
+    from themis_tara_check import main
+
+    for argv in (["--pseudo-cities", "0.5"], ["--task", "weather", "--pseudo-cities", "1.5"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "--pseudo-cities is a share in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.tara
+def test_weather_pseudo_cities_rename_the_synthetic_pairs_only(tmp_path):
+    """--pseudo-cities 1: every synthetic pair's city is a name of no real cache key (question, call and
+    observation agree on it); TARA's own training pairs keep their real cities."""
+    import json
+    import re
+
+    from themis_tara_check import write_data
+
+    from align.tools.data import load_json, tara_dir
+    from align.tools.weather import parse_query
+
+    real = {parse_query(k)[0] for k in load_json(tara_dir() / "weather_history.json") if re.search(r", \d{4}-", k)}
+    info = write_data(tmp_path, 100, True, "weather", pseudo_cities=1.0)
+    rows = [json.loads(line) for line in open(info["path"])]
+    assert len(rows) == info["tara_train"] + info["synthetic"] == 476 + 100
+    for i, row in enumerate(rows):
+        city = re.fullmatch(r"What is the .+? in (.+) on \d{4}-\d{2}-\d{2}\?", row["question"])[1]
+        assert (city in real) == (i < 476), row["question"]
+        call = re.search(r"Action Input: (.+), \d{4}-\d{2}-\d{2}\nObservation: The weather for (.+) on ",
+                         row["pos_answer"]["actions"])
+        assert call[1] == call[2] == city

@@ -162,3 +162,33 @@ def test_claim_first_states_each_answers_value_and_leaves_the_pairs_unchanged():
         if it.question.startswith("Which day"):
             d = date.fromisoformat(re.search(r"\d{4}-\d{2}-\d{2}", it.question).group())
             assert it.pos.steps[0].thought.startswith(f"The answer says {d.strftime('%A')}. ")
+
+
+def test_pseudo_cities_rename_the_city_everywhere_and_leave_the_pairs_otherwise_the_same():
+    cities = ["Suzhou", "Phnom Penh", "Apia"]
+    cache = {f"{c}, 2023-06-2{i}": _obs(["Sunny", "Mist"][i % 2], 20.0 + i).replace("for X on D", f"for {c} on 2023-06-2{i}")
+             for i, c in enumerate(cities)}
+    keys = weather_keys(cache, set())
+    for multi in (False, True):
+        real = synth_weather(120, random.Random(3), cache, keys, WEATHER_TEMPLATES, multi=multi)
+        fake = synth_weather(120, random.Random(3), cache, keys, WEATHER_TEMPLATES, multi=multi,
+                             pseudo_cities=0.5, city_rng=random.Random(9))
+        renamed = 0
+        for r, f in zip(real, fake):
+            city = r.pos.steps[-1].action_input.split(", ")[0]
+            name = f.pos.steps[-1].action_input.split(", ")[0]
+            assert name == city or name not in cities
+            renamed += name != city
+            back = lambda text: text.replace(name, city)  # noqa: E731 - the pair with the real name put back
+            assert back(f.question) == r.question
+            for fs, rs in ((f.pos, r.pos), (f.neg, r.neg)):
+                assert back(fs.answer) == rs.answer and back(fs.rationale) == rs.rationale
+                assert [(s.action, back(s.action_input), back(s.thought), back(s.observation)) for s in fs.steps] == \
+                       [(s.action, s.action_input, s.thought, s.observation) for s in rs.steps]
+            if name != city:  # nothing of the real city is left in the renamed pair
+                texts = [f.question] + [t for a in (f.pos, f.neg) for t in (a.answer, a.rationale)] + \
+                        [t for a in (f.pos, f.neg) for s in a.steps for t in (s.thought, s.action_input, s.observation)]
+                assert not any(re.search(rf"\b{city}\b", t) for t in texts) and name in f.pos.steps[-1].observation
+        assert 30 < renamed < 90  # about half of the 120
+    with pytest.raises(ValueError, match="city_rng"):
+        synth_weather(1, random.Random(3), cache, keys, WEATHER_TEMPLATES, pseudo_cities=1.0)

@@ -104,9 +104,8 @@ def test_tool_calls_of_several_samples_run_concurrently(scripted):
     tool = Recording(meet)
     hook.set({user(f"q{k}", "a"): [call_turn(tok, "meet", f"x{k}"), ANY, work(tok, "ok")] for k in range(3)})
     rm = ThemisRewardModel(model=model, tokenizer=tok, tools={"meet": tool}, batch_size=2, device="cpu")
-    t0 = time.perf_counter()
+    # no wall-clock bound: a loaded machine makes one flaky, and the barrier already fails one-at-a-time calls
     out = rm.score([f"q{k}" for k in range(3)], ["a"] * 3)
-    assert time.perf_counter() - t0 < 10
     assert [i["tool_calls"][0]["observation"] for i in out.info] == ["X0", "X1", "X2"]
     assert all(i["tool_calls"][0]["ok"] for i in out.info) and all(math.isfinite(s) for s in out.scores)
 
