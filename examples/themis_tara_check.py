@@ -16,7 +16,8 @@ and lr per seed:
 Data: TARA calendar train (320 pairs) plus `--synth` synthetic calendar pairs from TARA's own question
 templates (align.rewards.themis_synth); a training pair (TARA's or synthetic) whose call a test question needs is
 dropped. Weather: TARA weather train (476 pairs) plus synthetic pairs from TARA's weather cache, never a
-city-date a test pair asks about or calls. Measured on the
+city-date a test pair asks about or calls; with `--pseudo-cities S` a share S of the synthetic pairs names a
+made-up city (the call can only copy it, not recall it). Measured on the
 106 TARA calendar (158 weather) test pairs through the public scoring path (`ThemisRewardModel.score`, real tools): valid
 first call, gold first observation, pairwise accuracy, accuracy on pairs whose both sides got the gold
 observation; plain RM pairwise accuracy. Jobs run on `--workers` one-thread processes (examples/jobgraph.py).
