@@ -17,7 +17,7 @@ Data: TARA calendar train (320 pairs) plus `--synth` synthetic calendar pairs fr
 templates (align.rewards.themis_synth); a training pair (TARA's or synthetic) whose call a test question needs is
 dropped. Weather: TARA weather train (476 pairs) plus synthetic pairs from TARA's weather cache, never a
 city-date a test pair asks about or calls; with `--pseudo-cities S` a share S of the synthetic pairs names a
-made-up city (the call can only copy it, not recall it). Measured on the
+made-up city (meant to leave the call nothing to recall; measured: it does not make the model copy). Measured on the
 106 TARA calendar (158 weather) test pairs through the public scoring path (`ThemisRewardModel.score`, real tools): valid
 first call, gold first observation, pairwise accuracy, accuracy on pairs whose both sides got the gold
 observation; plain RM pairwise accuracy. Jobs run on `--workers` one-thread processes (examples/jobgraph.py).
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=RM_SETTINGS["rm_max_length"],
                     help="characters of a trace the RMs see (the last ones); weather traces are longer")
     ap.add_argument("--pseudo-cities", type=float, default=0.0, metavar="SHARE",
-                    help="weather: the share of synthetic pairs whose city is a made-up name (so the call copies it)")
+                    help="weather: the share of synthetic pairs whose city is a made-up name (themis_tara.md, session 11)")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--copy-steps", type=int, default=1500)
     ap.add_argument("--layers", type=int, default=3)

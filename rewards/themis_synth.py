@@ -223,7 +223,8 @@ _CODAS = ("", "", "n", "ng", "r", "l", "s")
 
 def pseudo_city(rng: random.Random, taken: set[str] = frozenset()) -> str:
     """A made-up city name: one word (sometimes two) of 2-4 random syllables, capitalised, none of `taken`.
-    Trained on, it cannot be predicted from the name's first letters: the call has to copy it."""
+    Measured (docs/experiments/themis_tara.md, session 11): a 3 x 128 Themis trained on such names learns the
+    syllables' distribution and writes names of its own at test; it does not learn to copy them."""
     def word() -> str:
         return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
                        for _ in range(rng.randint(2, 4))).capitalize()
@@ -239,11 +240,10 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
     """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`.
     claim_first: see `_claim_first`. pseudo_cities: the share of pairs whose city is renamed (`pseudo_city`)
     in the question, the answers, the call and the observation, drawn from `city_rng` so that the pairs are
-    otherwise the same; a small model fine-tuned on real names learns a prior over them instead of copying
-    the question's (`Pongyang` for `Phnom Penh`), while a made-up name can only be copied."""
+    otherwise the same (a made-up name is never a city of the cache)."""
     if pseudo_cities and city_rng is None:
         raise ValueError("pseudo_cities needs its own city_rng (the pairs' other draws stay those of rng)")
-    real = {parse_query(k)[0] for k in cache if _parses(k)}
+    real = {parse_query(k)[0] for k in cache if _parses(k)} if pseudo_cities else set()
     group = group or ("synth_multi_tools" if multi else "synth_weather")
     conditions = sorted({observation_value("overall weather", cache[k]) for k in weather_keys(cache, set())})
     if len(conditions) < 2:
