@@ -17,7 +17,9 @@ Data: TARA calendar train (320 pairs) plus `--synth` synthetic calendar pairs fr
 templates (align.rewards.themis_synth); a training pair (TARA's or synthetic) whose call a test question needs is
 dropped. Weather: TARA weather train (476 pairs) plus synthetic pairs from TARA's weather cache, never a
 city-date a test pair asks about or calls; with `--pseudo-cities S` a share S of the synthetic pairs names a
-made-up city (meant to leave the call nothing to recall; measured: it does not make the model copy). Measured on the
+made-up city (meant to leave the call nothing to recall; measured: it does not make the model copy); with
+`--random-names S` a share S names a city of independently drawn letters on a uniformly random date (nothing left
+to predict: the call can only copy). Measured on the
 106 TARA calendar (158 weather) test pairs through the public scoring path (`ThemisRewardModel.score`, real tools): valid
 first call, gold first observation, pairwise accuracy, accuracy on pairs whose both sides got the gold
 observation; plain RM pairwise accuracy. Jobs run on `--workers` one-thread processes (examples/jobgraph.py).
@@ -101,10 +103,12 @@ def pair_record(item: Any, check: bool) -> dict[str, Any]:
             "neg_answer": _side(item.neg, check, item.question)}
 
 
-def _synthetic(task_name: str, n: int, train: list, test: list, pseudo_cities: float = 0.0) -> tuple[list, Any]:
+def _synthetic(task_name: str, n: int, train: list, test: list, pseudo_cities: float = 0.0,
+               random_names: float = 0.0) -> tuple[list, Any]:
     """n synthetic pairs of the task and the predicate a training pair must pass (it touches nothing a test
     pair needs: a calendar call a test question makes; a weather city-date a test pair asks about or calls).
-    pseudo_cities: the share of synthetic weather pairs with a made-up city (`themis_synth.pseudo_city`)."""
+    pseudo_cities: the share of synthetic weather pairs with a made-up city (`themis_synth.pseudo_city`);
+    random_names: the share with a city of random letters and a random date (`themis_synth.random_letter_city`)."""
     from align.rewards import themis_synth as ts
 
     if task_name == "calendar":
@@ -117,17 +121,17 @@ def _synthetic(task_name: str, n: int, train: list, test: list, pseudo_cities: f
     cache = load_json(tara_dir() / "weather_history.json")
     made = ts.synth_weather(n, random.Random(1234), cache, ts.weather_keys(cache, exclude),
                             ts.weather_answer_templates(train), pseudo_cities=pseudo_cities,
-                            city_rng=random.Random(4321)) if n else []
+                            city_rng=random.Random(4321), random_names=random_names) if n else []
     return made, lambda it: not (ts.city_dates_of([it]) & exclude)
 
 
 def write_data(out: Path, synth: int, check: bool, task_name: str = "calendar",
-               pseudo_cities: float = 0.0) -> dict[str, Any]:
+               pseudo_cities: float = 0.0, random_names: float = 0.0) -> dict[str, Any]:
     """TARA train + synthetic pairs of the task as TARA-format jsonl (OUT/data/train.jsonl)."""
     from align.rewards.tara import load_tara
 
     train, test = load_tara([task_name], "train"), load_tara([task_name], "test")
-    made, allowed = _synthetic(task_name, synth, train, test, pseudo_cities)
+    made, allowed = _synthetic(task_name, synth, train, test, pseudo_cities, random_names)
 
     def unseen(items: list) -> list:  # no training pair touches what a test pair needs (TARA's train has some)
         return [it for it in items if allowed(it)]
@@ -198,7 +202,8 @@ def measure(rm_dir: Path, kind: str, p: dict[str, Any]) -> dict[str, Any]:
 def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dict[str, Any]:
     _one_thread()
     t0, load0 = time.perf_counter(), os.getloadavg()
-    data = write_data(out, p["synth"], p["check"], p.get("task", "calendar"), p.get("pseudo_cities", 0.0))
+    data = write_data(out, p["synth"], p["check"], p.get("task", "calendar"), p.get("pseudo_cities", 0.0),
+                      p.get("random_names", 0.0))
     key = dict(p)
     jobs = [Job("rm-base", rm_base_job, (out, p), (), key)]
     # the Themis RMs first (the long jobs), the plain RMs fill the other worker; with rm_ranks > 1 each Themis
@@ -265,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="characters of a trace the RMs see (the last ones); weather traces are longer")
     ap.add_argument("--pseudo-cities", type=float, default=0.0, metavar="SHARE",
                     help="weather: the share of synthetic pairs whose city is a made-up name (themis_tara.md, session 11)")
+    ap.add_argument("--random-names", type=float, default=0.0, metavar="SHARE",
+                    help="weather: the share of synthetic pairs whose city is random letters and date a random day (themis_tara.md, session 12)")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--copy-steps", type=int, default=1500)
     ap.add_argument("--layers", type=int, default=3)
@@ -276,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="only measure this Themis checkpoint on the task's TARA test pairs (--rounds calls)")
     ap.add_argument("--rounds", type=int, default=None, help="with --measure: the call budget (default 2 with --check, else 1)")
     args = ap.parse_args(argv)
-    if args.pseudo_cities and (args.task != "weather" or not 0 < args.pseudo_cities <= 1):
-        ap.error("--pseudo-cities is a share in (0, 1] of the synthetic weather pairs: use it with --task weather")
+    for flag, share in (("--pseudo-cities", args.pseudo_cities), ("--random-names", args.random_names)):
+        if share and (args.task != "weather" or not 0 < share <= 1):
+            ap.error(f"{flag} is a share in (0, 1] of the synthetic weather pairs: use it with --task weather")
+    if args.pseudo_cities and args.random_names:
+        ap.error("--pseudo-cities and --random-names exclude each other: give one")
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)
@@ -288,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
          "rm_hidden": args.hidden, "synth": args.synth, "check": args.check, "rounds": 2 if args.check else 1,
          "rm_ranks": args.rm_ranks, "task": args.task, "rm_max_length": args.max_length,
          **({"rm_extra_chars": extra} if (extra := extra_chars(args.task)) else {}),
-         **({"pseudo_cities": args.pseudo_cities} if args.pseudo_cities else {})}
+         **({"pseudo_cities": args.pseudo_cities} if args.pseudo_cities else {}),
+         **({"random_names": args.random_names} if args.random_names else {})}
     res = run(args.out, args.seeds, p, args.workers)
     for r in res["runs"]:
         t, pl = r["themis"], r["plain"]

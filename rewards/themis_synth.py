@@ -234,16 +234,50 @@ def pseudo_city(rng: random.Random, taken: set[str] = frozenset()) -> str:
             return name
 
 
+def city_letters(cache: dict[str, str]) -> str:
+    """Every lower-case letter of the cache's distinct city names, with repeats, sorted: drawing from it
+    uniformly draws a letter with its frequency in the cities' names (accented ones rare, as in 'São Paulo')."""
+    cities = {parse_query(k)[0] for k in cache if _parses(k)}
+    return "".join(sorted(c for city in cities for c in city.lower() if c.isalpha()))
+
+
+def random_letter_city(rng: random.Random, letters: str, taken: set[str] = frozenset()) -> str:
+    """A city name of independently drawn letters (`rng.choice(letters)`): one word (a fifth of the time two)
+    of 4-10 letters each, capitalised, none of `taken`. Unlike `pseudo_city` no letter is predictable from
+    the ones before it, so a model that writes the name into a call can only copy it."""
+    def word() -> str:
+        return "".join(rng.choice(letters) for _ in range(rng.randint(4, 10))).capitalize()
+    while True:
+        name = word() + (" " + word() if rng.random() < 0.2 else "")
+        if name not in taken:
+            return name
+
+
+def _relabel(obs: str, city: str, day: str, new_city: str, new_day: str) -> str:
+    """The observation with its header naming new_city and new_day (the weather values are the cache's)."""
+    head = f"The weather for {city} on {day}"
+    if not obs.startswith(head):
+        raise ValueError(f"observation does not open with {head!r}: {obs[:80]!r}")
+    return f"The weather for {new_city} on {new_day}" + obs[len(head):]
+
+
 def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Sequence[str], answer_templates: dict[str, list[str]],
                   multi: bool = False, group: str | None = None, claim_first: bool = False,
-                  pseudo_cities: float = 0.0, city_rng: random.Random | None = None) -> list[TaraItem]:
+                  pseudo_cities: float = 0.0, city_rng: random.Random | None = None,
+                  random_names: float = 0.0) -> list[TaraItem]:
     """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`.
     claim_first: see `_claim_first`. pseudo_cities: the share of pairs whose city is renamed (`pseudo_city`)
     in the question, the answers, the call and the observation, drawn from `city_rng` so that the pairs are
-    otherwise the same (a made-up name is never a city of the cache)."""
-    if pseudo_cities and city_rng is None:
-        raise ValueError("pseudo_cities needs its own city_rng (the pairs' other draws stay those of rng)")
-    real = {parse_query(k)[0] for k in cache if _parses(k)} if pseudo_cities else set()
+    otherwise the same (a made-up name is never a city of the cache). random_names: the share of pairs
+    whose city becomes independently drawn letters (`random_letter_city`, the cities' letter frequencies) and whose date a uniformly random
+    day of 2000-2023, everywhere including the observation's header (its values stay the cache's), also
+    drawn from `city_rng`; the two options exclude each other."""
+    if pseudo_cities and random_names:
+        raise ValueError("pseudo_cities and random_names exclude each other: set one")
+    if (pseudo_cities or random_names) and city_rng is None:
+        raise ValueError("pseudo_cities / random_names need their own city_rng (the pairs' other draws stay those of rng)")
+    real = {parse_query(k)[0] for k in cache if _parses(k)} if (pseudo_cities or random_names) else set()
+    letters = city_letters(cache) if random_names else ""
     group = group or ("synth_multi_tools" if multi else "synth_weather")
     conditions = sorted({observation_value("overall weather", cache[k]) for k in weather_keys(cache, set())})
     if len(conditions) < 2:
@@ -256,6 +290,9 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
         if pseudo_cities and city_rng.random() < pseudo_cities:
             name = pseudo_city(city_rng, real)
             obs, city = obs.replace(city, name), name
+        elif random_names and city_rng.random() < random_names:
+            name, new_day = random_letter_city(city_rng, letters, real), _rand_date(city_rng).isoformat()
+            obs, city, day = _relabel(obs, city, day, name, new_day), name, new_day
         attr = rng.choice(WEATHER_ATTRS)
         value = observation_value(attr, obs)
         wrong = _wrong_value(attr, value, conditions, rng)
@@ -278,4 +315,4 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
 
 
 __all__ = ["WEEKDAYS", "WEATHER_ATTRS", "calendar_templates", "weather_answer_templates", "synth_calendar",
-           "synth_weather", "pseudo_city", "city_dates_of", "weather_keys", "observation_value"]
+           "synth_weather", "pseudo_city", "random_letter_city", "city_letters", "city_dates_of", "weather_keys", "observation_value"]

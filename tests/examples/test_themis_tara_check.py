@@ -123,3 +123,42 @@ def test_weather_pseudo_cities_rename_the_synthetic_pairs_only(tmp_path):
         call = re.search(r"Action Input: (.+), \d{4}-\d{2}-\d{2}\nObservation: The weather for (.+) on ",
                          row["pos_answer"]["actions"])
         assert call[1] == call[2] == city
+
+
+def test_random_names_is_a_share_of_the_weather_pairs_and_excludes_pseudo_cities(capsys):
+    from themis_tara_check import main
+
+    for argv, msg in ((["--random-names", "0.5"], "--random-names is a share in (0, 1]"),
+                      (["--task", "weather", "--random-names", "2"], "--random-names is a share in (0, 1]"),
+                      (["--task", "weather", "--random-names", "1", "--pseudo-cities", "1"], "exclude each other")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.tara
+def test_weather_random_names_reach_the_training_file(tmp_path):
+    """--random-names 1: every synthetic pair asks about a city of no cache key on a date the call and the
+    observation header repeat; TARA's own training pairs keep their real cities and dates."""
+    import json
+    import re
+
+    from themis_tara_check import write_data
+
+    from align.tools.data import load_json, tara_dir
+    from align.tools.weather import parse_query
+
+    real = {parse_query(k)[0] for k in load_json(tara_dir() / "weather_history.json") if re.search(r", \d{4}-", k)}
+    info = write_data(tmp_path, 100, True, "weather", random_names=1.0)
+    rows = [json.loads(line) for line in open(info["path"])]
+    assert len(rows) == info["tara_train"] + info["synthetic"] == 476 + 100
+    synth_days = set()
+    for i, row in enumerate(rows):
+        city, day = re.fullmatch(r"What is the .+? in (.+) on (\d{4}-\d{2}-\d{2})\?", row["question"]).groups()
+        assert (city in real) == (i < 476), row["question"]
+        call = re.search(r"Action Input: (.+), (\d{4}-\d{2}-\d{2})\nObservation: The weather for (.+) on (\S+) is",
+                         row["pos_answer"]["actions"])
+        assert call[1] == call[3] == city and call[2] == call[4] == day
+        if i >= 476:
+            synth_days.add(day)
+    assert len(synth_days) > 90  # random days, not TARA's week of June 2023

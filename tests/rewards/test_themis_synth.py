@@ -192,3 +192,59 @@ def test_pseudo_cities_rename_the_city_everywhere_and_leave_the_pairs_otherwise_
         assert 30 < renamed < 90  # about half of the 120
     with pytest.raises(ValueError, match="city_rng"):
         synth_weather(1, random.Random(3), cache, keys, WEATHER_TEMPLATES, pseudo_cities=1.0)
+
+
+def test_random_names_give_random_letter_cities_and_random_dates_with_the_pair_otherwise_the_same():
+    """random_names=0.5: about half the pairs name a city of random letters on a random 2000-2023 day, in the
+    question, answers, call, thought and observation header; putting the cache's city and day back gives the
+    pair built without the option (same rng), so the weather values and negatives are the cache's."""
+    cities = ["Suzhou", "Phnom Penh", "São Paulo"]
+    cache = {f"{c}, 2023-06-2{i}": _obs(["Sunny", "Mist"][i % 2], 20.0 + i).replace("for X on D", f"for {c} on 2023-06-2{i}")
+             for i, c in enumerate(cities)}
+    keys = weather_keys(cache, set())
+    letters = set("suzhouphnompenhsãopaulo")
+    real = synth_weather(200, random.Random(3), cache, keys, WEATHER_TEMPLATES)
+    rand = synth_weather(200, random.Random(3), cache, keys, WEATHER_TEMPLATES, random_names=0.5, city_rng=random.Random(9))
+    renamed, days, used, names = 0, set(), set(), []
+    for r, f in zip(real, rand):
+        city, day = r.pos.steps[0].action_input.split(", ")
+        name, new_day = f.pos.steps[0].action_input.split(", ")
+        if name == city:
+            assert new_day == day and f == r
+            continue
+        renamed += 1
+        assert name not in cities and name[0].isupper() and all(w.isalpha() for w in name.split(" "))
+        assert all(4 <= len(w) <= 10 for w in name.split(" ")) and set(name.lower()) - {" "} <= letters
+        used |= set(name.lower()) - {" "}
+        names.append(name)
+        assert date(2000, 1, 1) <= date.fromisoformat(new_day) <= date(2023, 12, 31)
+        days.add(new_day)
+
+        def back(text: str) -> str:  # the pair with the cache's city and day put back
+            return text.replace(name, city).replace(new_day, day)
+        assert back(f.question) == r.question
+        obs = f.pos.steps[0].observation
+        assert obs.startswith(f"The weather for {name} on {new_day} is: \n") and back(obs) == r.pos.steps[0].observation
+        for fs, rs in ((f.pos, r.pos), (f.neg, r.neg)):
+            assert back(fs.answer) == rs.answer and back(fs.rationale) == rs.rationale
+            assert [(s.action, back(s.action_input), back(s.thought), back(s.observation)) for s in fs.steps] == \
+                   [(s.action, s.action_input, s.thought, s.observation) for s in rs.steps]
+        texts = [f.question] + [t for a in (f.pos, f.neg) for t in (a.answer, a.rationale)] + \
+                [t for a in (f.pos, f.neg) for s in a.steps for t in (s.thought, s.action_input, s.observation)]
+        assert not any(city in t or day in t for t in texts)
+    assert 60 < renamed < 140 and len(days) > 0.95 * renamed  # about half; dates nearly all distinct
+    assert used == letters  # every letter of the cache's cities is drawn, the accented one too
+    freq = {c: sum(n.lower().count(c) for n in names) for c in letters}
+    assert freq["u"] > freq["ã"]  # with the cities' letter frequencies: u 4 times in 'suzhouphnompenhsãopaulo', ã once
+    # multi-tool pairs: the calendar call lands on the random day
+    for it in synth_weather(50, random.Random(5), cache, keys, WEATHER_TEMPLATES, multi=True, random_names=1.0,
+                            city_rng=random.Random(2)):
+        cal, weather = it.pos.steps
+        start, k = cal.action_input.split(", ")
+        assert (date.fromisoformat(start) + timedelta(days=int(k))).isoformat() == cal.observation == \
+               weather.action_input.split(", ")[1]
+    with pytest.raises(ValueError, match="exclude each other"):
+        synth_weather(1, random.Random(3), cache, keys, WEATHER_TEMPLATES, pseudo_cities=0.5, random_names=0.5,
+                      city_rng=random.Random(1))
+    with pytest.raises(ValueError, match="city_rng"):
+        synth_weather(1, random.Random(3), cache, keys, WEATHER_TEMPLATES, random_names=1.0)
