@@ -39,9 +39,19 @@ def copy_pretrain_base(base: Path, steps: int, p: dict[str, Any], seed: int) -> 
     model = AutoModelForCausalLM.from_pretrained(base)
     vocab = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)]
     t0, c0 = time.perf_counter(), cpu_seconds()
-    stats = pretrain_copy(model, vocab, steps=steps, batch_size=p["copy_batch"], lr=p["copy_lr"], seed=seed,
-                          span=(p["copy_span_min"], p["copy_span_max"]), sep_id=tok.convert_tokens_to_ids("\n"),
-                          log=lambda s: print(f"  [{base.name}] {s}", flush=True), log_every=250)
+    common = dict(batch_size=p["copy_batch"], lr=p["copy_lr"], seed=seed, span=(p["copy_span_min"], p["copy_span_max"]),
+                  sep_id=tok.convert_tokens_to_ids("\n"), log=lambda s: print(f"  [{base.name}] {s}", flush=True),
+                  log_every=250)
+    if p.get("copy_induct_steps", 0) > 0:
+        # then rows only content matching copies: random prefix and gap (the span's place and the distance to
+        # the repeat vary) over a small random sub-vocabulary per row (a token recurs, so the match must use
+        # more than the one token before it, as a city after "in " must)
+        from copy_pretrain import pretrain_copy_stages
+
+        content = {"steps": p["copy_induct_steps"], "prefix": (0, 16), "gap": (0, 16), "sub_vocab": (4, len(vocab))}
+        stats = pretrain_copy_stages(model, vocab, [{"steps": steps}, content], **common)
+    else:
+        stats = pretrain_copy(model, vocab, steps=steps, **common)
     model.save_pretrained(base)
     stats.update(vocab_size=len(vocab), wall_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - c0)
     done.write_text(json.dumps(stats))

@@ -274,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="weather: the share of synthetic pairs whose city is random letters and date a random day (themis_tara.md, session 12)")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--copy-steps", type=int, default=1500)
+    ap.add_argument("--new-tokens", type=int, default=RM_SETTINGS["themis_new_tokens"], metavar="N",
+                    help="Themis' tokens per tool round at test (the tool phase's budget is N x (calls + 1), "
+                         "observations included): a weather observation alone is about 260 character tokens")
+    ap.add_argument("--copy-induct-steps", type=int, default=0, metavar="N",
+                    help="after the copy steps, N steps on rows only content matching copies (random prefix, gap, sub-vocabulary)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1)
@@ -291,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)
-        m = measure(args.measure, "themis", {**RM_SETTINGS, "rounds": rounds, "rm_max_length": 1024, "task": args.task})
+        m = measure(args.measure, "themis", {**RM_SETTINGS, "rounds": rounds, "rm_max_length": 1024, "task": args.task,
+                                             "themis_new_tokens": args.new_tokens})
         print(json.dumps({k: v for k, v in m.items() if k != "examples"}))
         return 0
     p = {**RM_SETTINGS, "rm_steps": args.steps, "rm_copy_steps": args.copy_steps, "rm_layers": args.layers,
@@ -299,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
          "rm_ranks": args.rm_ranks, "task": args.task, "rm_max_length": args.max_length,
          **({"rm_extra_chars": extra} if (extra := extra_chars(args.task)) else {}),
          **({"pseudo_cities": args.pseudo_cities} if args.pseudo_cities else {}),
-         **({"random_names": args.random_names} if args.random_names else {})}
+         **({"random_names": args.random_names} if args.random_names else {}),
+         "themis_new_tokens": args.new_tokens,
+         **({"copy_induct_steps": args.copy_induct_steps} if args.copy_induct_steps else {})}
     res = run(args.out, args.seeds, p, args.workers)
     for r in res["runs"]:
         t, pl = r["themis"], r["plain"]

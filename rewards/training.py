@@ -115,12 +115,12 @@ def train_reward_model(cfg: Any, log: Callable[[str], None] = print) -> RMTrainR
         raise ValueError(f"data.train {cfg.data.train} holds no pairs")
     t0 = time.perf_counter()
     if cfg.model.kind == "classifier":
-        steps, history, local_pairs = _train_classifier(cfg, pairs, out, log, ranks)
+        steps, history, local_pairs, lengths = _train_classifier(cfg, pairs, out, log, ranks)
     else:
-        steps, history, local_pairs = _train_themis(cfg, pairs, out, log, ranks)
+        steps, history, local_pairs, lengths = _train_themis(cfg, pairs, out, log, ranks)
     seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = {"train/steps": steps, "train/seconds": seconds, "train/pairs": len(pairs),
-                               "train/ranks": ranks.world_size,
+                               "train/ranks": ranks.world_size, **lengths,
                                # the pairs each rank forwarded: the batches' split, checkable from outside
                                "train/rank_pairs": [int(n) for n in ranks.gather(local_pairs)]}
     # the last collective: no rank returns (and no launcher reads the checkpoint) before rank 0 has written it,
@@ -134,6 +134,23 @@ def train_reward_model(cfg: Any, log: Callable[[str], None] = print) -> RMTrainR
             metrics.update({f"eval/{k}": v for k, v in ev.items()})
         (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     return RMTrainResult(str(out), steps, seconds, metrics)
+
+
+def length_report(kind: str, lengths: Sequence[int], max_length: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """How many training sequences (token counts with the EOS, both sides of every pair) exceed
+    model.max_length and are cut: a Themis sequence keeps its last tokens (the EOS carries the score), so the
+    question goes; a classifier's tokenizer keeps the first ones, so the answer's end goes. Either way the
+    cut is silent, and a model trained on cut questions cannot learn to copy from them (measured:
+    docs/experiments/themis_tara.md, session 12); one warning names the fix, the counts go to
+    train_metrics.json."""
+    n, over = len(lengths), sum(k > max_length for k in lengths)
+    longest = max(lengths, default=0)
+    if over:
+        lost = "their start (the question) is dropped" if kind == "themis" else "their end (the answer) is dropped"
+        log(f"warning: {over} of {n} training sequences ({100 * over / n:.1f}%) are longer than model.max_length="
+            f"{max_length} tokens and are cut: {lost}; set model.max_length to {longest} to keep them whole")
+    return {"train/sequences_cut": over, "train/sequences_cut_share": over / n if n else 0.0,
+            "train/longest_sequence": longest}
 
 
 def _batches(n: int, batch_size: int, epochs: float, seed: int, max_steps: int | None) -> list[list[int]]:
@@ -177,7 +194,8 @@ def saved_template(pairs: list[PreferencePair], template: str, observations: str
     return template
 
 
-def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: Ranks) -> tuple[int, list[dict], int]:
+def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log,
+                      ranks: Ranks) -> tuple[int, list[dict], int, dict[str, Any]]:
     from align.rewards.classifier import ClassifierRewardModel
 
     rm = ClassifierRewardModel(cfg.model.path, head=cfg.model.head, template=cfg.model.template,
@@ -185,6 +203,9 @@ def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log, ran
     observer = ToolObserver() if cfg.data.observations == "tools" else None
     texts = [(classifier_text(p, "pos", cfg.model.template, cfg.data.observations, observer),
               classifier_text(p, "neg", cfg.model.template, cfg.data.observations, observer)) for p in pairs]
+    eos = rm.tokenizer.eos_token if rm.add_eos and rm.tokenizer.eos_token else ""
+    lengths = length_report("classifier", [len(ids) for ids in rm.tokenizer([t + eos for pair in texts for t in pair])["input_ids"]],
+                            cfg.model.max_length, log)
     model = rm.model
     model.train()
     batches = _batches(len(texts), cfg.train.batch_size, cfg.train.epochs, cfg.train.seed, cfg.train.max_steps)
@@ -215,10 +236,11 @@ def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log, ran
     rm.template = saved_template(pairs, cfg.model.template, cfg.data.observations)
     if ranks.is_main:
         rm.save_pretrained(out)
-    return len(batches), history, local_pairs
+    return len(batches), history, local_pairs, lengths
 
 
-def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: Ranks) -> tuple[int, list[dict], int]:
+def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log,
+                  ranks: Ranks) -> tuple[int, list[dict], int, dict[str, Any]]:
     from align.rewards.themis import (
         ThemisLossOptions,
         create_themis,
@@ -241,6 +263,9 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: 
     rng = random.Random(cfg.train.seed)
     include_rationale = t.omega > 0
     segs = [(render_item(p.item, "pos", include_rationale), render_item(p.item, "neg", include_rationale)) for p in pairs]
+    # encode_themis's length before its cut: the text's ids plus the EOS
+    lengths = length_report("themis", [len(ids) + 1 for ids in tok([s.text for pair in segs for s in pair])["input_ids"]],
+                            cfg.model.max_length, log)
     batches = _batches(len(segs), cfg.train.batch_size, cfg.train.epochs, cfg.train.seed, cfg.train.max_steps)
     opt = _optimizer(model.named_parameters(), cfg.train)
     sched = _schedule(opt, len(batches), cfg.train.warmup_ratio)
@@ -278,7 +303,7 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log, ranks: 
     if ranks.is_main:
         save_themis(model, tok, out, max_rounds=t.max_rounds, max_new_tokens=t.max_new_tokens,
                     max_length=cfg.model.max_length, rationale=include_rationale)
-    return len(batches), history, local_pairs
+    return len(batches), history, local_pairs, lengths
 
 
 def _progress(items, desc: str, ranks: Ranks = Ranks()):

@@ -45,8 +45,11 @@ def test_the_themis_rms_train_on_two_ranks_and_are_measured_in_jobs_of_their_own
 
     out = tmp_path / "run"
     assert main(["--out", str(out), "--check", "--seeds", "0", "--synth", "8", "--steps", "2", "--copy-steps", "0",
-                 "--layers", "1", "--hidden", "32", "--workers", "2", "--rm-ranks", "2"]) == 0
+                 "--layers", "1", "--hidden", "32", "--workers", "2", "--rm-ranks", "2", "--new-tokens", "7"]) == 0
     res = json.loads((out / "results.json").read_text())
+    # --new-tokens: the Themis RM's per-round budget, saved with it and used when it is measured
+    assert res["params"]["themis_new_tokens"] == 7
+    assert json.loads((out / "seed0" / "rm-themis" / "themis.json").read_text())["max_new_tokens"] == 7
     themis, plain = res["runs"][0]["themis"], res["runs"][0]["plain"]
     assert themis["train"]["train/ranks"] == 2 and themis["train"]["train/rank_pairs"] == [8, 8]  # 2 steps x 8
     assert plain["train"]["train/ranks"] == 1
@@ -162,3 +165,36 @@ def test_weather_random_names_reach_the_training_file(tmp_path):
         if i >= 476:
             synth_days.add(day)
     assert len(synth_days) > 90  # random days, not TARA's week of June 2023
+
+
+def test_copy_induct_steps_add_a_content_copy_stage_to_the_rm_base(tmp_path, monkeypatch):
+    """--copy-induct-steps N: after the positional copy steps, N steps on rows with a random prefix, gap
+    and sub-vocabulary (only content matching copies them); without it the base is built as before."""
+    import json
+
+    import copy_pretrain
+    from rltaf_rms import rm_base_job
+    from themis_tara_check import RM_SETTINGS
+
+    calls = []
+    original = copy_pretrain.pretrain_copy
+
+    def recording(model, vocab_ids, **kw):
+        calls.append(kw)
+        return original(model, vocab_ids, **kw)
+
+    monkeypatch.setattr(copy_pretrain, "pretrain_copy", recording)
+    p = {**RM_SETTINGS, "rm_hidden": 32, "rm_layers": 1, "rm_copy_steps": 2, "copy_batch": 4}
+    for induct, out in ((0, tmp_path / "plain"), (3, tmp_path / "induct")):
+        calls.clear()
+        stats = rm_base_job(out, {**p, **({"copy_induct_steps": induct} if induct else {})})["copy_pretrain"]
+        assert json.loads((out / "rm-base" / "copy_pretrain.json").read_text())["steps"] == stats["steps"]
+        if not induct:
+            assert [c["steps"] for c in calls] == [2] and stats["steps"] == 2 and "stages" not in stats
+            assert all(c.get(k) is None for c in calls for k in ("prefix", "gap", "sub_vocab"))
+            continue
+        assert [c["steps"] for c in calls] == [2, 3] and stats["steps"] == 5 and len(stats["stages"]) == 2
+        assert calls[0].get("prefix") is None and calls[0].get("sub_vocab") is None  # the positional stage as before
+        vocab = stats["vocab_size"]
+        assert calls[1]["prefix"] == (0, 16) and calls[1]["gap"] == (0, 16) and calls[1]["sub_vocab"] == (4, vocab)
+        assert calls[1]["seed"] != calls[0]["seed"]  # a fresh row stream

@@ -202,3 +202,53 @@ def test_a_classifier_trained_on_tara_pairs_saves_the_template_it_was_trained_on
     q, a = "Which day of the week is 2015-03-10?", "2015-03-10 is Tuesday"
     assert rm.format(q, a) == render_plain(q, a)
     assert rm([q], [a]) == pytest.approx(rm.score_texts([render_plain(q, a)]), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["themis", "classifier"])
+def test_training_sequences_longer_than_max_length_are_counted_and_warned(tmp_path, kind):
+    """A sequence longer than model.max_length is cut silently by the encoders (Themis drops its start, the
+    classifier's tokenizer its end); train-rm counts them (both sides of every pair, EOS included), warns
+    once with the length that keeps them whole, and records the counts in train_metrics.json."""
+    from transformers import AutoTokenizer
+
+    from align.rewards.tara import load_tara_file, render_item
+
+    if kind == "themis":
+        data = tmp_path / "tara_like.jsonl"
+        data.write_text("".join(json.dumps(_tara_record(i)) + "\n" for i in range(4)))
+        model = {"kind": "themis", "path": str(cached("llama", 1))}
+    else:
+        prompts = [f"item {i} is " + "one two three " * (8 + 6 * i) for i in range(4)]  # lengths spread
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("".join(json.dumps({"prompt": q, "chosen": " good", "rejected": " bad"}) + "\n" for q in prompts))
+        model = {"kind": "classifier", "path": str(cached("llama", 1)), "template": "{prompt}{completion}"}
+
+    def train(max_length: int) -> tuple[dict, list[str]]:
+        logs: list[str] = []
+        cfg = RMTrainConfig.from_dict({"model": {**model, "max_length": max_length}, "data": {"train": [str(data)]},
+                                       "train": {"epochs": 1, "batch_size": 4, "seed": 0},
+                                       "output_dir": str(tmp_path / f"run{max_length}")})
+        m = train_reward_model(cfg, log=logs.append).metrics
+        saved = json.loads((tmp_path / f"run{max_length}" / "train_metrics.json").read_text())
+        assert saved["train/sequences_cut"] == m["train/sequences_cut"]
+        return m, [line for line in logs if line.startswith("warning:")]
+
+    m, warned = train(4096)
+    assert m["train/sequences_cut"] == 0 and m["train/sequences_cut_share"] == 0.0 and not warned
+    # the lengths written out with the checkpoint's tokenizer (Themis adds its marker tokens): the rendered
+    # text's ids (special tokens as the encoders add them), plus the EOS for Themis
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run4096")
+    if kind == "themis":
+        lengths = [len(tok(render_item(it, side).text)["input_ids"]) + 1 for it in load_tara_file(data) for side in ("pos", "neg")]
+    else:
+        lengths = [len(tok(q + c)["input_ids"]) for q in prompts for c in (" good", " bad")]
+    assert m["train/longest_sequence"] == max(lengths)
+    short = max(lengths) - 1  # the longest sequences are cut by one token
+    assert short >= 16  # the config's floor
+    cut = sum(n > short for n in lengths)
+    m, warned = train(short)
+    assert m["train/sequences_cut"] == cut > 0 and m["train/sequences_cut_share"] == cut / len(lengths)
+    assert m["train/longest_sequence"] == max(lengths) and len(warned) == 1
+    assert f"{cut} of {len(lengths)} training sequences" in warned[0]
+    assert f"set model.max_length to {max(lengths)}" in warned[0]
+    assert ("start (the question)" if kind == "themis" else "end (the answer)") in warned[0]
