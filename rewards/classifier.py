@@ -170,11 +170,19 @@ class ClassifierRewardModel(RewardFunction):
 
     # ----- scoring --------------------------------------------------------------------------------------
 
+    def _with_eos(self, texts: Sequence[str]) -> list[str]:
+        if self.add_eos and self.tokenizer.eos_token:
+            return [t + self.tokenizer.eos_token for t in texts]
+        return list(texts)
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Each text's token count as `encode` builds it, before its cut at max_length (which keeps the start)."""
+        return [len(ids) for ids in self.tokenizer(self._with_eos(texts))["input_ids"]]
+
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """texts -> right-padded input_ids / attention_mask [B, T] on the model's device."""
-        if self.add_eos and self.tokenizer.eos_token:
-            texts = [t + self.tokenizer.eos_token for t in texts]
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = self.tokenizer(self._with_eos(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
         return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
 
     def forward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,12 @@ def encode_themis(tokenizer, seg: ThemisSegments, positive: bool, opts: ThemisLo
     return ids, weights
 
 
+def themis_token_lengths(tokenizer, segs: Sequence[ThemisSegments]) -> list[int]:
+    """Each sequence's length as `encode_themis` builds it (the text's ids, then the EOS), before its cut at
+    max_length (which keeps the end)."""
+    return [len(ids) + 1 for ids in tokenizer([s.text for s in segs], add_special_tokens=True)["input_ids"]]
+
+
 def pad_left(rows: Sequence[Sequence[float]], pad_value: float, dtype=torch.long) -> torch.Tensor:
     """Rows of different lengths -> [B, T] left-padded tensor."""
     width = max(len(r) for r in rows)
@@ -352,5 +358,5 @@ def load_themis(path: str | Path):
     return model, tok
 
 
-__all__ = ["ThemisModel", "ThemisRewardModel", "ThemisLossOptions", "encode_themis", "themis_loss",
+__all__ = ["ThemisModel", "ThemisRewardModel", "ThemisLossOptions", "encode_themis", "themis_token_lengths", "themis_loss",
            "pad_left", "parse_action", "add_themis_tokens", "create_themis", "save_themis", "load_themis", "themis_meta", "ACTION_RE"]

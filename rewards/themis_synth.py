@@ -268,10 +268,10 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
     """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`.
     claim_first: see `_claim_first`. pseudo_cities: the share of pairs whose city is renamed (`pseudo_city`)
     in the question, the answers, the call and the observation, drawn from `city_rng` so that the pairs are
-    otherwise the same (a made-up name is never a city of the cache). random_names: the share of pairs
-    whose city becomes independently drawn letters (`random_letter_city`, the cities' letter frequencies) and whose date a uniformly random
-    day of 2000-2023, everywhere including the observation's header (its values stay the cache's), also
-    drawn from `city_rng`; the two options exclude each other."""
+    otherwise the same (a made-up name is never a city of the cache). random_names: the share of pairs whose
+    city becomes independently drawn letters (`random_letter_city`, with the cities' letter frequencies) and
+    whose date a uniformly random day of 2000-2023, everywhere including the observation's header (its values
+    stay the cache's), also drawn from `city_rng`; the two options exclude each other."""
     if pseudo_cities and random_names:
         raise ValueError("pseudo_cities and random_names exclude each other: set one")
     if (pseudo_cities or random_names) and city_rng is None:

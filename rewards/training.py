@@ -139,10 +139,9 @@ def train_reward_model(cfg: Any, log: Callable[[str], None] = print) -> RMTrainR
 def length_report(kind: str, lengths: Sequence[int], max_length: int, log: Callable[[str], None]) -> dict[str, Any]:
     """How many training sequences (token counts with the EOS, both sides of every pair) exceed
     model.max_length and are cut: a Themis sequence keeps its last tokens (the EOS carries the score), so the
-    question goes; a classifier's tokenizer keeps the first ones, so the answer's end goes. Either way the
-    cut is silent, and a model trained on cut questions cannot learn to copy from them (measured:
-    docs/experiments/themis_tara.md, session 12); one warning names the fix, the counts go to
-    train_metrics.json."""
+    question goes; a classifier's tokenizer keeps the first ones, so the answer's end goes. The encoders cut
+    without a word; one warning names the fix, and the counts go to train_metrics.json, so a run can show
+    its traces were whole (docs/experiments/themis_tara.md, session 12, counts them this way)."""
     n, over = len(lengths), sum(k > max_length for k in lengths)
     longest = max(lengths, default=0)
     if over:
@@ -203,9 +202,7 @@ def _train_classifier(cfg: Any, pairs: list[PreferencePair], out: Path, log,
     observer = ToolObserver() if cfg.data.observations == "tools" else None
     texts = [(classifier_text(p, "pos", cfg.model.template, cfg.data.observations, observer),
               classifier_text(p, "neg", cfg.model.template, cfg.data.observations, observer)) for p in pairs]
-    eos = rm.tokenizer.eos_token if rm.add_eos and rm.tokenizer.eos_token else ""
-    lengths = length_report("classifier", [len(ids) for ids in rm.tokenizer([t + eos for pair in texts for t in pair])["input_ids"]],
-                            cfg.model.max_length, log)
+    lengths = length_report("classifier", rm.token_lengths([t for pair in texts for t in pair]), cfg.model.max_length, log)
     model = rm.model
     model.train()
     batches = _batches(len(texts), cfg.train.batch_size, cfg.train.epochs, cfg.train.seed, cfg.train.max_steps)
@@ -249,6 +246,7 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log,
         pad_left,
         save_themis,
         themis_loss,
+        themis_token_lengths,
     )
 
     if any(p.item is None for p in pairs):
@@ -263,9 +261,7 @@ def _train_themis(cfg: Any, pairs: list[PreferencePair], out: Path, log,
     rng = random.Random(cfg.train.seed)
     include_rationale = t.omega > 0
     segs = [(render_item(p.item, "pos", include_rationale), render_item(p.item, "neg", include_rationale)) for p in pairs]
-    # encode_themis's length before its cut: the text's ids plus the EOS
-    lengths = length_report("themis", [len(ids) + 1 for ids in tok([s.text for pair in segs for s in pair])["input_ids"]],
-                            cfg.model.max_length, log)
+    lengths = length_report("themis", themis_token_lengths(tok, [s for pair in segs for s in pair]), cfg.model.max_length, log)
     batches = _batches(len(segs), cfg.train.batch_size, cfg.train.epochs, cfg.train.seed, cfg.train.max_steps)
     opt = _optimizer(model.named_parameters(), cfg.train)
     sched = _schedule(opt, len(batches), cfg.train.warmup_ratio)
