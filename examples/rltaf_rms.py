@@ -85,7 +85,16 @@ def rm_base_job(out: Path, p: dict[str, Any]) -> dict[str, Any]:
         make_tiny_model(base, hidden_size=p["rm_hidden"], num_layers=p["rm_layers"], num_heads=4, seed=1234,
                         alphabet=DEFAULT_ALPHABET + p.get("rm_extra_chars", ""),
                         max_position_embeddings=p["rm_max_length"] + 128)
-    return {"copy_pretrain": copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)}
+    # base_threads: the base is the graph's only job while it builds (every RM waits on it), so it may use the
+    # cores of the workers its job holds (slots = base_threads); the worker's own count is put back after
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p.get("base_threads", threads))
+    try:
+        return {"copy_pretrain": copy_pretrain_base(base, p["rm_copy_steps"], p, seed=1234)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str], seed: int = 0,

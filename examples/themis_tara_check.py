@@ -67,6 +67,20 @@ def check_input(question: str, observation: str) -> str:
     return observation_value(m["attr"], observation) if m and observation.startswith("The weather for") else observation
 
 
+def check_thought(question: str, observation: str, field: bool = False) -> str:
+    """The check call's Thought: CHECK_THOUGHT; with `field`, for a weather question, the asked attribute and
+    its value as the observation writes them first (`... gives overall weather: Cloudy. ...`): writing the
+    attribute's name puts the model where a copy continues with the value (the look-up the plain Thought left
+    to the Action Input missed in half the samples, themis_tara.md session 12), and the Action Input copies it
+    from the line above."""
+    from align.rewards.themis_synth import _WEATHER_Q
+
+    m = _WEATHER_Q.fullmatch(question.strip())
+    if not (field and m and observation.startswith("The weather for")):
+        return CHECK_THOUGHT
+    return f"The observation gives {m['attr']}: {check_input(question, observation)}. Check the answer."
+
+
 def extra_chars(task_name: str) -> str:
     """The characters of the task's TARA texts (both splits; for weather also the cache's keys) beyond the character tokenizer's ASCII alphabet,
     sorted: TARA weather's cities ('São Paulo', 'Reykjavík') are copied into calls character by character."""
@@ -82,9 +96,10 @@ def extra_chars(task_name: str) -> str:
     return "".join(sorted(seen - set(DEFAULT_ALPHABET)))
 
 
-def _side(answer: Any, check: bool, question: str = "") -> dict[str, Any]:
+def _side(answer: Any, check: bool, question: str = "", field_thought: bool = False) -> dict[str, Any]:
     """One side of a pair as a raw TARA record; with `check` the Answer.mentions call of the first call's
-    observation (`check_input`) follows it, its observation computed by the real tool on this side's answer."""
+    observation (`check_input`) follows it, its observation computed by the real tool on this side's answer
+    (its Thought `check_thought(..., field_thought)`)."""
     from align.tools import call_tool
 
     steps = [{"Thought": s.thought, "Action": s.action, "Action Input": s.action_input, "Observation": s.observation}
@@ -92,23 +107,25 @@ def _side(answer: Any, check: bool, question: str = "") -> dict[str, Any]:
     if check:
         needle = check_input(question, answer.steps[0].observation)
         res = call_tool(CHECK_ACTION, needle, {"answer": answer.answer})
-        steps.append({"Thought": CHECK_THOUGHT, "Action": CHECK_ACTION, "Action Input": needle, "Observation": res.observation()})
+        thought = check_thought(question, answer.steps[0].observation, field_thought)
+        steps.append({"Thought": thought, "Action": CHECK_ACTION, "Action Input": needle, "Observation": res.observation()})
     return {"answer": answer.answer, "score": answer.score, "actions": task.actions_text(steps),
             "score_agent": {"explanation": answer.rationale, "score": str(answer.score)}}
 
 
-def pair_record(item: Any, check: bool) -> dict[str, Any]:
+def pair_record(item: Any, check: bool, field_thought: bool = False) -> dict[str, Any]:
     """A TARA item as a raw TARA record (what `train-rm` reads), each side with the check call if `check`."""
-    return {"id": item.id, "question": item.question, "pos_answer": _side(item.pos, check, item.question),
-            "neg_answer": _side(item.neg, check, item.question)}
+    return {"id": item.id, "question": item.question, "pos_answer": _side(item.pos, check, item.question, field_thought),
+            "neg_answer": _side(item.neg, check, item.question, field_thought)}
 
 
 def _synthetic(task_name: str, n: int, train: list, test: list, pseudo_cities: float = 0.0,
-               random_names: float = 0.0) -> tuple[list, Any]:
+               random_names: float = 0.0, hard_names: bool = False) -> tuple[list, Any]:
     """n synthetic pairs of the task and the predicate a training pair must pass (it touches nothing a test
     pair needs: a calendar call a test question makes; a weather city-date a test pair asks about or calls).
     pseudo_cities: the share of synthetic weather pairs with a made-up city (`themis_synth.pseudo_city`);
-    random_names: the share with a city of random letters and a random date (`themis_synth.random_letter_city`)."""
+    random_names: the share with a city of random letters and a random date (`themis_synth.random_letter_city`;
+    with hard_names `hard_letter_city`: several words, repeated letter pairs)."""
     from align.rewards import themis_synth as ts
 
     if task_name == "calendar":
@@ -121,23 +138,25 @@ def _synthetic(task_name: str, n: int, train: list, test: list, pseudo_cities: f
     cache = load_json(tara_dir() / "weather_history.json")
     made = ts.synth_weather(n, random.Random(1234), cache, ts.weather_keys(cache, exclude),
                             ts.weather_answer_templates(train), pseudo_cities=pseudo_cities,
-                            city_rng=random.Random(4321), random_names=random_names) if n else []
+                            city_rng=random.Random(4321), random_names=random_names, hard_names=hard_names) if n else []
     return made, lambda it: not (ts.city_dates_of([it]) & exclude)
 
 
 def write_data(out: Path, synth: int, check: bool, task_name: str = "calendar",
-               pseudo_cities: float = 0.0, random_names: float = 0.0) -> dict[str, Any]:
-    """TARA train + synthetic pairs of the task as TARA-format jsonl (OUT/data/train.jsonl)."""
+               pseudo_cities: float = 0.0, random_names: float = 0.0, hard_names: bool = False,
+               field_thought: bool = False) -> dict[str, Any]:
+    """TARA train + synthetic pairs of the task as TARA-format jsonl (OUT/data/train.jsonl); field_thought:
+    the check call's Thought names the asked field and its value (`check_thought`)."""
     from align.rewards.tara import load_tara
 
     train, test = load_tara([task_name], "train"), load_tara([task_name], "test")
-    made, allowed = _synthetic(task_name, synth, train, test, pseudo_cities, random_names)
+    made, allowed = _synthetic(task_name, synth, train, test, pseudo_cities, random_names, hard_names)
 
     def unseen(items: list) -> list:  # no training pair touches what a test pair needs (TARA's train has some)
         return [it for it in items if allowed(it)]
 
     tara, kept = unseen(train), unseen(made)
-    path = task.write_jsonl(out / "data" / "train.jsonl", [pair_record(it, check) for it in tara + kept])
+    path = task.write_jsonl(out / "data" / "train.jsonl", [pair_record(it, check, field_thought) for it in tara + kept])
     return {"path": str(path), "tara_train": len(tara), "tara_train_dropped": len(train) - len(tara),
             "synthetic": len(kept), "synthetic_dropped": len(made) - len(kept)}
 
@@ -203,9 +222,9 @@ def run(out: Path, seeds: Sequence[int], p: dict[str, Any], workers: int) -> dic
     _one_thread()
     t0, load0 = time.perf_counter(), os.getloadavg()
     data = write_data(out, p["synth"], p["check"], p.get("task", "calendar"), p.get("pseudo_cities", 0.0),
-                      p.get("random_names", 0.0))
+                      p.get("random_names", 0.0), p.get("hard_names", False), p.get("check_thought") == "field")
     key = dict(p)
-    jobs = [Job("rm-base", rm_base_job, (out, p), (), key)]
+    jobs = [Job("rm-base", rm_base_job, (out, p), (), key, p.get("base_threads", 1))]
     # the Themis RMs first (the long jobs), the plain RMs fill the other worker; with rm_ranks > 1 each Themis
     # RM trains data-parallel in a job holding that many workers, and its measurement is a job of its own
     if p["rm_ranks"] > 1:
@@ -272,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="weather: the share of synthetic pairs whose city is a made-up name (themis_tara.md, session 11)")
     ap.add_argument("--random-names", type=float, default=0.0, metavar="SHARE",
                     help="weather: the share of synthetic pairs whose city is random letters and date a random day (themis_tara.md, session 12)")
+    ap.add_argument("--hard-names", action="store_true",
+                    help="with --random-names: the names have several words and repeated letter pairs in half the pairs (themis_tara.md, session 13)")
+    ap.add_argument("--check-thought", choices=("plain", "field"), default="plain",
+                    help="weather with --check: 'field' writes the asked field and its value in the check call's Thought")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--copy-steps", type=int, default=1500)
     ap.add_argument("--new-tokens", type=int, default=RM_SETTINGS["themis_new_tokens"], metavar="N",
@@ -279,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                          "observations included): a weather observation alone is about 260 character tokens")
     ap.add_argument("--copy-induct-steps", type=int, default=0, metavar="N",
                     help="after the copy steps, N steps on rows only content matching copies (random prefix, gap, sub-vocabulary)")
+    ap.add_argument("--base-threads", type=int, default=1, metavar="N",
+                    help="torch threads of the copy base's job (it holds N workers; nothing else runs while it builds)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1)
@@ -293,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{flag} is a share in (0, 1] of the synthetic weather pairs: use it with --task weather")
     if args.pseudo_cities and args.random_names:
         ap.error("--pseudo-cities and --random-names exclude each other: give one")
+    if args.hard_names and not args.random_names:
+        ap.error("--hard-names shapes the random-letter names: give --random-names SHARE with it")
+    if args.check_thought == "field" and not (args.check and args.task == "weather"):
+        ap.error("--check-thought field names a weather field in the check call: use it with --task weather --check")
+    if not 1 <= args.base_threads <= args.workers:
+        ap.error(f"--base-threads {args.base_threads}: the base's job holds that many of the --workers {args.workers}; give 1..{args.workers}")
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)
@@ -306,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
          **({"rm_extra_chars": extra} if (extra := extra_chars(args.task)) else {}),
          **({"pseudo_cities": args.pseudo_cities} if args.pseudo_cities else {}),
          **({"random_names": args.random_names} if args.random_names else {}),
+         **({"hard_names": True} if args.hard_names else {}),
+         **({"check_thought": "field"} if args.check_thought == "field" else {}),
+         **({"base_threads": args.base_threads} if args.base_threads > 1 else {}),
          "themis_new_tokens": args.new_tokens,
          **({"copy_induct_steps": args.copy_induct_steps} if args.copy_induct_steps else {})}
     res = run(args.out, args.seeds, p, args.workers)

@@ -253,6 +253,40 @@ def random_letter_city(rng: random.Random, letters: str, taken: set[str] = froze
             return name
 
 
+def hard_letter_city(rng: random.Random, letters: str, taken: set[str] = frozenset()) -> str:
+    """A random-letter city name shaped like the ones `random_letter_city` rarely draws and a copy fails on
+    (docs/experiments/themis_tara.md, session 12: `Phnom Penh` -> `Penh`, `Copenhagen` -> `Copenhagenhagen`):
+    1-5 words (half the names several, as 'City of Cape Town'), some short lower-case ones ('de', 'upon') or
+    joined by '-' ('Port-au-Prince'), and in half the names a letter pair or triple of the name written again
+    later in the same word (once, sometimes twice: 'Koror', 'Pingdingshan'), so that matching the two characters
+    before a position does not tell where a copy goes on."""
+    def word(lower: bool = False) -> str:
+        w = "".join(rng.choice(letters) for _ in range(rng.randint(2, 4) if lower else rng.randint(3, 10)))
+        return w if lower else w.capitalize()
+
+    def repeat(w: str) -> str:  # a piece of w written again after itself, anywhere later in the word
+        if len(w) < 3:
+            return w
+        size = rng.choice((2, 2, 3))
+        i = rng.randrange(0, len(w) - size + 1)
+        j = rng.randint(i + size, len(w))
+        return w[:j] + w[i:i + size].lower() + w[j:]
+
+    while True:
+        n = rng.choices((1, 2, 3, 4, 5), weights=(50, 30, 12, 5, 3))[0]
+        words = [word(lower=0 < k < n - 1 and rng.random() < 0.3) for k in range(n)]
+        if rng.random() < 0.5:
+            k = rng.randrange(n)
+            words[k] = repeat(words[k])
+            if rng.random() < 0.25:
+                words[k] = repeat(words[k])
+        name = words[0]
+        for w in words[1:]:
+            name += ("-" if rng.random() < 0.1 else " ") + w
+        if name not in taken:
+            return name
+
+
 def _relabel(obs: str, city: str, day: str, new_city: str, new_day: str) -> str:
     """The observation with its header naming new_city and new_day (the weather values are the cache's)."""
     head = f"The weather for {city} on {day}"
@@ -264,16 +298,19 @@ def _relabel(obs: str, city: str, day: str, new_city: str, new_day: str) -> str:
 def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Sequence[str], answer_templates: dict[str, list[str]],
                   multi: bool = False, group: str | None = None, claim_first: bool = False,
                   pseudo_cities: float = 0.0, city_rng: random.Random | None = None,
-                  random_names: float = 0.0) -> list[TaraItem]:
+                  random_names: float = 0.0, hard_names: bool = False) -> list[TaraItem]:
     """n weather pairs (or, multi=True, multi-tool pairs: Calendar.target_day then history_weather) from `keys`.
     claim_first: see `_claim_first`. pseudo_cities: the share of pairs whose city is renamed (`pseudo_city`)
     in the question, the answers, the call and the observation, drawn from `city_rng` so that the pairs are
     otherwise the same (a made-up name is never a city of the cache). random_names: the share of pairs whose
     city becomes independently drawn letters (`random_letter_city`, with the cities' letter frequencies) and
     whose date a uniformly random day of 2000-2023, everywhere including the observation's header (its values
-    stay the cache's), also drawn from `city_rng`; the two options exclude each other."""
+    stay the cache's), also drawn from `city_rng`; the two options exclude each other. hard_names (with
+    random_names): those names come from `hard_letter_city` instead (several words, repeated letter pairs)."""
     if pseudo_cities and random_names:
         raise ValueError("pseudo_cities and random_names exclude each other: set one")
+    if hard_names and not random_names:
+        raise ValueError("hard_names shapes the random-letter names: set random_names > 0 with it")
     if (pseudo_cities or random_names) and city_rng is None:
         raise ValueError("pseudo_cities / random_names need their own city_rng (the pairs' other draws stay those of rng)")
     real = {parse_query(k)[0] for k in cache if _parses(k)} if (pseudo_cities or random_names) else set()
@@ -291,7 +328,8 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
             name = pseudo_city(city_rng, real)
             obs, city = obs.replace(city, name), name
         elif random_names and city_rng.random() < random_names:
-            name, new_day = random_letter_city(city_rng, letters, real), _rand_date(city_rng).isoformat()
+            name = (hard_letter_city if hard_names else random_letter_city)(city_rng, letters, real)
+            new_day = _rand_date(city_rng).isoformat()
             obs, city, day = _relabel(obs, city, day, name, new_day), name, new_day
         attr = rng.choice(WEATHER_ATTRS)
         value = observation_value(attr, obs)
@@ -315,4 +353,4 @@ def synth_weather(n: int, rng: random.Random, cache: dict[str, str], keys: Seque
 
 
 __all__ = ["WEEKDAYS", "WEATHER_ATTRS", "calendar_templates", "weather_answer_templates", "synth_calendar",
-           "synth_weather", "pseudo_city", "random_letter_city", "city_letters", "city_dates_of", "weather_keys", "observation_value"]
+           "synth_weather", "pseudo_city", "random_letter_city", "hard_letter_city", "city_letters", "city_dates_of", "weather_keys", "observation_value"]

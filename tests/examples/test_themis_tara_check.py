@@ -198,3 +198,80 @@ def test_copy_induct_steps_add_a_content_copy_stage_to_the_rm_base(tmp_path, mon
         vocab = stats["vocab_size"]
         assert calls[1]["prefix"] == (0, 16) and calls[1]["gap"] == (0, 16) and calls[1]["sub_vocab"] == (4, vocab)
         assert calls[1]["seed"] != calls[0]["seed"]  # a fresh row stream
+
+
+def test_field_check_thought_names_the_asked_field_and_the_value_the_observation_gives():
+    """--check-thought field: the check call's Thought writes the asked attribute and the value read, here
+    independently, from the observation's text after 'ATTR: '; the Action Input is that value; a calendar or
+    unparsed question keeps the plain Thought."""
+    import re
+
+    from themis_tara_check import CHECK_THOUGHT, check_thought
+
+    obs = ("The weather for Phnom Penh on 2023-06-21 is: \noverall weather: Partly cloudy; temperature: 27.0(C); "
+           "wind speed: 14.4(kph), 8.9(mph); precipitation: 0.3(mm), 0.0(inch); visibility: 10.0(km), 6.0(miles); "
+           "humidity: 79.0; UV index: 7.0.")
+    for attr, want in (("overall weather", "Partly cloudy"), ("wind speed", "14.4(kph)"), ("UV index", "7.0"),
+                       ("humidity", "79.0"), ("precipitation", "0.3(mm)")):
+        q = f"What is the {attr} in Phnom Penh on 2023-06-21?"
+        got = check_thought(q, obs, field=True)
+        assert got == f"The observation gives {attr}: {want}. Check the answer."
+        assert re.search(re.escape(f"{attr}: ") + r"([^;]*?)(?:;|, |\.$)", obs)[1] == want
+        assert check_thought(q, obs) == CHECK_THOUGHT
+    assert check_thought("What day of the week is 2023-06-21?", "Wednesday", field=True) == CHECK_THOUGHT
+    it = synth_calendar(1, random.Random(0), TEMPLATES)[0]
+    assert parse_item(pair_record(it, True, field_thought=True), "calendar").pos.steps[1].thought == CHECK_THOUGHT
+
+
+def test_hard_names_check_thought_and_base_threads_are_checked_on_the_command_line(capsys):
+    from themis_tara_check import main
+
+    for argv, msg in ((["--task", "weather", "--hard-names"], "give --random-names SHARE with it"),
+                      (["--task", "weather", "--check-thought", "field"], "use it with --task weather --check"),
+                      (["--check", "--check-thought", "field"], "use it with --task weather --check"),
+                      (["--base-threads", "2"], "give 1..1"), (["--base-threads", "0", "--workers", "2"], "give 1..2")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.tara
+def test_hard_names_and_field_thought_reach_the_training_file(tmp_path):
+    """--random-names 1 --hard-names --check-thought field: about half the synthetic cities have several
+    words; every weather pair's check Thought names its question's attribute and the value its Action Input
+    looks for."""
+    import json
+    import re
+
+    from themis_tara_check import write_data
+
+    info = write_data(tmp_path, 200, True, "weather", random_names=1.0, hard_names=True, field_thought=True)
+    rows = [json.loads(line) for line in open(info["path"])]
+    several = 0
+    for i, row in enumerate(rows):
+        attr, city = re.fullmatch(r"What is the (.+?) in (.+) on \d{4}-\d{2}-\d{2}\?", row["question"]).groups()
+        several += i >= 476 and len(re.split(r"[ -]", city)) > 1
+        for side in ("pos_answer", "neg_answer"):
+            m = re.search(r"Thought: The observation gives (.+?): (.+)\. Check the answer\.\nAction: Answer\.mentions\n"
+                          r"Action Input: (.+)\n", row[side]["actions"])
+            assert m and m[1] == attr and m[2] == m[3], row[side]["actions"][-200:]
+    assert 0.35 < several / info["synthetic"] < 0.65
+
+
+def test_base_threads_build_the_base_with_that_many_threads_and_put_the_workers_count_back(tmp_path, monkeypatch):
+    import rltaf_rms
+    import torch
+
+    seen = []
+    monkeypatch.setattr(rltaf_rms, "copy_pretrain_base", lambda *a, **k: seen.append(torch.get_num_threads()) or {})
+    (tmp_path / "rm-base").mkdir()
+    (tmp_path / "rm-base" / "config.json").write_text("{}")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        rltaf_rms.rm_base_job(tmp_path, {"rm_copy_steps": 1, "base_threads": 2})
+        assert seen == [2] and torch.get_num_threads() == 1
+        rltaf_rms.rm_base_job(tmp_path, {"rm_copy_steps": 1})
+        assert seen == [2, 1] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 (computed here independently), weather pairs against the cache text, and the TARA split for test-city-date leaks."""
 from __future__ import annotations
 
+import collections
 import random
 import re
 from datetime import date, timedelta
@@ -12,6 +13,8 @@ from align.rewards.tara import load_tara, load_weather_cache, render_item
 from align.rewards.themis_synth import (
     calendar_templates,
     city_dates_of,
+    hard_letter_city,
+    random_letter_city,
     synth_calendar,
     synth_weather,
     weather_answer_templates,
@@ -248,3 +251,59 @@ def test_random_names_give_random_letter_cities_and_random_dates_with_the_pair_o
                       city_rng=random.Random(1))
     with pytest.raises(ValueError, match="city_rng"):
         synth_weather(1, random.Random(3), cache, keys, WEATHER_TEMPLATES, random_names=1.0)
+
+
+def _has_repeat(word: str) -> bool:
+    """A letter pair of the word occurs again later in it (overlapping allowed: 'ororor')."""
+    w = word.lower()
+    return any(w[i:i + 2] in w[i + 1:] for i in range(len(w) - 1))
+
+
+def test_hard_letter_city_draws_several_words_and_repeated_pairs_from_the_letters_only():
+    """hard_letter_city: 1-5 words, half the names with several (weights 50/30/12/5/3); a repeated letter pair
+    in at least the half it injects one into (random letters repeat a pair now and then too); only the given
+    letters, '-' and ' '; short lower-case inner words; never a taken name."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rng = random.Random(11)
+    taken = {hard_letter_city(random.Random(11), letters)}  # the first name this rng draws
+    names = [hard_letter_city(rng, letters, taken) for _ in range(2000)]
+    assert not taken & set(names)
+    words = [re.split(r"[ -]", n) for n in names]
+    counts = collections.Counter(len(w) for w in words)
+    assert set(counts) == {1, 2, 3, 4, 5}
+    assert 0.45 < counts[1] / 2000 < 0.55 and 0.25 < counts[2] / 2000 < 0.35 and counts[5] / 2000 < 0.05
+    assert all(set(n.lower()) <= set(letters) | {" ", "-"} for n in names)
+    assert all(w[0].isupper() for ws in words for w in (ws[0], ws[-1]))
+    inner = [w for ws in words for w in ws[1:-1]]
+    lower = [w for w in inner if w.islower()]
+    assert 0.2 < len(lower) / len(inner) < 0.4 and all(2 <= len(w) <= 10 for w in lower)  # 2-4, two repeats add up to 6
+    assert 0.02 < sum("-" in n for n in names) / 2000 < 0.12
+    repeated = sum(any(_has_repeat(w) for w in ws) for ws in words) / 2000
+    plain = [random_letter_city(rng, letters) for _ in range(2000)]
+    plain_repeated = sum(any(_has_repeat(w) for w in n.split(" ")) for n in plain) / 2000
+    assert repeated > 0.5 and repeated > plain_repeated + 0.3, (repeated, plain_repeated)
+
+
+def test_hard_names_change_only_the_names_of_random_name_pairs():
+    """synth_weather(hard_names=True): the same pairs as without it (attribute, values, negatives from rng),
+    their cities drawn by hard_letter_city, written the same way in question, call and observation; it needs
+    random_names."""
+    cities = ["Suzhou", "Phnom Penh"]
+    cache = {f"{c}, 2023-06-2{i}": _obs(["Sunny", "Mist"][i % 2], 20.0 + i).replace("for X on D", f"for {c} on 2023-06-2{i}")
+             for i, c in enumerate(cities)}
+    keys = weather_keys(cache, set())
+    easy = synth_weather(300, random.Random(3), cache, keys, WEATHER_TEMPLATES, random_names=1.0, city_rng=random.Random(9))
+    hard = synth_weather(300, random.Random(3), cache, keys, WEATHER_TEMPLATES, random_names=1.0, city_rng=random.Random(9),
+                         hard_names=True)
+    several = 0
+    for e, h in zip(easy, hard):
+        name, day = h.pos.steps[0].action_input.split(", ")
+        several += len(re.split(r"[ -]", name)) > 1
+        assert h.question.endswith(f" in {name} on {day}?")
+        assert h.pos.steps[0].observation.startswith(f"The weather for {name} on {day} is: \n")
+        assert h.pos.steps[0].observation.split("\n", 1)[1] == e.pos.steps[0].observation.split("\n", 1)[1]
+        assert (h.pos.score, h.neg.score) == (e.pos.score, e.neg.score)
+        assert h.question.split(" in ")[0] == e.question.split(" in ")[0]  # the same attribute asked
+    assert 120 < several < 180  # about half the names have several words
+    with pytest.raises(ValueError, match="set random_names"):
+        synth_weather(1, random.Random(3), cache, keys, WEATHER_TEMPLATES, hard_names=True, city_rng=random.Random(1))
