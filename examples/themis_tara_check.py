@@ -19,7 +19,9 @@ dropped. Weather: TARA weather train (476 pairs) plus synthetic pairs from TARA'
 city-date a test pair asks about or calls; with `--pseudo-cities S` a share S of the synthetic pairs names a
 made-up city (meant to leave the call nothing to recall; measured: it does not make the model copy); with
 `--random-names S` a share S names a city of independently drawn letters on a uniformly random date (nothing left
-to predict: the call can only copy). Measured on the
+to predict: the call can only copy), and `--hard-names` shapes those names like the real ones a copy fails on
+(several words, repeated letter pairs); `--check-thought field` writes the asked field and its value in the
+check call's Thought. Measured on the
 106 TARA calendar (158 weather) test pairs through the public scoring path (`ThemisRewardModel.score`, real tools): valid
 first call, gold first observation, pairwise accuracy, accuracy on pairs whose both sides got the gold
 observation; plain RM pairwise accuracy. Jobs run on `--workers` one-thread processes (examples/jobgraph.py).
