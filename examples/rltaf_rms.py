@@ -48,7 +48,9 @@ def copy_pretrain_base(base: Path, steps: int, p: dict[str, Any], seed: int) -> 
         # more than the one token before it, as a city after "in " must)
         from copy_pretrain import pretrain_copy_stages
 
-        content = {"steps": p["copy_induct_steps"], "prefix": (0, 16), "gap": (0, 16), "sub_vocab": (4, len(vocab))}
+        # copy_induct_gap: the longest gap (default 16); a trace copies a weather field from 30-260 characters back
+        content = {"steps": p["copy_induct_steps"], "prefix": (0, 16), "gap": (0, p.get("copy_induct_gap", 16)),
+                   "sub_vocab": (4, len(vocab))}
         stats = pretrain_copy_stages(model, vocab, [{"steps": steps}, content], **common)
     else:
         stats = pretrain_copy(model, vocab, steps=steps, **common)

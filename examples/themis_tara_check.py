@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="after the copy steps, N steps on rows only content matching copies (random prefix, gap, sub-vocabulary)")
     ap.add_argument("--base-threads", type=int, default=1, metavar="N",
                     help="torch threads of the copy base's job (it holds N workers; nothing else runs while it builds)")
+    ap.add_argument("--copy-induct-gap", type=int, default=16, metavar="N",
+                    help="with --copy-induct-steps: the content-copy rows' longest gap between span and repeat")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1)
@@ -326,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--check-thought field names a weather field in the check call: use it with --task weather --check")
     if not 1 <= args.base_threads <= args.workers:
         ap.error(f"--base-threads {args.base_threads}: the base's job holds that many of the --workers {args.workers}; give 1..{args.workers}")
+    if args.copy_induct_gap != 16 and not (args.copy_induct_steps > 0 and args.copy_induct_gap >= 0):
+        ap.error(f"--copy-induct-gap {args.copy_induct_gap}: a gap >= 0 of the content-copy stage; give --copy-induct-steps N with it")
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)
@@ -343,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
          **({"check_thought": "field"} if args.check_thought == "field" else {}),
          **({"base_threads": args.base_threads} if args.base_threads > 1 else {}),
          "themis_new_tokens": args.new_tokens,
-         **({"copy_induct_steps": args.copy_induct_steps} if args.copy_induct_steps else {})}
+         **({"copy_induct_steps": args.copy_induct_steps} if args.copy_induct_steps else {}),
+         **({"copy_induct_gap": args.copy_induct_gap} if args.copy_induct_gap != 16 else {})}
     res = run(args.out, args.seeds, p, args.workers)
     for r in res["runs"]:
         t, pl = r["themis"], r["plain"]

@@ -185,9 +185,10 @@ def test_copy_induct_steps_add_a_content_copy_stage_to_the_rm_base(tmp_path, mon
 
     monkeypatch.setattr(copy_pretrain, "pretrain_copy", recording)
     p = {**RM_SETTINGS, "rm_hidden": 32, "rm_layers": 1, "rm_copy_steps": 2, "copy_batch": 4}
-    for induct, out in ((0, tmp_path / "plain"), (3, tmp_path / "induct")):
+    for induct, gap, out in ((0, None, tmp_path / "plain"), (3, None, tmp_path / "induct"), (3, 40, tmp_path / "far")):
         calls.clear()
-        stats = rm_base_job(out, {**p, **({"copy_induct_steps": induct} if induct else {})})["copy_pretrain"]
+        stats = rm_base_job(out, {**p, **({"copy_induct_steps": induct} if induct else {}),
+                                  **({"copy_induct_gap": gap} if gap else {})})["copy_pretrain"]
         assert json.loads((out / "rm-base" / "copy_pretrain.json").read_text())["steps"] == stats["steps"]
         if not induct:
             assert [c["steps"] for c in calls] == [2] and stats["steps"] == 2 and "stages" not in stats
@@ -196,7 +197,7 @@ def test_copy_induct_steps_add_a_content_copy_stage_to_the_rm_base(tmp_path, mon
         assert [c["steps"] for c in calls] == [2, 3] and stats["steps"] == 5 and len(stats["stages"]) == 2
         assert calls[0].get("prefix") is None and calls[0].get("sub_vocab") is None  # the positional stage as before
         vocab = stats["vocab_size"]
-        assert calls[1]["prefix"] == (0, 16) and calls[1]["gap"] == (0, 16) and calls[1]["sub_vocab"] == (4, vocab)
+        assert calls[1]["prefix"] == (0, 16) and calls[1]["gap"] == (0, gap or 16) and calls[1]["sub_vocab"] == (4, vocab)
         assert calls[1]["seed"] != calls[0]["seed"]  # a fresh row stream
 
 
@@ -223,13 +224,15 @@ def test_field_check_thought_names_the_asked_field_and_the_value_the_observation
     assert parse_item(pair_record(it, True, field_thought=True), "calendar").pos.steps[1].thought == CHECK_THOUGHT
 
 
-def test_hard_names_check_thought_and_base_threads_are_checked_on_the_command_line(capsys):
+def test_hard_names_check_thought_base_threads_and_induct_gap_are_checked_on_the_command_line(capsys):
     from themis_tara_check import main
 
     for argv, msg in ((["--task", "weather", "--hard-names"], "give --random-names SHARE with it"),
                       (["--task", "weather", "--check-thought", "field"], "use it with --task weather --check"),
                       (["--check", "--check-thought", "field"], "use it with --task weather --check"),
-                      (["--base-threads", "2"], "give 1..1"), (["--base-threads", "0", "--workers", "2"], "give 1..2")):
+                      (["--base-threads", "2"], "give 1..1"), (["--base-threads", "0", "--workers", "2"], "give 1..2"),
+                      (["--copy-induct-gap", "200"], "give --copy-induct-steps N with it"),
+                      (["--copy-induct-steps", "5", "--copy-induct-gap", "-1"], "a gap >= 0")):
         with pytest.raises(SystemExit):
             main(argv)
         assert msg in capsys.readouterr().err
