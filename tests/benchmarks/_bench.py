@@ -12,10 +12,17 @@ def load_benchmark(stem: str, name: str | None = None, on_path: bool = False):
     """benchmarks/<stem>.py as module `name` (default: the stem). on_path: the script imports its siblings by
     name (gpu_suite -> train_rows), so the folder goes on sys.path; off by default, because a sibling such as
     benchmarks/kernels.py would then shadow the name `kernels` for everything that imports after it."""
-    if on_path and str(BENCHMARKS) not in sys.path:
+    # the folder is on sys.path only while the script runs its imports: left there, transformers (5.24) finds
+    # benchmarks/kernels.py when it looks for the `kernels` package and fails to import its hub kernels
+    added = on_path and str(BENCHMARKS) not in sys.path
+    if added:
         sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name or stem, BENCHMARKS / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
+    try:
+        spec = importlib.util.spec_from_file_location(name or stem, BENCHMARKS / f"{stem}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    finally:
+        if added:
+            sys.path.remove(str(BENCHMARKS))
     return module
