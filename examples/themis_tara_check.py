@@ -60,13 +60,22 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def check_input(question: str, observation: str) -> str:
-    """What the check call looks for: the calendar tool's whole observation; for a weather question ('What is
-    the ATTR in CITY on DATE?') the asked attribute's value in the history_weather observation."""
-    from align.rewards.themis_synth import _WEATHER_Q, observation_value
+def _weather_attr(question: str, observation: str) -> str | None:
+    """The attribute a weather question ('What is the ATTR in CITY on DATE?') asks about when the observation
+    is history_weather's; else None."""
+    from align.rewards.themis_synth import _WEATHER_Q
 
     m = _WEATHER_Q.fullmatch(question.strip())
-    return observation_value(m["attr"], observation) if m and observation.startswith("The weather for") else observation
+    return m["attr"] if m and observation.startswith("The weather for") else None
+
+
+def check_input(question: str, observation: str) -> str:
+    """What the check call looks for: the calendar tool's whole observation; for a weather question the asked
+    attribute's value in the history_weather observation."""
+    from align.rewards.themis_synth import observation_value
+
+    attr = _weather_attr(question, observation)
+    return observation_value(attr, observation) if attr else observation
 
 
 def check_thought(question: str, observation: str, field: bool = False) -> str:
@@ -75,12 +84,8 @@ def check_thought(question: str, observation: str, field: bool = False) -> str:
     attribute's name puts the model where a copy continues with the value (the look-up the plain Thought left
     to the Action Input missed in half the samples, themis_tara.md session 12), and the Action Input copies it
     from the line above."""
-    from align.rewards.themis_synth import _WEATHER_Q
-
-    m = _WEATHER_Q.fullmatch(question.strip())
-    if not (field and m and observation.startswith("The weather for")):
-        return CHECK_THOUGHT
-    return f"The observation gives {m['attr']}: {check_input(question, observation)}. Check the answer."
+    attr = _weather_attr(question, observation) if field else None
+    return f"The observation gives {attr}: {check_input(question, observation)}. Check the answer." if attr else CHECK_THOUGHT
 
 
 def extra_chars(task_name: str) -> str:
@@ -328,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--check-thought field names a weather field in the check call: use it with --task weather --check")
     if not 1 <= args.base_threads <= args.workers:
         ap.error(f"--base-threads {args.base_threads}: the base's job holds that many of the --workers {args.workers}; give 1..{args.workers}")
-    if args.copy_induct_gap != 16 and not (args.copy_induct_steps > 0 and args.copy_induct_gap >= 0):
-        ap.error(f"--copy-induct-gap {args.copy_induct_gap}: a gap >= 0 of the content-copy stage; give --copy-induct-steps N with it")
+    if args.copy_induct_gap < 0:
+        ap.error(f"--copy-induct-gap {args.copy_induct_gap}: give a gap >= 0")
+    if args.copy_induct_gap != 16 and args.copy_induct_steps <= 0:
+        ap.error("--copy-induct-gap sets the content-copy stage's gap: give --copy-induct-steps N with it")
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)

@@ -258,6 +258,9 @@ def test_hard_names_and_field_thought_reach_the_training_file(tmp_path):
             m = re.search(r"Thought: The observation gives (.+?): (.+)\. Check the answer\.\nAction: Answer\.mentions\n"
                           r"Action Input: (.+)\n", row[side]["actions"])
             assert m and m[1] == attr and m[2] == m[3], row[side]["actions"][-200:]
+            # the value is the observation's own text after the field's name, read here from the trace
+            obs = re.search(r"Observation: (The weather for .+?)\nThought:", row[side]["actions"], re.S)[1]
+            assert re.search(re.escape(f"{attr}: {m[2]}") + r"(?:;|, |\.$)", obs.strip()), (attr, m[2], obs)
     assert 0.35 < several / info["synthetic"] < 0.65
 
 
