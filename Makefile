@@ -6,11 +6,6 @@ TORCH_CPU ?= torch==2.13.0
 
 .PHONY: setup test test-floor test-all lint demo bench clean
 
-# The repo's top-level kernels/ (installed as align.kernels) would shadow Hugging Face's `kernels` package,
-# which transformers >= 5.25 imports, whenever the current directory is on sys.path (`python -m` puts it first):
-# every Python this Makefile starts, and the processes those start, leave it off (Python >= 3.11).
-export PYTHONSAFEPATH := 1
-
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
