@@ -46,7 +46,7 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 bench: setup
-	$(BIN)/python benchmarks/kernels.py && $(BIN)/python benchmarks/rollout.py
+	$(BIN)/python benchmarks/kernels_bench.py && $(BIN)/python benchmarks/rollout.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

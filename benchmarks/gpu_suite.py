@@ -5,7 +5,7 @@
     python benchmarks/gpu_suite.py --only kernels engine_vs_generate --budget-s 200
 
 Rows (in this order; BENCHMARKS.md names the section each fills):
-  kernels             benchmarks/kernels.py: sampling / token log-probs / fused linear, CUDA-graph timed (F6)
+  kernels             benchmarks/kernels_bench.py: sampling / token log-probs / fused linear, CUDA-graph timed (F6)
   engine_vs_generate  benchmarks/rollout.py: RolloutEngine vs HF generate, both detokenising (F19)
   train_prepare       benchmarks/train_rows.py prepare: the model, prompts and config of the training rows
   async_k0 / async_k1 `align train` with train.max_staleness 0 / 1, local backend (no Ray on the GPU image)
@@ -70,13 +70,13 @@ def rows_for(mode: str, work: Path) -> list[Row]:
         return [*launcher, "train", cfg, *extra, "--set", f"logging.run_dir={run_dir}"], run_dir
 
     if smoke:
-        kernels = [PY, "benchmarks/kernels.py", "--device", "cpu", "--batch", "4", "--vocab", "256", "--rows", "8",
+        kernels = [PY, "benchmarks/kernels_bench.py", "--device", "cpu", "--batch", "4", "--vocab", "256", "--rows", "8",
                    "--hidden", "16", "--fused-rows", "8", "--warmup", "1", "--iters", "2"]
         engine = [PY, "benchmarks/rollout.py", "--device", "cpu", "--models", "tiny", "--batch-sizes", "4",
                   "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--check-logprobs"]
         e2e = [PY, "benchmarks/e2e_vs_trl.py", "--mode", "cpu", "--smoke", "--in-process"]
     else:
-        kernels = [PY, "benchmarks/kernels.py", "--device", "cuda"]
+        kernels = [PY, "benchmarks/kernels_bench.py", "--device", "cuda"]
         engine = [PY, "benchmarks/rollout.py", "--device", "cuda", "--models", "qwen2-0.5b", "--batch-sizes", "16", "256",
                   "--prompt-len", "128", "--new-tokens", "256", "--repeats", "2", "--check-logprobs"]
         e2e = [PY, "benchmarks/e2e_vs_trl.py", "--mode", "gpu", "--reps", "1", "--steps", "4", "--timeout", "150"]

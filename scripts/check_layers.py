@@ -9,7 +9,8 @@
   the reverse;
 - align.algos (pure RL math) imports only torch; like align.errors it is a leaf every layer above tools /
   kernels may use (curiosity's masked statistics, the LR schedule);
-- align.errors imports nothing at all (every layer may import it).
+- align.errors imports nothing at all (every layer may import it); align._bare_names (the hand-over each
+  sub-package's __init__ does when a checkout imports it by its bare name) imports only the standard library.
 
 import-linter cannot see sub-packages installed from sibling folders through setuptools `package-dir`, so this
 walks the AST. `python scripts/check_layers.py [REPO]` prints one line per violation and exits 1 if any.
@@ -23,23 +24,28 @@ from pathlib import Path
 
 # package -> folder in the repo
 FOLDERS = {"align.kernels": "kernels", "align.tools": "tools", "align.rewards": "rewards",
-           "align.rollouts": "rollouts", "align.algos": "align/algos", "align.errors": "align/errors.py"}
+           "align.rollouts": "rollouts", "align.algos": "align/algos", "align.errors": "align/errors.py",
+           "align._bare_names": "align/_bare_names.py"}
 # package -> the packages of ours it may import (itself always)
+_LEAF = {"align._bare_names"}
 ALLOWED_OURS = {
-    "align.kernels": set(),
-    "align.tools": {"align.errors"},
-    "align.rollouts": {"align.errors", "align.kernels", "align.algos"},
-    "align.rewards": {"align.errors", "align.tools", "align.kernels", "align.algos", "align.rollouts"},
+    "align.kernels": _LEAF,
+    "align.tools": {"align.errors", *_LEAF},
+    "align.rollouts": {"align.errors", "align.kernels", "align.algos", *_LEAF},
+    "align.rewards": {"align.errors", "align.tools", "align.kernels", "align.algos", "align.rollouts", *_LEAF},
     "align.algos": {"align.errors"},
     "align.errors": set(),
+    "align._bare_names": set(),
 }
 # package -> third-party import names it may use (None = any)
 ALLOWED_THIRD_PARTY: dict[str, set[str] | None] = {
     "align.kernels": {"torch", "triton", "numpy"},
     "align.algos": {"torch"},
     "align.errors": set(),
+    "align._bare_names": set(),
 }
-OUR_PACKAGES = ("align.kernels", "align.tools", "align.rewards", "align.rollouts", "align.algos", "align.errors")
+OUR_PACKAGES = ("align.kernels", "align.tools", "align.rewards", "align.rollouts", "align.algos", "align.errors",
+                "align._bare_names")
 
 
 @dataclass(frozen=True)

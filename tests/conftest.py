@@ -13,11 +13,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# `python -m pytest` puts the repo root first on sys.path, where its top-level kernels/ (installed as
-# align.kernels) shadows Hugging Face's `kernels` package, which transformers >= 5.25 imports: the root goes
-# last, so installed packages win and `examples` / `benchmarks` still resolve from the checkout
-_ROOTS = {"", ".", os.getcwd(), str(REPO)}
-sys.path[:] = [p for p in sys.path if p not in _ROOTS] + [str(REPO)]
 sys.path.insert(0, str(REPO / "examples"))  # examples/*.py helpers (arithmetic task) are importable in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

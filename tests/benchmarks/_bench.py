@@ -10,10 +10,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def load_benchmark(stem: str, name: str | None = None, on_path: bool = False):
     """benchmarks/<stem>.py as module `name` (default: the stem). on_path: the script imports its siblings by
-    name (gpu_suite -> train_rows), so the folder goes on sys.path; off by default, because a sibling such as
-    benchmarks/kernels.py would then shadow the name `kernels` for everything that imports after it."""
-    # the folder is on sys.path only while the script runs its imports: left there, transformers (5.24) finds
-    # benchmarks/kernels.py when it looks for the `kernels` package and fails to import its hub kernels
+    name (gpu_suite -> train_rows), so the folder goes on sys.path; off by default, and then only while the
+    script runs its imports: a sibling's name (benchmarks/tools.py) would shadow a package's for what imports after."""
     added = on_path and str(BENCHMARKS) not in sys.path
     if added:
         sys.path.insert(0, str(BENCHMARKS))

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py's Timer (F6): on a GPU the kernel time comes from CUDA-graph replays, apart from the host's
+"""benchmarks/kernels_bench.py's Timer (F6): on a GPU the kernel time comes from CUDA-graph replays, apart from the host's
 launch time, so a launch-bound call reads as its kernels' time and a bandwidth-bound one as its bytes' time."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 def load_kernels_bench():
-    return load_benchmark("kernels", "kernels_bench")
+    return load_benchmark("kernels_bench")
 
 
 def test_cpu_timer_is_per_call_wall_time():

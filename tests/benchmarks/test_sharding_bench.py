@@ -11,8 +11,8 @@ BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_ranks_hold_half_the_sharded_state(monkeypatch):
-    # on sys.path for this test only (its spawned ranks import `sharding` by name): left there from collection,
-    # transformers (5.25) took benchmarks/kernels.py for Hugging Face's `kernels` and two test modules failed to import
+    # on sys.path for this test only (its spawned ranks import `sharding` by name): a sibling's name
+    # (benchmarks/tools.py) would shadow a package's for every test module collected after it
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import sharding
 

@@ -31,12 +31,12 @@ SUBPACKAGE_ROOTS = {"align": "align", "align.kernels": "kernels", "align.tools":
                     "align.rollouts": "rollouts"}
 
 
-def _foreign_site(tmp_path: Path) -> Path:
+def _foreign_site(tmp_path: Path, names: tuple[str, ...] = FAKED) -> Path:
     """Packages named like ours, as `pip install kernels tools ...` would put them first on sys.path. Each one
     logs that it was imported and offers none of our names."""
     site = tmp_path / "foreign-site"
     site.mkdir(parents=True)
-    for name in FAKED:
+    for name in names:
         pkg = site / name
         pkg.mkdir(parents=True)
         (pkg / "__init__.py").write_text(
@@ -106,6 +106,52 @@ def test_demo_training_step_works_beside_foreign_packages(tmp_path):
     importers = [line.split(" ", 1) for line in log.read_text().splitlines()] if log.exists() else []
     ours = tuple(str(REPO / folder) + os.sep for folder in (*SUBPACKAGE_ROOTS.values(), "examples"))
     assert not [(name, who) for name, who in importers if who.startswith(ours)], importers
+
+
+BARE_IMPORTS = r"""
+import json, sys
+found = {}
+for name in sys.argv[1:]:
+    module = __import__(name)
+    try:
+        found[name] = module.__file__
+    except AttributeError as e:  # the placeholder for a name not installed
+        found[name] = "AttributeError: " + str(e)
+        assert getattr(module, "__version__", "N/A") == "N/A" and not hasattr(module, "sample")
+print(json.dumps(found))
+"""
+
+
+def _bare_imports_in_the_checkout(env: dict) -> dict:
+    """`import kernels` & co. in a process started at the repo root, where the cwd (our folders) comes first on
+    sys.path: what `python -m align.cli` and `torchrun` from a checkout see, and transformers >= 5.25 imports
+    Hugging Face's `kernels` there."""
+    done = subprocess.run([sys.executable, "-c", BARE_IMPORTS, *FOREIGN], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_bare_import_in_the_checkout_gets_the_installed_package_not_our_folder(tmp_path):
+    site = _foreign_site(tmp_path, FOREIGN)
+    env = {**os.environ, "PYTHONPATH": str(site), "FOREIGN_LOG": str(tmp_path / "foreign.log")}
+    found = _bare_imports_in_the_checkout(env)
+    assert found == {name: str(site / name / "__init__.py") for name in FOREIGN}, found
+
+
+def test_a_bare_import_in_the_checkout_of_a_name_not_installed_is_an_empty_placeholder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = _bare_imports_in_the_checkout(env)
+    for name in FOREIGN:
+        if _installed(name):  # Hugging Face's kernels beside transformers >= 5.25: the installed one, never ours
+            assert not found[name].startswith(str(REPO / name)), found[name]
+        else:
+            assert found[name].startswith("AttributeError: ") and f"`from align import {name}`" in found[name], found
+    # transformers imports its hub-kernels integration without error: it probes `kernels` (its __version__ and
+    # __file__), and imports it where installed
+    done = subprocess.run([sys.executable, "-c", "import transformers.activations"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_importing_the_light_subpackages_loads_no_torch():

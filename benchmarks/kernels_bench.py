@@ -1,7 +1,7 @@
 """Benchmark the `kernels` package against its PyTorch references and peers, side by side.
 
-    python benchmarks/kernels.py                      # GPU if present, else CPU (torch paths only)
-    python benchmarks/kernels.py --device cuda --out benchmarks/results/kernels.json
+    python benchmarks/kernels_bench.py                      # GPU if present, else CPU (torch paths only)
+    python benchmarks/kernels_bench.py --device cuda --out benchmarks/results/kernels.json
 
 Sampling at [B, V] (default on GPU: B = 256, V = 151,936, bf16 as the engine feeds a bf16 model, and fp32):
 ours (Triton, with the flags the engine passes, read off the sampler's signature, and plain) vs our PyTorch
