@@ -125,7 +125,7 @@ def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]
             "model": {**model, "max_length": p["rm_max_length"]},
             "data": {"train": list(sources)},
             "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
-                      "lr": lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "seed": stage_seed, "threads": 1,
+                      "lr": lr, "warmup_ratio": p.get("rm_warmup", 0.05), "weight_decay": 0.01, "seed": stage_seed, "threads": 1,
                       "log_every": 50},
             "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": max_rounds or themis_rounds(p),
                        "omega": p["themis_omega"]},

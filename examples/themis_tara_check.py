@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads of the copy base's job (it holds N workers; nothing else runs while it builds)")
     ap.add_argument("--copy-induct-gap", type=int, default=16, metavar="N",
                     help="with --copy-induct-steps: the content-copy rows' longest gap between span and repeat")
+    ap.add_argument("--rm-lr", type=float, default=RM_SETTINGS["rm_lr"], help="both RMs' peak learning rate")
+    ap.add_argument("--warmup", type=float, default=0.05, metavar="SHARE",
+                    help="both RMs' linear warmup, a share of --steps (then cosine decay)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1)
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--copy-induct-gap {args.copy_induct_gap}: give a gap >= 0")
     if args.copy_induct_gap != 16 and args.copy_induct_steps <= 0:
         ap.error("--copy-induct-gap sets the content-copy stage's gap: give --copy-induct-steps N with it")
+    if not (args.rm_lr > 0 and 0 <= args.warmup < 1):
+        ap.error(f"--rm-lr {args.rm_lr} --warmup {args.warmup}: give a learning rate > 0 and a warmup share in [0, 1)")
     if args.measure:
         _one_thread()
         rounds = args.rounds or (2 if args.check else 1)
@@ -353,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
          **({"hard_names": True} if args.hard_names else {}),
          **({"check_thought": "field"} if args.check_thought == "field" else {}),
          **({"base_threads": args.base_threads} if args.base_threads > 1 else {}),
-         "themis_new_tokens": args.new_tokens,
+         "themis_new_tokens": args.new_tokens, "rm_lr": args.rm_lr,
+         **({"rm_warmup": args.warmup} if args.warmup != 0.05 else {}),
          **({"copy_induct_steps": args.copy_induct_steps} if args.copy_induct_steps else {}),
          **({"copy_induct_gap": args.copy_induct_gap} if args.copy_induct_gap != 16 else {})}
     res = run(args.out, args.seeds, p, args.workers)
