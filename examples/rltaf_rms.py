@@ -119,17 +119,7 @@ def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]
     for stage_dir, start, steps, lr, stage_seed in stages:
         if (stage_dir / "train_metrics.json").is_file():
             continue
-        model = ({"kind": "classifier", "path": str(start), "head": "value_head"} if kind == "plain"
-                 else {"kind": "themis", "path": str(start)})
-        settings = {
-            "model": {**model, "max_length": p["rm_max_length"]},
-            "data": {"train": list(sources)},
-            "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"],
-                      "lr": lr, "warmup_ratio": p.get("rm_warmup", 0.05), "weight_decay": 0.01, "seed": stage_seed, "threads": 1,
-                      "log_every": 50},
-            "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": max_rounds or themis_rounds(p),
-                       "omega": p["themis_omega"]},
-            "output_dir": str(stage_dir)}
+        settings = rm_settings(kind, start, p, sources, steps, lr, stage_seed, max_rounds or themis_rounds(p), stage_dir)
         if p["rm_ranks"] > 1:
             train_on_ranks(settings, p["rm_ranks"], out / "jobs" / f"{stage_dir.name}.train-rm.json")
         else:
@@ -138,6 +128,21 @@ def train_rm_job(out: Path, kind: str, p: dict[str, Any], sources: Sequence[str]
     if len(stages) == 2:
         res["stage1_train"] = json.loads((stages[0][0] / "train_metrics.json").read_text())
     return res
+
+
+def rm_settings(kind: str, start: Path, p: dict[str, Any], sources: Sequence[str], steps: int, lr: float, seed: int,
+                max_rounds: int, out_dir: Path) -> dict[str, Any]:
+    """The `align train-rm` config of one RM stage (`kind` plain or themis) from checkpoint `start` into `out_dir`."""
+    model = ({"kind": "classifier", "path": str(start), "head": "value_head"} if kind == "plain"
+             else {"kind": "themis", "path": str(start)})
+    return {
+        "model": {**model, "max_length": p["rm_max_length"]},
+        "data": {"train": list(sources)},
+        "train": {"epochs": p["rm_epochs"], "max_steps": steps, "batch_size": p["rm_batch"], "lr": lr,
+                  "warmup_ratio": p.get("rm_warmup", 0.05), "weight_decay": 0.01, "seed": seed, "threads": 1,
+                  "log_every": 50},
+        "themis": {"max_new_tokens": p["themis_new_tokens"], "max_rounds": max_rounds, "omega": p["themis_omega"]},
+        "output_dir": str(out_dir)}
 
 
 def train_on_ranks(settings: dict[str, Any], ranks: int, config_file: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,24 +26,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def run_config(out: Path) -> dict[str, Any]:
-    """The run's settings (the rm-base job's key: every setting of themis_tara_check.py) and its call budget."""
-    params = json.loads((out / "jobs" / "rm-base.json").read_text())["key"]
-    from rltaf_rms import themis_rounds
-
-    return {"params": params, "rounds": 2 if params["check"] else themis_rounds(params)}
+from rltaf_rms import rm_settings  # noqa: E402
 
 
-def settings_for(out: Path, params: dict[str, Any], seed: int, lr: float, warmup: float, rounds: int,
-                 rm_dir: Path) -> dict[str, Any]:
-    """themis_tara_check's Themis train-rm settings (rltaf_rms.train_rm_job) with this lr and warmup."""
-    return {"model": {"kind": "themis", "path": str(out / "rm-base"), "max_length": params["rm_max_length"]},
-            "data": {"train": [str(out / "data" / "train.jsonl")]},
-            "train": {"epochs": params["rm_epochs"], "max_steps": params["rm_steps"], "batch_size": params["rm_batch"],
-                      "lr": lr, "warmup_ratio": warmup, "weight_decay": 0.01, "seed": seed, "threads": 1, "log_every": 50},
-            "themis": {"max_new_tokens": params["themis_new_tokens"], "max_rounds": rounds, "omega": params["themis_omega"]},
-            "output_dir": str(rm_dir)}
+def run_params(out: Path) -> dict[str, Any]:
+    """The run's settings: the rm-base job's key (every setting of themis_tara_check.py, its call budget too)."""
+    return json.loads((out / "jobs" / "rm-base.json").read_text())["key"]
+
+
+def settings_for(out: Path, params: dict[str, Any], seed: int, lr: float, warmup: float, rm_dir: Path) -> dict[str, Any]:
+    """The run's Themis train-rm config (rltaf_rms.rm_settings, as train_rm_job builds it) with this lr and warmup."""
+    return rm_settings("themis", out / "rm-base", {**params, "rm_warmup": warmup}, [str(out / "data" / "train.jsonl")],
+                       params["rm_steps"], lr, seed, params["rounds"], rm_dir)
 
 
 def train_until(settings: dict[str, Any], ranks: int, stop_at: int, config_file: Path) -> list[dict[str, Any]]:
@@ -88,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.out / "jobs" / "rm-base.json").is_file():
         ap.error(f"{args.out}: no finished rm-base job; run examples/themis_tara_check.py --out {args.out} first")
-    run = run_config(args.out)
-    params = run["params"]
+    params = run_params(args.out)
     lr = args.rm_lr if args.rm_lr is not None else params["rm_lr"]
     warmup = args.warmup if args.warmup is not None else params.get("rm_warmup", 0.05)
     if not (lr > 0 and 0 <= warmup < 1 and 1 <= args.stop_at <= params["rm_steps"]):
@@ -99,22 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         name = f"seed{seed}-lr{lr:g}-warmup{warmup:g}"
         rm_dir = args.out / "curves" / name
-        if (rm_dir / "metrics.jsonl").is_file() and _steps(rm_dir / "metrics.jsonl") >= args.stop_at:
+        if _steps(rm_dir / "metrics.jsonl") >= args.stop_at:  # measured before: read back
             recs = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text().splitlines()[:args.stop_at]]
         else:
-            if rm_dir.exists():
-                import shutil
-
-                shutil.rmtree(rm_dir)
+            shutil.rmtree(rm_dir, ignore_errors=True)
             t0 = time.perf_counter()
-            recs = train_until(settings_for(args.out, params, seed, lr, warmup, run["rounds"], rm_dir), args.rm_ranks,
+            recs = train_until(settings_for(args.out, params, seed, lr, warmup, rm_dir), args.rm_ranks,
                                args.stop_at, args.out / "curves" / f"{name}.train-rm.json")
             print(f"{name}: {len(recs)} steps in {time.perf_counter() - t0:.0f} s", flush=True)
         curves[name] = {"lm_loss": windows(recs, "lm_loss", args.window), "rm_loss": windows(recs, "rm_loss", args.window),
                         "grad_norm": windows(recs, "grad_norm", args.window), "lr_end": recs[-1]["lr"]}
-    (args.out / "curves" / "curves.json").write_text(json.dumps(
-        {**json.loads((args.out / "curves" / "curves.json").read_text()), **curves}
-        if (args.out / "curves" / "curves.json").is_file() else curves, indent=1))
+    saved = args.out / "curves" / "curves.json"  # every (seed, setting) measured in this OUT so far
+    saved.write_text(json.dumps({**(json.loads(saved.read_text()) if saved.is_file() else {}), **curves}, indent=1))
     print(f"LM loss, mean per {args.window} steps (steps 1-{args.window}, ...):")
     for name, c in curves.items():
         print(f"{name:28s} " + " ".join(f"{v:.3f}" for v in c["lm_loss"]))

@@ -31,7 +31,7 @@ def test_the_curve_trains_with_the_config_the_run_wrote(tmp_path, monkeypatch, o
     monkeypatch.setattr(subprocess, "run", fake_run)
     train_rm_job(tmp_path / "run", "themis", p, [str(tmp_path / "run" / "data" / "train.jsonl")], seed=7,
                  max_rounds=2, rm_dir=tmp_path / "run" / "seed7" / "rm-themis")
-    mine = curve.settings_for(tmp_path / "run", p, 7, p["rm_lr"], p.get("rm_warmup", 0.05), 2,
+    mine = curve.settings_for(tmp_path / "run", p, 7, p["rm_lr"], p.get("rm_warmup", 0.05),
                               tmp_path / "run" / "seed7" / "rm-themis")
     assert mine == written
     assert written["train"]["lr"] == over.get("rm_lr", 3e-3)
